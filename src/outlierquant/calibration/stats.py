@@ -1,0 +1,222 @@
+"""Per-channel activation statistics: the record calibration produces and passes consume.
+
+For a tensor ``X`` whose channel axis is ``a`` (the last axis for MatMul/Gemm inputs, axis 1
+for Conv), the statistics reduce over every other axis, over all calibration samples,
+and never include padded positions:
+
+- ``absmax[j] = max |X_j|``, ``minimum[j] = min X_j``, ``maximum[j] = max X_j``
+- ``mean[j] = E[X_j]``, ``mean_sq[j] = E[X_j^2]`` (so ``var = mean_sq - mean^2``)
+- ``count``: the number of reduced elements per channel (tokens, for a [B, S, C] input)
+- optionally ``covariance`` (C x C, ``E[(X - mu)(X - mu)^T]``) for passes that ask for it
+  (KLT rotation), and ``token_absmax_hist``: how many tokens had ``max_j |X_j|`` in each
+  bin, for methods with per-token thresholds.
+
+Accumulation is in float64 with a streaming update, so memory is O(channels) per tensor
+(O(channels^2) where a covariance is requested), never O(activations).
+
+On disk: ``NAME.npz`` holds the arrays, ``NAME.json`` the index (tensor names, channel
+axes, counts, model fingerprint), so a pass run is reproducible from the saved files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from outlierquant.errors import CalibrationError, InputError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ChannelStats:
+    """Streaming per-channel statistics of one tensor."""
+
+    channel_axis: int
+    absmax: np.ndarray
+    minimum: np.ndarray
+    maximum: np.ndarray
+    mean: np.ndarray
+    mean_sq: np.ndarray
+    count: int
+    covariance: np.ndarray | None = None
+    #: shape of the tensor the first time it was seen, with the batch-like axes as -1
+    shape: tuple[int, ...] = ()
+
+    @classmethod
+    def empty(cls, channels: int, channel_axis: int, *, covariance: bool = False) -> "ChannelStats":
+        return cls(
+            channel_axis=channel_axis,
+            absmax=np.zeros(channels),
+            minimum=np.full(channels, np.inf),
+            maximum=np.full(channels, -np.inf),
+            mean=np.zeros(channels),
+            mean_sq=np.zeros(channels),
+            count=0,
+            covariance=np.zeros((channels, channels)) if covariance else None,
+        )
+
+    @property
+    def channels(self) -> int:
+        return int(self.absmax.shape[0])
+
+    @property
+    def variance(self) -> np.ndarray:
+        return np.maximum(self.mean_sq - self.mean**2, 0.0)
+
+    @property
+    def tensor_min(self) -> float:
+        return float(self.minimum.min())
+
+    @property
+    def tensor_max(self) -> float:
+        return float(self.maximum.max())
+
+    @property
+    def tensor_absmax(self) -> float:
+        return float(self.absmax.max())
+
+    def update(self, rows: np.ndarray) -> None:
+        """Fold a 2-D block ``rows`` of shape [n, channels] (float) into the statistics.
+
+        Raises :class:`CalibrationError` on NaN/Inf, naming nothing: the caller adds
+        the tensor name.
+        """
+        if rows.ndim != 2 or rows.shape[1] != self.channels:
+            raise ValueError(f"expected [n, {self.channels}] rows, got {rows.shape}")
+        n = rows.shape[0]
+        if n == 0:
+            return
+        rows = rows.astype(np.float64, copy=False)
+        if not np.isfinite(rows).all():
+            raise CalibrationError("non-finite value (NaN or Inf)")
+        self.absmax = np.maximum(self.absmax, np.abs(rows).max(axis=0))
+        self.minimum = np.minimum(self.minimum, rows.min(axis=0))
+        self.maximum = np.maximum(self.maximum, rows.max(axis=0))
+        total = self.count + n
+        batch_mean = rows.mean(axis=0)
+        if self.covariance is not None:
+            # Chan et al.'s pairwise update of the co-moment matrix M2 (stored normalized).
+            centered = rows - batch_mean
+            batch_m2 = centered.T @ centered
+            delta = batch_mean - self.mean
+            m2 = self.covariance * self.count + batch_m2 + np.outer(delta, delta) * (self.count * n / total)
+            self.covariance = m2 / total
+        self.mean = self.mean + (batch_mean - self.mean) * (n / total)
+        self.mean_sq = self.mean_sq + ((rows * rows).mean(axis=0) - self.mean_sq) * (n / total)
+        self.count = total
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Combine statistics of two disjoint sets of samples (same tensor)."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        total = self.count + other.count
+        wa, wb = self.count / total, other.count / total
+        cov = None
+        if self.covariance is not None and other.covariance is not None:
+            delta = other.mean - self.mean
+            cov = self.covariance * wa + other.covariance * wb + np.outer(delta, delta) * wa * wb
+        return ChannelStats(
+            channel_axis=self.channel_axis,
+            absmax=np.maximum(self.absmax, other.absmax),
+            minimum=np.minimum(self.minimum, other.minimum),
+            maximum=np.maximum(self.maximum, other.maximum),
+            mean=self.mean * wa + other.mean * wb,
+            mean_sq=self.mean_sq * wa + other.mean_sq * wb,
+            count=total,
+            covariance=cov,
+            shape=self.shape,
+        )
+
+
+@dataclass
+class ActivationStats(Mapping[str, ChannelStats]):
+    """Statistics for a set of tensors of one model, keyed by tensor (value) name."""
+
+    tensors: dict[str, ChannelStats] = field(default_factory=dict)
+    #: free-form provenance: model path, sample count, data file, ...
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> ChannelStats:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path.npz`` and ``path.json`` (``path`` may carry either suffix or none)."""
+        from outlierquant.modelio import atomic_write_text
+
+        base = _base(path)
+        arrays: dict[str, np.ndarray] = {}
+        index = {"format_version": FORMAT_VERSION, "meta": self.meta, "tensors": []}
+        for i, (name, st) in enumerate(self.tensors.items()):
+            key = f"t{i}"
+            for attr in ("absmax", "minimum", "maximum", "mean", "mean_sq"):
+                arrays[f"{key}.{attr}"] = getattr(st, attr)
+            if st.covariance is not None:
+                arrays[f"{key}.covariance"] = st.covariance
+            index["tensors"].append(
+                {
+                    "name": name,
+                    "key": key,
+                    "channel_axis": st.channel_axis,
+                    "count": st.count,
+                    "shape": list(st.shape),
+                    "covariance": st.covariance is not None,
+                }
+            )
+        npz_path = base.with_name(base.name + ".npz")
+        tmp = npz_path.with_name("." + npz_path.name + ".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, npz_path)
+        atomic_write_text(base.with_name(base.name + ".json"), json.dumps(index, indent=1))
+        return npz_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ActivationStats":
+        base = _base(path)
+        json_path = base.with_name(base.name + ".json")
+        npz_path = base.with_name(base.name + ".npz")
+        for p in (json_path, npz_path):
+            if not p.is_file():
+                raise InputError(f"{p}: no such statistics file")
+        try:
+            index = json.loads(json_path.read_text(encoding="utf-8"))
+            data = np.load(npz_path)
+        except Exception as exc:
+            raise InputError(f"{base}: unreadable statistics ({exc})") from exc
+        if index.get("format_version") != FORMAT_VERSION:
+            raise InputError(f"{json_path}: statistics format {index.get('format_version')} is not {FORMAT_VERSION}")
+        tensors = {}
+        for entry in index["tensors"]:
+            key = entry["key"]
+            tensors[entry["name"]] = ChannelStats(
+                channel_axis=entry["channel_axis"],
+                absmax=data[f"{key}.absmax"],
+                minimum=data[f"{key}.minimum"],
+                maximum=data[f"{key}.maximum"],
+                mean=data[f"{key}.mean"],
+                mean_sq=data[f"{key}.mean_sq"],
+                count=entry["count"],
+                covariance=data[f"{key}.covariance"] if entry.get("covariance") else None,
+                shape=tuple(entry.get("shape", ())),
+            )
+        return cls(tensors=tensors, meta=index.get("meta", {}))
+
+
+def _base(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix in (".npz", ".json"):
+        path = path.with_suffix("")
+    return path

