@@ -1,0 +1,80 @@
+"""onnxruntime's own quantizer, as the baseline every number is reported beside.
+
+Presets (all calibrated on the same unpadded samples as our recipes, one sample per
+batch, so padding never reaches onnxruntime's ranges either):
+
+- ``ort-static-default``: ``quantize_static`` with its defaults (QDQ, int8 activations
+  and weights, per-tensor weights, every supported op type; MatMul outputs and the
+  LayerNorm/Add inputs get quantized too).
+- ``ort-static-matmul``: the same choices as our ``w8a8``: MatMul only, int8
+  per-channel weights, uint8 activations, MatMul outputs left in float.
+- ``ort-dynamic``: ``quantize_dynamic`` (int8 weights, uint8 per-tensor activations
+  whose range is computed at run time for every batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from outlierquant.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("ort-static-default", "ort-static-matmul", "ort-dynamic")
+
+
+def ort_quantize(
+    preset: str,
+    model_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    feeds: Sequence[dict] | None = None,
+) -> Path:
+    """Quantize with onnxruntime's own quantizer; writes ``output_path`` atomically."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if preset not in PRESETS:
+        raise InputError(f"unknown baseline {preset!r} (allowed: {', '.join(PRESETS)})")
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self, items):
+            self._items = list(items)
+            self._pos = 0
+
+        def get_next(self):
+            if self._pos >= len(self._items):
+                return None
+            self._pos += 1
+            return self._items[self._pos - 1]
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    try:
+        tmp = tmpdir / output_path.name
+        if preset == "ort-dynamic":
+            quantize_dynamic(str(model_path), str(tmp), weight_type=QuantType.QInt8)
+        else:
+            if not feeds:
+                raise InputError(f"{preset} needs calibration data")
+            kwargs = {}
+            if preset == "ort-static-matmul":
+                kwargs = dict(
+                    op_types_to_quantize=["MatMul"],
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
+                )
+            quantize_static(str(model_path), str(tmp), _Reader(feeds), quant_format=QuantFormat.QDQ, **kwargs)
+        for item in tmpdir.iterdir():
+            if item.name != output_path.name:
+                os.replace(item, output_path.parent / item.name)
+        os.replace(tmp, output_path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return output_path

@@ -1,0 +1,128 @@
+"""The pass contract (see ``shared/DESIGN.md``).
+
+A pass is an ``onnx_ir`` pass: it takes the model in the IR and returns
+:class:`PassRecordResult` — the model, whether it changed, and a small JSON-serialisable
+``record`` of what it did (nodes touched, scales chosen, layers skipped and why). Passes
+that need calibration statistics declare ``needs_stats``; the pipeline collects them on
+the model *as it is when the pass runs* (an earlier rewrite changes activations) and
+hands them over through :attr:`OutlierPass.stats`.
+
+``claims_equivalence`` marks a float rewrite that must leave the fp32 function unchanged;
+every such pass has an equivalence test on real and random inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from outlierquant.calibration.stats import ActivationStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PassRecordResult(ir.passes.PassResult):
+    """``PassResult`` plus what the pass did, for the quantization report."""
+
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class OutlierPass(ir.passes.InPlacePass):
+    """Base class of outlierquant's rewrites.
+
+    Subclasses implement :meth:`run` and return ``(modified, record)``.
+    """
+
+    #: name used in recipes and reports
+    name: ClassVar[str] = ""
+    #: the pipeline must collect activation statistics before this pass
+    needs_stats: ClassVar[bool] = False
+    #: tensors for which a covariance is needed (computed lazily from the model)
+    needs_covariance: ClassVar[bool] = False
+    #: the pass leaves the fp32 function unchanged (tested)
+    claims_equivalence: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats: ActivationStats | None = None
+
+    def with_stats(self, stats: ActivationStats | None) -> "OutlierPass":
+        self.stats = stats
+        return self
+
+    def require_stats(self) -> ActivationStats:
+        if self.stats is None:
+            raise RuntimeError(f"pass {self.name or type(self).__name__} needs activation statistics")
+        return self.stats
+
+    def call(self, model: ir.Model) -> PassRecordResult:
+        modified, record = self.run(model)
+        record = {"pass": self.name or type(self).__name__, **record}
+        return PassRecordResult(model=model, modified=modified, record=record)
+
+    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# -- small IR helpers shared by the passes ------------------------------------------------
+
+
+def constant_array(value: ir.Value | None):
+    """The numpy array of a constant value (initializer or Constant node), else None."""
+    import numpy as np
+
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+        for key in ("value_float", "value_int"):
+            if key in producer.attributes:
+                return np.array(producer.attributes[key].value)
+        for key in ("value_floats", "value_ints"):
+            if key in producer.attributes:
+                return np.array(producer.attributes[key].value)
+    return None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return False
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx")
+
+
+def add_initializer(graph: ir.Graph, name_hint: str, array) -> ir.Value:
+    """Register ``array`` as a new initializer with a unique name and return its value."""
+    name = _unique_name(graph, name_hint)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _unique_name(graph: ir.Graph, hint: str) -> str:
+    taken = graph.initializers
+    if hint not in taken:
+        return hint
+    i = 1
+    while f"{hint}_{i}" in taken:
+        i += 1
+    return f"{hint}_{i}"
+
+
+def remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Drop an initializer no node and no graph output uses any more."""
+    if value.name in graph.initializers and not value.uses() and not value.is_graph_output():
+        del graph.initializers[value.name]

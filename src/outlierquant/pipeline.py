@@ -1,0 +1,141 @@
+"""The quantization pipeline: load -> (calibrate -> pass)* -> save, with a report.
+
+Statistics are collected on the model *as it stands* when a pass asks for them: a
+smoothing pass changes the activations the quantizer later sees, so stats gathered
+before it would be wrong. Consecutive passes that do not modify the model share one
+calibration. The input model is never modified; the output and its report are written
+through temporary names and renamed, so a failure leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import onnx_ir as ir
+
+from outlierquant.calibration.stats import ActivationStats
+from outlierquant.errors import CalibrationError, InputError
+from outlierquant.modelio import atomic_write_text, load_model, model_file_bytes, save_model
+from outlierquant.recipes import Recipe, instantiate, load_recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    output: Path
+    report_path: Path
+    report: dict[str, Any]
+
+
+def report_path_for(output: Path) -> Path:
+    return output.with_name(output.stem + ".report.json")
+
+
+def run_recipe(
+    model: ir.Model,
+    recipe: Recipe,
+    feeds: Sequence[dict] | None,
+    *,
+    stats: ActivationStats | None = None,
+    progress: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Apply ``recipe`` to ``model`` in place; returns one record per pass."""
+    from outlierquant.calibration.collect import collect_statistics
+
+    records: list[dict[str, Any]] = []
+    stale = stats is None
+    for spec in recipe.passes:
+        pass_ = instantiate(spec)
+        started = time.perf_counter()
+        calibration_seconds = 0.0
+        if getattr(pass_, "needs_stats", False):
+            if stale:
+                if not feeds:
+                    raise CalibrationError(f"pass {spec.name!r} needs calibration data and none was given")
+                t0 = time.perf_counter()
+                stats = collect_statistics(model, feeds, progress=progress)
+                calibration_seconds = time.perf_counter() - t0
+                stale = False
+            pass_.with_stats(stats)
+        result = pass_(model)
+        record = dict(getattr(result, "record", {}) or {"pass": spec.name})
+        record["modified"] = bool(result.modified)
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        if calibration_seconds:
+            record["calibration_seconds"] = round(calibration_seconds, 3)
+        records.append(record)
+        if result.modified:
+            stale = True
+        logger.info("pass %s: modified=%s (%.1fs)", spec.name, result.modified, record["seconds"])
+    return records
+
+
+def quantize_model(
+    model_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    recipe: str | Recipe,
+    calibration_feeds: Iterable[dict] | None,
+    *,
+    stats_path: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> QuantizeResult:
+    """Quantize ``model_path`` with ``recipe`` into ``output_path`` (+ ``.report.json``)."""
+    model_path = Path(model_path)
+    output_path = Path(output_path)
+    if output_path.suffix != ".onnx":
+        raise InputError(f"{output_path}: the output must be an .onnx file")
+    if output_path.resolve() == model_path.resolve():
+        raise InputError(f"{output_path}: refusing to overwrite the input model")
+    if isinstance(recipe, str):
+        recipe = load_recipe(recipe)
+    feeds = list(calibration_feeds) if calibration_feeds is not None else None
+    if feeds is not None and not feeds:
+        raise CalibrationError("calibration data is empty")
+    stats = ActivationStats.load(stats_path) if stats_path else None
+
+    started = time.perf_counter()
+    model = load_model(model_path)
+    records = run_recipe(model, recipe, feeds, stats=stats, progress=progress)
+    save_model(model, output_path)
+    seconds = time.perf_counter() - started
+
+    import onnxruntime
+
+    from outlierquant import __version__
+
+    report = {
+        "outlierquant_version": __version__,
+        "onnxruntime_version": onnxruntime.__version__,
+        "model": str(model_path),
+        "output": str(output_path),
+        "recipe": recipe.to_dict(),
+        "calibration_samples": len(feeds) if feeds is not None else 0,
+        "passes": records,
+        "simulated": any(r.get("simulated") for r in records),
+        "seconds": round(seconds, 3),
+        "size_bytes": {"input": model_file_bytes(model_path), "output": model_file_bytes(output_path)},
+    }
+    report_path = report_path_for(output_path)
+    atomic_write_text(report_path, json.dumps(report, indent=2, default=_json_default))
+    return QuantizeResult(output_path, report_path, report)
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)

@@ -1,0 +1,177 @@
+"""Recipes: an ordered list of passes with their typed options.
+
+A recipe is YAML::
+
+    name: w8a8
+    description: ...
+    passes:
+      - quantize: {activations: static, activation_type: uint8}
+
+Passes are found through :data:`PASS_CATALOG` (name -> "module:Class"), so loading a
+recipe imports only the passes it uses. Each pass with options declares a frozen
+dataclass ``options_type``; unknown fields and bad values are rejected with an error that
+names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from outlierquant.errors import RecipeError
+
+#: pass name -> "module:Class". Static, so the CLI does not import every pass.
+PASS_CATALOG: dict[str, str] = {
+    "canonicalize": "outlierquant.passes.canonicalize:CanonicalizePass",
+    "quantize": "outlierquant.passes.quantize:QuantizeQDQPass",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def options_dict(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.name: self.options_dict()} if self.options else {self.name: {}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    passes: tuple[PassSpec, ...]
+    description: str = ""
+    version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "passes": [spec.to_dict() for spec in self.passes],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe is a mapping with 'name' and 'passes'")
+        allowed = {"name", "version", "description", "passes"}
+        unknown = set(data) - allowed
+        if unknown:
+            raise RecipeError(f"{source}: unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})")
+        passes_data = data.get("passes")
+        if not isinstance(passes_data, list) or not passes_data:
+            raise RecipeError(f"{source}: 'passes' must be a non-empty list")
+        specs = []
+        for i, entry in enumerate(passes_data):
+            if isinstance(entry, str):
+                name, options = entry, {}
+            elif isinstance(entry, dict) and len(entry) == 1:
+                name, options = next(iter(entry.items()))
+                options = options or {}
+            else:
+                raise RecipeError(f"{source}: passes[{i}] must be a pass name or a one-key mapping")
+            if not isinstance(options, dict):
+                raise RecipeError(f"{source}: options of pass {name!r} must be a mapping")
+            specs.append(validate_pass_options(name, options, source=source))
+        return cls(
+            name=str(data.get("name") or source),
+            passes=tuple(specs),
+            description=str(data.get("description", "")),
+            version=int(data.get("version", 1)),
+        )
+
+
+def pass_class(name: str):
+    if name not in PASS_CATALOG:
+        raise RecipeError(f"unknown pass {name!r} (allowed: {', '.join(sorted(PASS_CATALOG))})")
+    module_name, class_name = PASS_CATALOG[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def _coerce(field: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
+    annotation = hints.get(field.name, field.type)
+    origin = typing.get_origin(annotation)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if origin is typing.Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def validate_pass_options(name: str, options: dict[str, Any], *, source: str = "recipe") -> PassSpec:
+    """Check ``options`` against the pass's typed options; return a normalised spec."""
+    cls = pass_class(name)
+    options_type = getattr(cls, "options_type", None)
+    if options_type is None:
+        if options:
+            raise RecipeError(f"{source}: pass {name!r} takes no options (got {', '.join(sorted(options))})")
+        return PassSpec(name)
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
+    hints = typing.get_type_hints(options_type)
+    normalised = {}
+    for key, value in options.items():
+        if key not in fields:
+            raise RecipeError(
+                f"{source}: pass {name!r} has no option {key!r} (allowed: {', '.join(sorted(fields))})"
+            )
+        try:
+            normalised[key] = _coerce(fields[key], value, hints)
+        except ValueError as exc:
+            raise RecipeError(f"{source}: pass {name!r} option {key!r}: {exc}") from None
+    try:
+        options_type(**normalised)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{source}: pass {name!r}: {exc}") from None
+    return PassSpec(name, tuple(sorted(normalised.items())))
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files(__package__).iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, or a YAML file."""
+    text = None
+    source = str(name_or_path)
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe file")
+        text = path.read_text(encoding="utf-8")
+    else:
+        resource = resources.files(__package__) / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise RecipeError(f"unknown recipe {source!r} (built-in: {', '.join(builtin_recipes())}; or a .yaml file)")
+        text = resource.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    return Recipe.from_dict(data, source=source)
+
+
+def instantiate(spec: PassSpec):
+    """Build the pass object for a validated spec."""
+    cls = pass_class(spec.name)
+    options_type = getattr(cls, "options_type", None)
+    if options_type is None:
+        return cls()
+    hints = typing.get_type_hints(options_type)
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
+    options = {k: _coerce(fields[k], v, hints) for k, v in spec.options}
+    return cls(options_type(**options))

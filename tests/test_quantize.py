@@ -1,0 +1,218 @@
+"""QDQ quantization: the plan, the inserted nodes, the numbers, and parity with onnxruntime."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from outlierquant.calibration.stats import ActivationStats, ChannelStats
+from outlierquant.passes.quantize import (
+    QuantConfig,
+    QuantizeQDQPass,
+    activation_scale_zero_point,
+    plan_quantization,
+    quantize_weight,
+)
+
+RNG = np.random.default_rng(0)
+W1 = RNG.normal(size=(16, 32)).astype(np.float32)
+B1 = RNG.normal(size=(32,)).astype(np.float32)
+W2 = RNG.normal(size=(32, 8)).astype(np.float32)
+WG = RNG.normal(size=(8, 16)).astype(np.float32)  # Gemm weight, transB=1: [N, K]
+
+
+def tiny_model() -> ir.Model:
+    """x -> MatMul(W1) + B1 -> Relu -> MatMul(W2) -> (y); x @ x^T (activation MatMul); Gemm."""
+    from onnx import helper, numpy_helper
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "B1"], ["h1"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="act"),
+        helper.make_node("MatMul", ["h2", "W2"], ["y"], name="fc2"),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0], name="t"),
+        helper.make_node("MatMul", ["x", "xt"], ["gram"], name="gram"),
+        helper.make_node("Gemm", ["x", "WG"], ["g"], transB=1, name="gemm"),
+        helper.make_node("Add", ["x", "x"], ["x2"], name="residual"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
+        [
+            helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+            for name, shape in (("y", ["n", 8]), ("gram", ["n", "n"]), ("g", ["n", 8]), ("x2", ["n", 16]))
+        ],
+        [numpy_helper.from_array(a, n) for a, n in ((W1, "W1"), (B1, "B1"), (W2, "W2"), (WG, "WG"))],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.serde.deserialize_model(proto)
+
+
+def stats_for(model: ir.Model, x: np.ndarray, tensors) -> ActivationStats:
+    """Reference statistics by running onnxruntime with the tensors as outputs."""
+    proto = ir.serde.serialize_model(model)
+    for name in tensors:
+        proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = {}
+    for name, value in zip(tensors, session.run(list(tensors), {"x": x})):
+        st = ChannelStats.empty(1, -1)
+        st.update(value.reshape(-1, 1))
+        out[name] = st
+    return ActivationStats(out)
+
+
+def run(model: ir.Model, x: np.ndarray) -> dict[str, np.ndarray]:
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"x": x})))
+
+
+def test_plan_declares_weights_activations_and_dynamic_matmuls():
+    plan = plan_quantization(tiny_model(), QuantConfig())
+    by_role = collections.Counter(d.role for d in plan)
+    assert by_role == {"weight": 3, "activation": 5}  # fc1, fc2, gemm weights; x(fc1,gemm), h2, x & xt (gram)
+    gemm_weight = next(d for d in plan if d.consumer == "gemm" and d.role == "weight")
+    assert gemm_weight.axis == 0  # transB=1: output channels are the rows
+    fc1_weight = next(d for d in plan if d.consumer == "fc1" and d.role == "weight")
+    assert fc1_weight.axis == 1
+    assert not plan_quantization(tiny_model(), QuantConfig(dynamic_matmuls=False, activations="none")) == plan
+
+
+def test_weight_quantization_matches_numpy_reference():
+    q, scale = quantize_weight(W1, axis=1)
+    np.testing.assert_allclose(scale, np.abs(W1).max(axis=0) / 127, rtol=1e-6)
+    assert q.dtype == np.int8 and q.min() >= -127 and q.max() <= 127
+    np.testing.assert_array_equal(q, np.clip(np.rint(W1 / scale), -127, 127).astype(np.int8))
+    # the largest weight of each output channel lands exactly on +-127
+    assert (np.abs(q).max(axis=0) == 127).all()
+
+
+def test_activation_parameters_follow_onnxruntime_conventions():
+    scale, zp = activation_scale_zero_point(-1.0, 3.0, "uint8")
+    assert scale.dtype == np.float32 and zp.dtype == np.uint8
+    assert scale == np.float32(4.0 / 255) and zp == 64
+    scale, zp = activation_scale_zero_point(0.5, 2.0, "uint8")  # zero is always representable
+    assert zp == 0 and scale == np.float32(2.0 / 255)
+    scale, zp = activation_scale_zero_point(0.0, 0.0, "uint8")  # a constant-zero tensor
+    assert scale == 1.0 and zp == 0
+
+
+def test_qdq_insertion_counts_checker_and_accuracy():
+    model = tiny_model()
+    x = RNG.normal(size=(12, 16)).astype(np.float32)
+    reference = run(model, x)
+    tensors = ["x", "h2", "xt"]
+    pass_ = QuantizeQDQPass(QuantConfig()).with_stats(stats_for(model, x, tensors))
+    result = pass_(model)
+    assert result.modified
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["QuantizeLinear"] == 3  # x shared by fc1, gram and gemm; h2; xt
+    assert ops["DequantizeLinear"] == 6  # 3 activations + 3 weights
+    assert result.record["quantized_weights"] == 3
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    quantized = run(model, x)
+    for name in ("y", "gram", "g"):
+        ref, got = reference[name], quantized[name]
+        rel = np.linalg.norm(ref - got) / np.linalg.norm(ref)
+        assert 0 < rel < 0.02, (name, rel)
+    # the residual Add is not a quantized consumer: it still reads the float x
+    np.testing.assert_array_equal(quantized["x2"], reference["x2"])
+
+
+def test_qdq_all_consumers_rounds_the_residual_too():
+    model = tiny_model()
+    x = RNG.normal(size=(12, 16)).astype(np.float32)
+    reference = run(model, x)
+    QuantizeQDQPass(QuantConfig(qdq_all_consumers=True)).with_stats(stats_for(model, x, ["x", "h2", "xt"]))(model)
+    quantized = run(model, x)
+    assert not np.array_equal(quantized["x2"], reference["x2"])
+    np.testing.assert_allclose(quantized["x2"], reference["x2"], atol=0.05)
+
+
+def test_missing_statistics_is_a_clear_error():
+    from outlierquant.errors import CalibrationError
+
+    model = tiny_model()
+    with pytest.raises(CalibrationError, match="no calibration statistics for tensor 'x'"):
+        QuantizeQDQPass(QuantConfig()).with_stats(ActivationStats())(model)
+
+
+def test_per_token_activations_use_standard_ops_and_round_per_row():
+    model = tiny_model()
+    x = RNG.normal(size=(6, 16)).astype(np.float32)
+    x[2] *= 100.0  # one loud token must not cost the others their resolution
+    reference = run(model, x)
+    QuantizeQDQPass(QuantConfig(activations="per_token", dynamic_matmuls=False))(model)
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["QuantizeLinear"] == 0 and ops["ReduceMax"] == 2
+    got = run(model, x)
+    # numpy reference of the fake-quantized fc1 input
+    scale = np.abs(x).max(axis=1, keepdims=True) / 127
+    xq = np.clip(np.rint(x / scale), -127, 127) * scale
+    wq, ws = quantize_weight(W1, 1)
+    expected_h0 = xq @ (wq.astype(np.float32) * ws)
+    h = np.maximum(expected_h0 + B1, 0)
+    s2 = np.maximum(np.abs(h).max(axis=1, keepdims=True), 1e-12) / 127
+    hq = np.clip(np.rint(h / s2), -127, 127) * s2
+    w2q, w2s = quantize_weight(W2, 1)
+    np.testing.assert_allclose(got["y"], hq @ (w2q.astype(np.float32) * w2s), rtol=1e-4, atol=1e-4)
+    quiet_rows = [0, 1, 3, 4, 5]
+    rel = np.linalg.norm(got["y"][quiet_rows] - reference["y"][quiet_rows]) / np.linalg.norm(reference["y"][quiet_rows])
+    assert rel < 0.02
+
+
+@pytest.mark.slow
+def test_w8a8_with_onnxruntime_layout_reproduces_onnxruntime_static_qdq(minilm_onnx, tmp_path):
+    """Same choices -> same model: our inserter against onnxruntime's quantize_static."""
+    from transformers import AutoTokenizer
+
+    from outlierquant.calibration.collect import collect_statistics
+    from outlierquant.evaluate.baselines import ort_quantize
+    from outlierquant.export.data import bundled_sentences, model_inputs, text_feeds
+    from outlierquant.modelio import load_model, save_model
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_onnx.parent)
+    lines = bundled_sentences("calibration").read_text(encoding="utf-8").splitlines()[:24]
+    feeds = text_feeds(lines, tokenizer=tokenizer, input_names=list(model_inputs(minilm_onnx)))
+
+    ort_path = ort_quantize("ort-static-matmul", minilm_onnx, tmp_path / "ort.onnx", feeds)
+    model = load_model(minilm_onnx)
+    stats = collect_statistics(model, feeds, progress=False)
+    QuantizeQDQPass(QuantConfig(qdq_all_consumers=True)).with_stats(stats)(model)
+    ours_path = save_model(model, tmp_path / "ours.onnx")
+
+    def qdq_parameters(path):
+        proto = onnx.load(str(path))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+        acts = {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]])) for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+        weights = {}
+        for n in proto.graph.node:
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 2:
+                consumer = next(m for m in proto.graph.node if n.output[0] in m.input)
+                weights[consumer.name] = (inits[n.input[0]], inits[n.input[1]])
+        return acts, weights
+
+    ort_acts, ort_weights = qdq_parameters(ort_path)
+    our_acts, our_weights = qdq_parameters(ours_path)
+    assert set(our_acts) == set(ort_acts) and len(our_acts) == 48
+    for name, (scale, zp) in ort_acts.items():
+        assert our_acts[name][1] == zp
+        assert our_acts[name][0] == pytest.approx(scale, rel=1e-6)
+    assert set(our_weights) == set(ort_weights) and len(our_weights) == 36
+    for name, (q, scale) in ort_weights.items():
+        np.testing.assert_array_equal(our_weights[name][0], q)
+        np.testing.assert_allclose(our_weights[name][1], scale, rtol=1e-6)
+
+    ids = feeds[0]
+    a = ort.InferenceSession(str(ort_path)).run(["sentence_embedding"], ids)[0]
+    b = ort.InferenceSession(str(ours_path)).run(["sentence_embedding"], ids)[0]
+    cosine = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cosine > 0.999
