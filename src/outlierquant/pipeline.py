@@ -52,6 +52,7 @@ def run_recipe(
     records: list[dict[str, Any]] = []
     stale = stats is None
     for spec in recipe.passes:
+        # a saved statistics file describes the input model: valid until a pass modifies it
         pass_ = instantiate(spec)
         started = time.perf_counter()
         calibration_seconds = 0.0
@@ -60,7 +61,9 @@ def run_recipe(
                 if not feeds:
                     raise CalibrationError(f"pass {spec.name!r} needs calibration data and none was given")
                 t0 = time.perf_counter()
-                stats = collect_statistics(model, feeds, progress=progress)
+                stats = collect_statistics(
+                    model, feeds, tensors=pass_.calibration_targets(model), progress=progress
+                )
                 calibration_seconds = time.perf_counter() - t0
                 stale = False
             pass_.with_stats(stats)

@@ -59,6 +59,12 @@ class OutlierPass(ir.passes.InPlacePass):
             raise RuntimeError(f"pass {self.name or type(self).__name__} needs activation statistics")
         return self.stats
 
+    def calibration_targets(self, model: ir.Model) -> list:
+        """The tensors whose statistics this pass reads (default: every linear input)."""
+        from outlierquant.calibration.collect import quantizable_targets
+
+        return quantizable_targets(model, outputs=False)
+
     def call(self, model: ir.Model) -> PassRecordResult:
         modified, record = self.run(model)
         record = {"pass": self.name or type(self).__name__, **record}

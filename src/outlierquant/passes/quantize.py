@@ -343,6 +343,11 @@ class QuantizeQDQPass(OutlierPass):
         super().__init__()
         self.config = config or QuantConfig(**options)
 
+    def calibration_targets(self, model: ir.Model) -> list:
+        from outlierquant.calibration.collect import quantizable_targets
+
+        return quantizable_targets(model, outputs=self.config.quantize_outputs)
+
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         plan = plan_quantization(model, self.config)
         stats = self.stats if self.config.activations == "static" else None

@@ -1,0 +1,115 @@
+"""Pipeline cost: calibration time, quantize time and peak RSS.
+
+Cases (each in its own process, so peak RSS is that case's alone):
+
+- ``minilm``: the bundled all-MiniLM-L6-v2, calibrated on the bundled calibration
+  sentences, quantized with ``w8a8``;
+- ``large``: the synthetic > 2 GB decoder of ``tests/large_model.py`` (random weights,
+  external data), calibrated on random hidden states, quantized with ``w8a8``.
+
+Usage: ``python benchmarks/bench_pipeline.py [--cases minilm,large]``. Prints a table;
+asserts nothing (timings are facts about one machine, not pass/fail criteria).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_case(case: str, workdir: Path) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from outlierquant.calibration.collect import collect_statistics
+    from outlierquant.modelio import load_model, model_file_bytes, save_model
+    from outlierquant.pipeline import run_recipe
+    from outlierquant.recipes import load_recipe
+
+    if case == "minilm":
+        from transformers import AutoTokenizer
+
+        from outlierquant.export import default_model_dir, export_model
+        from outlierquant.export.data import bundled_sentences, model_inputs, text_feeds
+
+        model_path = export_model(default_model_dir(), workdir / "minilm")
+        tokenizer = AutoTokenizer.from_pretrained(model_path.parent)
+        lines = [l for l in bundled_sentences("calibration").read_text().splitlines() if l.strip()]
+        feeds = text_feeds(lines, tokenizer=tokenizer, input_names=list(model_inputs(model_path)))
+    elif case == "large":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from large_model import build_large_decoder, large_decoder_feeds
+
+        model_path = build_large_decoder(workdir / "large")
+        feeds = large_decoder_feeds(16)
+    else:
+        raise SystemExit(f"unknown case {case!r}")
+
+    rss_before = _peak_rss_mib()
+    t0 = time.perf_counter()
+    model = load_model(model_path)
+    stats = collect_statistics(model, feeds, progress=False)
+    calibration_s = time.perf_counter() - t0
+    rss_calibration = _peak_rss_mib()
+    t1 = time.perf_counter()
+    run_recipe(model, load_recipe("w8a8"), feeds, stats=stats, progress=False)
+    out = save_model(model, workdir / f"{case}-w8a8.onnx")
+    quantize_s = time.perf_counter() - t1
+    return {
+        "case": case,
+        "model_mib": model_file_bytes(model_path) / 2**20,
+        "output_mib": model_file_bytes(out) / 2**20,
+        "samples": len(feeds),
+        "calibration_s": calibration_s,
+        "quantize_s": quantize_s,
+        "peak_rss_before_mib": rss_before,
+        "peak_rss_calibration_mib": rss_calibration,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="minilm,large")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, Path(args.workdir))))
+        return
+    rows = []
+    for case in args.cases.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"bench-{case}-") as tmp:
+            done = subprocess.run(
+                [sys.executable, __file__, "--case", case, "--workdir", tmp],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"case {case} failed")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    header = f"{'case':<8} {'model MiB':>10} {'out MiB':>8} {'samples':>7} {'calib s':>8} {'quant s':>8} {'peak RSS MiB':>13} {'RSS/model':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['case']:<8} {r['model_mib']:>10.0f} {r['output_mib']:>8.0f} {r['samples']:>7d} "
+            f"{r['calibration_s']:>8.1f} {r['quantize_s']:>8.1f} {r['peak_rss_mib']:>13.0f} "
+            f"{r['peak_rss_mib'] / r['model_mib']:>9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
