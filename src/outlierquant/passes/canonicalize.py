@@ -1,0 +1,126 @@
+"""Canonicalize exporter spellings so that analysis and the rewrites see one form.
+
+What the pass does (each step is exact — the fp32 function does not change):
+
+1. **Identity elimination** (onnx-ir's ``IdentityEliminationPass``): ``y = Identity(x)``
+   is dropped and ``y``'s uses read ``x``.
+2. **Constant weights become initializers**: a float ``Constant`` node holding more
+   than one element (a weight, bias, γ or β) is replaced by an initializer of the same
+   name and value. Passes then rewrite weights in one place, ``value.const_value``.
+3. **Transposed constant weights are folded**: ``MatMul(x, Transpose(W))`` — how
+   exporters spell a linear whose weight is tied to the embedding — becomes
+   ``MatMul(x, Wᵀ)`` with ``Wᵀ`` a new initializer. This *unties* the weight (the
+   embedding keeps ``W``; memory grows by one copy), which is what an equivalence pass
+   needs anyway: scaling the lm_head's rows must not scale the embedding.
+
+What it deliberately does **not** do: rewrite decomposed norms into fused
+``LayerNormalization`` (opset ≥ 17) or ``RMSNormalization`` (opset ≥ 23) ops. A fused op
+would need an opset bump for many exported models, changes the floating-point order of
+operations (so "no-op" would only hold to a tolerance), and buys nothing at run time —
+onnxruntime fuses these chains itself when the session is created. The analysis
+(:mod:`outlierquant.passes.analysis`) recognises both spellings instead, and the γ/β of
+a decomposed norm are initializers after step 2, which is all a folding pass touches.
+Likewise ``MatMul + Add`` is not fused into ``Gemm`` (Gemm is 2-D only) — the analysis
+reads the bias ``Add`` as part of the linear.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import IdentityEliminationPass
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CanonicalizePass"]
+
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+class CanonicalizePass(ir.passes.InPlacePass):
+    """Identity elimination, Constant → initializer, and ``Transpose(const)`` folding.
+
+    Options: ``fold_transposed_weights`` (default True) turns step 3 on or off.
+    """
+
+    def __init__(self, *, fold_transposed_weights: bool = True) -> None:
+        super().__init__()
+        self.fold_transposed_weights = fold_transposed_weights
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = IdentityEliminationPass()(model).modified
+        graph = model.graph
+        lifted = self._lift_float_constants(graph)
+        folded = self._fold_transposed_constants(graph) if self.fold_transposed_weights else 0
+        if lifted or folded:
+            logger.info("canonicalize: %d constants lifted to initializers, %d transposed weights folded",
+                        lifted, folded)
+        return ir.passes.PassResult(model, modified=modified or bool(lifted or folded))
+
+    @staticmethod
+    def _lift_float_constants(graph: ir.Graph) -> int:
+        count = 0
+        for node in list(graph):
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            output = node.outputs[0]
+            attribute = node.attributes.get("value")
+            if attribute is None or len(node.attributes) != 1 or output.is_graph_output():
+                continue
+            tensor = attribute.as_tensor()
+            if tensor.dtype not in _FLOAT_TYPES or int(np.prod(tensor.shape.numpy())) < 2:
+                continue
+            initializer = ir.Value(
+                name=output.name,
+                shape=ir.Shape(tensor.shape.numpy()),
+                type=ir.TensorType(tensor.dtype),
+                const_value=tensor,
+            )
+            graph.register_initializer(initializer)
+            output.replace_all_uses_with(initializer)
+            graph.remove(node, safe=True)
+            count += 1
+        return count
+
+    @staticmethod
+    def _fold_transposed_constants(graph: ir.Graph) -> int:
+        count = 0
+        for node in list(graph):
+            if node.op_type != "Transpose" or node.domain != "":
+                continue
+            source = node.inputs[0]
+            if source is None or source.const_value is None or node.outputs[0].is_graph_output():
+                continue
+            output = node.outputs[0]
+            if not any(use.node.op_type in ("MatMul", "Gemm") and use.idx == 1 for use in output.uses()):
+                continue  # only weights; other constant transposes are not ours to fold
+            array = source.const_value.numpy()
+            perm = node.attributes.get_ints("perm", None)
+            transposed = np.ascontiguousarray(np.transpose(array, perm))
+            name = _unique_initializer_name(graph, f"{source.name}_transposed")
+            initializer = ir.Value(
+                name=name,
+                shape=ir.Shape(transposed.shape),
+                type=ir.TensorType(source.const_value.dtype),
+                const_value=ir.tensor(transposed, name=name),
+            )
+            graph.register_initializer(initializer)
+            output.replace_all_uses_with(initializer)
+            graph.remove(node, safe=True)
+            if not source.uses() and not source.is_graph_output() and source.name in graph.initializers:
+                del graph.initializers[source.name]
+            count += 1
+        return count
+
+
+def _unique_initializer_name(graph: ir.Graph, hint: str) -> str:
+    taken = set(graph.initializers)
+    taken.update(value.name for node in graph for value in node.outputs)
+    if hint not in taken:
+        return hint
+    index = 1
+    while f"{hint}_{index}" in taken:
+        index += 1
+    return f"{hint}_{index}"
