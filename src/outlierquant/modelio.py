@@ -136,6 +136,9 @@ def save_model(
         if external_data:
             ir.save(model, tmp_model, external_data=data_name)
         else:
+            # Tensors still backed by the *input's* external data file would be written as
+            # references to a file that does not exist beside the output: inline them.
+            _inline_external_tensors(model)
             ir.save(model, tmp_model)
         # Data first, graph last: a reader never sees a graph whose data is not there yet.
         if external_data:
@@ -162,3 +165,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _inline_external_tensors(model: ir.Model) -> None:
+    """Replace initializers that live in an external file with in-memory copies."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
