@@ -1,0 +1,223 @@
+// MixedInt8MatMul: the LLM.int8() decomposition (Dettmers et al. 2022).
+//
+// Outlier input channels (static list + optional runtime threshold) are multiplied in
+// float; every other channel is quantized per token to int8 and multiplied by onnxruntime's
+// own com.microsoft::MatMulIntegerToFloat (MLAS u8 x s8), invoked from inside this kernel.
+// Inputs, attributes and the exact arithmetic are specified in reference.py.
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace outlierquant {
+namespace {
+
+constexpr int64_t kChunkOutputBytes = int64_t{4} << 20;
+constexpr int64_t kMinChunkRows = 256;
+
+OUTLIERQUANT_MULTIVERSION
+void ScaleInPlace(float* __restrict y, float scale, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= scale;
+}
+
+OUTLIERQUANT_MULTIVERSION
+void AddScaled(float* __restrict y, const float* __restrict x, float alpha, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+OUTLIERQUANT_MULTIVERSION
+void MaskRow(const float* __restrict row, const uint8_t* __restrict is_outlier, float* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = is_outlier[i] ? 0.0f : row[i];
+}
+
+struct MixedInt8MatMul {
+  MixedInt8MatMul(const OrtApi*, const OrtKernelInfo* info)
+      : memory_info_(Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault)),
+        integer_matmul_(nullptr),
+        unit_scale_(nullptr),
+        zero_point_(nullptr) {
+    float threshold = 0.0f;
+    OrtStatus* missing = Ort::GetApi().KernelInfoGetAttribute_float(info, "threshold", &threshold);
+    if (missing == nullptr) {
+      threshold_ = threshold;
+    } else {
+      Ort::GetApi().ReleaseStatus(missing);  // absent: keep 0, no runtime outlier detection
+    }
+
+    const char* type_names[] = {"T1", "T2", "T3"};
+    const ONNXTensorElementDataType type_values[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+                                                     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+                                                     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    // Inputs: A (uint8), B (int8), a_scale, b_scale, a_zero_point.
+    integer_matmul_ = Ort::Op::Create(info, "MatMulIntegerToFloat", "com.microsoft", 1, type_names,
+                                      type_values, 3, nullptr, 0, 5, 1);
+    unit_scale_ = Ort::Value::CreateTensor<float>(memory_info_, &unit_scale_value_, 1, nullptr, 0);
+    zero_point_ = Ort::Value::CreateTensor<uint8_t>(memory_info_, &zero_point_value_, 1, nullptr, 0);
+  }
+
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,
+                      const Ort::Custom::Tensor<int8_t>& weight_q,
+                      const Ort::Custom::Tensor<float>& weight_scale,
+                      std::optional<const Ort::Custom::Tensor<int64_t>*> outlier_channels,
+                      std::optional<const Ort::Custom::Tensor<float>*> outlier_weight,
+                      Ort::Custom::Tensor<float>& output) {
+    const std::vector<int64_t>& x_shape = input.Shape();
+    const std::vector<int64_t>& w_shape = weight_q.Shape();
+    if (x_shape.empty()) return InvalidArgument("MixedInt8MatMul: X must have rank >= 1");
+    if (w_shape.size() != 2 || w_shape[0] != x_shape.back()) {
+      return InvalidArgument("MixedInt8MatMul: W_q must be [K, N] with K = X.shape[-1] = " +
+                             std::to_string(x_shape.back()) + ", got " + ShapeToString(w_shape));
+    }
+    const int64_t k_dim = w_shape[0];
+    const int64_t n_dim = w_shape[1];
+    if (weight_scale.Shape() != std::vector<int64_t>{n_dim}) {
+      return InvalidArgument("MixedInt8MatMul: w_scale must be [N] = [" + std::to_string(n_dim) + "], got " +
+                             ShapeToString(weight_scale.Shape()));
+    }
+
+    std::vector<int64_t> static_channels;
+    if (outlier_channels.has_value() && *outlier_channels != nullptr) {
+      const auto& idx_shape = (*outlier_channels)->Shape();
+      if (idx_shape.size() != 1) {
+        return InvalidArgument("MixedInt8MatMul: outlier_channels must be 1-D, got " + ShapeToString(idx_shape));
+      }
+      const int64_t* idx = (*outlier_channels)->Data();
+      static_channels.assign(idx, idx + idx_shape[0]);
+    }
+    const int64_t n_static = static_cast<int64_t>(static_channels.size());
+    std::vector<uint8_t> is_outlier(static_cast<size_t>(k_dim), 0);
+    for (int64_t channel : static_channels) {
+      if (channel < 0 || channel >= k_dim) {
+        return InvalidArgument("MixedInt8MatMul: outlier channel " + std::to_string(channel) +
+                               " is out of range [0, " + std::to_string(k_dim) + ")");
+      }
+      if (is_outlier[channel]) {
+        return InvalidArgument("MixedInt8MatMul: outlier channel " + std::to_string(channel) + " is listed twice");
+      }
+      is_outlier[channel] = 1;
+    }
+    const float* w_outlier = nullptr;
+    if (n_static > 0) {
+      if (!outlier_weight.has_value() || *outlier_weight == nullptr ||
+          (*outlier_weight)->Shape() != std::vector<int64_t>{n_static, n_dim}) {
+        return InvalidArgument("MixedInt8MatMul: W_outlier must be [n_outliers, N] = [" + std::to_string(n_static) +
+                               ", " + std::to_string(n_dim) + "] when outlier_channels is not empty");
+      }
+      w_outlier = (*outlier_weight)->Data();
+    }
+
+    std::vector<int64_t> y_shape = x_shape;
+    y_shape.back() = n_dim;
+    float* y = output.Allocate(y_shape);
+    const int64_t rows = k_dim > 0 ? ElementCount(x_shape) / k_dim : ElementCount(y_shape) / (n_dim > 0 ? n_dim : 1);
+    if (rows == 0 || n_dim == 0) return Ort::Status{nullptr};
+    if (k_dim == 0) {
+      std::memset(y, 0, sizeof(float) * static_cast<size_t>(rows * n_dim));
+      return Ort::Status{nullptr};
+    }
+    const float* x = input.Data();
+    const int8_t* w_q = weight_q.Data();
+    const float* w_scale = weight_scale.Data();
+
+    // Runtime outliers: channels (not already static) whose |x| reaches the threshold in any row.
+    std::vector<int64_t> dynamic_channels;
+    if (threshold_ > 0.0f) {
+      std::vector<uint8_t> hit(static_cast<size_t>(k_dim), 0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = x + r * k_dim;
+        for (int64_t k = 0; k < k_dim; ++k) hit[k] |= static_cast<uint8_t>(std::fabs(row[k]) >= threshold_);
+      }
+      for (int64_t k = 0; k < k_dim; ++k) {
+        if (hit[k] && !is_outlier[k]) {
+          dynamic_channels.push_back(k);
+          is_outlier[k] = 1;
+        }
+      }
+    }
+    const int64_t n_dynamic = static_cast<int64_t>(dynamic_channels.size());
+    std::vector<float> dynamic_weight(static_cast<size_t>(n_dynamic * n_dim));
+    for (int64_t j = 0; j < n_dynamic; ++j) {
+      const int8_t* w_row = w_q + dynamic_channels[j] * n_dim;
+      float* d_row = dynamic_weight.data() + j * n_dim;
+      for (int64_t n = 0; n < n_dim; ++n) d_row[n] = static_cast<float>(w_row[n]) * w_scale[n];
+    }
+    const bool any_outlier = n_static + n_dynamic > 0;
+
+    // Rows go through in chunks sized so that a chunk's uint8 activations and float output
+    // stay in cache between quantization, the integer GEMM and the per-row rescale.
+    const int64_t chunk_rows = std::max<int64_t>(
+        std::min<int64_t>(rows, kChunkOutputBytes / static_cast<int64_t>(sizeof(float) * n_dim)), kMinChunkRows);
+
+    // Scratch from the session's (arena) allocator: no page faults or zero-fill per call.
+    Ort::KernelContext kernel_context(context);
+    Ort::Allocator allocator = kernel_context.GetAllocator(*memory_info_);
+    const int64_t scratch_rows = std::min(rows, chunk_rows);
+    Ort::MemoryAllocation a_buffer = allocator.GetAllocation(static_cast<size_t>(scratch_rows * k_dim));
+    Ort::MemoryAllocation scale_buffer = allocator.GetAllocation(sizeof(float) * static_cast<size_t>(scratch_rows));
+    uint8_t* a_quant = static_cast<uint8_t*>(a_buffer.get());
+    float* row_scale = static_cast<float*>(scale_buffer.get());
+    Ort::ConstValue w_value = kernel_context.GetInput(1);
+    Ort::ConstValue w_scale_value = kernel_context.GetInput(2);
+
+    for (int64_t chunk_begin = 0; chunk_begin < rows; chunk_begin += chunk_rows) {
+      const int64_t chunk = std::min(chunk_rows, rows - chunk_begin);
+      const float* x_chunk = x + chunk_begin * k_dim;
+      float* y_chunk = y + chunk_begin * n_dim;
+
+      ParallelRows(context, chunk, k_dim, 1 << 16, [&](int64_t begin, int64_t end) {
+        std::vector<float> masked(any_outlier ? static_cast<size_t>(k_dim) : 0);
+        for (int64_t r = begin; r < end; ++r) {
+          const float* row = x_chunk + r * k_dim;
+          if (any_outlier) {
+            MaskRow(row, is_outlier.data(), masked.data(), k_dim);
+            row = masked.data();
+          }
+          row_scale[r] = RowScale(row, k_dim);
+          QuantizeRowUint8(row, k_dim, row_scale[r], a_quant + r * k_dim);
+        }
+      });
+
+      const int64_t a_shape[] = {chunk, k_dim};
+      const int64_t y_shape_2d[] = {chunk, n_dim};
+      Ort::Value a_value = Ort::Value::CreateTensor<uint8_t>(memory_info_, a_quant, static_cast<size_t>(chunk * k_dim),
+                                                             a_shape, 2);
+      Ort::Value y_value = Ort::Value::CreateTensor<float>(memory_info_, y_chunk, static_cast<size_t>(chunk * n_dim),
+                                                           y_shape_2d, 2);
+      const OrtValue* inner_inputs[] = {a_value, w_value, unit_scale_, w_scale_value, zero_point_};
+      OrtValue* inner_outputs[] = {y_value};
+      integer_matmul_.Invoke(context, inner_inputs, 5, inner_outputs, 1);
+
+      ParallelRows(context, chunk, n_dim * (1 + n_static + n_dynamic), 1 << 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          float* y_row = y_chunk + r * n_dim;
+          const float* x_row = x_chunk + r * k_dim;
+          ScaleInPlace(y_row, row_scale[r], n_dim);
+          for (int64_t j = 0; j < n_static; ++j) {
+            AddScaled(y_row, w_outlier + j * n_dim, x_row[static_channels[j]], n_dim);
+          }
+          for (int64_t j = 0; j < n_dynamic; ++j) {
+            AddScaled(y_row, dynamic_weight.data() + j * n_dim, x_row[dynamic_channels[j]], n_dim);
+          }
+        }
+      });
+    }
+    return Ort::Status{nullptr};
+  }
+
+  Ort::MemoryInfo memory_info_;
+  Ort::Op integer_matmul_;
+  float threshold_ = 0.0f;
+  float unit_scale_value_ = 1.0f;
+  uint8_t zero_point_value_ = 128;
+  Ort::Value unit_scale_;
+  Ort::Value zero_point_;
+};
+
+}  // namespace
+
+Ort::Custom::OrtLiteCustomOp* MakeMixedInt8MatMulOp() {
+  return Ort::Custom::CreateLiteCustomOp<MixedInt8MatMul>("MixedInt8MatMul", kCpuProvider);
+}
+
+}  // namespace outlierquant
