@@ -30,6 +30,19 @@ from outlierquant.errors import RecipeError
 PASS_CATALOG: dict[str, str] = {
     "canonicalize": "outlierquant.passes.canonicalize:CanonicalizePass",
     "quantize": "outlierquant.passes.quantize:QuantizeQDQPass",
+    "smoothquant": "outlierquant.passes.smooth:SmoothQuantPass",
+    "os+": "outlierquant.passes.shift:ShiftScaleOutliersPass",
+    "outliertune": "outlierquant.passes.rescale:QuantizeOutlierTunePass",
+    "reparameterize": "outlierquant.passes.rescale:ReparameterizeScalesPass",
+    "rotate-residual": "outlierquant.passes.rotate:RotateResidualPass",
+    "rotate-heads": "outlierquant.passes.rotate:RotateHeadsPass",
+    "online-hadamard": "outlierquant.passes.rotate:OnlineHadamardPass",
+    "simulate-quant": "outlierquant.passes.rotate:SimulateQuantizationPass",
+    "llm_int8": "outlierquant.passes.split:LlmInt8SplitPass",
+    "splitquant": "outlierquant.passes.split:SplitQuantPass",
+    "qllm_disassemble": "outlierquant.passes.disassemble:DisassembleChannelsPass",
+    "adadim": "outlierquant.passes.weight_rounding:AdaDimQuantizePass",
+    "quantease": "outlierquant.passes.weight_rounding:QuantEaseRoundPass",
 }
 
 

@@ -1,0 +1,328 @@
+"""Per-channel activation rescaling: OutlierTune and RepQuant / DopQ-ViT reparameterization.
+
+**OutlierTune** (2024, "OutlierTune: Efficient Channel-Wise Quantization for Large
+Language Models"): quantize activations *per channel* and pre-execute the per-channel
+dequantization into the weights, so the integer kernel still sees one per-tensor
+activation scale. With channel ``j`` quantized as ``x_j ≈ d_j (q_j − z_j)`` (``q`` uint8,
+scale ``d_j``, zero point ``z_j`` — one per channel, which symmetrizes each channel's
+range around its own center)::
+
+    x @ W  ≈  q @ (diag(d) · W)  −  (d ∘ z) @ W
+
+:class:`QuantizeOutlierTunePass` writes that with standard ops:
+``Mul(x, 1/d)`` [→ ``Add(·, z)``] → ``QuantizeLinear(·, 1, 0)`` → ``DequantizeLinear(q, 1, 0)``
+→ ``MatMul`` with the int8 per-output-channel weight ``Q(diag(d)·W)``; the constant
+``(d ∘ z) @ Q(diag(d)·W)`` is subtracted from the linear's bias (a linear without a
+bias — or ``zero_point: shared`` — uses one zero point for all channels, so no ``Add``
+and no correction). onnxruntime fuses ``DequantizeLinear → MatMul ← DequantizeLinear``
+into ``MatMulIntegerToFloat`` as for plain static QDQ; the cost is the inserted
+elementwise ``Mul`` (+ ``Add``) per group, counted in the record. Why not a per-axis
+``QuantizeLinear(x, d, z, axis=-1)``, which would need no extra op: onnxruntime 1.32's
+kernel for a per-axis scale on the innermost axis is ~100x slower than per-tensor
+(measured: 128 ms vs 1.2 ms for 16×128×1536; ``Mul`` + per-tensor Q: 2.8 ms), which made
+the whole model 2.7x *slower* than fp32. It applies to every linear group, whether or
+not a producer could absorb a scale (post-norm BERT, the FFN down projection after GELU).
+
+Putting all of the per-channel spread into ``W`` makes the weights harder (SmoothQuant
+with α = 1); the per-channel scales are therefore ``d_j = Δ · t_j`` with
+``t_j = smoothing_scales(α)`` of SmoothQuant and ``α`` searched per group with the same
+error estimate (:func:`outlierquant.passes.smooth.estimated_output_error`, per-channel
+zero points). α = 1 is pure per-channel activation quantization.
+
+**Scale reparameterization** (RepQuant, Li et al. 2024, "RepQuant: Towards Accurate
+Post-Training Quantization of Large Transformer Models via Scale Reparameterization";
+DopQ-ViT 2024, "DopQ-ViT: Towards Distribution-Friendly and Outlier-Aware Post-Training
+Quantization for Vision Transformers"): calibrate per-channel asymmetric parameters
+``(d_j, z_j)`` of a post-norm activation, then fold them into the norm and the next
+weights so a single layer-wise scale quantizes it. With the target scale
+``d̃ = median_j d_j`` (DopQ-ViT: the median is robust to outlier channels) and
+``r_j = d_j / d̃``, ``c_j`` the center of channel ``j``'s range::
+
+    γ ← γ / r,  β ← (β − c) / r,     W ← diag(r) · W,  b ← b + c @ W
+
+:class:`ReparameterizeScalesPass` is a float rewrite (it claims equivalence); where the
+norm cannot absorb it (a post-norm output that also feeds the residual) it inserts
+``Sub``/``Mul`` only when ``insert_ops`` allows it, else it skips the group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from outlierquant.calibration.stats import ChannelStats
+from outlierquant.passes.analysis import LinearGroup, analyze_graph
+from outlierquant.passes.base import OutlierPass, add_initializer, remove_if_unused
+from outlierquant.passes.quantize import QuantConfig, insert_qdq, plan_quantization, quantize_weight
+from outlierquant.passes.smooth import (
+    DEFAULT_ALPHA_GRID,
+    _bias_index,
+    _scale_vector,
+    check_group,
+    estimated_output_error,
+    fold_into_producer,
+    group_label,
+    group_weight_rows,
+    insert_channel_ops,
+    max_median_ratio,
+    scale_consumers,
+    search_alpha,
+    smoothing_scales,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OutlierTuneOptions",
+    "QuantizeOutlierTunePass",
+    "ReparameterizeOptions",
+    "ReparameterizeScalesPass",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutlierTuneOptions:
+    """Options of :class:`QuantizeOutlierTunePass`.
+
+    ``alpha``: share of the channel spread kept in the per-channel activation scales
+    (1: fully per-channel), or ``"search"`` per group. ``relations``: producer relations
+    whose groups get per-channel activations (the others get plain per-tensor QDQ).
+    ``dynamic_matmuls`` / ``exclude_nodes``: as in the ``quantize`` pass, for the rest.
+    """
+
+    alpha: float | str = "search"
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    relations: tuple[str, ...] = ("norm", "linear", "v_to_o", "up_to_down", "none")
+    zero_point: Literal["per_channel", "shared"] = "per_channel"
+    dynamic_matmuls: bool = True
+    exclude_nodes: tuple[str, ...] = ()
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.zero_point not in ("per_channel", "shared"):
+            raise ValueError(f"zero_point={self.zero_point!r}: allowed 'per_channel', 'shared'")
+        if isinstance(self.alpha, str):
+            if self.alpha != "search":
+                raise ValueError(f"alpha={self.alpha!r}: allowed a number in [0, 1] or 'search'")
+        elif not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha={self.alpha}: allowed a number in [0, 1] or 'search'")
+        if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ValueError("alpha_grid: a non-empty list of numbers in [0, 1]")
+
+
+def _channel_parameters(st: ChannelStats, t: np.ndarray, per_channel_zero_point: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel uint8 scale ``d = Δ·t`` and zero points for channel ranges (zero included)."""
+    lo = np.minimum(st.minimum, 0.0) / t
+    hi = np.maximum(st.maximum, 0.0) / t
+    if per_channel_zero_point:
+        step = float(np.max(hi - lo)) / 255.0
+        step = step if step > 0 else 1.0
+        zero = np.clip(np.rint(-lo / step), 0, 255)
+    else:
+        step = (float(hi.max()) - float(lo.min())) / 255.0
+        step = step if step > 0 else 1.0
+        zero = np.full(t.shape, np.clip(np.rint(-float(lo.min()) / step), 0, 255))
+    return (step * t).astype(np.float32), zero.astype(np.uint8)
+
+
+class QuantizeOutlierTunePass(OutlierPass):
+    """Static W8A8 with per-channel activation scales pre-executed into the weights."""
+
+    name = "outliertune"
+    needs_stats = True
+    options_type = OutlierTuneOptions
+
+    def __init__(self, options: OutlierTuneOptions | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.options = options or OutlierTuneOptions(**kwargs)
+
+    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        stats = self.require_stats()
+        options = self.options
+        graph = model.graph
+        excluded = set(options.exclude_nodes)
+        analysis = analyze_graph(model)
+        handled: list[str] = []
+        inserted = 0
+        groups_record = []
+        for group in analysis.groups:
+            entry: dict[str, Any] = {"linears": [l.name for l in group.linears], "relation": group.producer.relation}
+            reason = check_group(group, stats, allow_insert=True, relations=options.relations)
+            if not reason and any(l.name in excluded for l in group.linears):
+                reason = "a linear of the group is excluded"
+            if not reason and any(l.op_type not in ("MatMul", "Gemm") for l in group.linears):
+                reason = "only MatMul/Gemm groups"
+            if reason:
+                entry["skipped"] = reason
+                groups_record.append(entry)
+                continue
+            st = stats[group.input.name]
+            weights = group_weight_rows(group)
+            per_channel_zp = options.zero_point == "per_channel" and all(l.bias is not None for l in group.linears)
+
+            def scales(alpha: float) -> np.ndarray:
+                return smoothing_scales(st.absmax, weights, alpha)
+
+            if options.alpha == "search":
+                alpha, t, _ = search_alpha(st, weights, options.alpha_grid, scale_fn=scales,
+                                           per_channel_zero_point=per_channel_zp)
+            else:
+                alpha = float(options.alpha)
+                t = scales(alpha)
+            d, zero = _channel_parameters(st, t, per_channel_zp)
+            inserted += self._rewrite(graph, group, d, zero, per_channel_zp)
+            handled.extend(l.node.name for l in group.linears)
+            entry.update(alpha=alpha, per_channel_zero_point=per_channel_zp,
+                         max_median_before=max_median_ratio(st.absmax),
+                         max_median_after=max_median_ratio(st.absmax / t))
+            groups_record.append(entry)
+        config = QuantConfig(dynamic_matmuls=options.dynamic_matmuls,
+                             exclude_nodes=tuple(sorted(excluded | set(handled))))
+        plan = plan_quantization(model, config)
+        counts = insert_qdq(model, plan, stats, config)
+        logger.info("outliertune: %d linears with per-channel activations, %d more per-tensor",
+                    len(handled), counts["weights"])
+        return True, {
+            "options": dataclasses.asdict(options),
+            "groups": groups_record,
+            "per_channel_linears": len(handled),
+            "per_tensor_weights": counts["weights"],
+            "per_tensor_activation_qdq": counts["activations"],
+            "inserted_ops": inserted,
+        }
+
+    @staticmethod
+    def _rewrite(graph: ir.Graph, group: LinearGroup, d: np.ndarray, zero: np.ndarray, per_channel_zp: bool) -> int:
+        x = group.input
+        first = min(group.linears, key=lambda l: next(i for i, n in enumerate(graph) if n is l.node)).node
+        base = x.name
+        one = add_initializer(graph, f"{base}_unit_scale", np.array(1.0, np.float32))
+        inverse = add_initializer(graph, f"{base}_channel_inv_scale", (1.0 / d.astype(np.float64)).astype(np.float32))
+        mul = ir.node("Mul", inputs=[x, inverse], name=f"{base}_ChannelScale")
+        mul.outputs[0].name = f"{base}_channel_scaled"
+        nodes = [mul]
+        levels = mul.outputs[0]
+        if per_channel_zp:
+            offsets = add_initializer(graph, f"{base}_channel_zero_point", zero.astype(np.float32))
+            add = ir.node("Add", inputs=[levels, offsets], name=f"{base}_ChannelZeroPoint")
+            add.outputs[0].name = f"{base}_channel_offset"
+            nodes.append(add)
+            levels = add.outputs[0]
+            shared_zero = np.array(0, np.uint8)
+        else:
+            shared_zero = np.array(zero[0], np.uint8)
+        for node_ in nodes:
+            node_.outputs[0].type = x.type
+            node_.outputs[0].shape = x.shape
+        zero0 = add_initializer(graph, f"{base}_shared_zero_point", shared_zero)
+        q = ir.node("QuantizeLinear", inputs=[levels, one, zero0], name=f"{base}_QuantizeLinear")
+        q.outputs[0].name = f"{base}_channel_quantized"
+        dq = ir.node("DequantizeLinear", inputs=[q.outputs[0], one, zero0], name=f"{base}_DequantizeLinear")
+        dq.outputs[0].name = f"{base}_channel_levels"
+        dq.outputs[0].type = x.type
+        dq.outputs[0].shape = x.shape
+        nodes += [q, dq]
+        graph.insert_before(first, nodes)
+        for linear in group.linears:
+            weight = np.asarray(linear.weight_array(), dtype=np.float64) * d.astype(np.float64)[:, None]
+            axis = 1 if linear.weight_layout == "in_out" else 0
+            stored = weight if linear.weight_layout == "in_out" else weight.T
+            qw, ws = quantize_weight(stored.astype(np.float32), axis)
+            deq = qw.astype(np.float64) * (ws[None, :] if axis == 1 else ws[:, None])
+            deq_kn = deq if axis == 1 else deq.T
+            if per_channel_zp:
+                correction = zero.astype(np.float64) @ deq_kn
+                _scale_vector(linear.bias_node or linear.node, _bias_index(linear), np.ones_like(correction),
+                              graph, f"{linear.name}_bias_outliertune", correction)
+            wname = linear.weight.name or f"{linear.name}_weight"
+            qv = add_initializer(graph, f"{wname}_channel_quantized", qw)
+            sv = add_initializer(graph, f"{wname}_channel_scale", ws)
+            zv = add_initializer(graph, f"{wname}_channel_zero_point", np.zeros_like(ws, dtype=np.int8))
+            wdq = ir.node("DequantizeLinear", inputs=[qv, sv, zv], attributes={"axis": axis},
+                          name=f"{wname}_DequantizeLinear")
+            wdq.outputs[0].name = f"{wname}_dequantized"
+            wdq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            wdq.outputs[0].shape = ir.Shape(qw.shape)
+            graph.insert_before(linear.node, [wdq])
+            old = linear.weight
+            linear.node.replace_input_with(1, wdq.outputs[0])
+            linear.node.replace_input_with(0, dq.outputs[0])
+            remove_if_unused(graph, old)
+        return len(nodes) - 2  # the Mul (and Add) beside the usual Q/DQ pair
+
+
+@dataclasses.dataclass(frozen=True)
+class ReparameterizeOptions:
+    """Options of :class:`ReparameterizeScalesPass`.
+
+    ``target``: the layer-wise scale the channel scales are mapped onto (``median``,
+    DopQ-ViT; ``mean`` as RepQuant's plain choice). ``shift``: also move each channel's
+    center into β and the next bias. ``insert_ops``: allow explicit ``Sub``/``Mul``
+    where the producer cannot absorb the reparameterization.
+    """
+
+    target: Literal["median", "mean"] = "median"
+    shift: bool = True
+    insert_ops: bool = False
+    relations: tuple[str, ...] = ("norm",)
+    version: int = 1
+
+
+class ReparameterizeScalesPass(OutlierPass):
+    """Channel-wise → layer-wise activation scale reparameterization (RepQuant, DopQ-ViT)."""
+
+    name = "reparameterize"
+    needs_stats = True
+    claims_equivalence = True
+    options_type = ReparameterizeOptions
+
+    def __init__(self, options: ReparameterizeOptions | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.options = options or ReparameterizeOptions(**kwargs)
+
+    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        stats = self.require_stats()
+        options = self.options
+        graph = model.graph
+        records = []
+        inserted = 0
+        modified = False
+        for group in analyze_graph(model).groups:
+            entry: dict[str, Any] = {"linears": [l.name for l in group.linears], "relation": group.producer.relation}
+            reason = check_group(group, stats, allow_insert=options.insert_ops, relations=options.relations)
+            if not reason and group.producer.channel_map is not None and \
+                    not np.array_equal(group.producer.channel_map, np.arange(group.in_features)):
+                reason = "channels are remapped between producer and linears"
+            if reason:
+                entry["skipped"] = reason
+                logger.info("reparameterize: skip [%s]: %s", group_label(group), reason)
+                records.append(entry)
+                continue
+            st = stats[group.input.name]
+            lo, hi = np.minimum(st.minimum, 0.0), np.maximum(st.maximum, 0.0)
+            center = (st.minimum + st.maximum) / 2.0 if options.shift else np.zeros(group.in_features)
+            can_shift = options.shift and all(l.bias is not None for l in group.linears)
+            if options.shift and not can_shift:
+                entry["shift_skipped"] = "a linear of the group has no bias to absorb the shift"
+                center = np.zeros(group.in_features)
+            if options.shift and can_shift:
+                width = st.maximum - st.minimum
+            else:
+                width = hi - lo
+            channel_scale = np.maximum(width, 1e-8) / 255.0
+            target = np.median(channel_scale) if options.target == "median" else np.mean(channel_scale)
+            r = channel_scale / target
+            if group.producer.foldable:
+                fold_into_producer(graph, group, r, center if can_shift else None)
+            else:
+                inserted += insert_channel_ops(graph, group, r, center if can_shift else None)
+            scale_consumers(graph, group, r, center if can_shift else None)
+            modified = True
+            entry.update(target_scale=float(target), max_median_before=max_median_ratio(channel_scale),
+                         shifted=bool(can_shift))
+            records.append(entry)
+        return modified, {"options": dataclasses.asdict(options), "groups": records, "inserted_ops": inserted}

@@ -1,0 +1,121 @@
+"""Outlier Suppression+, scale reparameterization (float rewrites) and OutlierTune (quantizer)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from outlierquant.calibration.stats import ChannelStats
+from outlierquant.passes.rescale import QuantizeOutlierTunePass, ReparameterizeScalesPass
+from outlierquant.passes.shift import ShiftScaleOutliersPass, shifted_stats
+
+import synthetic
+from test_smooth import (  # noqa: F401  (fixtures)
+    load,
+    minilm_feeds,
+    outputs,
+    planted_llama,
+    rewrite_and_compare,
+    tiny_llama,
+    tiny_opt,
+)
+
+
+def test_shifted_stats_are_exact():
+    rng = np.random.default_rng(0)
+    x = rng.normal(loc=3.0, size=(256, 8))
+    shift = rng.normal(size=8)
+    st = ChannelStats.empty(8, -1)
+    st.update(x)
+    ref = ChannelStats.empty(8, -1)
+    ref.update(x - shift)
+    got = shifted_stats(st, shift)
+    for field in ("minimum", "maximum", "absmax", "mean", "mean_sq"):
+        np.testing.assert_allclose(getattr(got, field), getattr(ref, field), rtol=1e-9, atol=1e-9)
+
+
+def test_os_plus_tiny_opt_shift_into_layernorm_beta_and_biases(tiny_opt):
+    calibration = synthetic.random_feeds(tiny_opt, 6, seed=1)
+    evaluation = synthetic.random_feeds(tiny_opt, 3, seed=2)
+    result, before, after = rewrite_and_compare(tiny_opt, calibration, [evaluation], ShiftScaleOutliersPass())
+    done = [g for g in result.record["groups"] if "skipped" not in g]
+    assert len(done) == 5  # 2 layers x (norm -> q/k/v, norm -> fc1) + final norm -> lm_head
+    assert sum(g["shifted"] for g in done) == 4  # lm_head has no bias: scaled, not shifted
+    assert done[-1]["shift_skipped"].startswith("no bias")
+    assert before == after
+    skipped = {g["relation"]: g["skipped"] for g in result.record["groups"] if "skipped" in g}
+    assert "not selected" in skipped["none"]  # fc2 after ReLU: OS+ only rewrites norm/linear producers
+
+
+def test_os_plus_llama_has_no_bias_so_scales_only(tiny_llama):
+    calibration = synthetic.random_feeds(tiny_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(tiny_llama, 3, seed=2)
+    result, before, after = rewrite_and_compare(tiny_llama, calibration, [evaluation], ShiftScaleOutliersPass())
+    for group in result.record["groups"]:
+        if group["relation"] == "norm":
+            assert group.get("shift_skipped", "").startswith("no bias")
+    assert before == after
+
+
+def test_os_plus_minilm_inserted_ops_are_counted(minilm_onnx, minilm_feeds):
+    calibration, heldout = minilm_feeds
+    random = synthetic.random_feeds(minilm_onnx, 3, seed=3)
+    result, before, after = rewrite_and_compare(minilm_onnx, calibration, [heldout, random],
+                                                ShiftScaleOutliersPass(insert_ops=True))
+    assert result.record["inserted_ops"] == 24  # 12 norm groups x (Sub, Mul)
+    assert after["Sub"] - before["Sub"] == 12 and after["Mul"] - before["Mul"] == 12
+
+
+@pytest.mark.parametrize("target", ["median", "mean"])
+def test_reparameterize_tiny_opt_and_planted(tiny_opt, planted_llama, target):
+    for path in (tiny_opt, planted_llama):
+        calibration = synthetic.random_feeds(path, 6, seed=1)
+        evaluation = synthetic.random_feeds(path, 3, seed=2)
+        result, before, after = rewrite_and_compare(path, calibration, [evaluation],
+                                                    ReparameterizeScalesPass(target=target))
+        assert result.modified and before == after
+        assert sum("skipped" not in g for g in result.record["groups"]) == 5
+
+
+def test_reparameterize_skips_post_norm_minilm_without_insert(minilm_onnx, minilm_feeds):
+    calibration, heldout = minilm_feeds
+    result, before, after = rewrite_and_compare(minilm_onnx, calibration, [heldout], ReparameterizeScalesPass())
+    assert not result.modified and before == after
+    reasons = [g["skipped"] for g in result.record["groups"] if g["relation"] == "norm"]
+    assert len(reasons) == 12 and all("residual" in r for r in reasons)
+
+
+def test_outliertune_structure_and_accuracy_on_minilm(minilm_onnx, minilm_feeds):
+    from outlierquant.calibration.collect import collect_statistics
+    from outlierquant.passes.quantize import QuantizeQDQPass
+
+    calibration, heldout = minilm_feeds
+
+    def sentence_cosine(model):
+        ref, got = outputs(load(minilm_onnx), heldout), outputs(model, heldout)
+        values = []
+        for r, g in zip(ref, got):
+            a, b = r[-1].ravel(), g[-1].ravel()
+            values.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+        return float(np.mean(values))
+
+    model = load(minilm_onnx)
+    stats = collect_statistics(model, calibration, progress=False)
+    ops_before = collections.Counter(n.op_type for n in model.graph)
+    result = QuantizeOutlierTunePass(alpha="search").with_stats(stats)(model)
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert result.record["per_channel_linears"] == 36
+    # every MiniLM linear has a bias: per-channel zero points, Mul + Add per group (24 groups)
+    assert result.record["inserted_ops"] == 48
+    assert ops["Mul"] - ops_before["Mul"] == 24 and ops["Add"] - ops_before["Add"] == 24
+    # one Q per linear-group input (24) + one per attention MatMul input (12 x 2)
+    assert ops["QuantizeLinear"] == 24 + 24
+    assert all(n.inputs[1].const_value.numpy().ndim == 0 for n in model.graph if n.op_type == "QuantizeLinear")
+    plain = load(minilm_onnx)
+    QuantizeQDQPass().with_stats(stats)(plain)
+    assert sentence_cosine(model) > sentence_cosine(plain)

@@ -1,0 +1,207 @@
+"""SmoothQuant: fp32 equivalence of the float rewrite, op counts, α search, skip reasons."""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from outlierquant.calibration.collect import collect_statistics
+from outlierquant.passes.canonicalize import CanonicalizePass
+from outlierquant.passes.smooth import (
+    SmoothQuantOptions,
+    SmoothQuantPass,
+    estimated_output_error,
+    smoothing_scales,
+)
+from outlierquant.errors import RecipeError
+from outlierquant.recipes import load_recipe, validate_pass_options
+
+import synthetic
+
+RTOL = 1e-4
+
+
+def cache_dir(tmp_path_factory, name: str) -> Path:
+    root = os.environ.get("OUTLIERQUANT_TEST_CACHE")
+    if root:
+        path = Path(root) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp(name)
+
+
+def built(tmp_path_factory, name: str, builder) -> Path:
+    folder = cache_dir(tmp_path_factory, name)
+    if not (folder / "model.onnx").is_file():
+        builder(folder)
+    return folder / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "tiny-llama", synthetic.build_tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "tiny-opt", synthetic.build_tiny_opt)
+
+
+@pytest.fixture(scope="session")
+def planted_llama(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "planted-llama", synthetic.build_planted_llama)
+
+
+@pytest.fixture(scope="session")
+def minilm_feeds(minilm_onnx):
+    from outlierquant.export.data import bundled_sentences, load_tokenizer, model_inputs, read_lines, text_feeds
+
+    tokenizer = load_tokenizer(minilm_onnx.parent)
+    spec = model_inputs(minilm_onnx)
+    calibration = text_feeds(read_lines(bundled_sentences("calibration"))[:24], tokenizer=tokenizer, input_names=spec)
+    heldout = text_feeds(read_lines(bundled_sentences("heldout"))[:12], tokenizer=tokenizer, input_names=spec)
+    return calibration, heldout
+
+
+def load(path: Path) -> ir.Model:
+    model = ir.load(str(path))
+    CanonicalizePass()(model)
+    return model
+
+
+def outputs(model: ir.Model, feeds) -> list[list[np.ndarray]]:
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [session.run(names, feed) for feed in feeds]
+
+
+def assert_equivalent(before, after, rtol=RTOL) -> None:
+    for sample_before, sample_after in zip(before, after):
+        for a, b in zip(sample_before, sample_after):
+            scale = float(np.abs(a).max()) or 1.0
+            assert float(np.abs(a - b).max()) <= rtol * scale
+
+
+def rewrite_and_compare(path: Path, calibration, evaluation_sets, pass_):
+    model = load(path)
+    references = [outputs(model, feeds) for feeds in evaluation_sets]
+    ops_before = collections.Counter(node.op_type for node in model.graph)
+    result = pass_.with_stats(collect_statistics(model, calibration, progress=False))(model)
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    for feeds, reference in zip(evaluation_sets, references):
+        assert_equivalent(reference, outputs(model, feeds))
+    ops_after = collections.Counter(node.op_type for node in model.graph)
+    return result, ops_before, ops_after
+
+
+# -- unit math -----------------------------------------------------------------------------------
+
+
+def test_scales_follow_the_smoothquant_formula():
+    rng = np.random.default_rng(0)
+    act = np.array([1.0, 4.0, 100.0, 0.5])
+    weights = [rng.normal(size=(4, 3)), rng.normal(size=(4, 5))]
+    w_max = np.maximum(np.abs(weights[0]).max(1), np.abs(weights[1]).max(1))
+    for alpha in (0.0, 0.5, 0.8, 1.0):
+        s = smoothing_scales(act, weights, alpha)
+        expected = act**alpha / w_max ** (1 - alpha)
+        np.testing.assert_allclose(s / s[0], expected / expected[0], rtol=1e-12)  # up to a global factor
+
+
+def test_error_estimate_prefers_smoothing_for_an_outlier_channel():
+    from outlierquant.calibration.stats import ChannelStats
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(512, 16))
+    x[:, 3] *= 60.0
+    st = ChannelStats.empty(16, -1)
+    st.update(x)
+    w = [rng.normal(size=(16, 8))]
+    none = estimated_output_error(st, w, np.ones(16))
+    half = estimated_output_error(st, w, smoothing_scales(st.absmax, w, 0.5))
+    assert half < 0.5 * none
+
+
+def test_options_are_validated_with_the_field_name():
+    with pytest.raises(ValueError, match="alpha"):
+        SmoothQuantOptions(alpha=1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        SmoothQuantOptions(alpha="auto")
+    with pytest.raises(RecipeError, match="insert_mul"):
+        validate_pass_options("smoothquant", {"insert_mull": True})
+    assert load_recipe("smoothquant-w8a8").passes[1].name == "smoothquant"
+
+
+# -- equivalence on exported decoders and encoders -------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.5, "search"])
+def test_tiny_llama_equivalent_all_groups_folded(tiny_llama, alpha):
+    calibration = synthetic.random_feeds(tiny_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(tiny_llama, 3, seed=2)
+    result, before, after = rewrite_and_compare(tiny_llama, calibration, [evaluation], SmoothQuantPass(alpha=alpha))
+    record = result.record
+    assert result.modified
+    # 2 layers x (norm -> qkv, v -> o, norm -> gate/up, up -> down) + final norm -> lm_head
+    assert len(record["groups"]) == 9
+    assert record["inserted_ops"] == 0 and before == after  # folded, no node added
+    relations = collections.Counter(g["relation"] for g in record["groups"] if "skipped" not in g)
+    if alpha == 0.5:
+        assert relations == {"norm": 5, "v_to_o": 2, "up_to_down": 2}
+
+
+def test_planted_outliers_are_smoothed(planted_llama):
+    calibration = synthetic.random_feeds(planted_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(planted_llama, 3, seed=2)
+    result, _, _ = rewrite_and_compare(planted_llama, calibration, [evaluation], SmoothQuantPass(alpha="search"))
+    norm_groups = [g for g in result.record["groups"] if g["relation"] == "norm" and "skipped" not in g]
+    assert norm_groups
+    for group in norm_groups[:2]:  # q/k/v and gate/up of layer 0 carry the planted channels
+        assert group["max_median_before"] > 20
+        assert group["max_median_after"] < group["max_median_before"] / 10
+
+
+def test_tiny_opt_gemm_and_relu_skip(tiny_opt):
+    calibration = synthetic.random_feeds(tiny_opt, 6, seed=1)
+    evaluation = synthetic.random_feeds(tiny_opt, 3, seed=2)
+    result, before, after = rewrite_and_compare(tiny_opt, calibration, [evaluation], SmoothQuantPass(alpha=0.5))
+    skipped = [g for g in result.record["groups"] if "skipped" in g]
+    assert len(skipped) == 2  # fc2 after ReLU, both layers
+    assert all("no foldable producer" in g["skipped"] and "insert_mul is off" in g["skipped"] for g in skipped)
+    assert before == after
+    result, before, after = rewrite_and_compare(tiny_opt, calibration, [evaluation],
+                                                SmoothQuantPass(alpha=0.5, insert_mul=True))
+    assert result.record["inserted_ops"] == 2
+    assert after["Mul"] == before["Mul"] + 2
+
+
+def test_minilm_equivalent_on_real_and_random_inputs(minilm_onnx, minilm_feeds):
+    calibration, heldout = minilm_feeds
+    random = synthetic.random_feeds(minilm_onnx, 3, seed=3)
+    result, before, after = rewrite_and_compare(
+        minilm_onnx, calibration, [heldout, random], SmoothQuantPass(alpha=0.5, insert_mul=True)
+    )
+    record = result.record
+    assert record["smoothed_groups"] == 24
+    # post-norm: the 12 norm groups also feed the residual; FFN2 (6) follows GELU; V->O (6) folds
+    assert record["inserted_ops"] == 18
+    assert after["Mul"] == before["Mul"] + 18
+
+
+def test_minilm_ffn2_after_gelu_is_skipped_without_insert_mul(minilm_onnx, minilm_feeds):
+    calibration, heldout = minilm_feeds
+    result, before, after = rewrite_and_compare(minilm_onnx, calibration, [heldout], SmoothQuantPass(alpha=0.5))
+    by_name = {g["linears"][0]: g for g in result.record["groups"]}
+    ffn2 = by_name["/0/encoder/layer.0/output/dense/MatMul"]
+    assert "Erf" in ffn2["skipped"] and "insert_mul is off" in ffn2["skipped"]
+    qkv = by_name["/0/encoder/layer.0/attention/self/query/MatMul"]
+    assert "residual" in qkv["skipped"]
+    assert result.record["smoothed_groups"] == 6  # V -> O only
+    assert before == after
