@@ -1,6 +1,6 @@
 """The ``outlierquant`` command line.
 
-Subcommands: ``export``, ``calibrate``, ``quantize``, ``validate``, ``demo``. Heavy
+Subcommands: ``export``, ``calibrate``, ``quantize``, ``validate``, ``analyze``, ``demo``. Heavy
 libraries (torch, transformers, onnxruntime) are imported inside the handlers so that
 ``outlierquant --help`` is instant. An :class:`~outlierquant.errors.OutlierQuantError`
 becomes one line on stderr and exit code 2; anything else is a bug and keeps its
@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from outlierquant.errors import InputError, OutlierQuantError
 
@@ -135,6 +135,34 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from outlierquant.evaluate.report import analyze_model
+    from outlierquant.modelio import load_model
+
+    model_path = Path(args.model)
+    load_model(model_path)
+    if args.quantized is not None:
+        load_model(args.quantized, check=False)
+    feeds = _feeds_for(model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
+    probe = None
+    if args.data is not None:
+        probe = _feeds_for(model_path, args.data, tokenizer=args.tokenizer, limit=args.probe_samples, purpose="probe")
+    report = analyze_model(
+        model_path,
+        feeds,
+        args.output,
+        quantized=args.quantized,
+        eval_feeds=probe,
+        probe_samples=args.probe_samples,
+        threshold=args.threshold,
+        sensitivity=args.sensitivity_layers > 0,
+        sensitivity_limit=args.sensitivity_layers or None,
+        progress=_progress(args),
+    )
+    print(report.html_path)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from outlierquant.demo import run_demo
 
@@ -143,33 +171,26 @@ def cmd_demo(args) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
+# Each subcommand's arguments are defined once, here; the optimum-cli command
+# (plugin/optimum_command.py) builds its parsers from the same table.
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="outlierquant",
-        description="Outlier-aware post-training quantization for ONNX models.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what every step does")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("export", help="Hugging Face folder, .gguf file or hub id -> DIR/model.onnx")
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a local Hugging Face model folder, a .gguf file, or a hub id (online only)")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     p.add_argument("--task", help="optimum task (default: from the model's config)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: optimum's choice)")
-    p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("calibrate", help="collect per-channel activation statistics (.npz + .json)")
+
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
     p.add_argument("--calibration-data", required=True, type=Path, help=".txt (one sample per line) or .npz feeds")
     p.add_argument("-o", "--output", required=True, type=Path, help="statistics path (writes PATH.npz and PATH.json)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: beside the model)")
     p.add_argument("--limit", type=int, help="use at most this many samples")
-    p.set_defaults(handler=cmd_calibrate)
 
-    p = sub.add_parser("quantize", help="apply a recipe: MODEL.onnx -> OUT.onnx + OUT.report.json")
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--recipe", default="default", help="a built-in recipe name or a YAML file (default: default)")
@@ -177,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, help="statistics saved by `outlierquant calibrate` (fp32 model)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: beside the model)")
     p.add_argument("--limit", type=int, help="use at most this many calibration samples")
-    p.set_defaults(handler=cmd_quantize)
 
-    p = sub.add_parser("validate", help="compare a candidate against the reference on held-out data")
+
+def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", type=Path)
     p.add_argument("candidate", type=Path)
     p.add_argument("--data", required=True, type=Path, help=".txt or .npz held-out data (not the calibration data)")
@@ -189,25 +210,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch", type=int, default=16)
     p.add_argument("--latency-runs", type=int, default=10)
     p.add_argument("--kernels", choices=("auto", "none"), default="auto", help="register outlierquant's kernels")
-    p.set_defaults(handler=cmd_validate)
 
-    p = sub.add_parser("demo", help="the bundled all-MiniLM-L6-v2: export, quantize, validate, one table")
+
+def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="the fp32 model")
+    p.add_argument("--calibration-data", required=True, type=Path, help=".txt (one sample per line) or .npz feeds")
+    p.add_argument("-o", "--output", required=True, type=Path, help="report folder (writes index.html + PNGs)")
+    p.add_argument("--quantized", type=Path, help="a quantized version of the model: per-layer SQNR + sensitivity")
+    p.add_argument("--data", type=Path, help="held-out probe data (default: the first calibration samples)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: beside the model)")
+    p.add_argument("--limit", type=int, help="use at most this many calibration samples")
+    p.add_argument("--probe-samples", type=int, default=8, help="samples for kurtosis, SQNR and sensitivity (default: 8)")
+    p.add_argument("--threshold", type=float, default=6.0, help="outlier magnitude (default: 6, LLM.int8())")
+    p.add_argument("--sensitivity-layers", type=int, default=48,
+                   help="rank at most this many layers, quantized one at a time (default: 48; 0: skip)")
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="outlierquant-demo", help="where the models go (default: ./outlierquant-demo)")
     p.add_argument("--recipe", default="default", help="our recipe to show (default: default)")
-    p.set_defaults(handler=cmd_demo)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
+    """``-v`` and ``-q``: on the root parser, and again on each subcommand so they may follow it."""
+    # SUPPRESS on subcommands: their default must not overwrite a flag given before the subcommand
+    extra = {"default": argparse.SUPPRESS} if subcommand else {}
+    p.add_argument("-v", "--verbose", action="store_true", help="log what every step does", **extra)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars", **extra)
+
+
+#: name -> (help, add_arguments, handler); the handlers are looked up lazily by name
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "export": ("Hugging Face folder, .gguf file or hub id -> DIR/model.onnx", add_export_arguments, "cmd_export"),
+    "calibrate": ("collect per-channel activation statistics (.npz + .json)", add_calibrate_arguments, "cmd_calibrate"),
+    "quantize": ("apply a recipe: MODEL.onnx -> OUT.onnx + OUT.report.json", add_quantize_arguments, "cmd_quantize"),
+    "validate": ("compare a candidate against the reference on held-out data", add_validate_arguments, "cmd_validate"),
+    "analyze": ("outlier diagnostics: an HTML report with per-layer plots", add_analyze_arguments, "cmd_analyze"),
+    "demo": ("the bundled all-MiniLM-L6-v2: export, quantize, validate, one table", add_demo_arguments, "cmd_demo"),
+}
+
+
+def handler_for(name: str) -> Callable[[argparse.Namespace], int]:
+    return globals()[SUBCOMMANDS[name][2]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outlierquant",
+        description="Outlier-aware post-training quantization for ONNX models.",
+    )
+    add_common_arguments(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        add_common_arguments(p, subcommand=True)
+        p.set_defaults(handler=handler_for(name))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def configure_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a handler: an OutlierQuantError becomes one stderr line and its exit code."""
     try:
-        return args.handler(args)
+        return handler(args)
     except OutlierQuantError as exc:
         message = " ".join(str(exc).split())
         print(f"outlierquant: error: {message}", file=sys.stderr)
@@ -215,6 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("outlierquant: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    return run_handler(args.handler, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

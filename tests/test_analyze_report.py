@@ -1,0 +1,152 @@
+"""``outlierquant analyze``: the numbers behind the report, and the page in a real browser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from outlierquant.evaluate.metrics import kurtosis, sqnr_db
+from outlierquant.evaluate.report import InputStats, _AlignedError, _Labeller, _Moments, _recurring_channels
+from outlierquant.plugin.cli import main
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+# -- the pieces, on planted numbers --------------------------------------------------------
+
+
+def _inputs(absmaxes):
+    return [InputStats(f"t{i}", [f"n{i}"], f"n{i}", len(a), np.asarray(a, dtype=float)) for i, a in enumerate(absmaxes)]
+
+
+def test_recurring_channels_follow_the_llm_int8_criterion():
+    base = np.ones(16)
+    layers = []
+    for i in range(8):
+        a = base.copy()
+        a[3] = 9.0  # an outlier in every layer
+        if i < 2:
+            a[7] = 6.0  # in 2 of 8 layers: exactly 25%, at the threshold
+        if i == 0:
+            a[11] = 50.0  # once only: large but not systematic
+        layers.append(a)
+    layers.append(np.full(4, 20.0))  # the only input of its width: never recurring
+    recurring = _recurring_channels(_inputs(layers), threshold=6.0, fraction=0.25)
+    assert recurring == {16: [3, 7]}
+    assert _recurring_channels(_inputs(layers), threshold=6.0, fraction=0.5) == {16: [3]}
+
+
+def test_streamed_kurtosis_matches_the_metric():
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(3, size=(5, 7, 32)) + 0.5
+    moments = _Moments()
+    for block in x:
+        moments.update(block)
+    assert moments.kurtosis() == pytest.approx(kurtosis(x), rel=1e-9)
+
+
+def test_sqnr_is_aligned_only_through_a_per_channel_affine_map():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(4, 10, 8))
+    noisy = ref + 0.01 * rng.normal(size=ref.shape)
+    scale, shift = rng.uniform(0.2, 5, size=8), rng.normal(size=8)
+    error = _AlignedError()
+    for r, c in zip(ref, noisy * scale + shift):  # a smoothing scale and a shift folded in
+        error.update(r, c, -1)
+    raw, aligned = error.sqnr()
+    assert raw < 10 < aligned
+    assert aligned == pytest.approx(sqnr_db(ref, noisy), abs=1.0)
+    plain = _AlignedError()
+    plain.update(ref, noisy, -1)
+    assert plain.sqnr()[0] == pytest.approx(sqnr_db(ref, noisy))
+
+
+def test_layer_labels_drop_the_common_prefix_and_op_suffix():
+    labels = _Labeller([
+        "/0/encoder/layer.0/attention/self/query/MatMul",
+        "/0/encoder/layer.0/attention/self/key/MatMul",
+        "/0/encoder/layer.1/output/dense/MatMul",
+    ])
+    assert labels("/0/encoder/layer.1/output/dense/MatMul") == "layer.1/output/dense"
+    assert labels.group([
+        "/0/encoder/layer.0/attention/self/query/MatMul", "/0/encoder/layer.0/attention/self/key/MatMul"
+    ]) == "layer.0/attention/self/{query,key}"
+
+
+# -- the report on the real MiniLM --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, minilm_onnx) -> Path:
+    from outlierquant.export.data import bundled_sentences, read_lines
+    from outlierquant.pipeline import quantize_model
+    from outlierquant.plugin.api import OutlierQuantizer
+
+    root = tmp_path_factory.mktemp("analyze")
+    for split, count in (("calibration", 24), ("heldout", 8)):
+        lines = read_lines(bundled_sentences(split))[:count]
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    feeds = OutlierQuantizer(minilm_onnx).feeds(root / "calibration.txt")
+    quantize_model(minilm_onnx, root / "q.onnx", "w8a8", feeds, progress=False)
+    code = main([
+        "analyze", str(minilm_onnx), "--calibration-data", str(root / "calibration.txt"),
+        "-o", str(root / "report"), "--quantized", str(root / "q.onnx"), "--data", str(root / "heldout.txt"),
+        "--probe-samples", "4", "--sensitivity-layers", "4", "-q",
+    ])
+    assert code == 0
+    return root / "report"
+
+
+@pytest.mark.slow
+def test_report_files_and_numbers(report_dir):
+    page = (report_dir / "index.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") >= 6  # self-contained: every plot inlined
+    for name in ("ratio.png", "kurtosis.png", "sqnr.png", "sensitivity.png", "heatmap_384.png", "heatmap_1536.png"):
+        assert (report_dir / name).stat().st_size > 10_000, name
+    data = json.loads((report_dir / "analysis.json").read_text(encoding="utf-8"))
+    assert data["probe_samples"] == 4 and data["probe_source"] == "held-out data"
+    # 6 layers x (QKV input, attention-output input, FFN-up input, FFN-down input)
+    assert len(data["inputs"]) == 24
+    assert sum(len(i["consumers"]) for i in data["inputs"]) == 36
+    assert all(i["kurtosis"] is not None and i["kurtosis"] > 1 for i in data["inputs"])
+    # MiniLM's residual stream carries LLM.int8()-style outliers in a few fixed channels
+    assert data["recurring_outlier_channels"].get("384")
+    assert len(data["fidelity"]) == 36 and not data["unmatched_layers"]
+    assert all(5 < f["sqnr_db"] < 60 for f in data["fidelity"])
+    cosines = [s["cosine"] for s in data["sensitivity"]]
+    assert len(cosines) == 4 and cosines == sorted(cosines) and all(0.9 < c < 1 for c in cosines)
+    assert "4 of 36 linears measured" in data["sensitivity_note"]
+
+
+@pytest.mark.slow
+def test_analyze_bad_input_is_one_line(capsys, tmp_path, minilm_onnx):
+    code = main(["analyze", str(minilm_onnx), "--calibration-data", str(tmp_path / "none.txt"), "-o", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "none.txt" in err[0]
+    assert not (tmp_path / "index.html").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (CI: apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+    import matplotlib.image
+
+    shot = tmp_path / "shot.png"
+    command = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
+        (report_dir / "index.html").resolve().as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert shot.is_file(), done.stderr[-2000:]
+    assert shot.stat().st_size > 50_000
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (2000, 1280)
+    assert pixels.std() > 0.05  # not a blank page
+    # the heatmap's dark colours are on screen: the images rendered, not only the text
+    assert (pixels.mean(axis=2) < 0.15).mean() > 0.01
