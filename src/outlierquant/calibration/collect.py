@@ -475,6 +475,12 @@ def _create_session(
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         session_options.log_severity_level = 3
+    if "ai.outlierquant" in model.opset_imports:
+        # a graph rewritten with our kernels (e.g. an online HadamardTransform) needs them
+        # registered to run at all; fail with the reason when they were not built
+        from outlierquant import custom_ops
+
+        session_options = custom_ops.session_options(session_options)
     data, folder = _serialize_for_session(model, extra_outputs, stack)
     if folder is not None:
         session_options.add_session_config_entry(_EXTERNAL_FOLDER_OPTION, folder)

@@ -84,6 +84,11 @@ def _check_runtime() -> None:
         )
 
 
+#: SessionOptions objects our library is registered on (pybind objects take no attributes
+#: and no weak references; the list keeps them alive so identities stay unique)
+_REGISTERED: list = []
+
+
 def session_options(base: ort.SessionOptions | None = None) -> ort.SessionOptions:
     """Session options with the ``ai.outlierquant`` kernels registered.
 
@@ -102,8 +107,11 @@ def session_options(base: ort.SessionOptions | None = None) -> ort.SessionOption
             "or use the standard-op forms"
         )
     options = base if base is not None else ort.SessionOptions()
+    if any(registered is options for registered in _REGISTERED):
+        return options  # onnxruntime refuses a second registration of the same domain
     try:
         options.register_custom_ops_library(str(path))
+        _REGISTERED.append(options)
     except Exception as error:  # onnxruntime raises its own Fail/RuntimeException types
         raise KernelsUnavailableError(f"could not load the outlierquant kernels from {path}: {error}") from error
     return options

@@ -421,6 +421,16 @@ def _check_feeds(feeds: list[Feed], inputs: Sequence[str], what: str) -> None:
             )
 
 
+def _uses_outlierquant_kernels(path: Path) -> bool:
+    """Whether the model imports our custom-op domain (read without its weights)."""
+    import onnx
+
+    from outlierquant.custom_ops import DOMAIN
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(opset.domain == DOMAIN for opset in proto.opset_import)
+
+
 def _session(path: Path, options):
     import onnxruntime as ort
 
@@ -428,6 +438,10 @@ def _session(path: Path, options):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+    if _uses_outlierquant_kernels(path):
+        from outlierquant import custom_ops
+
+        options = custom_ops.session_options(options)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -43,6 +43,7 @@ PASS_CATALOG: dict[str, str] = {
     "qllm_disassemble": "outlierquant.passes.disassemble:DisassembleChannelsPass",
     "adadim": "outlierquant.passes.weight_rounding:AdaDimQuantizePass",
     "quantease": "outlierquant.passes.weight_rounding:QuantEaseRoundPass",
+    "weight_only": "outlierquant.passes.weight_only:QuantizeWeightOnlyPass",
 }
 
 

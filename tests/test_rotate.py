@@ -1,0 +1,331 @@
+"""Rotations (QuaRot R1/R2/R4, KLT, smooth-fused): fp32 equivalence, structure, negatives."""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from outlierquant.calibration.collect import collect_statistics
+from outlierquant.errors import RecipeError
+from outlierquant.passes.analysis import analyze_graph
+from outlierquant.passes.canonicalize import CanonicalizePass
+from outlierquant.passes.rotate import (
+    ONLINE_ROTATION_KEY,
+    OnlineHadamardPass,
+    RotateHeadsPass,
+    RotateResidualPass,
+    SimulateQuantizationPass,
+    fake_quantize_weight,
+    find_residual_stream,
+    hadamard_left_form,
+    online_rotation_nodes,
+    orthogonal_matrix,
+)
+from outlierquant.recipes import load_recipe, validate_pass_options
+
+import synthetic
+
+RTOL = 1e-4
+
+
+def cache_dir(tmp_path_factory, name: str) -> Path:
+    root = os.environ.get("OUTLIERQUANT_TEST_CACHE")
+    if root:
+        path = Path(root) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp(name)
+
+
+def built(tmp_path_factory, name: str, builder) -> Path:
+    folder = cache_dir(tmp_path_factory, name)
+    if not (folder / "model.onnx").is_file():
+        builder(folder)
+    return folder / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "tiny-llama", synthetic.build_tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "tiny-opt", synthetic.build_tiny_opt)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "tiny-bert", synthetic.build_tiny_bert)
+
+
+@pytest.fixture(scope="session")
+def planted_llama(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "planted-llama", synthetic.build_planted_llama)
+
+
+def load(path: Path) -> ir.Model:
+    model = ir.load(str(path))
+    CanonicalizePass()(model)
+    return model
+
+
+def outputs(model: ir.Model, feeds, *, kernels: bool = False) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    if kernels:
+        from outlierquant import custom_ops
+
+        options = custom_ops.session_options(options)
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return [session.run(None, feed)[0] for feed in feeds]
+
+
+def relative_error(before, after) -> float:
+    return max(float(np.abs(a - b).max() / (np.abs(a).max() or 1.0)) for a, b in zip(before, after))
+
+
+def apply(model: ir.Model, *passes):
+    records = []
+    for pass_ in passes:
+        result = pass_(model)
+        records.append(result)
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    return records
+
+
+# -- matrices and building blocks -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [64, 576, 384, 1536, 96])
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_rotations_are_orthogonal(dim, kind):
+    q = orthogonal_matrix(dim, kind, seed=3)
+    np.testing.assert_allclose(q @ q.T, np.eye(dim), atol=1e-10)
+
+
+def test_klt_rotation_decorrelates_then_spreads():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 32)) @ rng.normal(size=(32, 32))
+    x[:, 5] *= 30
+    q = orthogonal_matrix(32, "klt", covariance=np.cov(x, rowvar=False))
+    np.testing.assert_allclose(q @ q.T, np.eye(32), atol=1e-10)
+    spread = np.var(x @ q, axis=0)
+    assert spread.max() / np.median(spread) < 1.5  # variances equalised by K·H
+    assert np.var(x, axis=0).max() / np.median(np.var(x, axis=0)) > 50
+
+
+@pytest.mark.parametrize("dim", [64, 384, 576])
+def test_online_standard_form_is_the_rotation_and_its_inverse_is_identity(dim):
+    """x → online H (standard ops) → @ Hᵀ gives x back; the form equals the reference."""
+    from outlierquant.custom_ops.reference import hadamard_rotation
+    from outlierquant.passes.rotate import hadamard_block
+
+    block = hadamard_block(dim)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["b", "s", dim]))
+    graph = ir.Graph([x], [], nodes=[], name="g", opset_imports={"": 18})
+    model = ir.Model(graph, ir_version=10)
+    nodes, out = hadamard_left_form(model, x, dim, block, "h")
+    graph.extend(nodes)
+    inverse = ir.node("MatMul", inputs=[out, ir.Value(name="hT")], name="inverse")
+    r = hadamard_rotation(dim, block)
+    t = ir.tensor(r.T.astype(np.float32), name="hT")
+    inverse.inputs[1].const_value = t
+    graph.register_initializer(inverse.inputs[1])
+    graph.append(inverse)
+    out.name = "rotated"
+    inverse.outputs[0].name = "restored"
+    graph.outputs.extend([out, inverse.outputs[0]])
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    data = np.random.default_rng(1).normal(size=(2, 5, dim)).astype(np.float32)
+    rotated, restored = session.run(None, {"x": data})
+    np.testing.assert_allclose(rotated, data @ r, atol=1e-4)
+    np.testing.assert_allclose(restored, data, atol=1e-4)
+    assert all(ONLINE_ROTATION_KEY in node.metadata_props for node in nodes)
+    # constants only on the left: the quantizer never reads the rotation as a linear layer
+    assert all(node.inputs[0].const_value is not None for node in nodes if node.op_type == "MatMul")
+
+
+def test_fake_quantized_weights_sit_on_the_grid():
+    w = np.random.default_rng(0).normal(size=(256, 8))
+    q = fake_quantize_weight(w, 4, 128)
+    for rows in (slice(0, 128), slice(128, 256)):
+        scale = np.abs(w[rows]).max(axis=0) / 7
+        levels = q[rows] / scale
+        np.testing.assert_allclose(levels, np.rint(levels), atol=1e-9)
+        assert np.abs(levels).max() <= 8
+    searched = fake_quantize_weight(w, 4, 128, clip_ratios=tuple(np.linspace(1, 0.5, 11)))
+    assert np.sum((searched - w) ** 2) <= np.sum((q - w) ** 2)
+
+
+def test_options_are_validated_with_the_field_name():
+    with pytest.raises(RecipeError, match="rotation"):
+        validate_pass_options("rotate-residual", {"rotation": "givens"})
+    with pytest.raises(RecipeError, match="kernels"):
+        validate_pass_options("online-hadamard", {"kernels": "fast"})
+    with pytest.raises(RecipeError, match="smooth_alpha"):
+        validate_pass_options("online-hadamard", {"smooth_alpha": 2})
+    with pytest.raises(RecipeError, match="activation_bits"):
+        validate_pass_options("simulate-quant", {"activation_bits": 3})
+    for name in ("quarot-w8a8", "quarot-w4a8", "quarot-w4a4", "mambaquant-w8a8"):
+        recipe = load_recipe(name)
+        assert [spec.name for spec in recipe.passes][:4] == ["canonicalize", "rotate-residual", "rotate-heads",
+                                                             "online-hadamard"]
+
+
+# -- equivalence on exported models ---------------------------------------------------------
+
+
+def _quarot(kernels: str = "standard"):
+    return RotateResidualPass(), RotateHeadsPass(), OnlineHadamardPass(kernels=kernels)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "planted_llama"])
+def test_llama_rotations_are_equivalent(request, fixture):
+    path = request.getfixturevalue(fixture)
+    model = load(path)
+    feeds = synthetic.random_feeds(path, 3, seed=2)
+    reference = outputs(model, feeds)
+    ops_before = collections.Counter(node.op_type for node in model.graph)
+    residual, heads, online = apply(model, *_quarot())
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+    stream = residual.record["stream"]
+    # embedding + 2 layers × (o_proj, down_proj) write; 5 RMSNorms feed q/k/v, gate/up, lm_head
+    assert (stream["writers"], stream["embeddings"], stream["norms"], stream["readers"]) == (4, 1, 5, 11)
+    assert residual.record["inserted_ops"] == 0 and not residual.record["centered"]
+    assert len(heads.record["rotated"]) == 2 and heads.record["rotated"][0]["head_dim"] == 16
+    # R4 only before the two down projections (SiLU(gate) ⊙ up); the norm groups were R1's
+    assert [g["relation"] for g in online.record["rotated"]] == ["up_to_down", "up_to_down"]
+    ops_after = collections.Counter(node.op_type for node in model.graph)
+    assert ops_after["Mul"] == ops_before["Mul"] - 5  # the five γ multiplications were folded away
+
+
+def test_planted_outliers_are_spread_by_r1(planted_llama):
+    model = load(planted_llama)
+    calibration = synthetic.random_feeds(planted_llama, 6, seed=1)
+    analysis = analyze_graph(model)
+    stream = find_residual_stream(analysis)
+    first_group = next(iter(stream.readers.values()))[0]
+    first_reader, reader_node = first_group.input.name, first_group.linears[0].node.name
+    before = collect_statistics(model, calibration, tensors=[first_reader], progress=False)[first_reader]
+    residual = RotateResidualPass().with_stats(
+        collect_statistics(model, calibration, tensors=[first_reader], covariance_for=[first_reader], progress=False))
+    record = residual(model).record
+    assert record["outliers"][first_reader]["before"]["max_median"] > 20
+    predicted = record["outliers"][first_reader]["after_predicted"]["rms_max_median"]
+    rotated_input = next(node for node in model.graph if node.name == reader_node).inputs[0].name  # γ Mul is gone
+    after = collect_statistics(model, calibration, tensors=[rotated_input], progress=False)[rotated_input]
+    ratio = lambda st: float(st.absmax.max() / np.median(st.absmax))  # noqa: E731
+    assert ratio(before) > 20 and ratio(after) < ratio(before) / 5
+    assert predicted < 3
+
+
+def test_opt_layernorm_stream_is_centred_and_rotated(tiny_opt):
+    model = load(tiny_opt)
+    feeds = synthetic.random_feeds(tiny_opt, 3, seed=2)
+    reference = outputs(model, feeds)
+    assert collections.Counter(n.op_type for n in model.graph)["LayerNormalization"] == 5
+    residual, heads, online = apply(model, *_quarot())
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+    assert residual.record["centered"] and residual.record["layernorms_replaced"] == 5
+    assert residual.record["stream"]["embeddings"] == 2  # tokens and learned positions
+    assert collections.Counter(n.op_type for n in model.graph)["LayerNormalization"] == 0
+    assert len(heads.record["rotated"]) == 2
+    assert [g["linears"][0].endswith("fc2/Gemm") for g in online.record["rotated"]] == [True, True]
+
+
+def test_klt_rotation_is_equivalent(tiny_llama):
+    model = load(tiny_llama)
+    calibration = synthetic.random_feeds(tiny_llama, 6, seed=1)
+    feeds = synthetic.random_feeds(tiny_llama, 3, seed=2)
+    reference = outputs(model, feeds)
+    residual = RotateResidualPass(rotation="klt")
+    targets = residual.calibration_targets(model)
+    residual.with_stats(collect_statistics(model, calibration, tensors=targets,
+                                           covariance_for=residual.covariance_targets(model), progress=False))
+    assert residual(model).record["rotation"] == "klt"
+    online = OnlineHadamardPass(kernels="standard", smooth_alpha=0.5)
+    online.with_stats(collect_statistics(model, calibration, tensors=online.calibration_targets(model),
+                                         progress=False))
+    assert online(model).record["smooth_alpha"] == 0.5
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+
+
+def test_klt_without_covariance_says_how_to_get_it(tiny_llama):
+    model = load(tiny_llama)
+    residual = RotateResidualPass(rotation="klt")
+    stats = collect_statistics(model, synthetic.random_feeds(tiny_llama, 2, seed=1),
+                               tensors=residual.calibration_targets(model), progress=False)
+    with pytest.raises(ValueError, match="covariance_for"):
+        residual.with_stats(stats)(model)
+
+
+def test_post_norm_bert_skips_r1_with_the_reason_and_rotates_online(tiny_bert):
+    model = load(tiny_bert)
+    feeds = synthetic.random_feeds(tiny_bert, 3, seed=2)
+    reference = outputs(model, feeds)
+    residual, heads, online = apply(model, *_quarot())
+    assert not residual.modified
+    assert "LayerNormalization" in residual.record["skipped"] and "post-norm" in residual.record["skipped"]
+    # per layer: q/k/v and FFN1 behind a post-norm LayerNorm, FFN2 after GELU
+    assert online.record["inserted_ops"] == 6
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+
+
+def test_removing_the_online_rotation_breaks_equivalence(tiny_llama):
+    model = load(tiny_llama)
+    feeds = synthetic.random_feeds(tiny_llama, 2, seed=2)
+    reference = outputs(model, feeds)
+    OnlineHadamardPass(kernels="standard")(model)
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+    # bypass every online rotation, keeping the folded inverse in the weights
+    for node in online_rotation_nodes(model):
+        if node.op_type == "Reshape" and node.outputs[0].uses() and all(
+                ONLINE_ROTATION_KEY not in use.node.metadata_props for use in node.outputs[0].uses()):
+            source = node.metadata_props[ONLINE_ROTATION_KEY]
+            original = next(v for n in model.graph for v in n.outputs if v.name == source)
+            node.outputs[0].replace_all_uses_with(original)
+    assert relative_error(reference, outputs(model, feeds)) > 1e-2
+
+
+def test_online_rotation_as_custom_kernel(tiny_llama):
+    from outlierquant import custom_ops
+
+    if not custom_ops.available():
+        pytest.skip(f"custom kernels unavailable: {custom_ops.unavailable_reason()}")
+    model = load(tiny_llama)
+    feeds = synthetic.random_feeds(tiny_llama, 2, seed=2)
+    reference = outputs(model, feeds)
+    record = OnlineHadamardPass(kernels="auto")(model).record
+    assert record["form"] == "custom_kernel"
+    assert collections.Counter(n.op_type for n in model.graph)["HadamardTransform"] == 2
+    assert relative_error(reference, outputs(model, feeds, kernels=True)) <= RTOL
+
+
+def test_simulated_quantization_is_labelled_and_keeps_the_lm_head(tiny_llama):
+    model = load(tiny_llama)
+    feeds = synthetic.random_feeds(tiny_llama, 2, seed=2)
+    reference = outputs(model, feeds)
+    result = SimulateQuantizationPass(weight_bits=4, activation_bits=4)(model)
+    assert result.record["simulated"] and result.record["fake_quantized_weights"] == 14  # all but lm_head
+    error = relative_error(reference, outputs(model, feeds))
+    assert 1e-4 < error < 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_rotations_are_equivalent(smollm2_onnx):
+    model = load(smollm2_onnx)
+    feeds = synthetic.random_feeds(smollm2_onnx, 2, seq_lens=(7, 12), seed=2, vocab_size=49152)
+    reference = outputs(model, feeds)
+    residual, heads, online = [pass_(model) for pass_ in _quarot()]
+    assert residual.record["stream"]["width"] == 576 and residual.record["stream"]["norms"] == 61
+    assert len(heads.record["rotated"]) == 30 and online.record["inserted_ops"] == 30
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
