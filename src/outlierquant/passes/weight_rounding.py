@@ -1,0 +1,504 @@
+"""Outlier-aware weight-only quantization: AdaDim group layouts and QuantEase rounding.
+
+Weights are quantized group-wise, asymmetric, ``b`` bits (levels ``0 … 2^b − 1``)::
+
+    Ŵ[k, n] = (q[k, n] − z_g) · s_g,   q = clip(round(W / s_g) + z_g, 0, 2^b − 1)
+
+with ``g`` the group of ``(k, n)``. Two group layouts for a linear ``y = x @ W``
+(``W [K, N]``):
+
+- ``per_oc`` — groups of ``G`` consecutive *input* rows within each output column
+  (MatMulNBits' layout; written as ``com.microsoft::MatMulNBits``, a real int4 kernel);
+- ``per_ic`` — groups of ``G`` consecutive *output* columns within each input row. A row
+  that meets a large activation channel gets its own scales, so its rounding error is set
+  by its own range (written with standard ops: packed uint4 unpacked with BitShift/Sub,
+  dequantized, MatMul; onnxruntime constant-folds the dequantization at session start, so
+  the file is 4-bit but the GEMM runs in fp32).
+
+**AdaDim** — Heo et al. 2024, "Rethinking Channel Dimensions to Isolate Outliers for
+Low-bit Weight Quantization of Large Language Models": choose the layout per layer by the
+layer's output error on calibration activations. With ``Σ = E[x xᵀ]`` (from the
+calibration covariance plus the outer product of the mean) and ``Δ = Ŵ − W``, the mean
+squared output error is exactly::
+
+    E ||x Δ||² = tr(Δᵀ Σ Δ)
+
+so both candidates are scored without another pass over the data. Without a covariance
+only ``diag Σ = E[x_k²]`` is known and the score uses it (channels treated uncorrelated).
+
+**QuantEase** — Behdin et al. 2023, "QuantEase: Optimization-based Quantization for
+Language Models": minimise ``tr(Δᵀ Σ Δ)`` over the grid by cyclic coordinate descent on
+the rows of ``Ŵ`` (all output columns at once; scales fixed). For row ``k`` with the other
+rows fixed, the objective is a 1-D quadratic in ``Ŵ[k]`` whose unconstrained minimiser is::
+
+    Ŵ[k] ← W[k] + (Σ[k, :] (W − Ŵ) − Σ[k, k] (W[k] − Ŵ[k])) / Σ[k, k]
+
+and the best grid point is its rounding (a 1-D convex quadratic), so every update keeps
+``Ŵ`` on the grid and never increases the error. Starting from round-to-nearest, a few
+sweeps give GPTQ-class errors. Outlier-aware variant: the ``outlier_fraction`` of weights
+with the largest impact ``|W[k, n]| · sqrt(Σ[k, k])`` is kept in float as a sparse side
+path ``H``: they are excluded from the group ranges (tighter grids for the rest), fixed
+during the descent, and ``H = (W − Ŵ)`` on them, so ``Ŵ + H`` is exact there. ``H`` is
+written as ``Gather(x, rows) @ H[rows]`` over the rows that hold an outlier.
+
+Group scales: min/max of each group (zero included), optionally shrunk by the factor of
+``clip_ratios`` that minimises the group's ``diag Σ``-weighted squared error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from outlierquant.calibration.stats import ChannelStats
+from outlierquant.passes.analysis import Linear, analyze_graph
+from outlierquant.passes.base import OutlierPass
+from outlierquant.passes.split import _excluded, _label, replace_linear, splittable
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AdaDimOptions",
+    "AdaDimQuantizePass",
+    "GroupGrid",
+    "QuantEaseOptions",
+    "QuantEaseRoundPass",
+    "group_grid",
+    "output_error",
+    "quantease_round",
+    "second_moment",
+]
+
+MS_DOMAIN = "com.microsoft"
+DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyOptions:
+    """Shared options: ``bits`` (3 or 4; 3-bit levels are stored in 4-bit containers),
+    ``group_size`` (a power of two >= 16), ``dimension`` (``adaptive`` = AdaDim's choice,
+    ``per_oc``, ``per_ic``), ``clip_ratios`` (range shrink factors searched per group; ``[1.0]``
+    = plain min/max), ``exclude`` (substrings of node names left in float), ``damp``
+    (relative diagonal added to Σ)."""
+
+    bits: int = 4
+    group_size: int = 32
+    dimension: Literal["adaptive", "per_oc", "per_ic"] = "adaptive"
+    clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
+    exclude: tuple[str, ...] = ()
+    damp: float = 0.01
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.bits not in (3, 4):
+            raise ValueError(f"bits={self.bits}: allowed 3, 4")
+        if self.group_size < 16 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size={self.group_size}: a power of two >= 16")
+        if self.dimension not in ("adaptive", "per_oc", "per_ic"):
+            raise ValueError(f"dimension={self.dimension!r}: allowed 'adaptive', 'per_oc', 'per_ic'")
+        if not self.clip_ratios or any(not 0.0 < r <= 1.0 for r in self.clip_ratios):
+            raise ValueError("clip_ratios: a non-empty list of numbers in (0, 1]")
+        if self.damp < 0:
+            raise ValueError(f"damp={self.damp}: must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaDimOptions(WeightOnlyOptions):
+    """Options of :class:`AdaDimQuantizePass`: ``rounding`` is ``rtn`` or ``quantease``
+    (then ``iterations`` sweeps)."""
+
+    rounding: Literal["rtn", "quantease"] = "rtn"
+    iterations: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rounding not in ("rtn", "quantease"):
+            raise ValueError(f"rounding={self.rounding!r}: allowed 'rtn', 'quantease'")
+        if self.iterations < 1:
+            raise ValueError(f"iterations={self.iterations}: must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantEaseOptions(WeightOnlyOptions):
+    """Options of :class:`QuantEaseRoundPass`: ``iterations`` coordinate-descent sweeps,
+    ``outlier_fraction`` of weights kept in float (0 = none), ``dimension`` defaults to
+    ``per_oc`` (MatMulNBits)."""
+
+    dimension: Literal["adaptive", "per_oc", "per_ic"] = "per_oc"
+    iterations: int = 10
+    outlier_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.iterations < 1:
+            raise ValueError(f"iterations={self.iterations}: must be >= 1")
+        if not 0.0 <= self.outlier_fraction < 0.1:
+            raise ValueError(f"outlier_fraction={self.outlier_fraction}: allowed [0, 0.1)")
+
+
+# -- math ------------------------------------------------------------------------------------
+
+
+def second_moment(stats: ChannelStats, damp: float = 0.0) -> tuple[np.ndarray, bool]:
+    """``(Σ = E[x xᵀ], full)``; the diagonal ``E[x_k²]`` only when no covariance was collected."""
+    if stats.covariance is not None:
+        sigma = stats.covariance + np.outer(stats.mean, stats.mean)
+        full = True
+    else:
+        sigma = np.diag(np.maximum(stats.mean_sq, 0.0))
+        full = False
+    diag = np.diag(sigma).copy()
+    sigma = sigma + np.eye(sigma.shape[0]) * (damp * max(float(diag.mean()), 1e-12))
+    return sigma, full
+
+
+@dataclasses.dataclass
+class GroupGrid:
+    """Per-group scale / zero point, compact (``[K/G, N]`` per_oc, ``[K, N/G]`` per_ic)."""
+
+    dimension: str
+    group_size: int
+    bits: int
+    scale: np.ndarray
+    zero: np.ndarray
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def expand(self, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point broadcast to ``[K, N]``."""
+        if self.dimension == "per_oc":
+            s = np.repeat(self.scale, self.group_size, axis=0)[:k]
+            z = np.repeat(self.zero, self.group_size, axis=0)[:k]
+        else:
+            s = np.repeat(self.scale, self.group_size, axis=1)[:, :n]
+            z = np.repeat(self.zero, self.group_size, axis=1)[:, :n]
+        return s, z
+
+    def levels(self, w: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(w / s) + z, 0, self.maxq)
+
+
+def _grouped(a: np.ndarray, dimension: str, g: int) -> np.ndarray:
+    """``[K, N]`` → groups on axis 1: ``[K/G, G, N]`` (per_oc) or ``[K, N/G, G]`` (per_ic), zero-padded."""
+    k, n = a.shape
+    if dimension == "per_oc":
+        kp = -(-k // g) * g
+        padded = np.zeros((kp, n), a.dtype)
+        padded[:k] = a
+        return padded.reshape(kp // g, g, n)
+    np_ = -(-n // g) * g
+    padded = np.zeros((k, np_), a.dtype)
+    padded[:, :n] = a
+    return padded.reshape(k, np_ // g, g)
+
+
+def group_grid(weight: np.ndarray, dimension: str, group_size: int, bits: int, *,
+               row_weight: np.ndarray | None = None, clip_ratios=(1.0,), keep_out: np.ndarray | None = None) -> GroupGrid:
+    """Asymmetric min/max grid per group (zero included), with the clip search of the module doc.
+
+    ``row_weight``: ``E[x_k²]`` per input row (weights the clip search); ``keep_out``: mask of
+    weights left out of the ranges (kept in float).
+    """
+    k, n = weight.shape
+    w = np.asarray(weight, dtype=np.float64)
+    if keep_out is not None:
+        w = np.where(keep_out, 0.0, w)
+    rw = np.ones(k) if row_weight is None else np.maximum(np.asarray(row_weight, np.float64), 1e-12)
+    reduce_axis = 1 if dimension == "per_oc" else 2
+    blocks = _grouped(w, dimension, group_size)
+    weights = _grouped(np.broadcast_to(rw[:, None], (k, n)).copy(), dimension, group_size)
+    lo = np.minimum(blocks.min(axis=reduce_axis, keepdims=True), 0.0)
+    hi = np.maximum(blocks.max(axis=reduce_axis, keepdims=True), 0.0)
+    maxq = 2**bits - 1
+    best_err = best_scale = best_zero = None
+    for ratio in clip_ratios:
+        scale = (hi - lo) * ratio / maxq
+        scale = np.where(scale > 0, scale, 1.0)
+        zero = np.clip(np.rint(-lo * ratio / scale), 0, maxq)
+        q = np.clip(np.rint(blocks / scale) + zero, 0, maxq)
+        err = (((q - zero) * scale - blocks) ** 2 * weights).sum(axis=reduce_axis, keepdims=True)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
+            best_zero = np.where(better, zero, best_zero)
+    return GroupGrid(dimension, group_size, bits, best_scale.squeeze(reduce_axis).astype(np.float32),
+                     best_zero.squeeze(reduce_axis).astype(np.uint8))
+
+
+def output_error(delta: np.ndarray, sigma: np.ndarray) -> float:
+    """``tr(Δᵀ Σ Δ)``: the mean squared output error of ``x @ (W + Δ)`` vs ``x @ W``."""
+    return float(np.einsum("kn,kn->", delta, sigma @ delta))
+
+
+def quantease_round(weight: np.ndarray, sigma: np.ndarray, grid: GroupGrid, *, iterations: int = 10,
+                    fixed: np.ndarray | None = None) -> np.ndarray:
+    """Grid levels ``q [K, N]`` minimising ``tr(Δᵀ Σ Δ)`` by cyclic coordinate descent over rows.
+
+    ``fixed``: mask of weights excluded from the objective (kept in float elsewhere); their
+    levels stay at the zero point.
+    """
+    k, n = weight.shape
+    w = np.asarray(weight, dtype=np.float64)
+    s, z = grid.expand(k, n)
+    s = s.astype(np.float64)
+    z = z.astype(np.float64)
+    free = np.ones((k, n), bool) if fixed is None else ~fixed
+    q = np.where(free, grid.levels(w, s, z), z)
+    delta = np.where(free, w - (q - z) * s, 0.0)  # W − Ŵ on the free entries
+    sigma_delta = sigma @ delta
+    diag = np.diag(sigma)
+    block = 128
+    for _ in range(iterations):
+        changed = 0
+        for start in range(0, k, block):
+            stop = min(start + block, k)
+            steps = np.zeros((stop - start, n))
+            for row in range(start, stop):
+                if diag[row] <= 0:
+                    continue
+                target = w[row] + (sigma_delta[row] - diag[row] * delta[row]) / diag[row]
+                q_row = np.where(free[row], grid.levels(target, s[row], z[row]), z[row])
+                new_delta = np.where(free[row], w[row] - (q_row - z[row]) * s[row], 0.0)
+                step = new_delta - delta[row]
+                if np.any(step):
+                    changed += 1
+                    # rows of this block see the change at once, the others after the block
+                    sigma_delta[start:stop] += np.outer(sigma[start:stop, row], step)
+                    steps[row - start] = step
+                    delta[row] = new_delta
+                    q[row] = q_row
+            if np.any(steps):
+                update = sigma[:, start:stop] @ steps
+                update[start:stop] = 0.0
+                sigma_delta += update
+        if not changed:
+            break
+    return q
+
+
+def _rtn_levels(weight: np.ndarray, grid: GroupGrid, fixed: np.ndarray | None = None) -> np.ndarray:
+    k, n = weight.shape
+    s, z = grid.expand(k, n)
+    q = grid.levels(np.asarray(weight, np.float64), s, z)
+    return q if fixed is None else np.where(fixed, z, q)
+
+
+def _dequantize(q: np.ndarray, grid: GroupGrid) -> np.ndarray:
+    s, z = grid.expand(*q.shape)
+    return (q - z.astype(np.float64)) * s
+
+
+def select_outlier_weights(weight: np.ndarray, sigma_diag: np.ndarray, fraction: float) -> np.ndarray:
+    """Mask of the ``fraction`` of weights with the largest ``|W[k, n]| · sqrt(Σ[k, k])``."""
+    if fraction <= 0:
+        return np.zeros(weight.shape, bool)
+    impact = np.abs(weight) * np.sqrt(np.maximum(sigma_diag, 0.0))[:, None]
+    count = int(np.ceil(fraction * weight.size))
+    threshold = np.partition(impact.reshape(-1), weight.size - count)[weight.size - count]
+    return impact >= threshold
+
+
+# -- emission --------------------------------------------------------------------------------
+
+
+def _pack_uint4(levels: np.ndarray) -> np.ndarray:
+    """Pairs of 4-bit levels along the last axis → bytes (first element in the low nibble)."""
+    levels = levels.astype(np.uint8)
+    if levels.shape[-1] % 2:
+        levels = np.concatenate([levels, np.zeros(levels.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (levels[..., 0::2] | (levels[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _matmul_nbits(tape: ir.tape.Tape, x: ir.Value, q: np.ndarray, grid: GroupGrid, label: str) -> ir.Value:
+    """``com.microsoft::MatMulNBits`` (bits=4) for per_oc groups; 3-bit levels fit in it too."""
+    k, n = q.shape
+    g = grid.group_size
+    blocks = -(-k // g)
+    padded = np.zeros((blocks * g, n), np.uint8)
+    padded[:k] = q
+    b = _pack_uint4(padded.T.reshape(n, blocks, g))  # [N, blocks, G/2]
+    scales = np.ascontiguousarray(grid.scale.T.reshape(-1), dtype=np.float32)  # [N * blocks]
+    zeros = _pack_uint4(grid.zero.T).reshape(-1)  # [N * ceil(blocks / 2)]
+    inputs = [
+        x,
+        tape.initializer(ir.tensor(np.ascontiguousarray(b)), name=f"{label}_B"),
+        tape.initializer(ir.tensor(scales), name=f"{label}_scales"),
+        tape.initializer(ir.tensor(np.ascontiguousarray(zeros)), name=f"{label}_zero_points"),
+    ]
+    return tape.op("MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": g}, domain=MS_DOMAIN, version=1)
+
+
+def _blocked_dequant_matmul(tape: ir.tape.Tape, x: ir.Value, q: np.ndarray, grid: GroupGrid, label: str) -> ir.Value:
+    """Standard-op form for per_ic groups: unpack uint4 pairs, ``(q − z) · s`` per group, MatMul."""
+    k, n = q.shape
+    g = grid.group_size
+    groups = grid.scale.shape[1]
+    padded = np.zeros((k, groups * g), np.uint8)
+    padded[:, :n] = q
+    packed = _pack_uint4(padded)  # [K, groups*G/2]
+
+    def const(array, suffix):
+        return tape.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{label}_{suffix}")
+
+    packed_v = const(packed, "packed")
+    four = const(np.array(4, np.uint8), "four")
+    high = tape.op("BitShift", [packed_v, four], {"direction": "RIGHT"})
+    low = tape.op("Sub", [packed_v, tape.op("BitShift", [high, four], {"direction": "LEFT"})])
+    axes = const(np.array([-1], np.int64), "axes")
+    pairs = tape.op("Concat", [tape.op("Unsqueeze", [low, axes]), tape.op("Unsqueeze", [high, axes])], {"axis": -1})
+    levels = tape.op("Cast", [tape.op("Reshape", [pairs, const(np.array([k, groups, g], np.int64), "shape")])],
+                     {"to": int(ir.DataType.FLOAT)})
+    zero = const(grid.zero.astype(np.float32)[:, :, None], "zero")
+    scale = const(grid.scale.astype(np.float32)[:, :, None], "scale")
+    weight = tape.op("Mul", [tape.op("Sub", [levels, zero]), scale])
+    weight = tape.op("Reshape", [weight, const(np.array([k, groups * g], np.int64), "flat_shape")])
+    if groups * g != n:
+        weight = tape.op("Slice", [weight, const(np.array([0], np.int64), "start"),
+                                   const(np.array([n], np.int64), "end"), const(np.array([1], np.int64), "axis")])
+    return tape.op("MatMul", [x, weight])
+
+
+def _emit(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: GroupGrid, side: np.ndarray | None, label: str) -> None:
+    rows = np.flatnonzero(np.any(side != 0, axis=1)) if side is not None else np.zeros(0, np.int64)
+
+    def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
+        if grid.dimension == "per_oc":
+            y = _matmul_nbits(tape, x, q, grid, label)
+        else:
+            y = _blocked_dequant_matmul(tape, x, q, grid, label)
+        if rows.size:
+            gathered = tape.op("Gather", [x, tape.initializer(ir.tensor(rows.astype(np.int64)),
+                                                              name=f"{label}_outlier_rows")], {"axis": -1})
+            dense = np.ascontiguousarray(side[rows].astype(np.float32))
+            y = tape.op("Add", [y, tape.op("MatMul", [gathered, tape.initializer(ir.tensor(dense),
+                                                                                 name=f"{label}_outlier_weight")])])
+        return y
+
+    replace_linear(graph, linear, build, label)
+
+
+# -- the passes ------------------------------------------------------------------------------
+
+
+class _WeightOnlyPass(OutlierPass):
+    needs_stats = True
+    #: Σ = E[xxᵀ] is needed per linear input (the pipeline must pass ``covariance_for``)
+    needs_covariance = True
+
+    def __init__(self, options=None, **kwargs: Any) -> None:
+        super().__init__()
+        self.options = options or self.options_type(**kwargs)
+
+    def covariance_targets(self, model: ir.Model) -> list[str]:
+        """Linear inputs whose covariance Σ this pass reads (for ``collect_statistics(covariance_for=)``)."""
+        return sorted({linear.input.name for linear in analyze_graph(model).linears if linear.input.name})
+
+    def _round(self, weight, sigma, grid, fixed) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _outliers(self, weight, sigma) -> np.ndarray | None:
+        return None
+
+    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        stats = self.require_stats()
+        options = self.options
+        graph = model.graph
+        layers: list[dict[str, Any]] = []
+        skipped: list[dict[str, str]] = []
+        diagonal_only = 0
+        for linear in analyze_graph(model).linears:
+            reason = splittable(linear)
+            if reason is None and _excluded(linear, options.exclude):
+                reason = "excluded by option"
+            if reason is None and linear.input.name not in stats:
+                reason = "no calibration statistics for its input"
+            if reason is None and stats[linear.input.name].channels != linear.in_features:
+                reason = "statistics do not match the weight rows"
+            if reason:
+                skipped.append({"linear": linear.name, "reason": reason})
+                logger.info("%s: skip %s: %s", self.name, linear.name, reason)
+                continue
+            weight = np.asarray(linear.weight_array(), dtype=np.float64)
+            sigma, full = second_moment(stats[linear.input.name], options.damp)
+            diagonal_only += not full
+            fixed = self._outliers(weight, sigma)
+            dims = ("per_oc", "per_ic") if options.dimension == "adaptive" else (options.dimension,)
+            candidates = {}
+            for dim in dims:
+                grid = group_grid(weight, dim, options.group_size, options.bits, row_weight=np.diag(sigma),
+                                  clip_ratios=options.clip_ratios, keep_out=fixed)
+                q = self._round(weight, sigma, grid, fixed)
+                delta = _dequantize(q, grid) - weight
+                if fixed is not None:
+                    delta = np.where(fixed, 0.0, delta)
+                candidates[dim] = (output_error(delta, sigma), q, grid)
+            chosen = min(candidates, key=lambda d: candidates[d][0])
+            error, q, grid = candidates[chosen]
+            side = None
+            if fixed is not None and fixed.any():
+                side = np.where(fixed, weight - _dequantize(q, grid), 0.0)
+            signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
+            _emit(graph, linear, q.astype(np.uint8), grid, side, _label(linear, self.name))
+            entry = {
+                "linear": linear.name,
+                "dimension": chosen,
+                "relative_output_error": error / signal,
+                "errors": {d: c[0] / signal for d, c in candidates.items()},
+            }
+            if side is not None:
+                entry["float_weights"] = int(fixed.sum())
+                entry["float_rows"] = int(np.any(fixed, axis=1).sum())
+            layers.append(entry)
+        if any(l["dimension"] == "per_oc" for l in layers):
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if diagonal_only:
+            logger.warning("%s: %d layers had no input covariance; using diag E[x²] (pipeline did not collect "
+                           "covariance)", self.name, diagonal_only)
+        counts = {d: sum(l["dimension"] == d for l in layers) for d in ("per_oc", "per_ic")}
+        logger.info("%s: %d linears quantized to %d bits (%s), %d skipped", self.name, len(layers), options.bits,
+                    counts, len(skipped))
+        return bool(layers), {
+            "options": dataclasses.asdict(options),
+            "layers": layers,
+            "skipped": skipped,
+            "dimension_counts": counts,
+            "diagonal_covariance_layers": diagonal_only,
+            "storage_bits": 4,
+            "simulated": False,
+        }
+
+
+class AdaDimQuantizePass(_WeightOnlyPass):
+    """AdaDim: per layer, per-output- or per-input-channel groups, whichever errs less."""
+
+    name = "adadim"
+    options_type = AdaDimOptions
+
+    def _round(self, weight, sigma, grid, fixed):
+        if self.options.rounding == "quantease":
+            return quantease_round(weight, sigma, grid, iterations=self.options.iterations, fixed=fixed)
+        return _rtn_levels(weight, grid, fixed)
+
+
+class QuantEaseRoundPass(_WeightOnlyPass):
+    """QuantEase: coordinate-descent rounding against Σ = E[xxᵀ], optional float outliers."""
+
+    name = "quantease"
+    options_type = QuantEaseOptions
+
+    def _round(self, weight, sigma, grid, fixed):
+        return quantease_round(weight, sigma, grid, iterations=self.options.iterations, fixed=fixed)
+
+    def _outliers(self, weight, sigma):
+        if self.options.outlier_fraction <= 0:
+            return None
+        return select_outlier_weights(weight, np.diag(sigma), self.options.outlier_fraction)

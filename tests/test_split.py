@@ -1,0 +1,256 @@
+"""LLM.int8() decomposition and SplitQuant: fp32 equivalence of the float splits, the
+int8 forms in plain onnxruntime, outlier selection, options."""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from outlierquant.calibration.collect import collect_statistics
+from outlierquant.errors import RecipeError
+from outlierquant.passes.canonicalize import CanonicalizePass
+from outlierquant.passes.split import (
+    LlmInt8Options,
+    LlmInt8SplitPass,
+    SplitQuantOptions,
+    SplitQuantPass,
+    select_outlier_channels,
+    split_weight_clusters,
+)
+from outlierquant.recipes import load_recipe, validate_pass_options
+
+import synthetic
+
+RTOL = 1e-4
+
+
+def cache_dir(tmp_path_factory, name: str) -> Path:
+    root = os.environ.get("OUTLIERQUANT_TEST_CACHE")
+    if root:
+        path = Path(root) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp(name)
+
+
+def built(tmp_path_factory, name: str, builder) -> Path:
+    folder = cache_dir(tmp_path_factory, name)
+    if not (folder / "model.onnx").is_file():
+        builder(folder)
+    return folder / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "tiny-llama", synthetic.build_tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "tiny-opt", synthetic.build_tiny_opt)
+
+
+@pytest.fixture(scope="module")
+def planted_llama(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "planted-llama", synthetic.build_planted_llama)
+
+
+@pytest.fixture(scope="module")
+def minilm_feeds(minilm_onnx):
+    from outlierquant.export.data import bundled_sentences, load_tokenizer, model_inputs, read_lines, text_feeds
+
+    tokenizer = load_tokenizer(minilm_onnx.parent)
+    spec = model_inputs(minilm_onnx)
+    calibration = text_feeds(read_lines(bundled_sentences("calibration"))[:24], tokenizer=tokenizer, input_names=spec)
+    heldout = text_feeds(read_lines(bundled_sentences("heldout"))[:12], tokenizer=tokenizer, input_names=spec)
+    return calibration, heldout
+
+
+def load(path: Path) -> ir.Model:
+    model = ir.load(str(path))
+    CanonicalizePass()(model)
+    return model
+
+
+def outputs(model: ir.Model, feeds, options=None) -> list[list[np.ndarray]]:
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [session.run(names, feed) for feed in feeds]
+
+
+def max_relative_error(before, after) -> float:
+    worst = 0.0
+    for sample_before, sample_after in zip(before, after):
+        for a, b in zip(sample_before, sample_after):
+            worst = max(worst, float(np.abs(a - b).max()) / (float(np.abs(a).max()) or 1.0))
+    return worst
+
+
+def cosine(before, after) -> float:
+    a = np.concatenate([s[0].reshape(-1) for s in before])
+    b = np.concatenate([s[0].reshape(-1) for s in after])
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def rewrite(path: Path, calibration, pass_):
+    model = load(path)
+    ops_before = collections.Counter(node.op_type for node in model.graph)
+    if pass_.needs_stats:
+        pass_.with_stats(collect_statistics(model, calibration, progress=False))
+    result = pass_(model)
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    ops_after = collections.Counter(node.op_type for node in model.graph)
+    return model, result, ops_before, ops_after
+
+
+# -- unit math -----------------------------------------------------------------------------------
+
+
+def test_outlier_selection_threshold_top_k_and_cap():
+    absmax = np.array([1.0, 7.0, 2.0, 60.0, 6.0, 0.5, 3.0, 9.0])
+    value_range = absmax * 2
+    assert select_outlier_channels(absmax, value_range, LlmInt8Options()).tolist() == [1, 3, 4, 7]
+    assert select_outlier_channels(absmax, value_range, LlmInt8Options(threshold=8.0)).tolist() == [3, 7]
+    top = LlmInt8Options(criterion="top_k", top_k=2)
+    assert select_outlier_channels(absmax, value_range, top).tolist() == [3, 7]
+    capped = LlmInt8Options(max_share=0.25)  # at most 2 of 8 channels, the largest
+    assert select_outlier_channels(absmax, value_range, capped).tolist() == [3, 7]
+
+
+def test_splitquant_clusters_partition_the_weight():
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(64, 48)).astype(np.float32)
+    weight[3, 5] = 40.0
+    for options in (SplitQuantOptions(), SplitQuantOptions(method="quantile")):
+        parts, (lower, upper) = split_weight_clusters(weight, options)
+        assert lower < upper
+        np.testing.assert_array_equal(parts[0] + parts[1] + parts[2], weight)
+        nonzero = [p != 0 for p in parts]
+        assert not np.any(nonzero[0] & nonzero[1]) and not np.any(nonzero[1] & nonzero[2])
+        assert np.abs(parts[1]).max() < 0.5 * np.abs(weight).max()  # the middle cluster gets a finer grid
+
+
+def test_options_are_validated_with_the_field_name():
+    with pytest.raises(ValueError, match="kernels"):
+        LlmInt8Options(kernels="sometimes")
+    with pytest.raises(ValueError, match="top_k"):
+        LlmInt8Options(criterion="top_k")
+    with pytest.raises(ValueError, match="max_share"):
+        LlmInt8Options(max_share=1.5)
+    with pytest.raises(ValueError, match="method"):
+        SplitQuantOptions(method="gmm")
+    with pytest.raises(RecipeError, match="threshhold"):
+        validate_pass_options("llm_int8", {"threshhold": 6.0})
+    assert load_recipe("llm-int8").passes[1].name == "llm_int8"
+    assert load_recipe("splitquant-w8a8").passes[1].name == "splitquant"
+
+
+# -- LLM.int8(): the float split is exact ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "planted_llama", "tiny_opt"])
+def test_float_split_is_equivalent_on_synthetic_decoders(request, fixture):
+    path = request.getfixturevalue(fixture)
+    calibration = synthetic.random_feeds(path, 6, seed=1)
+    evaluation = synthetic.random_feeds(path, 3, seed=2)
+    reference = outputs(load(path), evaluation)
+    # a low threshold so that every layer has float channels to split off
+    model, result, before, after = rewrite(path, calibration, LlmInt8SplitPass(quantize=False, threshold=1.0))
+    record = result.record
+    assert result.modified and record["form"] == "float"
+    assert max_relative_error(reference, outputs(model, evaluation)) <= RTOL
+    split_layers = sum(1 for layer in record["layers"] if layer["float_channels"])
+    assert split_layers > 0 and after["Gather"] - before["Gather"] == split_layers
+    assert after.get("Gemm", 0) == 0  # Gemm layers (tiny OPT) rewritten as MatMul + bias
+
+
+def test_planted_channels_are_the_float_channels(planted_llama):
+    calibration = synthetic.random_feeds(planted_llama, 6, seed=1)
+    _, result, _, _ = rewrite(planted_llama, calibration, LlmInt8SplitPass(quantize=False, criterion="top_k", top_k=2))
+    first_layer = result.record["layers"][:3]  # q, k, v of layer 0 read the planted norm output
+    assert all(layer["channels"] == [3, 17] for layer in first_layer)
+
+
+def test_minilm_float_split_is_equivalent(minilm_onnx, minilm_feeds):
+    calibration, heldout = minilm_feeds
+    random = synthetic.random_feeds(minilm_onnx, 2, seed=3)
+    base = load(minilm_onnx)
+    references = [outputs(base, heldout), outputs(base, random)]
+    model, result, _, _ = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(quantize=False))
+    assert 0 < result.record["float_channel_share"] <= 0.01
+    for feeds, reference in zip((heldout, random), references):
+        assert max_relative_error(reference, outputs(model, feeds)) <= RTOL
+
+
+# -- LLM.int8(): the quantized forms ---------------------------------------------------------------
+
+
+def test_minilm_integer_form_runs_in_plain_onnxruntime(minilm_onnx, minilm_feeds):
+    calibration, heldout = minilm_feeds
+    reference = outputs(load(minilm_onnx), heldout)
+    model, result, _, after = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="never"))
+    assert result.record["form"] == "integer"
+    assert all(node.domain in ("", "ai.onnx") for node in model.graph)
+    assert after["MatMulInteger"] == len(result.record["layers"]) == 36
+    quantized = outputs(model, heldout)  # plain session: nothing registered
+    assert cosine(reference, quantized) > 0.999
+    # without float channels the same int8 path is visibly worse
+    model, _, _, _ = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="never", threshold=1e9))
+    assert cosine(reference, outputs(model, heldout)) < cosine(reference, quantized)
+
+
+def test_qdq_form_declares_per_token_activations(tiny_llama):
+    calibration = synthetic.random_feeds(tiny_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(tiny_llama, 2, seed=2)
+    reference = outputs(load(tiny_llama), evaluation)
+    model, result, before, after = rewrite(tiny_llama, calibration,
+                                           LlmInt8SplitPass(kernels="never", standard_form="qdq", threshold=1.0))
+    assert result.record["simulated"]
+    assert after["DequantizeLinear"] == len(result.record["layers"])  # one int8 weight per layer
+    assert after["Round"] == len(result.record["layers"])  # one per-token activation rounding per layer
+    assert cosine(reference, outputs(model, evaluation)) > 0.99
+
+
+def test_kernel_form_matches_the_standard_form(tiny_llama):
+    from outlierquant import custom_ops
+
+    if not custom_ops.available():
+        pytest.skip(custom_ops.unavailable_reason())
+    calibration = synthetic.random_feeds(tiny_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(tiny_llama, 2, seed=2)
+    standard, _, _, _ = rewrite(tiny_llama, calibration, LlmInt8SplitPass(kernels="never", threshold=1.0))
+    kernel, result, _, after = rewrite(tiny_llama, calibration, LlmInt8SplitPass(kernels="auto", threshold=1.0))
+    assert result.record["form"] == "kernel" and after["MixedInt8MatMul"] == len(result.record["layers"])
+    got = outputs(kernel, evaluation, custom_ops.session_options())
+    assert max_relative_error(outputs(standard, evaluation), got) <= 1e-4
+
+
+# -- SplitQuant ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_opt"])
+def test_splitquant_float_split_is_equivalent(request, fixture):
+    path = request.getfixturevalue(fixture)
+    evaluation = synthetic.random_feeds(path, 3, seed=2)
+    reference = outputs(load(path), evaluation)
+    model, result, before, after = rewrite(path, None, SplitQuantPass())
+    layers = len(result.record["layers"])
+    assert layers > 0
+    assert after["MatMul"] - before.get("MatMul", 0) - before.get("Gemm", 0) == 2 * layers
+    assert max_relative_error(reference, outputs(model, evaluation)) <= RTOL
+
+
+def test_minilm_splitquant_equivalent_and_quantizes(minilm_onnx, minilm_feeds):
+    calibration, heldout = minilm_feeds
+    reference = outputs(load(minilm_onnx), heldout)
+    model, result, _, _ = rewrite(minilm_onnx, None, SplitQuantPass())
+    assert len(result.record["layers"]) == 36
+    assert max_relative_error(reference, outputs(model, heldout)) <= RTOL

@@ -1,0 +1,194 @@
+"""AdaDim group layouts and QuantEase rounding: the error model, the int4 emissions
+against numpy, the layout choice on an outlier channel, the float outlier side path."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from outlierquant.calibration.collect import collect_statistics, quantizable_targets
+from outlierquant.calibration.stats import ActivationStats, ChannelStats
+from outlierquant.errors import RecipeError
+from outlierquant.passes.canonicalize import CanonicalizePass
+from outlierquant.passes.weight_rounding import (
+    AdaDimOptions,
+    AdaDimQuantizePass,
+    QuantEaseOptions,
+    QuantEaseRoundPass,
+    _dequantize,
+    _rtn_levels,
+    group_grid,
+    output_error,
+    quantease_round,
+    second_moment,
+)
+from outlierquant.recipes import load_recipe, validate_pass_options
+
+import synthetic
+
+K, N = 96, 64
+
+
+def activations(rng, rows=2048, outlier=None, scale=60.0):
+    mixing = rng.normal(size=(K, K)) / np.sqrt(K)
+    x = rng.normal(size=(rows, K)) @ (np.eye(K) + 0.8 * mixing)  # correlated channels
+    if outlier is not None:
+        x[:, outlier] *= scale
+    return x.astype(np.float32)
+
+
+def stats_of(x: np.ndarray, name="x") -> ActivationStats:
+    st = ChannelStats.empty(x.shape[1], -1, covariance=True)
+    st.update(x)
+    return ActivationStats({name: st})
+
+
+def one_linear_model(weight: np.ndarray) -> ir.Model:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")],
+        "one_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weight.shape[1]])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return ir.serde.deserialize_model(proto)
+
+
+def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+# -- math ------------------------------------------------------------------------------------
+
+
+def test_output_error_is_the_mean_squared_output_error():
+    rng = np.random.default_rng(0)
+    x = activations(rng).astype(np.float64)
+    delta = rng.normal(size=(K, N)) * 0.01
+    sigma = x.T @ x / x.shape[0]
+    assert output_error(delta, sigma) == pytest.approx(float(((x @ delta) ** 2).sum(axis=1).mean()), rel=1e-9)
+
+
+@pytest.mark.parametrize("dimension", ["per_oc", "per_ic"])
+def test_quantease_beats_round_to_nearest(dimension):
+    rng = np.random.default_rng(1)
+    x = activations(rng)
+    weight = rng.normal(size=(K, N))
+    sigma, full = second_moment(stats_of(x)["x"])
+    assert full
+    grid = group_grid(weight, dimension, 32, 4)
+    rtn = output_error(_dequantize(_rtn_levels(weight, grid), grid) - weight, sigma)
+    q = quantease_round(weight, sigma, grid, iterations=10)
+    assert q.min() >= 0 and q.max() <= 15 and np.array_equal(q, np.rint(q))  # on the grid
+    assert output_error(_dequantize(q, grid) - weight, sigma) < 0.7 * rtn
+
+
+def test_clip_search_never_worsens_the_weighted_error():
+    rng = np.random.default_rng(2)
+    weight = rng.standard_t(3, size=(K, N))
+    row_weight = rng.uniform(0.1, 10, size=K)
+    sigma = np.diag(row_weight)
+    errors = []
+    for ratios in ((1.0,), (1.0, 0.9, 0.8, 0.7)):
+        grid = group_grid(weight, "per_oc", 32, 4, row_weight=row_weight, clip_ratios=ratios)
+        errors.append(output_error(_dequantize(_rtn_levels(weight, grid), grid) - weight, sigma))
+    assert errors[1] <= errors[0]
+
+
+# -- emission and layout choice ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dimension,op", [("per_oc", "MatMulNBits"), ("per_ic", "BitShift")])
+def test_int4_emission_matches_numpy(dimension, op):
+    rng = np.random.default_rng(3)
+    x = activations(rng, rows=512)
+    weight = rng.normal(size=(K, N)).astype(np.float32)
+    model = one_linear_model(weight)
+    result = AdaDimQuantizePass(dimension=dimension, clip_ratios=(1.0,)).with_stats(stats_of(x))(model)
+    assert result.record["layers"][0]["dimension"] == dimension
+    ops = collections.Counter(node.op_type for node in model.graph)
+    assert ops[op] >= 1 and "MatMul" not in ops or dimension == "per_ic"
+    grid = group_grid(weight.astype(np.float64), dimension, 32, 4)
+    expected = x[:8] @ _dequantize(_rtn_levels(weight.astype(np.float64), grid), grid)
+    np.testing.assert_allclose(run(model, x[:8]), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_adadim_picks_the_layout_that_isolates_the_outliers():
+    rng = np.random.default_rng(4)
+    # an activation-outlier channel whose weight row is small (as after a norm): only
+    # per-input-channel groups give that row its own fine grid
+    weight = rng.normal(size=(K, N)).astype(np.float32)
+    weight[5] *= 0.05
+    x = activations(rng, outlier=[5], scale=80.0)
+    result = AdaDimQuantizePass().with_stats(stats_of(x))(one_linear_model(weight))
+    layer = result.record["layers"][0]
+    assert layer["dimension"] == "per_ic" and layer["errors"]["per_ic"] < layer["errors"]["per_oc"]
+    # a weight-outlier output column and ordinary activations: per-output-channel groups
+    weight = rng.normal(size=(K, N)).astype(np.float32)
+    weight[:, 10] *= 8.0
+    result = AdaDimQuantizePass().with_stats(stats_of(activations(rng)))(one_linear_model(weight))
+    assert result.record["layers"][0]["dimension"] == "per_oc"
+
+
+def test_outlier_side_path_reduces_the_error():
+    rng = np.random.default_rng(5)
+    x = activations(rng, outlier=[7, 40], scale=30.0)
+    weight = rng.standard_t(2.5, size=(K, N)).astype(np.float32)
+    stats = stats_of(x)
+    errors = {}
+    for fraction in (0.0, 0.01):
+        model = one_linear_model(weight)
+        result = QuantEaseRoundPass(bits=3, outlier_fraction=fraction).with_stats(stats)(model)
+        y = run(model, x[:256])
+        errors[fraction] = float(((y - x[:256] @ weight) ** 2).mean())
+        if fraction:
+            layer = result.record["layers"][0]
+            assert layer["float_weights"] == int(np.ceil(0.01 * K * N))
+            assert collections.Counter(n.op_type for n in model.graph)["Gather"] == 1
+    assert errors[0.01] < 0.8 * errors[0.0]
+
+
+def test_tiny_llama_quantizes_and_runs(tmp_path):
+    path = synthetic.build_tiny_llama(tmp_path / "tiny")
+    calibration = synthetic.random_feeds(path, 4, seed=1)
+    evaluation = synthetic.random_feeds(path, 2, seed=2)
+    model = ir.load(str(path))
+    CanonicalizePass()(model)
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pass_ = AdaDimQuantizePass(rounding="quantease", iterations=3)
+    stats = collect_statistics(model, calibration, tensors=quantizable_targets(model, outputs=False),
+                               covariance_for=pass_.covariance_targets(model), progress=False)
+    result = pass_.with_stats(stats)(model)
+    assert result.record["diagonal_covariance_layers"] == 0
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in evaluation:
+        a = reference.run(None, feed)[0].reshape(-1)
+        b = session.run(None, feed)[0].reshape(-1)
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.95  # random weights, 4 bits
+
+
+def test_options_and_recipes():
+    with pytest.raises(ValueError, match="bits"):
+        AdaDimOptions(bits=2)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantEaseOptions(group_size=24)
+    with pytest.raises(ValueError, match="outlier_fraction"):
+        QuantEaseOptions(outlier_fraction=0.5)
+    with pytest.raises(RecipeError, match="rounding"):
+        validate_pass_options("adadim", {"rounding": "gptq"})
+    for name, pass_name in (("adadim-w4a16", "adadim"), ("quantease-w4a16", "quantease"),
+                            ("quantease-w3a16", "quantease")):
+        assert load_recipe(name).passes[1].name == pass_name
