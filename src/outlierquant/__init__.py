@@ -17,4 +17,12 @@ from outlierquant.errors import OutlierQuantError
 
 __version__ = "0.1.0"
 
-__all__ = ["OutlierQuantError", "__version__"]
+__all__ = ["OutlierQuantError", "OutlierQuantizer", "make_recipe", "__version__"]
+
+
+def __getattr__(name):  # lazy: the API pulls in onnxruntime and friends
+    if name in ("OutlierQuantizer", "make_recipe"):
+        from outlierquant.plugin import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

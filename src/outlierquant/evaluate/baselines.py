@@ -54,6 +54,11 @@ def ort_quantize(
             return self._items[self._pos - 1]
 
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    # onnxruntime's quantizer logs "consider pre-processing" through the root logger on
+    # every call; it is advice for its own users, not a problem with this run
+    root = logging.getLogger()
+    root_level = root.level
+    root.setLevel(logging.ERROR)
     try:
         tmp = tmpdir / output_path.name
         if preset == "ort-dynamic":
@@ -76,5 +81,6 @@ def ort_quantize(
                 os.replace(item, output_path.parent / item.name)
         os.replace(tmp, output_path)
     finally:
+        root.setLevel(root_level)
         shutil.rmtree(tmpdir, ignore_errors=True)
     return output_path

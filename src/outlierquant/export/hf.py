@@ -9,11 +9,13 @@ output and moved into place, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from outlierquant.errors import InputError
@@ -82,7 +84,8 @@ def export_model(
             kwargs = {"task": task or "auto", "do_validation": False}
             if opset is not None:
                 kwargs["opset"] = opset
-            main_export(str(model), output=staging, **kwargs)
+            with _quiet_tracing():
+                main_export(str(model), output=staging, **kwargs)
         produced = staging / "model.onnx"
         if not produced.is_file():
             raise InputError(f"{model}: optimum-onnx produced no model.onnx (did the task need several files?)")
@@ -129,6 +132,22 @@ def infer_task(folder: Path) -> str:
     return "feature-extraction"
 
 
+@contextlib.contextmanager
+def _quiet_tracing():
+    """Hide the tracer's warnings about Python control flow in transformers' code.
+
+    They are about the library's modelling code, not the user's model, and optimum's
+    export of these architectures is known to be correct; a user cannot act on them.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+        yield
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
@@ -149,6 +168,7 @@ def _export_gguf(path: Path, output: Path, *, task: str, opset: int | None) -> N
     kwargs = {"task": task, "do_validation": False}
     if opset is not None:
         kwargs["opset"] = opset
-    onnx_export_from_model(hf_model, output=output, **kwargs)
+    with _quiet_tracing():
+        onnx_export_from_model(hf_model, output=output, **kwargs)
     tokenizer.save_pretrained(output)
     hf_model.config.save_pretrained(output)
