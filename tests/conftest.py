@@ -44,3 +44,53 @@ def smollm2_onnx(tmp_path_factory) -> Path:
     if not (out / "model.onnx").is_file():
         export_model(smollm2_gguf(), out)
     return out / "model.onnx"
+
+
+def _built(tmp_path_factory, name: str, builder) -> Path:
+    folder = _cache_dir(tmp_path_factory, name)
+    if not (folder / "model.onnx").is_file():
+        builder(folder)
+    return folder / "model.onnx"
+
+
+# Tiny models built from configs with random weights (synthetic; see tests/synthetic.py).
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    import synthetic
+
+    return _built(tmp_path_factory, "tiny-llama", synthetic.build_tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> Path:
+    import synthetic
+
+    return _built(tmp_path_factory, "tiny-opt", synthetic.build_tiny_opt)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    import synthetic
+
+    return _built(tmp_path_factory, "tiny-bert", synthetic.build_tiny_bert)
+
+
+@pytest.fixture(scope="session")
+def planted_llama(tmp_path_factory) -> Path:
+    import synthetic
+
+    return _built(tmp_path_factory, "planted-llama", synthetic.build_planted_llama)
+
+
+@pytest.fixture(scope="session")
+def minilm_feeds(minilm_onnx):
+    """(24 calibration, 12 held-out) unpadded MiniLM feeds from the bundled sentences."""
+    from outlierquant.export.data import bundled_sentences, load_tokenizer, model_inputs, read_lines, text_feeds
+
+    tokenizer = load_tokenizer(minilm_onnx.parent)
+    spec = model_inputs(minilm_onnx)
+    calibration = text_feeds(read_lines(bundled_sentences("calibration"))[:24], tokenizer=tokenizer, input_names=spec)
+    heldout = text_feeds(read_lines(bundled_sentences("heldout"))[:12], tokenizer=tokenizer, input_names=spec)
+    return calibration, heldout

@@ -9,7 +9,6 @@ it proves the analysis (incl. the GQA channel map) is right.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -26,22 +25,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def _cache_dir(tmp_path_factory, name: str) -> Path:
-    root = os.environ.get("OUTLIERQUANT_TEST_CACHE")
-    if root:
-        path = Path(root) / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return tmp_path_factory.mktemp(name)
-
-
-def _built(tmp_path_factory, name: str, builder) -> Path:
-    folder = _cache_dir(tmp_path_factory, name)
-    if not (folder / "model.onnx").is_file():
-        builder(folder)
-    return folder / "model.onnx"
 
 
 def run_model(model_or_path, feeds: list[dict[str, np.ndarray]], tmp_path: Path) -> list[list[np.ndarray]]:
@@ -126,26 +109,6 @@ def groups_by_relation(analysis: GraphAnalysis, relation: str):
 
 
 # -- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    return _built(tmp_path_factory, "tiny-llama", synthetic.build_tiny_llama)
-
-
-@pytest.fixture(scope="module")
-def tiny_opt(tmp_path_factory) -> Path:
-    return _built(tmp_path_factory, "tiny-opt", synthetic.build_tiny_opt)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    return _built(tmp_path_factory, "tiny-bert", synthetic.build_tiny_bert)
-
-
-@pytest.fixture(scope="module")
-def planted_llama(tmp_path_factory) -> Path:
-    return _built(tmp_path_factory, "planted-llama", synthetic.build_planted_llama)
 
 
 # -- hand-written graphs -----------------------------------------------------------------

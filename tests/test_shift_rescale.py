@@ -14,15 +14,8 @@ from outlierquant.passes.rescale import QuantizeOutlierTunePass, ReparameterizeS
 from outlierquant.passes.shift import ShiftScaleOutliersPass, shifted_stats
 
 import synthetic
-from test_smooth import (  # noqa: F401  (fixtures)
-    load,
-    minilm_feeds,
-    outputs,
-    planted_llama,
-    rewrite_and_compare,
-    tiny_llama,
-    tiny_opt,
-)
+from helpers import load_canonical as load, run_outputs as outputs
+from test_smooth import rewrite_and_compare
 
 
 def test_shifted_stats_are_exact():

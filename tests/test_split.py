@@ -4,18 +4,15 @@ int8 forms in plain onnxruntime, outlier selection, options."""
 from __future__ import annotations
 
 import collections
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from outlierquant.calibration.collect import collect_statistics
 from outlierquant.errors import RecipeError
-from outlierquant.passes.canonicalize import CanonicalizePass
 from outlierquant.passes.split import (
     LlmInt8Options,
     LlmInt8SplitPass,
@@ -26,72 +23,10 @@ from outlierquant.passes.split import (
 )
 from outlierquant.recipes import load_recipe, validate_pass_options
 
+from helpers import load_canonical as load, max_relative_error, run_outputs as outputs
 import synthetic
 
 RTOL = 1e-4
-
-
-def cache_dir(tmp_path_factory, name: str) -> Path:
-    root = os.environ.get("OUTLIERQUANT_TEST_CACHE")
-    if root:
-        path = Path(root) / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return tmp_path_factory.mktemp(name)
-
-
-def built(tmp_path_factory, name: str, builder) -> Path:
-    folder = cache_dir(tmp_path_factory, name)
-    if not (folder / "model.onnx").is_file():
-        builder(folder)
-    return folder / "model.onnx"
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    return built(tmp_path_factory, "tiny-llama", synthetic.build_tiny_llama)
-
-
-@pytest.fixture(scope="module")
-def tiny_opt(tmp_path_factory) -> Path:
-    return built(tmp_path_factory, "tiny-opt", synthetic.build_tiny_opt)
-
-
-@pytest.fixture(scope="module")
-def planted_llama(tmp_path_factory) -> Path:
-    return built(tmp_path_factory, "planted-llama", synthetic.build_planted_llama)
-
-
-@pytest.fixture(scope="module")
-def minilm_feeds(minilm_onnx):
-    from outlierquant.export.data import bundled_sentences, load_tokenizer, model_inputs, read_lines, text_feeds
-
-    tokenizer = load_tokenizer(minilm_onnx.parent)
-    spec = model_inputs(minilm_onnx)
-    calibration = text_feeds(read_lines(bundled_sentences("calibration"))[:24], tokenizer=tokenizer, input_names=spec)
-    heldout = text_feeds(read_lines(bundled_sentences("heldout"))[:12], tokenizer=tokenizer, input_names=spec)
-    return calibration, heldout
-
-
-def load(path: Path) -> ir.Model:
-    model = ir.load(str(path))
-    CanonicalizePass()(model)
-    return model
-
-
-def outputs(model: ir.Model, feeds, options=None) -> list[list[np.ndarray]]:
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return [session.run(names, feed) for feed in feeds]
-
-
-def max_relative_error(before, after) -> float:
-    worst = 0.0
-    for sample_before, sample_after in zip(before, after):
-        for a, b in zip(sample_before, sample_after):
-            worst = max(worst, float(np.abs(a - b).max()) / (float(np.abs(a).max()) or 1.0))
-    return worst
 
 
 def cosine(before, after) -> float:

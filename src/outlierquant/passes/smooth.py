@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir

@@ -62,7 +62,6 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.calibration.stats import ActivationStats
 from outlierquant.passes.analysis import Linear, analyze_graph
 from outlierquant.passes.base import OutlierPass, constant_array
 
