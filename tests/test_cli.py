@@ -194,3 +194,19 @@ def test_console_script_reports_errors_in_a_real_process(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "a.onnx: no such file" in done.stderr
     done = subprocess.run(command + ["--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "quantize" in done.stdout
+
+
+@pytest.mark.slow
+def test_demo_prints_the_comparison_table(capsys, tmp_path, minilm_onnx):
+    # reuse the session's export (the demo re-exports only when its folder is empty)
+    shutil.copytree(minilm_onnx.parent, tmp_path / "fp32")
+    code, out, err = run_cli(capsys, "-q", "demo", "--workdir", tmp_path)
+    assert code == 0, err
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("|")}
+    for label in ("fp32 (reference)", "onnxruntime static (its defaults)", "outlierquant w8a8", "outlierquant default"):
+        assert label in rows, (label, out)
+    mean_cosine = {label: float(line.split("|")[2]) for label, line in rows.items() if label != "model" and "---" not in label}
+    # the known baseline: onnxruntime's defaults collapse, plain w8a8 does not, the default recipe is best
+    assert mean_cosine["onnxruntime static (its defaults)"] < 0.9
+    assert 0.98 < mean_cosine["outlierquant w8a8"] < mean_cosine["outlierquant default"]
+    assert (tmp_path / "outlierquant-default.report.json").is_file()
