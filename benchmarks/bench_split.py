@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-OURS = ("w8a8", "llm-int8", "splitquant-w8a8", "adadim-w4a16", "quantease-w4a16", "quantease-w3a16")
+OURS = ("w8a8", "llm-int8", "splitquant-w8a8", "adadim-w4a16", "quantease-w4a16", "quantease-w3a16", "qllm-w4a8")
 BASELINES = ("ort-static-matmul", "ort-dynamic", "ort-int4-rtn")
 
 
@@ -108,6 +108,8 @@ def main() -> None:
         for record in records:
             if "float_channel_share" in record:
                 label += f" [{record['form']}, {100 * record['float_channel_share']:.2f}% ch float]"
+            if "added_share" in record:
+                label += f" [+{100 * record['added_share']:.1f}% ch, {record['merged_pairs']} merged]"
             if "dimension_counts" in record:
                 counts = record["dimension_counts"]
                 label += f" [per-OC {counts['per_oc']} / per-IC {counts['per_ic']}]"

@@ -91,9 +91,14 @@ class WeightOnlyOptions:
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
     exclude: tuple[str, ...] = ()
     damp: float = 0.01
+    #: None: float activations (weight-only). 8: each quantized linear's input is
+    #: fake-quantized to int8 symmetric per token (SIMULATED; for W4A8 accuracy studies)
+    activation_bits: int | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
+        if self.activation_bits not in (None, 4, 8):
+            raise ValueError(f"activation_bits={self.activation_bits!r}: allowed null, 4, 8")
         if self.bits not in (3, 4):
             raise ValueError(f"bits={self.bits}: allowed 3, 4")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
@@ -415,6 +420,7 @@ class _WeightOnlyPass(OutlierPass):
         layers: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
         diagonal_only = 0
+        fake_inputs: dict[str, ir.Value] = {}
         for linear in analyze_graph(model).linears:
             reason = splittable(linear)
             if reason is None and _excluded(linear, options.exclude):
@@ -447,6 +453,8 @@ class _WeightOnlyPass(OutlierPass):
             if fixed is not None and fixed.any():
                 side = np.where(fixed, weight - _dequantize(q, grid), 0.0)
             signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
+            if options.activation_bits is not None:
+                self._fake_quantize_input(model, linear, fake_inputs)
             _emit(graph, linear, q.astype(np.uint8), grid, side, _label(linear, self.name))
             entry = {
                 "linear": linear.name,
@@ -473,8 +481,21 @@ class _WeightOnlyPass(OutlierPass):
             "dimension_counts": counts,
             "diagonal_covariance_layers": diagonal_only,
             "storage_bits": 4,
-            "simulated": False,
+            "activation_bits": options.activation_bits,
+            "fake_quantized_activations": len(fake_inputs),
+            "simulated": options.activation_bits is not None,
         }
+
+    def _fake_quantize_input(self, model: ir.Model, linear: Linear, shared: dict[str, ir.Value]) -> None:
+        """Per-token symmetric fake quantization of the linear's input (simulated), shared per tensor."""
+        from outlierquant.passes.rotate import SimulateQuantizationPass
+
+        source = linear.node.inputs[0]
+        if source.name not in shared:
+            simulator = SimulateQuantizationPass(activation_bits=self.options.activation_bits,
+                                                 activations="per_token")
+            shared[source.name] = simulator._activation(model, source, linear.node)
+        linear.node.replace_input_with(0, shared[source.name])
 
 
 class AdaDimQuantizePass(_WeightOnlyPass):

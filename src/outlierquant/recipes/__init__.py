@@ -40,6 +40,7 @@ PASS_CATALOG: dict[str, str] = {
     "simulate-quant": "outlierquant.passes.rotate:SimulateQuantizationPass",
     "llm_int8": "outlierquant.passes.split:LlmInt8SplitPass",
     "splitquant": "outlierquant.passes.split:SplitQuantPass",
+    "qllm_disassemble": "outlierquant.passes.disassemble:DisassembleChannelsPass",
     "adadim": "outlierquant.passes.weight_rounding:AdaDimQuantizePass",
     "quantease": "outlierquant.passes.weight_rounding:QuantEaseRoundPass",
     "weight_only": "outlierquant.passes.weight_only:QuantizeWeightOnlyPass",
