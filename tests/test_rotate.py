@@ -329,3 +329,23 @@ def test_smollm2_rotations_are_equivalent(smollm2_onnx):
     assert residual.record["stream"]["width"] == 576 and residual.record["stream"]["norms"] == 61
     assert len(heads.record["rotated"]) == 30 and online.record["inserted_ops"] == 30
     assert relative_error(reference, outputs(model, feeds)) <= RTOL
+
+
+def test_simulated_quantization_after_quarot_spares_lm_head_embedding_and_online_rotations(tiny_llama):
+    """Guards the W4A8 diagnosis (issue 5): after R1/R2/R4 the fake quantizer touches exactly
+    the 14 decoder linears — not the (rotated, untied) lm_head, not the rotated embedding
+    table read by Gather, and not the constant left operands of the online Hadamard."""
+    model = load(tiny_llama)
+    apply(model, *_quarot())
+    online = {node.inputs[0].name: node.inputs[0].const_value.numpy().copy()
+              for node in online_rotation_nodes(model) if node.op_type == "MatMul"}
+    gathers = {node.inputs[0].name: node.inputs[0].const_value.numpy().copy()
+               for node in model.graph if node.op_type == "Gather" and node.inputs[0].const_value is not None}
+    lm_head = next(l for l in analyze_graph(model).linears if l.output.is_graph_output())
+    head_weight = lm_head.weight_array().copy()
+    record = SimulateQuantizationPass(weight_bits=4, weight_group_size=32, activation_bits=8)(model).record
+    assert record["fake_quantized_weights"] == 14 and record["float_layers"] == [lm_head.name]
+    values = {v.name: v for v in model.graph.initializers.values()}
+    for name, array in {**online, **gathers}.items():
+        np.testing.assert_array_equal(values[name].const_value.numpy(), array)
+    np.testing.assert_array_equal(lm_head.weight_array(), head_weight)
