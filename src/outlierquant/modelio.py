@@ -51,6 +51,16 @@ def check_opset(model: ir.Model, source: str | os.PathLike = "model") -> int:
     return opset
 
 
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or ``path/model.onnx`` for an export folder; InputError if missing."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    return path
+
+
 def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     """Load an ONNX model into onnx-ir with a one-line error for every bad-input case."""
     path = Path(path)

@@ -36,7 +36,7 @@ import numpy as np
 
 from outlierquant.errors import InputError
 from outlierquant.evaluate import metrics
-from outlierquant.modelio import atomic_write_text, model_file_bytes
+from outlierquant.modelio import atomic_write_text, model_file_bytes, resolve_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def validate(
         raise InputError(f"unknown task {task!r} (allowed: {', '.join(TASKS)})")
     if latency_batch < 1 or latency_runs < 0:
         raise InputError("latency_batch must be >= 1 and latency_runs >= 0")
-    reference_path, candidate_path = _model_path(reference), _model_path(candidate)
+    reference_path, candidate_path = resolve_model_file(reference), resolve_model_file(candidate)
     ref_inputs, ref_outputs = _signature(reference_path)
     cand_inputs, cand_outputs = _signature(candidate_path)
     if ref_inputs != cand_inputs:
@@ -371,15 +371,6 @@ def _primary_output(task: str, outputs: Sequence[str]) -> str:
             if name in outputs:
                 return name
     return outputs[0]
-
-
-def _model_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.onnx"
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    return path
 
 
 def _signature(path: Path) -> tuple[list[str], list[str]]:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from outlierquant.errors import InputError
+from outlierquant.modelio import resolve_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -139,15 +140,6 @@ def read_lines(path: str | os.PathLike) -> list[str]:
 # --------------------------------------------------------------------------- model side
 
 
-def _model_file(model_path: str | os.PathLike) -> Path:
-    path = Path(model_path)
-    if path.is_dir():
-        path = path / "model.onnx"
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    return path
-
-
 def find_tokenizer_dir(model_path: str | os.PathLike) -> Path | None:
     """The folder holding ``model_path`` (or the folder itself) if it has tokenizer files."""
     path = Path(model_path)
@@ -178,7 +170,7 @@ def model_inputs(model_path: str | os.PathLike) -> dict[str, tuple[np.dtype, int
     """
     import onnx
 
-    path = _model_file(model_path)
+    path = resolve_model_file(model_path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
