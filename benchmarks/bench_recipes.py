@@ -18,8 +18,20 @@ import tempfile
 import time
 from pathlib import Path
 
-OURS = ("w8a8", "smoothquant-w8a8", "os+-w8a8", "outliertune-w8a8", "default")
-BASELINES = ("ort-static-default", "ort-static-matmul", "ort-dynamic")
+OURS = ("w8a8", "smoothquant-w8a8", "os+-w8a8", "outliertune-w8a8", "default", "rtn-w4a16", "smoothquant+-w4a16")
+BASELINES = ("ort-static-default", "ort-static-matmul", "ort-dynamic", "ort-matmulnbits")
+
+
+def ort_matmul_nbits(model: Path, output: Path, block_size: int = 32) -> Path:
+    """onnxruntime's own weight-only int4 quantizer (MatMulNBitsQuantizer, RTN, asymmetric)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model)),
+                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(output), False)
+    return output
 
 
 def main() -> None:
@@ -54,7 +66,11 @@ def main() -> None:
     candidates: list[tuple[str, Path, float]] = []
     for preset in args.baselines:
         started = time.perf_counter()
-        path = ort_quantize(preset, model, out / f"{preset}.onnx", calibration)
+        if preset == "ort-matmulnbits":
+            path = ort_matmul_nbits(model, out / f"{preset}.onnx")
+        else:
+            path = ort_quantize(preset, model, out / f"{preset}.onnx", calibration)
+        logging.getLogger().setLevel(logging.WARNING)  # onnxruntime's quantizers lower it
         candidates.append((preset, path, time.perf_counter() - started))
     for recipe in args.recipes:
         started = time.perf_counter()
@@ -78,7 +94,8 @@ def main() -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     line = lambda row: "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
     print(f"MiniLM held-out sentences: {len(heldout)}; calibration sentences: {len(calibration)}; "
-          f"latency batch 16, median of {args.runs} (candidate/reference, same process)")
+          f"latency batch 16, median of {args.runs} (candidate/reference, same process); "
+          f"ort-matmulnbits / *-w4a16: int4 weights, float activations (MatMulNBits, accuracy_level 0)")
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
