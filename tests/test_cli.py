@@ -210,3 +210,14 @@ def test_demo_prints_the_comparison_table(capsys, tmp_path, minilm_onnx):
     assert mean_cosine["onnxruntime static (its defaults)"] < 0.9
     assert 0.98 < mean_cosine["outlierquant w8a8"] < mean_cosine["outlierquant default"]
     assert (tmp_path / "outlierquant-default.report.json").is_file()
+
+
+def test_recipes_lists_and_prints(capsys):
+    code, out, err = run_cli(capsys, "recipes")
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()]
+    assert {"default", "w8a8", "llm-int8", "quarot-w8a8"} <= set(names)
+    code, out, err = run_cli(capsys, "recipes", "w8a8")
+    assert code == 0 and out.startswith("name: w8a8")
+    code, _, err = run_cli(capsys, "recipes", "nope")
+    assert_one_line_error(code, err, "unknown recipe 'nope'")

@@ -226,6 +226,26 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
                    help="rank at most this many layers, quantized one at a time (default: 48; 0: skip)")
 
 
+def add_recipes_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="show this recipe as YAML (default: list them all)")
+
+
+def cmd_recipes(args) -> int:
+    from outlierquant.recipes import builtin_recipes, load_recipe
+
+    if args.name:
+        print(load_recipe(args.name).to_yaml(), end="")
+        return 0
+    names = builtin_recipes()
+    width = max(map(len, names))
+    for name in names:
+        recipe = load_recipe(name)
+        summary = " ".join(recipe.description.split())
+        summary = summary if len(summary) <= 100 else summary[:97] + "..."
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="outlierquant-demo", help="where the models go (default: ./outlierquant-demo)")
     p.add_argument("--recipe", default="default", help="our recipe to show (default: default)")
@@ -246,6 +266,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str
     "quantize": ("apply a recipe: MODEL.onnx -> OUT.onnx + OUT.report.json", add_quantize_arguments, "cmd_quantize"),
     "validate": ("compare a candidate against the reference on held-out data", add_validate_arguments, "cmd_validate"),
     "analyze": ("outlier diagnostics: an HTML report with per-layer plots", add_analyze_arguments, "cmd_analyze"),
+    "recipes": ("list the built-in recipes, or print one as YAML", add_recipes_arguments, "cmd_recipes"),
     "demo": ("the bundled all-MiniLM-L6-v2: export, quantize, validate, one table", add_demo_arguments, "cmd_demo"),
 }
 
