@@ -221,3 +221,22 @@ def test_recipes_lists_and_prints(capsys):
     assert code == 0 and out.startswith("name: w8a8")
     code, _, err = run_cli(capsys, "recipes", "nope")
     assert_one_line_error(code, err, "unknown recipe 'nope'")
+
+
+def test_saved_stats_survive_canonicalize_on_a_tied_decoder(capsys, tmp_path, tiny_opt):
+    """OPT ties lm_head to the embedding (MatMul(x, Transpose(E))); canonicalize folds that,
+    which must not make statistics saved by `calibrate` unusable for `quantize`."""
+    import synthetic
+
+    feeds = synthetic.random_feeds(tiny_opt, 6, seq_lens=(8,))
+    data = tmp_path / "feeds.npz"
+    np.savez(data, **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
+    stats = tmp_path / "stats"
+    code, _, err = run_cli(capsys, "-q", "calibrate", tiny_opt, "--calibration-data", data, "-o", stats)
+    assert code == 0, err
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(capsys, "-q", "quantize", tiny_opt, "-o", out, "--recipe", "w8a8", "--stats", stats)
+    assert code == 0, err
+    report = json.loads(out.with_name("q.report.json").read_text())
+    assert report["passes"][0]["pass"] == "canonicalize" and report["passes"][0]["modified"]
+    assert report["passes"][-1]["quantized_weights"] == 13  # the folded lm_head included

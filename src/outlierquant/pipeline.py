@@ -79,7 +79,7 @@ def run_recipe(
         if calibration_seconds:
             record["calibration_seconds"] = round(calibration_seconds, 3)
         records.append(record)
-        if result.modified:
+        if result.modified and not getattr(pass_, "preserves_statistics", False):
             stale = True
         logger.info("pass %s: modified=%s (%.1fs)", spec.name, result.modified, record["seconds"])
     return records

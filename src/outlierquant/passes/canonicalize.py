@@ -45,6 +45,10 @@ class CanonicalizePass(ir.passes.InPlacePass):
     Options: ``fold_transposed_weights`` (default True) turns step 3 on or off.
     """
 
+    #: Statistics collected on a canonicalized model stay valid after this pass runs
+    #: again on the same source: it is deterministic and changes no activation's value.
+    preserves_statistics = True
+
     def __init__(self, *, fold_transposed_weights: bool = True) -> None:
         super().__init__()
         self.fold_transposed_weights = fold_transposed_weights

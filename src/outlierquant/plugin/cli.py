@@ -74,11 +74,16 @@ def cmd_export(args) -> int:
 def cmd_calibrate(args) -> int:
     from outlierquant.calibration.collect import collect_statistics
     from outlierquant.modelio import load_model
+    from outlierquant.passes.canonicalize import CanonicalizePass
 
     model_path = Path(args.model)
-    load_model(model_path)  # clear errors before tokenizing anything
+    model = load_model(model_path)  # clear errors before tokenizing anything
     feeds = _feeds_for(model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
-    stats = collect_statistics(model_path, feeds, progress=_progress(args))
+    # Collected on the canonical form, as `quantize` sees the model, so that the tensor
+    # names match when the saved statistics are reused.
+    CanonicalizePass()(model)
+    stats = collect_statistics(model, feeds, progress=_progress(args))
+    stats.meta["model"] = str(model_path)
     written = stats.save(args.output)
     print(written)
     return 0
