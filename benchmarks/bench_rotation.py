@@ -8,9 +8,10 @@ activations) are marked "simulated": the accuracy is real, no speed-up is claime
 The outlier profile of the rotated linear inputs (max/median of the per-channel abs-max,
 before and after, measured on the calibration data) is printed for SmolLM2.
 
-Passes that want covariances (``rotation: klt``) get them here: this script collects
-statistics with ``covariance_for=pass.covariance_targets(model)``, which the pipeline
-does not do yet.
+Passes that want covariances (``rotation: klt``, ``weight_rounding: quantease``) get them
+from the pipeline (``run_recipe`` collects ``covariance_for=pass.covariance_targets(model)``).
+``plain-w4a8`` / ``plain-w4a8-quantease``: the same simulated W4A8 without any rotation, with
+round-to-nearest and with QuantEase weights, for the comparison QuaRot is measured by.
 
     python benchmarks/bench_rotation.py [--only minilm|smollm2] [--eval-segments 32]
 """
@@ -27,39 +28,33 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MINILM_RECIPES = ("w8a8", "quarot-w8a8", "mambaquant-w8a8", "quarot-w4a8", "quarot-w4a4")
-SMOLLM2_RECIPES = ("w8a8", "quarot-w8a8", "mambaquant-w8a8", "plain-w4a8", "quarot-w4a8", "quarot-w4a4")
+MINILM_RECIPES = ("w8a8", "quarot-w8a8", "quarot-w8a8-per-token", "mambaquant-w8a8", "quarot-w4a8", "quarot-w4a4")
+SMOLLM2_RECIPES = ("w8a8", "quarot-w8a8", "quarot-w8a8-per-token", "mambaquant-w8a8", "plain-w4a8",
+                   "plain-w4a8-quantease", "quarot-w4a8", "quarot-w4a4")
 
-#: the same simulated W4A8 without any rotation, for the comparison QuaRot is measured by
-PLAIN_W4A8 = {
-    "name": "plain-w4a8",
-    "description": "simulated W4A8 without rotation (int4 g128 RTN weights, int8 per-token activations)",
-    "passes": [
-        "canonicalize",
-        {"simulate-quant": {"weight_bits": 4, "weight_group_size": 128, "activation_bits": 8,
-                            "activations": "per_token"}},
-    ],
-}
+
+def _plain_w4a8(rounding: str) -> dict:
+    """The simulated W4A8 without any rotation (int4 g128 weights, int8 per-token activations)."""
+    options = {"weight_bits": 4, "weight_group_size": 128, "activation_bits": 8, "activations": "per_token"}
+    if rounding == "quantease":
+        options.update(weight_rounding="quantease", quantease_iterations=4, quantease_damp=1.0)
+    return {"name": "plain-w4a8" + ("-quantease" if rounding == "quantease" else ""),
+            "description": f"simulated W4A8 without rotation ({rounding} int4 g128 weights, int8 per-token activations)",
+            "passes": ["canonicalize", {"simulate-quant": options}]}
+
+
+PLAIN = {"plain-w4a8": _plain_w4a8("rtn"), "plain-w4a8-quantease": _plain_w4a8("quantease")}
 
 
 def quantize(model_path: Path, output: Path, recipe_name: str, feeds) -> dict:
-    """The pipeline's recipe loop, plus covariances for the passes that ask for them."""
-    from outlierquant.calibration.collect import collect_statistics
+    """The pipeline's recipe loop (it collects the covariances passes ask for)."""
     from outlierquant.modelio import load_model, save_model
-    from outlierquant.recipes import Recipe, instantiate, load_recipe
+    from outlierquant.pipeline import run_recipe
+    from outlierquant.recipes import Recipe, load_recipe
 
-    recipe = Recipe.from_dict(PLAIN_W4A8) if recipe_name == "plain-w4a8" else load_recipe(recipe_name)
+    recipe = Recipe.from_dict(PLAIN[recipe_name]) if recipe_name in PLAIN else load_recipe(recipe_name)
     model = load_model(model_path)
-    records = []
-    for spec in recipe.passes:
-        pass_ = instantiate(spec)
-        if getattr(pass_, "needs_stats", False):
-            targets = pass_.calibration_targets(model)
-            covariance = pass_.covariance_targets(model) if hasattr(pass_, "covariance_targets") else []
-            pass_.with_stats(collect_statistics(model, feeds, tensors=targets, covariance_for=covariance,
-                                                progress=False))
-        result = pass_(model)
-        records.append(dict(getattr(result, "record", {}) or {"pass": spec.name}))
+    records = run_recipe(model, recipe, feeds, progress=False)
     save_model(model, output)
     return {"passes": records, "simulated": any(r.get("simulated") for r in records)}
 
@@ -74,7 +69,13 @@ def bench_minilm(workdir: Path) -> None:
     from outlierquant.evaluate.baselines import ort_quantize
     from outlierquant.evaluate.validate import validate
     from outlierquant.export import default_model_dir, export_model
-    from outlierquant.export.data import bundled_sentences, load_tokenizer, model_inputs, read_lines, text_feeds
+    from outlierquant.export.data import (
+        bundled_sentences,
+        load_tokenizer,
+        model_inputs,
+        read_lines,
+        text_feeds,
+    )
 
     cache = os.environ.get("OUTLIERQUANT_TEST_CACHE")
     model = Path(cache) / "minilm" / "model.onnx" if cache else workdir / "minilm-fp32" / "model.onnx"

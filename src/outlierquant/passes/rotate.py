@@ -78,8 +78,20 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.passes.analysis import GraphAnalysis, Linear, LinearGroup, Norm, analyze_graph
-from outlierquant.passes.base import OutlierPass, add_initializer, constant_array, is_constant
+from outlierquant.errors import CalibrationError
+from outlierquant.passes.analysis import (
+    GraphAnalysis,
+    Linear,
+    LinearGroup,
+    Norm,
+    analyze_graph,
+)
+from outlierquant.passes.base import (
+    OutlierPass,
+    add_initializer,
+    constant_array,
+    is_constant,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +137,10 @@ def _has_hadamard(m: int) -> bool:
 def hadamard_block(dim: int, rng: np.random.Generator | None = None) -> np.ndarray | None:
     """The ``m × m`` block of ``M ⊗ H_n`` for ``dim``: a Hadamard matrix where one exists,
     else (with ``rng``) a random orthogonal one, else the reference's default block."""
-    from outlierquant.custom_ops.reference import default_hadamard_block, hadamard_factorization
+    from outlierquant.custom_ops.reference import (
+        default_hadamard_block,
+        hadamard_factorization,
+    )
 
     m, _ = hadamard_factorization(dim)
     if m == 1:
@@ -703,7 +718,6 @@ class RotateHeadsPass(OutlierPass):
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         from outlierquant.custom_ops.reference import hadamard_rotation
-
         from outlierquant.passes.analysis import _propagate_ranks
 
         analysis = analyze_graph(model)
@@ -990,7 +1004,8 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
 # --------------------------------------------------------------------------------------
 # onnxruntime has no int4-activation kernels, and this repository's weight-only int4
 # module (passes/weight_only.py) did not exist when the rotation recipes were written:
-# this pass fake-quantizes in float (round-to-nearest, stored dequantized) and says so.
+# this pass fake-quantizes in float (round-to-nearest, or QuantEase rounding with
+# ``weight_rounding: quantease``; stored dequantized) and says so.
 
 
 def fake_quantize_weight(weight: np.ndarray, bits: int, group_size: int = 0, *,
@@ -1044,8 +1059,24 @@ class SimulateQuantizationOptions:
     activations: Literal["per_token", "static"] = "per_token"
     activation_clip: float = 1.0
     skip_output_layers: bool = True
+    #: ``rtn``: symmetric round-to-nearest (above). ``quantease``: asymmetric group grid and
+    #: QuantEase coordinate-descent rounding against Σ = E[xxᵀ] of each linear's calibrated
+    #: input (``passes/weight_rounding.py``'s functions; needs calibration covariances)
+    weight_rounding: Literal["rtn", "quantease"] = "rtn"
+    #: QuantEase sweeps (``weight_rounding: quantease``)
+    quantease_iterations: int = 4
+    #: relative diagonal added to Σ (``weight_rounding: quantease``)
+    quantease_damp: float = 0.01
 
     def __post_init__(self) -> None:
+        if self.weight_rounding not in ("rtn", "quantease"):
+            raise ValueError(f"weight_rounding={self.weight_rounding!r}: allowed 'rtn', 'quantease'")
+        if self.weight_rounding == "quantease" and not self.weight_group_size:
+            raise ValueError("weight_rounding='quantease' needs weight_group_size > 0 (groups of input rows)")
+        if not isinstance(self.quantease_iterations, int) or self.quantease_iterations < 1:
+            raise ValueError(f"quantease_iterations={self.quantease_iterations!r}: an integer >= 1")
+        if not float(self.quantease_damp) >= 0.0:
+            raise ValueError(f"quantease_damp={self.quantease_damp!r}: must be >= 0")
         if self.weight_bits not in (2, 3, 4, 5, 6, 7, 8):
             raise ValueError(f"weight_bits={self.weight_bits!r}: allowed 2..8")
         if not isinstance(self.weight_group_size, int) or self.weight_group_size < 0:
@@ -1070,7 +1101,42 @@ class SimulateQuantizationPass(OutlierPass):
 
     @property
     def needs_stats(self) -> bool:  # type: ignore[override]
+        if self.options.weight_rounding == "quantease":
+            return True
         return self.options.activation_bits is not None and self.options.activations == "static"
+
+    def covariance_targets(self, model: ir.Model) -> list[str]:
+        """Inputs whose covariance QuantEase rounding reads (none for round-to-nearest)."""
+        if self.options.weight_rounding != "quantease":
+            return []
+        return self.calibration_targets(model)
+
+    def _quantease_weight(self, linear: Linear) -> tuple[np.ndarray, float]:
+        """QuantEase-rounded dequantized weight and its relative output error tr(ΔᵀΣΔ)/tr(WᵀΣW)."""
+        from outlierquant.passes.weight_rounding import (
+            DEFAULT_CLIP_RATIOS,
+            _dequantize,
+            group_grid,
+            output_error,
+            quantease_round,
+            second_moment,
+        )
+
+        options = self.options
+        stats = self.require_stats()[linear.input.name]
+        if stats.covariance is None:
+            raise CalibrationError(
+                f"simulate-quant: weight_rounding=quantease needs the covariance of {linear.input.name!r}; collect "
+                "statistics with covariance_for=pass.covariance_targets(model) (the pipeline does)")
+        weight = _f64(linear.weight_array())
+        sigma, _ = second_moment(stats, options.quantease_damp)
+        ratios = DEFAULT_CLIP_RATIOS if options.weight_clip_search else (1.0,)
+        grid = group_grid(weight, "per_oc", options.weight_group_size, options.weight_bits,
+                          row_weight=np.diag(sigma), clip_ratios=ratios)
+        q = quantease_round(weight, sigma, grid, iterations=options.quantease_iterations)
+        dequantized = _dequantize(q, grid)
+        signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
+        return dequantized, output_error(dequantized - weight, sigma) / signal
 
     def _layers(self, model: ir.Model) -> list[Linear]:
         analysis = analyze_graph(model)
@@ -1093,10 +1159,14 @@ class SimulateQuantizationPass(OutlierPass):
         graph = model.graph
         layers = self._layers(model)
         shared: dict[str, ir.Value] = {}
+        errors: dict[str, float] = {}
         for linear in layers:
-            ratios = tuple(np.linspace(1.0, 0.5, 11)) if options.weight_clip_search else (1.0,)
-            weight = fake_quantize_weight(linear.weight_array(), options.weight_bits, options.weight_group_size,
-                                          clip_ratios=ratios)
+            if options.weight_rounding == "quantease":
+                weight, errors[linear.name] = self._quantease_weight(linear)
+            else:
+                ratios = tuple(np.linspace(1.0, 0.5, 11)) if options.weight_clip_search else (1.0,)
+                weight = fake_quantize_weight(linear.weight_array(), options.weight_bits,
+                                              options.weight_group_size, clip_ratios=ratios)
             _write_weight(graph, linear, weight, f"{linear.name}_weight_fake_quantized")
             if options.activation_bits is None:
                 continue
@@ -1112,6 +1182,8 @@ class SimulateQuantizationPass(OutlierPass):
             "float_layers": [l.name for l in analyze_graph(model).linears if l.output.is_graph_output()]
             if options.skip_output_layers else [],
         }
+        if errors:
+            record["relative_output_error"] = errors
         logger.info("simulate-quant: W%d (group %d) A%s %s on %d linears (simulated)", options.weight_bits,
                     options.weight_group_size, options.activation_bits, options.activations, len(layers))
         return bool(layers), record
