@@ -4,7 +4,6 @@ against numpy, the layout choice on an outlier channel, the float outlier side p
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 
 import numpy as np
 import onnx

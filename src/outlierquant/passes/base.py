@@ -45,10 +45,17 @@ class OutlierPass(ir.passes.InPlacePass):
     needs_covariance: ClassVar[bool] = False
     #: the pass leaves the fp32 function unchanged (tested)
     claims_equivalence: ClassVar[bool] = False
+    #: the frozen dataclass of the pass's options (recipes validate against its fields)
+    options_type: ClassVar[type | None] = None
 
-    def __init__(self) -> None:
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        """``options`` is an ``options_type`` instance, or its fields are given as keywords."""
         super().__init__()
         self.stats: ActivationStats | None = None
+        if self.options_type is not None:
+            self.options = options if options is not None else self.options_type(**kwargs)
+        elif options is not None or kwargs:
+            raise TypeError(f"{type(self).__name__} takes no options")
 
     def with_stats(self, stats: ActivationStats | None) -> "OutlierPass":
         self.stats = stats

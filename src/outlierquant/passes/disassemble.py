@@ -253,10 +253,6 @@ class DisassembleChannelsPass(OutlierPass):
     claims_equivalence = True
     options_type = DisassembleOptions
 
-    def __init__(self, options: DisassembleOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or DisassembleOptions(**kwargs)
-
     @property
     def needs_covariance(self) -> bool:  # type: ignore[override]
         return self.options.assemble

@@ -339,9 +339,9 @@ class QuantizeQDQPass(OutlierPass):
     needs_stats = True
     options_type = QuantConfig
 
-    def __init__(self, config: QuantConfig | None = None, **options: Any) -> None:
-        super().__init__()
-        self.config = config or QuantConfig(**options)
+    @property
+    def config(self) -> QuantConfig:
+        return self.options
 
     def calibration_targets(self, model: ir.Model) -> list:
         from outlierquant.calibration.collect import quantizable_targets

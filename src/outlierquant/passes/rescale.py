@@ -63,7 +63,6 @@ from outlierquant.passes.smooth import (
     _bias_index,
     _scale_vector,
     check_group,
-    estimated_output_error,
     fold_into_producer,
     group_label,
     group_weight_rows,
@@ -135,10 +134,6 @@ class QuantizeOutlierTunePass(OutlierPass):
     name = "outliertune"
     needs_stats = True
     options_type = OutlierTuneOptions
-
-    def __init__(self, options: OutlierTuneOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or OutlierTuneOptions(**kwargs)
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         stats = self.require_stats()
@@ -279,10 +274,6 @@ class ReparameterizeScalesPass(OutlierPass):
     needs_stats = True
     claims_equivalence = True
     options_type = ReparameterizeOptions
-
-    def __init__(self, options: ReparameterizeOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or ReparameterizeOptions(**kwargs)
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         stats = self.require_stats()

@@ -526,10 +526,6 @@ class RotateResidualPass(OutlierPass):
     needs_covariance = True
     options_type = RotateResidualOptions
 
-    def __init__(self, options: RotateResidualOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or RotateResidualOptions(**kwargs)
-
     @property
     def needs_stats(self) -> bool:  # type: ignore[override]
         return self.options.rotation == "klt"
@@ -712,10 +708,6 @@ class RotateHeadsPass(OutlierPass):
     claims_equivalence = True
     options_type = RotateHeadsOptions
 
-    def __init__(self, options: RotateHeadsOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or RotateHeadsOptions(**kwargs)
-
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         from outlierquant.custom_ops.reference import hadamard_rotation
         from outlierquant.passes.analysis import _propagate_ranks
@@ -893,10 +885,6 @@ class OnlineHadamardPass(OutlierPass):
     name = "online-hadamard"
     claims_equivalence = True
     options_type = OnlineHadamardOptions
-
-    def __init__(self, options: OnlineHadamardOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or OnlineHadamardOptions(**kwargs)
 
     @property
     def needs_stats(self) -> bool:  # type: ignore[override]
@@ -1094,10 +1082,6 @@ class SimulateQuantizationPass(OutlierPass):
 
     name = "simulate-quant"
     options_type = SimulateQuantizationOptions
-
-    def __init__(self, options: SimulateQuantizationOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or SimulateQuantizationOptions(**kwargs)
 
     @property
     def needs_stats(self) -> bool:  # type: ignore[override]

@@ -91,10 +91,6 @@ class ShiftScaleOutliersPass(OutlierPass):
     claims_equivalence = True
     options_type = OutlierSuppressionOptions
 
-    def __init__(self, options: OutlierSuppressionOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or OutlierSuppressionOptions(**kwargs)
-
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         stats = self.require_stats()
         options = self.options

@@ -405,10 +405,6 @@ class SmoothQuantPass(OutlierPass):
     claims_equivalence = True
     options_type = SmoothQuantOptions
 
-    def __init__(self, options: SmoothQuantOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or SmoothQuantOptions(**kwargs)
-
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         stats = self.require_stats()
         options = self.options

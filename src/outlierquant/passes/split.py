@@ -241,10 +241,6 @@ class LlmInt8SplitPass(OutlierPass):
     claims_equivalence = False
     options_type = LlmInt8Options
 
-    def __init__(self, options: LlmInt8Options | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or LlmInt8Options(**kwargs)
-
     def form(self) -> str:
         """``float``, ``kernel``, ``integer`` or ``qdq``: what :meth:`run` writes."""
         options = self.options
@@ -456,10 +452,6 @@ class SplitQuantPass(OutlierPass):
     needs_stats = False
     claims_equivalence = True
     options_type = SplitQuantOptions
-
-    def __init__(self, options: SplitQuantOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or SplitQuantOptions(**kwargs)
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         options = self.options
