@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,7 +15,6 @@ import synthetic
 from outlierquant.calibration.collect import collect_statistics
 from outlierquant.errors import CalibrationError, RecipeError
 from outlierquant.passes.analysis import analyze_graph
-from outlierquant.passes.canonicalize import CanonicalizePass
 from outlierquant.passes.rotate import (
     ONLINE_ROTATION_KEY,
     OnlineHadamardPass,
@@ -32,49 +29,9 @@ from outlierquant.passes.rotate import (
 )
 from outlierquant.recipes import load_recipe, validate_pass_options
 
+from helpers import load_canonical as load
+
 RTOL = 1e-4
-
-
-def cache_dir(tmp_path_factory, name: str) -> Path:
-    root = os.environ.get("OUTLIERQUANT_TEST_CACHE")
-    if root:
-        path = Path(root) / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return tmp_path_factory.mktemp(name)
-
-
-def built(tmp_path_factory, name: str, builder) -> Path:
-    folder = cache_dir(tmp_path_factory, name)
-    if not (folder / "model.onnx").is_file():
-        builder(folder)
-    return folder / "model.onnx"
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    return built(tmp_path_factory, "tiny-llama", synthetic.build_tiny_llama)
-
-
-@pytest.fixture(scope="session")
-def tiny_opt(tmp_path_factory) -> Path:
-    return built(tmp_path_factory, "tiny-opt", synthetic.build_tiny_opt)
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
-    return built(tmp_path_factory, "tiny-bert", synthetic.build_tiny_bert)
-
-
-@pytest.fixture(scope="session")
-def planted_llama(tmp_path_factory) -> Path:
-    return built(tmp_path_factory, "planted-llama", synthetic.build_planted_llama)
-
-
-def load(path: Path) -> ir.Model:
-    model = ir.load(str(path))
-    CanonicalizePass()(model)
-    return model
 
 
 def outputs(model: ir.Model, feeds, *, kernels: bool = False) -> list[np.ndarray]:
