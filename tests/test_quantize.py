@@ -216,3 +216,21 @@ def test_w8a8_with_onnxruntime_layout_reproduces_onnxruntime_static_qdq(minilm_o
     b = ort.InferenceSession(str(ours_path)).run(["sentence_embedding"], ids)[0]
     cosine = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
     assert cosine > 0.999
+
+
+def test_quantize_outputs_calibrates_every_planned_output():
+    """w8a8-outputs quantizes attention MatMul outputs too: the pass must ask for their ranges."""
+    from outlierquant.pipeline import run_recipe
+    from outlierquant.recipes import load_recipe
+
+    model = tiny_model()
+    targets = {t.tensor for t in QuantizeQDQPass(QuantConfig(quantize_outputs=True)).calibration_targets(model)}
+    assert {"h0", "gram", "g"} <= targets  # gram comes from the activation x activation MatMul
+    assert "gram" not in {t.tensor for t in QuantizeQDQPass(QuantConfig()).calibration_targets(model)}
+    x = RNG.normal(size=(12, 16)).astype(np.float32)
+    reference = run(model, x)
+    records = run_recipe(model, load_recipe("w8a8-outputs"), [{"x": x}], progress=False)
+    assert records[-1]["quantized_outputs"] == 1  # h0; the other outputs are graph outputs, left in float
+    got = run(model, x)
+    for name in ("y", "gram", "g"):
+        assert np.linalg.norm(reference[name] - got[name]) / np.linalg.norm(reference[name]) < 0.03

@@ -344,9 +344,17 @@ class QuantizeQDQPass(OutlierPass):
         return self.options
 
     def calibration_targets(self, model: ir.Model) -> list:
-        from outlierquant.calibration.collect import quantizable_targets
+        from outlierquant.calibration.collect import CalibrationTarget, quantizable_targets
 
-        return quantizable_targets(model, outputs=self.config.quantize_outputs)
+        targets = quantizable_targets(model, outputs=self.config.quantize_outputs)
+        if self.config.quantize_outputs:
+            # the plan quantizes every planned MatMul's output, attention MatMuls included
+            known = {target.tensor for target in targets}
+            for decl in plan_quantization(model, self.config):
+                if decl.role == "output" and decl.tensor not in known:
+                    targets.append(CalibrationTarget(decl.tensor, -1, decl.consumer or "", "output"))
+                    known.add(decl.tensor)
+        return targets
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         plan = plan_quantization(model, self.config)
