@@ -295,8 +295,9 @@ def validate(
     if latency_batch < 1 or latency_runs < 0:
         raise InputError("latency_batch must be >= 1 and latency_runs >= 0")
     reference_path, candidate_path = resolve_model_file(reference), resolve_model_file(candidate)
-    ref_inputs, ref_outputs = _signature(reference_path)
-    cand_inputs, cand_outputs = _signature(candidate_path)
+    ref_header, cand_header = _read_header(reference_path), _read_header(candidate_path)
+    ref_inputs, ref_outputs = ref_header.inputs, ref_header.outputs
+    cand_inputs, cand_outputs = cand_header.inputs, cand_header.outputs
     if ref_inputs != cand_inputs:
         raise InputError(
             f"reference and candidate take different inputs ({', '.join(ref_inputs)} vs {', '.join(cand_inputs)})"
@@ -312,12 +313,12 @@ def validate(
         _check_feeds(lm_feeds, ref_inputs, "lm_feeds")
 
     if task == "auto":
-        task = detect_task(ref_inputs, ref_outputs, _output_ranks(reference_path))
+        task = detect_task(ref_inputs, ref_outputs, ref_header.output_ranks)
     primary = _primary_output(task, ref_outputs)
     logger.info("validating %s against %s (task %s, %d samples)", candidate_path, reference_path, task, len(feeds))
 
-    ref_session = _session(reference_path, session_options)
-    cand_session = _session(candidate_path, candidate_session_options or session_options)
+    ref_session = _session(reference_path, session_options, ref_header.uses_kernels)
+    cand_session = _session(candidate_path, candidate_session_options or session_options, cand_header.uses_kernels)
 
     fidelity_batches = _shape_batches(feeds)
     lm_batches = _shape_batches(lm_feeds) if (task == "text-generation" and lm_feeds is not None) else []
@@ -373,8 +374,20 @@ def _primary_output(task: str, outputs: Sequence[str]) -> str:
     return outputs[0]
 
 
-def _signature(path: Path) -> tuple[list[str], list[str]]:
+@dataclass(frozen=True)
+class _Header:
+    """What validate needs from a model file, read in one parse (weights stay on disk)."""
+
+    inputs: list[str]
+    outputs: list[str]
+    output_ranks: dict[str, int | None]
+    uses_kernels: bool
+
+
+def _read_header(path: Path) -> _Header:
     import onnx
+
+    from outlierquant.custom_ops import DOMAIN
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -382,19 +395,15 @@ def _signature(path: Path) -> tuple[list[str], list[str]]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: not a readable ONNX model ({first})") from exc
     initializers = {init.name for init in proto.graph.initializer}
-    inputs = [value.name for value in proto.graph.input if value.name not in initializers]
-    outputs = [value.name for value in proto.graph.output]
-    return inputs, outputs
-
-
-def _output_ranks(path: Path) -> dict[str, int | None]:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return {
-        value.name: (len(value.type.tensor_type.shape.dim) if value.type.tensor_type.HasField("shape") else None)
-        for value in proto.graph.output
-    }
+    return _Header(
+        inputs=[value.name for value in proto.graph.input if value.name not in initializers],
+        outputs=[value.name for value in proto.graph.output],
+        output_ranks={
+            value.name: (len(value.type.tensor_type.shape.dim) if value.type.tensor_type.HasField("shape") else None)
+            for value in proto.graph.output
+        },
+        uses_kernels=any(opset.domain == DOMAIN for opset in proto.opset_import),
+    )
 
 
 def _check_feeds(feeds: list[Feed], inputs: Sequence[str], what: str) -> None:
@@ -412,24 +421,14 @@ def _check_feeds(feeds: list[Feed], inputs: Sequence[str], what: str) -> None:
             )
 
 
-def _uses_outlierquant_kernels(path: Path) -> bool:
-    """Whether the model imports our custom-op domain (read without its weights)."""
-    import onnx
-
-    from outlierquant.custom_ops import DOMAIN
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(opset.domain == DOMAIN for opset in proto.opset_import)
-
-
-def _session(path: Path, options):
+def _session(path: Path, options, uses_kernels: bool):
     import onnxruntime as ort
 
     if options is None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-    if _uses_outlierquant_kernels(path):
+    if uses_kernels:
         from outlierquant import custom_ops
 
         options = custom_ops.session_options(options)

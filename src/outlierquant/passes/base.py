@@ -139,3 +139,36 @@ def remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     """Drop an initializer no node and no graph output uses any more."""
     if value.name in graph.initializers and not value.uses() and not value.is_graph_output():
         del graph.initializers[value.name]
+
+
+def set_input_constant(graph: ir.Graph, node: ir.Node, index: int, array, hint: str) -> ir.Value:
+    """Give ``node.inputs[index]`` the value ``array`` (cast to the old dtype).
+
+    The initializer is rewritten in place when nothing else reads it; otherwise a new
+    initializer named after ``hint`` is added, so a shared constant is never changed
+    under another reader.
+    """
+    import numpy as np
+
+    value = node.inputs[index]
+    old = constant_array(value)
+    array = np.ascontiguousarray(np.asarray(array).astype(old.dtype if old is not None else np.float32))
+    if (value is not None and value.name in graph.initializers and len(list(value.uses())) == 1
+            and not value.is_graph_output()):
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+        return value
+    new = add_initializer(graph, hint, array)
+    node.replace_input_with(index, new)
+    return new
+
+
+def write_linear_weight(graph: ir.Graph, linear, weight_kn, hint: str) -> None:
+    """Store a ``[K, N]`` weight back in ``linear``'s own layout (MatMul or Gemm transB)."""
+    if linear.weight_layout == "in_out":
+        array = weight_kn
+    elif linear.weight_layout == "out_in":
+        array = weight_kn.T
+    else:
+        raise ValueError(f"{linear.name}: Conv weights are not rewritten")
+    set_input_constant(graph, linear.node, 1, array, hint)

@@ -91,6 +91,8 @@ from outlierquant.passes.base import (
     add_initializer,
     constant_array,
     is_constant,
+    set_input_constant,
+    write_linear_weight,
 )
 
 logger = logging.getLogger(__name__)
@@ -232,31 +234,6 @@ def _profile_entry(stats, rotation: np.ndarray | None = None, left_scale: np.nda
 # --------------------------------------------------------------------------------------
 
 
-def _set_input_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, hint: str) -> ir.Value:
-    """Give ``node.inputs[index]`` the value ``array``: in place when nothing else reads it."""
-    value = node.inputs[index]
-    old = constant_array(value)
-    array = np.ascontiguousarray(np.asarray(array).astype(old.dtype if old is not None else np.float32))
-    if (value is not None and value.name in graph.initializers and len(list(value.uses())) == 1
-            and not value.is_graph_output()):
-        value.const_value = ir.tensor(array, name=value.name)
-        value.shape = ir.Shape(array.shape)
-        return value
-    new = add_initializer(graph, hint, array)
-    node.replace_input_with(index, new)
-    return new
-
-
-def _write_weight(graph: ir.Graph, linear: Linear, weight_kn: np.ndarray, hint: str) -> None:
-    if linear.weight_layout == "in_out":
-        array = weight_kn
-    elif linear.weight_layout == "out_in":
-        array = weight_kn.T
-    else:
-        raise ValueError(f"{linear.name}: Conv weights are not rotated")
-    _set_input_constant(graph, linear.node, 1, array, hint)
-
-
 def _bias_slot(linear: Linear) -> tuple[ir.Node, int]:
     if linear.bias_node is not None:
         return linear.bias_node, next(i for i, v in enumerate(linear.bias_node.inputs) if v is linear.bias)
@@ -268,7 +245,7 @@ def _write_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray, hint: str) ->
     if linear.bias is not None:
         node, index = _bias_slot(linear)
         old_shape = constant_array(linear.bias).shape
-        _set_input_constant(graph, node, index, bias.reshape(old_shape), hint)
+        set_input_constant(graph, node, index, bias.reshape(old_shape), hint)
         return
     if not np.any(bias):
         return
@@ -571,13 +548,13 @@ class RotateResidualPass(OutlierPass):
         # 1. writers: W ← W C Q, b ← b C Q
         for writer in stream.writers:
             weight = _f64(writer.weight_array()) @ writer_map
-            _write_weight(graph, writer, weight, f"{writer.name}_weight_rotated")
+            write_linear_weight(graph, writer, weight, f"{writer.name}_weight_rotated")
             if writer.bias is not None:
                 bias = _f64(writer.bias_array()).reshape(-1) @ writer_map
                 _write_bias(graph, writer, bias, f"{writer.name}_bias_rotated")
         for node in stream.embeddings:
             table = _f64(_embedding_table(node)) @ writer_map
-            _set_input_constant(graph, node, 0, table, f"{node.inputs[0].name}_rotated")
+            set_input_constant(graph, node, 0, table, f"{node.inputs[0].name}_rotated")
 
         # 2. readers: W ← Qᵀ diag(γ) W, b ← b + β W; then the norms lose γ/β
         for norm in stream.norms:
@@ -591,7 +568,7 @@ class RotateResidualPass(OutlierPass):
                         if linear.bias is not None:
                             bias = bias + _f64(linear.bias_array()).reshape(-1)
                         _write_bias(graph, linear, bias, f"{linear.name}_bias_folded")
-                    _write_weight(graph, linear, q.T @ (gamma[:, None] * weight), f"{linear.name}_weight_rotated")
+                    write_linear_weight(graph, linear, q.T @ (gamma[:, None] * weight), f"{linear.name}_weight_rotated")
             self._strip_norm(model, norm)
 
         from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -653,7 +630,7 @@ class RotateResidualPass(OutlierPass):
             node = norm.nodes[0]
             if norm.gamma is not None:
                 index = next(i for i, v in enumerate(node.inputs) if v is norm.gamma)
-                _set_input_constant(graph, node, index, np.ones(constant_array(norm.gamma).shape, np.float32),
+                set_input_constant(graph, node, index, np.ones(constant_array(norm.gamma).shape, np.float32),
                                     f"{norm.name}_unit_scale")
             return
         for node in norm.nodes:
@@ -741,13 +718,13 @@ class RotateHeadsPass(OutlierPass):
                 h = rng.choice([-1.0, 1.0], size=head_dim)[:, None] * h
             v_heads = v.out_features // head_dim
             v_rotation = np.kron(np.eye(v_heads), h)
-            _write_weight(graph, v, _f64(v.weight_array()) @ v_rotation, f"{v.name}_weight_rotated")
+            write_linear_weight(graph, v, _f64(v.weight_array()) @ v_rotation, f"{v.name}_weight_rotated")
             if v.bias is not None:
                 _write_bias(graph, v, _f64(v.bias_array()).reshape(-1) @ v_rotation, f"{v.name}_bias_rotated")
             # O's row j carries V channel channel_map[j]: block by head of O's input
             o_rotation = np.kron(np.eye(group.in_features // head_dim), h)
             for linear in group.linears:
-                _write_weight(graph, linear, o_rotation.T @ _f64(linear.weight_array()),
+                write_linear_weight(graph, linear, o_rotation.T @ _f64(linear.weight_array()),
                               f"{linear.name}_weight_rotated")
             rotated.append({"group": label, "v": v.name, "head_dim": head_dim,
                             **_profile_entry(self.stats.get(group.input.name) if self.stats else None)})
@@ -974,7 +951,7 @@ class OnlineHadamardPass(OutlierPass):
             weight = _f64(linear.weight_array())
             if smooth is not None:
                 weight = smooth[:, None] * weight
-            _write_weight(graph, linear, rotation.T @ weight, f"{linear.name}_weight_rotated")
+            write_linear_weight(graph, linear, rotation.T @ weight, f"{linear.name}_weight_rotated")
             for slot, value in enumerate(linear.node.inputs):
                 if value is group.input:
                     linear.node.replace_input_with(slot, out)
@@ -1151,7 +1128,7 @@ class SimulateQuantizationPass(OutlierPass):
                 ratios = tuple(np.linspace(1.0, 0.5, 11)) if options.weight_clip_search else (1.0,)
                 weight = fake_quantize_weight(linear.weight_array(), options.weight_bits,
                                               options.weight_group_size, clip_ratios=ratios)
-            _write_weight(graph, linear, weight, f"{linear.name}_weight_fake_quantized")
+            write_linear_weight(graph, linear, weight, f"{linear.name}_weight_fake_quantized")
             if options.activation_bits is None:
                 continue
             source = linear.input

@@ -52,7 +52,13 @@ import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats, ChannelStats
 from outlierquant.passes.analysis import Linear, LinearGroup, analyze_graph
-from outlierquant.passes.base import OutlierPass, add_initializer, constant_array
+from outlierquant.passes.base import (
+    OutlierPass,
+    add_initializer,
+    constant_array,
+    set_input_constant,
+    write_linear_weight,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -217,19 +223,6 @@ def max_median_ratio(values: np.ndarray) -> float:
 # -- folding ---------------------------------------------------------------------------------
 
 
-def _replace_constant(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph, hint: str) -> ir.Value:
-    """Give ``node.inputs[index]`` the value ``array``: in place when no one else reads it."""
-    value = node.inputs[index]
-    array = np.ascontiguousarray(array.astype(constant_array(value).dtype))
-    uses = [u for u in value.uses()]
-    if value.name in graph.initializers and len(uses) == 1 and not value.is_graph_output():
-        value.const_value = ir.tensor(array, name=value.name)
-        return value
-    new = add_initializer(graph, hint, array)
-    node.replace_input_with(index, new)
-    return new
-
-
 def _scale_vector(node: ir.Node, index: int, factor: np.ndarray, graph: ir.Graph, hint: str,
                   shift: np.ndarray | None = None) -> None:
     """``v ← (v − shift) · factor`` for a constant vector input broadcast along the last axis."""
@@ -240,7 +233,7 @@ def _scale_vector(node: ir.Node, index: int, factor: np.ndarray, graph: ir.Graph
     if shift is not None:
         flat = flat - shift
     new = (flat * factor).reshape(shape if array.size == factor.size else factor.shape)
-    _replace_constant(node, index, new, graph, hint)
+    set_input_constant(graph, node, index, new, hint)
 
 
 def _norm_affine_nodes(norm) -> tuple[tuple[ir.Node, int] | None, tuple[ir.Node, int] | None]:
@@ -280,7 +273,7 @@ def fold_into_producer(graph: ir.Graph, group: LinearGroup, s_producer: np.ndarr
     if producer.kind == "linear":
         linear = producer.linear
         weight = np.asarray(linear.weight_array(), dtype=np.float64) * inverse[None, :]
-        _write_weight(graph, linear, weight, f"{linear.name}_weight_folded")
+        write_linear_weight(graph, linear, weight, f"{linear.name}_weight_folded")
         if linear.bias is not None:
             index = _bias_index(linear)
             _scale_vector(linear.bias_node or linear.node, index, inverse, graph, f"{linear.name}_bias_folded",
@@ -297,17 +290,6 @@ def _bias_index(linear: Linear) -> int:
     return 2  # Gemm C / Conv B
 
 
-def _write_weight(graph: ir.Graph, linear: Linear, weight_kn: np.ndarray, hint: str) -> None:
-    """Store a ``[K, N]`` weight back in the linear's own layout."""
-    if linear.weight_layout == "in_out":
-        array = weight_kn
-    elif linear.weight_layout == "out_in":
-        array = weight_kn.T
-    else:
-        raise ValueError(f"{linear.name}: Conv weights are not rewritten by this pass")
-    _replace_constant(linear.node, 1, array, graph, hint)
-
-
 def scale_consumers(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: np.ndarray | None = None) -> None:
     """``W ← diag(s)·W`` (and ``b ← b + shift @ W`` for a shift) for every linear of the group."""
     for linear in group.linears:
@@ -318,7 +300,7 @@ def scale_consumers(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: n
             correction = shift @ weight
             _scale_vector(linear.bias_node or linear.node, _bias_index(linear), np.ones_like(correction), graph,
                           f"{linear.name}_bias_shifted", -correction)
-        _write_weight(graph, linear, weight * s[:, None], f"{linear.name}_weight_smoothed")
+        write_linear_weight(graph, linear, weight * s[:, None], f"{linear.name}_weight_smoothed")
 
 
 def insert_channel_ops(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: np.ndarray | None = None) -> int:
