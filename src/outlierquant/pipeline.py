@@ -72,6 +72,10 @@ def run_recipe(
                 calibration_seconds = time.perf_counter() - t0
                 stale = False
             pass_.with_stats(stats)
+        if getattr(pass_, "needs_feeds", False):
+            if not feeds:
+                raise CalibrationError(f"pass {spec.name!r} needs calibration data and none was given")
+            pass_.with_feeds(feeds)
         result = pass_(model)
         record = dict(getattr(result, "record", {}) or {"pass": spec.name})
         record["modified"] = bool(result.modified)

@@ -43,6 +43,9 @@ class OutlierPass(ir.passes.InPlacePass):
     needs_stats: ClassVar[bool] = False
     #: tensors for which a covariance is needed (computed lazily from the model)
     needs_covariance: ClassVar[bool] = False
+    #: the pass reads the calibration samples themselves (e.g. to learn a transform on
+    #: captured activations), handed over through :attr:`OutlierPass.feeds`
+    needs_feeds: ClassVar[bool] = False
     #: the pass leaves the fp32 function unchanged (tested)
     claims_equivalence: ClassVar[bool] = False
     #: the frozen dataclass of the pass's options (recipes validate against its fields)
@@ -52,6 +55,7 @@ class OutlierPass(ir.passes.InPlacePass):
         """``options`` is an ``options_type`` instance, or its fields are given as keywords."""
         super().__init__()
         self.stats: ActivationStats | None = None
+        self.feeds: list[dict] | None = None
         if self.options_type is not None:
             self.options = options if options is not None else self.options_type(**kwargs)
         elif options is not None or kwargs:
@@ -59,6 +63,10 @@ class OutlierPass(ir.passes.InPlacePass):
 
     def with_stats(self, stats: ActivationStats | None) -> "OutlierPass":
         self.stats = stats
+        return self
+
+    def with_feeds(self, feeds) -> "OutlierPass":
+        self.feeds = list(feeds) if feeds is not None else None
         return self
 
     def require_stats(self) -> ActivationStats:
