@@ -169,6 +169,39 @@ def test_per_token_activations_use_standard_ops_and_round_per_row():
     assert rel < 0.02
 
 
+def test_integer_per_token_form_is_real_int8_and_matches_the_simulation():
+    x = RNG.normal(size=(6, 16)).astype(np.float32)
+    x[2] *= 100.0
+    simulated = tiny_model()
+    QuantizeQDQPass(QuantConfig(activations="per_token", dynamic_matmuls=False))(simulated)
+    integer = tiny_model()
+    result = QuantizeQDQPass(QuantConfig(activations="per_token", dynamic_matmuls=False, per_token_form="integer"))(integer)
+    ops = collections.Counter(n.op_type for n in integer.graph)
+    # fc1, fc2 and the Gemm run as u8 x s8 MatMulInteger; only the activation x activation MatMul stays float
+    assert ops["MatMulInteger"] == 3 and ops["MatMul"] == 1 and ops["Gemm"] == 0
+    assert result.record["integer_per_token_layers"] == 3 and result.record["simulated"] is False
+    onnx.checker.check_model(ir.serde.serialize_model(integer), full_check=True)
+    want, got = run(simulated, x), run(integer, x)
+    for name in ("y", "g", "gram"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * float(np.abs(want[name]).max()))
+
+
+def test_skip_output_layers_leaves_the_head_in_float():
+    model = tiny_model()
+    QuantizeQDQPass(QuantConfig(activations="none", skip_output_layers=True))(model)
+    quantized = {n.name for n in model.graph if n.op_type in ("MatMul", "Gemm")
+                 and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear"}
+    # fc2 and the Gemm write graph outputs y and g: float; fc1 feeds Relu: quantized
+    assert quantized == {"fc1"}
+
+
+def test_integer_per_token_form_needs_per_token_activations():
+    with pytest.raises(ValueError, match="per_token_form"):
+        QuantConfig(per_token_form="integer")
+    with pytest.raises(ValueError, match="per_token_form"):
+        QuantConfig(activations="per_token", per_token_form="int4")
+
+
 @pytest.mark.slow
 def test_w8a8_with_onnxruntime_layout_reproduces_onnxruntime_static_qdq(minilm_onnx, tmp_path):
     """Same choices -> same model: our inserter against onnxruntime's quantize_static."""

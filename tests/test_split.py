@@ -106,6 +106,9 @@ def test_float_split_is_equivalent_on_synthetic_decoders(request, fixture):
     split_layers = sum(1 for layer in record["layers"] if layer["float_channels"])
     assert split_layers > 0 and after["Gather"] - before["Gather"] == split_layers
     assert after.get("Gemm", 0) == 0  # Gemm layers (tiny OPT) rewritten as MatMul + bias
+    # the lm_head (its output is the logits graph output) stays in float by default
+    heads = [item for item in record["skipped"] if item["reason"].startswith("output layer")]
+    assert len(heads) == 1 and not any(layer["linear"] == heads[0]["linear"] for layer in record["layers"])
 
 
 def test_planted_channels_are_the_float_channels(planted_llama):

@@ -58,6 +58,14 @@ class QuantConfig:
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
     #: node names left in float (e.g. a sensitive lm_head)
     exclude_nodes: tuple[str, ...] = ()
+    #: leave linears whose output is a graph output (an lm_head) in float, as QuaRot and
+    #: bitsandbytes' LLM.int8() integration do
+    skip_output_layers: bool = False
+    #: per-token activations: ``qdq`` fake-quantizes in float (simulated); ``integer``
+    #: rewrites each linear as real int8 arithmetic with standard ops (per-row scales by
+    #: Abs/ReduceMax, MatMulInteger u8 x s8, rescale: the LLM.int8() vector-wise form with
+    #: no float channels, ``passes/split.py``). Activation x activation MatMuls stay QDQ.
+    per_token_form: Literal["qdq", "integer"] = "qdq"
     #: onnxruntime's layout: every consumer of a quantized tensor (a residual Add, say)
     #: reads the QDQ value, not only the quantized MatMuls. Off by default: it rounds
     #: the residual stream for nothing; on, it reproduces onnxruntime's model exactly.
@@ -70,6 +78,10 @@ class QuantConfig:
             raise ValueError(f"activations={self.activations!r}: allowed 'static', 'per_token', 'none'")
         if self.activation_type not in ("uint8", "int8"):
             raise ValueError(f"activation_type={self.activation_type!r}: allowed 'uint8', 'int8'")
+        if self.per_token_form not in ("qdq", "integer"):
+            raise ValueError(f"per_token_form={self.per_token_form!r}: allowed 'qdq', 'integer'")
+        if self.per_token_form == "integer" and self.activations != "per_token":
+            raise ValueError("per_token_form='integer' needs activations: per_token")
         unknown = set(self.op_types) - {"MatMul", "Gemm"}
         if unknown:
             raise ValueError(f"op_types {sorted(unknown)} not supported: allowed MatMul, Gemm")
@@ -113,6 +125,8 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> list[TensorQuant]
         if node.domain not in ("", "ai.onnx") or node.op_type not in config.op_types:
             continue
         if node.name in excluded:
+            continue
+        if config.skip_output_layers and node.outputs[0].is_graph_output():
             continue
         weight = _weight_input(node)
         if weight is not None:
@@ -358,17 +372,21 @@ class QuantizeQDQPass(OutlierPass):
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         plan = plan_quantization(model, self.config)
+        integer_layers: list[str] = []
+        if self.config.per_token_form == "integer":
+            plan, integer_layers = _rewrite_integer_per_token(model, plan)
         stats = self.stats if self.config.activations == "static" else None
         counts = insert_qdq(model, plan, stats, self.config)
-        layers = sorted({d.consumer for d in plan if d.role == "weight"})
+        layers = sorted({d.consumer for d in plan if d.role == "weight"} | set(integer_layers))
         record = {
+            "integer_per_token_layers": len(integer_layers),
             "config": dataclasses.asdict(self.config),
             "quantized_weights": counts["weights"],
             "static_activation_qdq": counts["activations"],
             "per_token_activation_qdq": counts["per_token"],
             "quantized_outputs": counts["outputs"],
             "linear_layers": len(layers),
-            "simulated": self.config.activations == "per_token",
+            "simulated": counts["per_token"] > 0,
         }
         logger.info(
             "quantized %d weights, %d static activation tensors, %d per-token",
@@ -377,3 +395,32 @@ class QuantizeQDQPass(OutlierPass):
             counts["per_token"],
         )
         return bool(plan), record
+
+
+def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant]) -> tuple[list[TensorQuant], list[str]]:
+    """Replace each planned linear by real per-token int8 arithmetic (standard ops).
+
+    Returns the rest of the plan (the declarations of the linears that could not be
+    rewritten, and the activation x activation MatMuls) and the rewritten linears' names.
+    """
+    from outlierquant.passes.analysis import analyze_graph
+    from outlierquant.passes.split import LlmInt8Options, _mixed_int8_builder, replace_linear, splittable
+
+    weighted = {d.consumer for d in plan if d.role == "weight"}
+    analysis = analyze_graph(model)
+    opset = model.opset_imports.get("", 13)
+    options = LlmInt8Options(kernels="never", standard_form="integer")
+    done: list[str] = []
+    for node in list(model.graph):
+        if node.name not in weighted:
+            continue
+        linear = analysis.linear_for_node(node)
+        if linear is None or splittable(linear) is not None:
+            continue
+        weight = np.asarray(linear.weight_array(), dtype=np.float32)
+        label = f"{node.name or 'linear'}_pt_int8"
+        build = _mixed_int8_builder(weight, np.zeros(0, np.int64), label, "integer", options, opset)
+        replace_linear(model.graph, linear, build, label)
+        done.append(node.name)
+    rewritten = set(done)
+    return [d for d in plan if d.consumer not in rewritten], done

@@ -194,6 +194,9 @@ class LlmInt8Options:
     runtime_threshold: float = 0.0
     exclude: tuple[str, ...] = ()
     reduce_range: bool = False
+    #: leave linears whose output is a graph output (the lm_head) in float, as the
+    #: transformers / bitsandbytes LLM.int8() integration does by default
+    skip_output_layers: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -270,6 +273,8 @@ class LlmInt8SplitPass(OutlierPass):
             reason = splittable(linear)
             if reason is None and _excluded(linear, options.exclude):
                 reason = "excluded by option"
+            if reason is None and options.skip_output_layers and linear.output.is_graph_output():
+                reason = "output layer (skip_output_layers)"
             if reason is None and linear.input.name not in stats:
                 reason = "no calibration statistics for its input"
             if reason:
