@@ -12,6 +12,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from outlierquant.passes.base import constant_array
+
 from outlierquant.calibration.collect import collect_statistics
 from outlierquant.errors import RecipeError
 from outlierquant.passes.split import (
@@ -59,6 +61,12 @@ def test_outlier_selection_threshold_top_k_and_cap():
     assert select_outlier_channels(absmax, value_range, top).tolist() == [3, 7]
     capped = LlmInt8Options(max_share=0.25)  # at most 2 of 8 channels, the largest
     assert select_outlier_channels(absmax, value_range, capped).tolist() == [3, 7]
+    # relative: median max is 4.5, so ratio 2 keeps channels >= 9; scale-free
+    relative = LlmInt8Options(criterion="relative", ratio=2.0)
+    assert select_outlier_channels(absmax, value_range, relative).tolist() == [3, 7]
+    assert select_outlier_channels(absmax * 1e-3, value_range, relative).tolist() == [3, 7]
+    with pytest.raises(ValueError, match="ratio"):
+        LlmInt8Options(criterion="relative", ratio=1.0)
 
 
 def test_splitquant_clusters_partition_the_weight():
@@ -156,6 +164,27 @@ def test_qdq_form_declares_per_token_activations(tiny_llama):
     assert after["DequantizeLinear"] == len(result.record["layers"])  # one int8 weight per layer
     assert after["Round"] == len(result.record["layers"])  # one per-token activation rounding per layer
     assert cosine(reference, outputs(model, evaluation)) > 0.99
+
+
+def test_static_activations_quantize_only_the_inlier_channels(tiny_llama):
+    calibration = synthetic.random_feeds(tiny_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(tiny_llama, 2, seed=2)
+    reference = outputs(load(tiny_llama), evaluation)
+    model, result, _, after = rewrite(tiny_llama, calibration, LlmInt8SplitPass(activations="static", threshold=1.0))
+    record = result.record
+    assert record["form"] == "qdq" and not record["simulated"] and after.get("Round", 0) == 0
+    assert cosine(reference, outputs(model, evaluation)) > 0.99
+    # the inlier inputs (x * keep-mask) get their own calibrated per-tensor QDQ
+    masked = 0
+    for node in model.graph:
+        producer = node.inputs[0].producer() if node.op_type == "QuantizeLinear" else None
+        keep = constant_array(producer.inputs[1]) if producer is not None and producer.op_type == "Mul" else None
+        if keep is not None and set(np.unique(keep)) <= {0.0, 1.0} and keep.min() == 0.0:
+            masked += 1
+            assert float(constant_array(node.inputs[1])) > 0
+    assert masked == sum(1 for layer in record["layers"] if layer["float_channels"]) > 0
+    with pytest.raises(ValueError, match="static"):
+        LlmInt8SplitPass(activations="static", kernels="always")
 
 
 def test_kernel_form_matches_the_standard_form(tiny_llama):

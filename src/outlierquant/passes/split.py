@@ -20,7 +20,12 @@ stretches every token's quantization grid — the whole point of the decompositi
 - ``criterion: threshold`` — channels with calibrated ``max |x_j| >= threshold`` (paper:
   6.0); ``max_share`` caps the share of a layer's channels kept in float (largest first);
 - ``criterion: top_k`` — the ``top_k`` channels with the widest calibrated range
-  ``max x_j − min x_j``.
+  ``max x_j − min x_j``;
+- ``criterion: relative`` — channels with ``max |x_j| >= ratio · median_k max |x_k|``: the
+  absolute 6.0 was set for the activation scale of 6.7B+ models; small models put their
+  norm outputs at other scales (SmolLM2: many late down-projection inputs exceed 6 in
+  most channels, while q/k/v inputs carry outliers of 2-5 that cost per-token
+  resolution), so a multiple of the layer's typical channel is the scale-free form.
 
 The paper's extra condition (the outlier must hit ≥ 25 % of the layers / 6 % of the
 sequence dimensions) needs per-channel exceedance counts, which ``ActivationStats`` does
@@ -62,6 +67,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from outlierquant.calibration.stats import ActivationStats
 from outlierquant.passes.analysis import Linear, analyze_graph
 from outlierquant.passes.base import OutlierPass, constant_array
 
@@ -184,9 +190,12 @@ class LlmInt8Options:
     for CPUs whose u8×s8 GEMM can saturate (no VNNI).
     """
 
-    criterion: Literal["threshold", "top_k"] = "threshold"
+    criterion: Literal["threshold", "top_k", "relative"] = "threshold"
     threshold: float = 6.0
     top_k: int = 0
+    #: ``criterion: relative``: channels whose calibrated max |x_j| reaches this multiple
+    #: of the layer's median channel max (scale-free, unlike the absolute 6.0)
+    ratio: float = 4.0
     max_share: float = 0.0
     quantize: bool = True
     kernels: Literal["auto", "always", "never"] = "auto"
@@ -194,14 +203,20 @@ class LlmInt8Options:
     runtime_threshold: float = 0.0
     exclude: tuple[str, ...] = ()
     reduce_range: bool = False
+    #: the int8 part's activations: ``per_token`` (vector-wise, the paper) or ``static``
+    #: (one calibrated per-tensor scale over the inlier channels; written as QDQ that
+    #: onnxruntime runs as real int8 — the static W8A8 form with float outlier channels)
+    activations: Literal["per_token", "static"] = "per_token"
     #: leave linears whose output is a graph output (the lm_head) in float, as the
     #: transformers / bitsandbytes LLM.int8() integration does by default
     skip_output_layers: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.criterion not in ("threshold", "top_k"):
-            raise ValueError(f"criterion={self.criterion!r}: allowed 'threshold', 'top_k'")
+        if self.criterion not in ("threshold", "top_k", "relative"):
+            raise ValueError(f"criterion={self.criterion!r}: allowed 'threshold', 'top_k', 'relative'")
+        if not self.ratio > 1.0:
+            raise ValueError(f"ratio={self.ratio}: must be > 1")
         if not self.threshold > 0:
             raise ValueError(f"threshold={self.threshold}: must be > 0")
         if self.top_k < 0:
@@ -216,6 +231,10 @@ class LlmInt8Options:
             raise ValueError(f"standard_form={self.standard_form!r}: allowed 'integer', 'qdq'")
         if self.runtime_threshold < 0:
             raise ValueError(f"runtime_threshold={self.runtime_threshold}: must be >= 0 (0: off)")
+        if self.activations not in ("per_token", "static"):
+            raise ValueError(f"activations={self.activations!r}: allowed 'per_token', 'static'")
+        if self.activations == "static" and (self.kernels == "always" or self.runtime_threshold > 0):
+            raise ValueError("activations='static' is written as QDQ: needs kernels auto/never and no runtime_threshold")
         if self.runtime_threshold > 0 and self.standard_form == "qdq":
             raise ValueError("runtime_threshold: needs standard_form 'integer' or the kernel")
 
@@ -228,7 +247,8 @@ def select_outlier_channels(absmax: np.ndarray, value_range: np.ndarray, options
         order = np.argsort(-np.asarray(value_range, dtype=np.float64), kind="stable")
         chosen = order[: min(options.top_k, k)]
     else:
-        chosen = np.flatnonzero(absmax >= options.threshold)
+        limit = options.threshold if options.criterion == "threshold" else options.ratio * float(np.median(absmax))
+        chosen = np.flatnonzero(absmax >= limit)
         chosen = chosen[np.argsort(-absmax[chosen], kind="stable")]
     if options.max_share > 0:
         chosen = chosen[: int(np.floor(options.max_share * k))]
@@ -249,6 +269,8 @@ class LlmInt8SplitPass(OutlierPass):
         options = self.options
         if not options.quantize:
             return "float"
+        if options.activations == "static":
+            return "qdq"
         if options.kernels == "always":
             return "kernel"
         if options.kernels == "auto":
@@ -268,6 +290,7 @@ class LlmInt8SplitPass(OutlierPass):
         layers: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
         declarations = []
+        masked_stats: dict[str, Any] = {}
         total_in = total_float = 0
         for linear in analyze_graph(model).linears:
             reason = splittable(linear)
@@ -293,7 +316,10 @@ class LlmInt8SplitPass(OutlierPass):
                 build, decl = _float_split_builder(weight, channels, label)
                 new_nodes = replace_linear(graph, linear, build, label)
                 if form == "qdq":
-                    declarations.extend(decl(new_nodes))
+                    declared = decl(new_nodes, options.activations)
+                    declarations.extend(declared)
+                    if options.activations == "static":
+                        masked_stats[declared[0].tensor] = _without_channels(st, channels)
             else:
                 build = _mixed_int8_builder(weight, channels, label, form, options, opset)
                 replace_linear(graph, linear, build, label)
@@ -309,7 +335,8 @@ class LlmInt8SplitPass(OutlierPass):
         if declarations:
             from outlierquant.passes.quantize import QuantConfig, insert_qdq
 
-            insert_qdq(model, declarations, None, QuantConfig(activations="per_token", dynamic_matmuls=False))
+            insert_qdq(model, declarations, ActivationStats(masked_stats),
+                       QuantConfig(activations=options.activations, dynamic_matmuls=False))
         if form == "kernel" and layers:
             from outlierquant.custom_ops import DOMAIN
 
@@ -324,8 +351,18 @@ class LlmInt8SplitPass(OutlierPass):
             "float_channel_share": share,
             "float_channels": total_float,
             "input_channels": total_in,
-            "simulated": form == "qdq",
+            "simulated": form == "qdq" and options.activations == "per_token",
         }
+
+
+def _without_channels(stats, channels: np.ndarray):
+    """The statistics of ``x ⊙ m``: the outlier channels read as constant zero."""
+    zeroed = {}
+    for field in ("absmax", "minimum", "maximum", "mean", "mean_sq"):
+        array = np.array(getattr(stats, field), dtype=np.float64, copy=True)
+        array[channels] = 0.0
+        zeroed[field] = array
+    return dataclasses.replace(stats, covariance=None, **zeroed)
 
 
 def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str):
@@ -352,12 +389,12 @@ def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str):
             y = tape.op("Add", [y, outlier])
         return y
 
-    def declarations(nodes: list[ir.Node]):
+    def declarations(nodes: list[ir.Node], mode: str = "per_token"):
         from outlierquant.passes.quantize import TensorQuant
 
         matmul = holder["matmul_out"].producer()
         return [
-            TensorQuant(holder["activation"].name, "activation", "per_token", matmul.name, 0),
+            TensorQuant(holder["activation"].name, "activation", mode, matmul.name, 0),
             TensorQuant(holder["weight"].name, "weight", "per_channel", matmul.name, 1, 1),
         ]
 
