@@ -44,6 +44,7 @@ PASS_CATALOG: dict[str, str] = {
     "adadim": "outlierquant.passes.weight_rounding:AdaDimQuantizePass",
     "quantease": "outlierquant.passes.weight_rounding:QuantEaseRoundPass",
     "weight_only": "outlierquant.passes.weight_only:QuantizeWeightOnlyPass",
+    "olive": "outlierquant.passes.olive:OlivePass",
 }
 
 
