@@ -17,15 +17,20 @@ from outlierquant.errors import CalibrationError, RecipeError
 from outlierquant.passes.analysis import analyze_graph
 from outlierquant.passes.rotate import (
     ONLINE_ROTATION_KEY,
+    QK_ROTATION_KEY,
     OnlineHadamardPass,
     RotateHeadsPass,
+    RotateQueryKeyPass,
     RotateResidualPass,
     SimulateQuantizationPass,
     fake_quantize_weight,
     find_residual_stream,
+    find_score_matmuls,
     hadamard_left_form,
     online_rotation_nodes,
     orthogonal_matrix,
+    outlier_profile,
+    qk_rotation_nodes,
 )
 from outlierquant.recipes import load_recipe, validate_pass_options
 
@@ -133,9 +138,11 @@ def test_options_are_validated_with_the_field_name():
     with pytest.raises(RecipeError, match="activation_bits"):
         validate_pass_options("simulate-quant", {"activation_bits": 3})
     for name in ("quarot-w8a8", "quarot-w4a8", "quarot-w4a4", "mambaquant-w8a8"):
-        recipe = load_recipe(name)
-        assert [spec.name for spec in recipe.passes][:4] == ["canonicalize", "rotate-residual", "rotate-heads",
-                                                             "online-hadamard"]
+        names = [spec.name for spec in load_recipe(name).passes]
+        # R3 only where the recipe quantizes the QKᵀ MatMul's operands (static quarot-w8a8)
+        assert ("rotate-qk" in names) == (name == "quarot-w8a8")
+        names = [n for n in names if n != "rotate-qk"]
+        assert names[:4] == ["canonicalize", "rotate-residual", "rotate-heads", "online-hadamard"]
 
 
 # -- equivalence on exported models ---------------------------------------------------------
@@ -366,3 +373,161 @@ def test_quarot_w4a8_recipe_rounds_with_quantease():
     assert spec.name == "simulate-quant" and spec.options_dict()["weight_rounding"] == "quantease"
     with pytest.raises(RecipeError, match="weight_rounding"):
         validate_pass_options("simulate-quant", {"weight_rounding": "gptq"})
+
+
+# -- R3: queries and keys ----------------------------------------------------------------------
+
+
+def _bypass_qk_rotation(model: ir.Model, side: str) -> int:
+    """Reconnect the readers of every ``side`` rotation to the unrotated tensor; returns how many."""
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    bypassed = 0
+    for node in qk_rotation_nodes(model, side):
+        readers = [use for use in node.outputs[0].uses() if QK_ROTATION_KEY not in use.node.metadata_props]
+        if node.op_type == "Shape" or not readers:
+            continue
+        source = values[node.metadata_props[ONLINE_ROTATION_KEY]]
+        for use in readers:
+            use.node.replace_input_with(use.idx, source)
+        bypassed += 1
+    return bypassed
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "planted_llama", "tiny_opt", "tiny_bert"])
+def test_qk_rotation_after_quarot_is_equivalent(request, fixture):
+    path = request.getfixturevalue(fixture)
+    model = load(path)
+    feeds = synthetic.random_feeds(path, 3, seed=2)
+    reference = outputs(model, feeds)
+    apply(model, *_quarot())
+    scores = find_score_matmuls(model)
+    # one per layer: not the rotary-embedding MatMul, not probs @ V
+    assert len(scores) == 2 and all(s.reason is None and s.head_dim == 16 for s in scores)
+    ops_before = collections.Counter(node.op_type for node in model.graph)
+    result = RotateQueryKeyPass(kernels="standard")(model)
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+    record = result.record
+    assert result.modified and record["form"] == "standard_ops" and not record["skipped"]
+    assert record["inserted_ops"] == 4 and [e["head_dim"] for e in record["rotated"]] == [16, 16]
+    # d = 16 = 4 × 4: Shape, Reshape, MatMul, Transpose, MatMul, Transpose, Reshape per side
+    added = collections.Counter(node.op_type for node in model.graph) - ops_before
+    assert added == {"MatMul": 8, "Transpose": 8, "Reshape": 8, "Shape": 4}
+    assert len(qk_rotation_nodes(model, "query")) == len(qk_rotation_nodes(model, "key")) == 14
+    assert all(node.inputs[0].const_value is not None for node in qk_rotation_nodes(model) if node.op_type == "MatMul")
+    # the score MatMul reads the rotated query; the key is rotated before its Transpose
+    for match in scores:
+        assert QK_ROTATION_KEY in match.node.inputs[0].producer().metadata_props
+        assert match.key_transpose.inputs[0].producer().metadata_props[QK_ROTATION_KEY] == "key"
+
+
+def test_qk_rotation_on_minilm_is_equivalent_on_real_and_random_inputs(minilm_onnx, minilm_feeds):
+    _, heldout = minilm_feeds
+    feeds = heldout[:4] + synthetic.random_feeds(minilm_onnx, 2, seed=3, vocab_size=30000)
+    model = load(minilm_onnx)
+    reference = outputs(model, feeds)
+    record = apply(model, RotateQueryKeyPass(kernels="standard"))[0].record  # (R2/R4 first: tiny_bert above)
+    assert len(record["rotated"]) == 6 and not record["skipped"]  # the BERT scale 1/√√d is computed at run time
+    assert {e["head_dim"] for e in record["rotated"]} == {32}
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+
+
+@pytest.mark.parametrize("options", [{"rotation": "hadamard", "seed": 5}, {"rotation": "random", "seed": 1},
+                                     {"kernels": "auto"}])
+def test_qk_rotation_forms_are_equivalent(tiny_llama, options):
+    from outlierquant import custom_ops
+
+    model = load(tiny_llama)
+    feeds = synthetic.random_feeds(tiny_llama, 2, seed=2)
+    reference = outputs(model, feeds)
+    record = RotateQueryKeyPass(**{"kernels": "standard", **options})(model).record
+    if options.get("kernels") == "auto" and custom_ops.available():
+        assert record["form"] == "custom_kernel"
+        assert collections.Counter(n.op_type for n in model.graph)["HadamardTransform"] == 4
+    if options.get("rotation") == "random":
+        assert record["form"] == "dense_standard_ops"
+    assert len(record["rotated"]) == 2
+    assert relative_error(reference, outputs(model, feeds, kernels=record["form"] == "custom_kernel")) <= RTOL
+
+
+@pytest.mark.parametrize("side", ["query", "key"])
+def test_removing_one_side_of_the_qk_rotation_breaks_equivalence(tiny_llama, side):
+    model = load(tiny_llama)
+    feeds = synthetic.random_feeds(tiny_llama, 2, seed=2)
+    reference = outputs(model, feeds)
+    RotateQueryKeyPass(kernels="standard", seed=1)(model)
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+    again = RotateQueryKeyPass(kernels="standard")(model)
+    assert not again.modified and {e["skipped"] for e in again.record["skipped"]} == {"already rotated by rotate-qk"}
+    assert _bypass_qk_rotation(model, side) == 2
+    assert relative_error(reference, outputs(model, feeds)) > 1e-2
+
+
+def test_qk_rotation_records_the_outlier_profile(planted_llama):
+    model = load(planted_llama)
+    calibration = synthetic.random_feeds(planted_llama, 6, seed=1)
+    rotate = RotateQueryKeyPass(kernels="standard", profile=True)
+    assert rotate.needs_stats and not RotateQueryKeyPass().needs_stats
+    targets = rotate.calibration_targets(model)
+    assert len(targets) == 4 and rotate.covariance_targets(model) == targets
+    stats = collect_statistics(model, calibration, tensors=targets, covariance_for=targets, progress=False)
+    record = rotate.with_stats(stats)(model).record
+    first = record["rotated"][0]
+    assert first["query_outliers"]["before"] == outlier_profile(stats[first["query"]].absmax,
+                                                               stats[first["query"]].mean_sq)
+    # the prediction from the covariance is what the rotated tensors measure on the same data
+    for side in ("query", "key"):
+        match = find_score_matmuls(model)[0]
+        rotated = match.query if side == "query" else match.key
+        after = collect_statistics(model, calibration, tensors=[rotated.name], progress=False)[rotated.name]
+        predicted = first[f"{side}_outliers"]["after_predicted"]["rms_max_median"]
+        assert abs(outlier_profile(None, after.mean_sq)["rms_max_median"] - predicted) < 1e-2
+
+
+def _attention_graph(transposed_key_is_output: bool) -> ir.Model:
+    if transposed_key_is_output:
+        text = """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[1,2,4,8] q, float[1,2,4,8] k) => (float[1,2,4,4] probs, float[1,2,8,4] kt) {
+            kt = Transpose <perm = [0, 1, 3, 2]> (k)
+            scores = MatMul (q, kt)
+            probs = Softmax <axis = -1> (scores)
+        }"""
+    else:
+        text = """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[1,2,4,8] q, float[1,2,8,4] kt) => (float[1,2,4,4] probs) {
+            scores = MatMul (q, kt)
+            probs = Softmax <axis = -1> (scores)
+        }"""
+    return ir.from_onnx_text(text)
+
+
+@pytest.mark.parametrize("shared, reason", [(False, "not produced by a Transpose"), (True, "also read elsewhere")])
+def test_qk_rotation_skips_with_the_reason(shared, reason):
+    model = _attention_graph(shared)
+    nodes = len(list(model.graph))
+    result = RotateQueryKeyPass(kernels="standard")(model)
+    assert not result.modified and not result.record["rotated"]
+    assert len(result.record["skipped"]) == 1 and reason in result.record["skipped"][0]["skipped"]
+    assert len(list(model.graph)) == nodes
+
+
+def test_qk_rotation_options_are_validated():
+    with pytest.raises(RecipeError, match="rotation"):
+        validate_pass_options("rotate-qk", {"rotation": "klt"})
+    with pytest.raises(RecipeError, match="kernels"):
+        validate_pass_options("rotate-qk", {"kernels": "fast"})
+    with pytest.raises(RecipeError, match="kernels"):
+        validate_pass_options("rotate-qk", {"rotation": "random", "kernels": "custom"})
+    with pytest.raises(RecipeError, match="seed"):
+        validate_pass_options("rotate-qk", {"seed": 1.5})
+
+
+@pytest.mark.slow
+def test_smollm2_qk_rotation_is_equivalent(smollm2_onnx):
+    model = load(smollm2_onnx)
+    feeds = synthetic.random_feeds(smollm2_onnx, 2, seq_lens=(7, 12), seed=2, vocab_size=49152)
+    reference = outputs(model, feeds)
+    record = RotateQueryKeyPass(kernels="standard")(model).record
+    assert len(record["rotated"]) == 30 and {e["head_dim"] for e in record["rotated"]} == {64}
+    assert not record["skipped"]
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL

@@ -10,7 +10,7 @@ so a rotation applied to a tensor is undone by the weights that read it. A rotat
 spreads a channel with a huge magnitude over all channels (a normalized Hadamard matrix
 turns ``x = c·e_k`` into ``±c/√d`` everywhere), which removes the channel outliers that
 ruin per-tensor activation quantization, and flattens the weights' rows in the same way.
-Four places take a rotation:
+Four places take a rotation (R1–R4):
 
 **R1 — the residual stream** (:class:`RotateResidualPass`). In a pre-norm decoder every
 tensor added into the residual stream is written by the embedding or by a linear
@@ -44,6 +44,21 @@ orthogonal matrix, or the KLT below.
 Hadamard folds into the V projection's columns and the O projection's rows
 (``W_o ← (I ⊗ H)ᵀ W_o``), GQA included: O's input channel ``j`` carries the V channel
 ``channel_map[j]`` given by the analysis.
+
+**R3 — queries and keys after RoPE** (:class:`RotateQueryKeyPass`). RoPE sits between
+the Q/K projections and the score MatMul, so nothing folds there; an online per-head
+rotation ``H`` (``head_dim × head_dim``) on both operands leaves the scores unchanged::
+
+    (Q H)(K H)ᵀ = Q H Hᵀ Kᵀ = Q Kᵀ
+
+while Q and K lose their outlier channels (what quantizing the ``QKᵀ`` MatMul's operands,
+or a KV cache, suffers from). The score MatMul is found from the graph: both operands are
+activations, its output flows into a last-axis Softmax (through mask/scale ops), and its
+right operand is a Transpose of the key (behind scalar scales) that puts the key's last
+axis on the contraction axis. ``H`` goes on the query operand itself (a scale applied
+to Q before it commutes with ``H``) and on the key *before* its Transpose, so ``Kᵀ``
+becomes ``Hᵀ Kᵀ``. The inserted ops are R4's forms (the kernel or the standard-op
+Kronecker form with constants on the left) and are listed in the record.
 
 **R4 — online Hadamard** (:class:`OnlineHadamardPass`). A linear whose input has no
 producer a rotation folds into — the FFN down projection after ``SiLU(gate) ⊙ up`` or
@@ -102,11 +117,16 @@ __all__ = [
     "OnlineHadamardPass",
     "RotateHeadsOptions",
     "RotateHeadsPass",
+    "RotateQueryKeyOptions",
+    "RotateQueryKeyPass",
     "RotateResidualOptions",
     "RotateResidualPass",
+    "ScoreMatMul",
+    "find_score_matmuls",
     "online_rotation_nodes",
     "orthogonal_matrix",
     "outlier_profile",
+    "qk_rotation_nodes",
 ]
 
 #: metadata key set on every node an online rotation inserts (value: the group input name)
@@ -962,6 +982,316 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
         if candidate is node:
             return i
     raise ValueError(f"node {node.name} is not in the graph")
+
+
+# --------------------------------------------------------------------------------------
+# R3: queries and keys after RoPE
+# --------------------------------------------------------------------------------------
+
+#: metadata key set on the nodes :class:`RotateQueryKeyPass` inserts (value: ``query`` or ``key``)
+QK_ROTATION_KEY = "outlierquant.qk_rotation"
+
+#: ops between the score MatMul and its Softmax (mask, scale, soft-capping, casts)
+_SCORE_TO_SOFTMAX_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Tanh", "Max", "Min", "Clip"}
+#: ops that keep the last axis of their first input (for finding the head size)
+_LAST_AXIS_KEEPING_OPS = {"Add", "Sub", "Mul", "Div", "Neg", "Cast", "Identity", "Where", "Expand", "Unsqueeze",
+                          "Squeeze"}
+
+
+@dataclasses.dataclass
+class ScoreMatMul:
+    """An attention score MatMul ``scores = Q @ Kᵀ`` found from the graph.
+
+    ``key_transpose`` is the Transpose that makes ``Kᵀ`` (its input's last axis is the
+    head size, the contraction axis of the MatMul); ``reason`` says why it is not rotated.
+    """
+
+    node: ir.Node
+    key_transpose: ir.Node | None = None
+    head_dim: int | None = None
+    reason: str | None = None
+
+    @property
+    def query(self) -> ir.Value:
+        return self.node.inputs[0]
+
+    @property
+    def key(self) -> ir.Value | None:
+        return None if self.key_transpose is None else self.key_transpose.inputs[0]
+
+
+def _reaches_softmax(value: ir.Value, depth: int = 6) -> bool:
+    """Whether ``value`` flows into a last-axis Softmax through mask/scale/cast ops only."""
+    for use in value.uses():
+        node = use.node
+        if node.domain != "":
+            continue
+        if node.op_type == "Softmax":
+            axis = node.attributes.get_int("axis", -1)
+            if axis == -1 or (value.shape is not None and axis == len(value.shape) - 1):
+                return True
+            continue
+        if depth > 0 and node.op_type in _SCORE_TO_SOFTMAX_OPS and _reaches_softmax(node.outputs[0], depth - 1):
+            return True
+    return False
+
+
+def _key_transpose(value: ir.Value, ranks: dict) -> tuple[ir.Node | None, str | None]:
+    """The Transpose producing ``Kᵀ`` behind scalar scales and casts, or why there is none.
+
+    A scale may be any tensor of rank 0 or 1 (BERT exports compute ``1/√√d`` from the
+    shape at run time): broadcast against ``Kᵀ [..., d, S]`` it varies along ``S`` at
+    most, so it commutes with a rotation of the ``d`` axis. Every value from the
+    Transpose to the MatMul must have that one use, so that rotating the Transpose's input
+    changes nothing but this score MatMul.
+    """
+
+    def scalar(v: ir.Value | None) -> bool:
+        return v is not None and (_is_scalar_constant(v) or ranks.get(v) in (0, 1))
+
+    current = value
+    for _ in range(8):
+        node = current.producer()
+        if node is None or node.domain != "":
+            return None, f"the key operand {value.name!r} is not produced by a Transpose"
+        if len(current.uses()) != 1 or current.is_graph_output():
+            return None, f"the key operand path {current.name!r} is also read elsewhere"
+        if node.op_type == "Transpose":
+            perm = node.attributes.get_ints("perm", None)
+            if perm is None or len(perm) < 2 or perm[-2] != len(perm) - 1:
+                return None, f"Transpose {node.name} does not move the key's last axis to the contraction axis"
+            return node, None
+        if node.op_type in ("Cast", "Identity"):
+            current = node.inputs[0]
+            continue
+        if node.op_type in ("Mul", "Div") and scalar(node.inputs[1]):
+            current = node.inputs[0]
+            continue
+        if node.op_type == "Mul" and scalar(node.inputs[0]):
+            current = node.inputs[1]
+            continue
+        return None, f"the key operand comes from {node.op_type} {node.name}, not a transposed key"
+    return None, f"no Transpose within 8 ops of the key operand {value.name!r}"
+
+
+def _last_axis_size(value: ir.Value, ranks: dict, depth: int = 12) -> int | None:
+    """The static size of ``value``'s last axis: from its shape, else from the head-splitting
+    Reshape found upstream through ops that keep the last axis."""
+    from outlierquant.passes.analysis import _evaluate_shape, _is_int
+
+    seen: set[int] = set()
+    frontier = [value]
+    for _ in range(depth):
+        following = []
+        for current in frontier:
+            if current is None or id(current) in seen or is_constant(current):
+                continue
+            seen.add(id(current))
+            if current.shape is not None and len(current.shape) and _is_int(current.shape[-1]):
+                return int(current.shape[-1])
+            node = current.producer()
+            if node is None or node.domain != "":
+                continue
+            op = node.op_type
+            if op == "Reshape":
+                target = _evaluate_shape(node.inputs[1], {}, ranks)
+                if target is not None and target.ndim == 1 and len(target) and _is_int(target[-1]) \
+                        and int(target[-1]) > 0:
+                    return int(target[-1])
+            elif op == "Transpose":
+                perm = node.attributes.get_ints("perm", None)
+                if perm is not None and perm[-1] == len(perm) - 1:
+                    following.append(node.inputs[0])
+            elif op == "Where":
+                following.extend(node.inputs[1:])
+            elif op in ("Expand", "Unsqueeze", "Squeeze"):
+                following.append(node.inputs[0])
+            elif op in _LAST_AXIS_KEEPING_OPS:
+                following.extend(node.inputs)
+        frontier = following
+    return None
+
+
+def find_score_matmuls(model: ir.Model) -> list[ScoreMatMul]:
+    """Every attention score MatMul: both operands activations and the output flowing into
+    a Softmax over the last axis; with the key's Transpose and the head size, or a reason."""
+    from outlierquant.passes.analysis import _propagate_ranks
+
+    ranks = _propagate_ranks(model.graph, list(model.graph))
+    found = []
+    for node in model.graph:
+        if node.domain != "" or node.op_type != "MatMul" or len(node.inputs) != 2:
+            continue
+        if any(v is None or is_constant(v) for v in node.inputs) or not _reaches_softmax(node.outputs[0]):
+            continue
+        match = ScoreMatMul(node)
+        found.append(match)
+        match.key_transpose, match.reason = _key_transpose(node.inputs[1], ranks)
+        if match.reason is not None:
+            continue
+        producer = match.query.producer()
+        if producer is not None and QK_ROTATION_KEY in producer.metadata_props:
+            match.reason = "already rotated by rotate-qk"
+            continue
+        query_dim, key_dim = _last_axis_size(match.query, ranks), _last_axis_size(match.key, ranks)
+        if query_dim is None and key_dim is None:
+            match.reason = "head size not found on the query or key path"
+        elif query_dim is not None and key_dim is not None and query_dim != key_dim:
+            match.reason = f"query head size {query_dim} differs from the key's {key_dim}"
+        else:
+            match.head_dim = query_dim if query_dim is not None else key_dim
+    return found
+
+
+def _dense_left_form(model: ir.Model, x: ir.Value, rotation: np.ndarray, name: str) -> tuple[list[ir.Node], ir.Value]:
+    """``x @ R`` on the last axis of a tensor of any rank as ``(Rᵀ (x_2d)ᵀ)ᵀ``: the constant
+    is the left operand, so no quantizer reads it as a linear layer's weight."""
+    graph = model.graph
+    dim = rotation.shape[0]
+    nodes: list[ir.Node] = []
+
+    def op(op_type, *inputs, **attributes):
+        node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None,
+                       name=f"{name}/{op_type}_{len(nodes)}", metadata_props={ONLINE_ROTATION_KEY: x.name or ""})
+        node.outputs[0].name = f"{name}/{op_type}_{len(nodes)}_output"
+        nodes.append(node)
+        return node.outputs[0]
+
+    shape = op("Shape", x)
+    rows = op("Reshape", x, add_initializer(graph, f"{name}_rows", np.array([-1, dim], dtype=np.int64)))
+    columns = op("Transpose", rows, perm=[1, 0])
+    rotated = op("MatMul", add_initializer(graph, f"{name}_matrix", rotation.T.astype(np.float32)), columns)
+    out = op("Reshape", op("Transpose", rotated, perm=[1, 0]), shape)
+    out.type = x.type
+    out.shape = x.shape
+    return nodes, out
+
+
+@dataclasses.dataclass(frozen=True)
+class RotateQueryKeyOptions:
+    """Options of :class:`RotateQueryKeyPass`.
+
+    ``rotation``: ``hadamard`` (``M ⊗ H_n/√n``, with random signs when ``seed`` is not 0)
+    or ``random`` (Haar, a dense constant MatMul; standard ops only). ``kernels``:
+    ``auto`` (the custom HadamardTransform kernel when available), ``standard`` or
+    ``custom`` (error when unavailable), as :class:`OnlineHadamardOptions`. ``profile``:
+    collect calibration statistics of Q and K to record their outlier profile before and
+    (predicted) after the rotation.
+    """
+
+    rotation: Literal["hadamard", "random"] = "hadamard"
+    kernels: Literal["auto", "standard", "custom"] = "auto"
+    seed: int = 0
+    profile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rotation not in ("hadamard", "random"):
+            raise ValueError(f"rotation={self.rotation!r}: allowed 'hadamard', 'random'")
+        if self.kernels not in ("auto", "standard", "custom"):
+            raise ValueError(f"kernels={self.kernels!r}: allowed 'auto', 'standard', 'custom'")
+        if self.rotation == "random" and self.kernels == "custom":
+            raise ValueError("kernels='custom' needs rotation='hadamard' (a random rotation has no kernel)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed={self.seed!r}: must be an integer")
+        if not isinstance(self.profile, bool):
+            raise ValueError(f"profile={self.profile!r}: must be true or false")
+
+
+class RotateQueryKeyPass(OutlierPass):
+    """R3: the same online per-head rotation on the queries and on the keys after RoPE."""
+
+    name = "rotate-qk"
+    claims_equivalence = True
+    needs_covariance = True
+    options_type = RotateQueryKeyOptions
+
+    @property
+    def needs_stats(self) -> bool:  # type: ignore[override]
+        return self.options.profile
+
+    def use_kernel(self) -> bool:
+        if self.options.rotation != "hadamard":
+            return False
+        return OnlineHadamardPass(kernels=self.options.kernels).use_kernel()
+
+    def calibration_targets(self, model: ir.Model) -> list:
+        return [name for match in find_score_matmuls(model) if match.head_dim is not None
+                for name in (match.query.name, match.key.name)]
+
+    def covariance_targets(self, model: ir.Model) -> list[str]:
+        return self.calibration_targets(model)
+
+    def _rotation(self, dim: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``(R, block, signs)`` with ``x ← x R``; ``R = diag(signs) (M ⊗ H_n/√n)`` for Hadamard."""
+        from outlierquant.custom_ops.reference import hadamard_rotation
+
+        rng = np.random.default_rng(self.options.seed)
+        if self.options.rotation == "random":
+            return random_orthogonal(dim, rng), None, None
+        block = hadamard_block(dim)
+        rotation = hadamard_rotation(dim, block)
+        signs = rng.choice([-1.0, 1.0], size=dim) if self.options.seed else None
+        if signs is not None:
+            rotation = signs[:, None] * rotation
+        return rotation, block, signs
+
+    def _insert(self, model: ir.Model, x: ir.Value, dim: int, kernel: bool, anchor: ir.Node, side: str,
+                name: str) -> ir.Value:
+        rotation, block, signs = self._rotation(dim)
+        if self.options.rotation == "random":
+            nodes, out = _dense_left_form(model, x, rotation, name)
+        elif kernel:
+            nodes, out = hadamard_kernel_node(model, x, block, name, signs)
+        else:
+            nodes, out = hadamard_left_form(model, x, dim, block, name, signs)
+        for node in nodes:
+            node.metadata_props[QK_ROTATION_KEY] = side
+        model.graph.insert_before(anchor, nodes)
+        return out
+
+    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        kernel = self.use_kernel()
+        rotated, skipped = [], []
+        for index, match in enumerate(find_score_matmuls(model)):
+            label = match.node.name
+            if match.reason is not None:
+                skipped.append({"scores": label, "skipped": match.reason})
+                continue
+            if match.query.dtype not in (None, ir.DataType.FLOAT):
+                skipped.append({"scores": label, "skipped": f"query dtype {match.query.dtype} is not float32"})
+                continue
+            dim = match.head_dim
+            entry: dict[str, Any] = {"scores": label, "head_dim": dim, "query": match.query.name,
+                                     "key": match.key.name}
+            rotation = self._rotation(dim)[0]
+            for side, value in (("query", match.query), ("key", match.key)):
+                stats = self.stats.get(value.name) if self.stats is not None else None
+                if stats is not None and len(stats.absmax) == dim:
+                    entry[f"{side}_outliers"] = _profile_entry(stats, rotation)
+            query = self._insert(model, match.query, dim, kernel, match.node, "query", f"qk_rotation_{index}_query")
+            match.node.replace_input_with(0, query)
+            key = self._insert(model, match.key, dim, kernel, match.key_transpose, "key", f"qk_rotation_{index}_key")
+            match.key_transpose.replace_input_with(0, key)
+            rotated.append(entry)
+        form = "dense_standard_ops" if self.options.rotation == "random" else (
+            "custom_kernel" if kernel else "standard_ops")
+        record = {
+            "rotation": self.options.rotation,
+            "seed": self.options.seed,
+            "form": form,
+            "rotated": rotated,
+            "skipped": skipped,
+            "inserted_ops": 2 * len(rotated),
+        }
+        logger.info("rotate-qk: %d score MatMuls get an online rotation of Q and K (%s), %d skipped",
+                    len(rotated), form, len(skipped))
+        return bool(rotated), record
+
+
+def qk_rotation_nodes(model: ir.Model, side: str | None = None) -> list[ir.Node]:
+    """The nodes :class:`RotateQueryKeyPass` inserted (``side``: ``query``, ``key`` or both)."""
+    return [node for node in model.graph if QK_ROTATION_KEY in node.metadata_props
+            and (side is None or node.metadata_props[QK_ROTATION_KEY] == side)]
 
 
 # --------------------------------------------------------------------------------------

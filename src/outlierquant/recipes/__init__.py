@@ -37,6 +37,7 @@ PASS_CATALOG: dict[str, str] = {
     "rotate-residual": "outlierquant.passes.rotate:RotateResidualPass",
     "rotate-heads": "outlierquant.passes.rotate:RotateHeadsPass",
     "online-hadamard": "outlierquant.passes.rotate:OnlineHadamardPass",
+    "rotate-qk": "outlierquant.passes.rotate:RotateQueryKeyPass",
     "simulate-quant": "outlierquant.passes.rotate:SimulateQuantizationPass",
     "llm_int8": "outlierquant.passes.split:LlmInt8SplitPass",
     "splitquant": "outlierquant.passes.split:SplitQuantPass",
