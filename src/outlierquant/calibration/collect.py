@@ -787,3 +787,90 @@ def _batch_rows(feed: Mapping[str, np.ndarray]) -> int:
         if array.ndim >= 1:
             return int(array.shape[0])
     return 1
+
+
+# ---------------------------------------------------------------------------------------
+# Capturing activation rows (for passes that learn on activations)
+
+
+class _EvenRows:
+    """At most ``2·cap`` rows of one tensor, kept at an even stride over everything seen.
+
+    Row ``g`` (counted over all runs) is kept when ``g % stride == 0``; when more than
+    ``2·cap`` rows are kept, every other one is dropped and the stride doubles, so memory
+    stays bounded and the kept rows stay evenly spread over the calibration data.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.stride = 1
+        self.seen = 0
+        self.chunks: list[np.ndarray] = []
+        self.kept = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        first = (-self.seen) % self.stride
+        picked = rows[first :: self.stride]
+        self.seen += rows.shape[0]
+        if picked.shape[0]:
+            self.chunks.append(np.array(picked, dtype=np.float32))
+            self.kept += picked.shape[0]
+        if self.kept > 2 * self.cap:
+            merged = np.concatenate(self.chunks)[::2]
+            self.chunks, self.kept = [merged], merged.shape[0]
+            self.stride *= 2
+
+    def rows(self) -> np.ndarray:
+        merged = np.concatenate(self.chunks)
+        if merged.shape[0] > self.cap:
+            merged = merged[np.linspace(0, merged.shape[0] - 1, self.cap).round().astype(np.int64)]
+        return merged
+
+
+def capture_activations(
+    model: ir.Model,
+    feeds: Any,
+    tensors: Sequence[str],
+    *,
+    max_rows: int = 2048,
+    session_options: Any = None,
+    providers: Sequence[Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """The rows ``[n, C]`` of each named tensor over ``feeds``: at most ``max_rows``, evenly sampled.
+
+    The channel axis is the one its consuming linear reduces over (as for
+    :func:`collect_statistics`); padded positions (``attention_mask`` zeros) are dropped.
+    The tensors are read as extra outputs of one session built from the serialized model
+    (the caller's model is not modified). Returns float32 arrays keyed by tensor name.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows={max_rows!r}: must be >= 1")
+    targets = _resolve_targets(model, tensors)
+    specs = _input_specs(model)
+    fetched = [t.tensor for t in targets if t.tensor not in specs]
+    keepers = {t.tensor: _EvenRows(max_rows) for t in targets}
+    axes = {t.tensor: t.channel_axis for t in targets}
+    samples = 0
+    with contextlib.ExitStack() as stack:
+        session = _create_session(model, fetched, session_options, providers, stack)
+        for index, raw in enumerate(_iterate_feeds(feeds)):
+            feed = _check_feed(index, raw, specs)
+            for piece in _unpad(feed) or [feed]:
+                samples += 1
+                mask = piece.get("attention_mask")
+                if mask is not None and (mask.ndim != 2 or mask.all()):
+                    mask = None
+                arrays = dict(zip(fetched, session.run(fetched, piece))) if fetched else {}
+                for name, keeper in keepers.items():
+                    array = arrays[name] if name in arrays else piece[name]
+                    axis = axes[name] % max(array.ndim, 1)
+                    rows = _masked_rows(array, axis, mask) if mask is not None else None
+                    if rows is None:
+                        rows = _rows(array, axis)
+                    if not np.isfinite(rows).all():
+                        raise CalibrationError(f"calibration sample {index}: tensor {name!r} has NaN/Inf")
+                    keeper.add(rows)
+                del arrays
+    if not samples:
+        raise CalibrationError("calibration data is empty: the feeds produced no samples")
+    return {name: keeper.rows() for name, keeper in keepers.items()}

@@ -39,6 +39,7 @@ PASS_CATALOG: dict[str, str] = {
     "online-hadamard": "outlierquant.passes.rotate:OnlineHadamardPass",
     "rotate-qk": "outlierquant.passes.rotate:RotateQueryKeyPass",
     "simulate-quant": "outlierquant.passes.rotate:SimulateQuantizationPass",
+    "flatquant": "outlierquant.passes.flatquant:FlatQuantPass",
     "llm_int8": "outlierquant.passes.split:LlmInt8SplitPass",
     "splitquant": "outlierquant.passes.split:SplitQuantPass",
     "qllm_disassemble": "outlierquant.passes.disassemble:DisassembleChannelsPass",
