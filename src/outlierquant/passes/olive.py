@@ -57,7 +57,6 @@ with everything beyond the int range clipped, to show what the pairs buy.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -392,27 +391,9 @@ class OlivePass(OutlierPass):
                 raise RuntimeError("olive: activation_scale='mse' needs calibration feeds "
                                    "(the pipeline hands them over; or call with_feeds)")
             return {}
-        from outlierquant.calibration.collect import _create_session
+        from outlierquant.calibration.collect import capture_activations
 
-        inputs = {v.name for v in model.graph.inputs}
-        fetched = [n for n in names if n not in inputs]
-        per_feed = max(1, self.options.activation_sample_rows // len(self.feeds))
-        rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        with contextlib.ExitStack() as stack:
-            session = _create_session(model, fetched, None, None, stack)
-            for feed in self.feeds:
-                results = dict(zip(fetched, session.run(fetched, feed))) if fetched else {}
-                mask = feed.get("attention_mask")
-                for name in names:
-                    array = results[name] if name in results else feed[name]
-                    if mask is not None and array.ndim >= 3 and array.shape[:2] == mask.shape:
-                        flat = array[mask.astype(bool)]
-                    else:
-                        flat = array.reshape(-1, array.shape[-1])
-                    if len(flat) > per_feed:
-                        flat = flat[np.linspace(0, len(flat) - 1, per_feed).astype(int)]
-                    rows[name].append(flat.astype(np.float32))
-        return {n: np.concatenate(r)[: self.options.activation_sample_rows] for n, r in rows.items() if r}
+        return capture_activations(model, self.feeds, names, max_rows=self.options.activation_sample_rows)
 
     def _activation_nodes(self, model: ir.Model, x: ir.Value, anchor: ir.Node, scale: float, k: int) -> ir.Value:
         """Insert the OVP fake-quantizer of ``x`` before ``anchor``; return its output."""
