@@ -83,6 +83,66 @@ def test_options_are_validated_with_the_field_name():
     assert load_recipe("smoothquant-w8a8").passes[1].name == "smoothquant"
 
 
+def test_weight_only_full_covariance_score_is_the_measured_output_error():
+    """SmoothQuant+ scores α by tr(E'ᵀ Σ_s E'), the exact mean squared output error of the group."""
+    from outlierquant.calibration.stats import ChannelStats
+    from outlierquant.passes.smooth import smoothed_weight_error
+
+    rng = np.random.default_rng(2)
+    k = 64
+    x = rng.normal(size=(2048, k)) @ (np.eye(k) + 0.5 * rng.normal(size=(k, k)) / 8) + 0.3
+    x[:, 5] *= 40.0
+    st = ChannelStats.empty(k, -1, covariance=True)
+    st.update(x)
+    weights = [rng.normal(size=(k, 24)), rng.normal(size=(k, 40))]
+    sigma = st.covariance + np.outer(st.mean, st.mean)
+    ratios = (1.0, 0.9, 0.8)
+    for alpha in (0.0, 0.5, 0.8):
+        s = smoothing_scales(st.absmax, weights, alpha)
+        measured = 0.0
+        for w in weights:  # quantize diag(s)·W, undo s on the input side, measure on x
+            w_hat = (w * s[:, None] + smoothed_weight_error(w, s, 4, 32, st.mean_sq / s**2, ratios)) / s[:, None]
+            measured += float((((x @ w_hat) - x @ w) ** 2).sum(axis=1).mean())
+        scored = estimated_output_error(st, weights, s, activation_bits=0, weight_bits=4, weight_block=32,
+                                        sigma=sigma, clip_ratios=ratios)
+        assert scored == pytest.approx(measured, rel=1e-6)
+    # the diagonal estimate ignores the channel correlations and the mean: it differs
+    diagonal = estimated_output_error(st, weights, s, activation_bits=0, weight_bits=4, weight_block=32,
+                                      clip_ratios=ratios)
+    assert diagonal != pytest.approx(measured, rel=1e-3)
+    with pytest.raises(ValueError, match="sigma"):
+        estimated_output_error(st, weights, s, activation_bits=8, sigma=sigma)
+
+
+def test_weight_only_options_leave_w8a8_alone():
+    plain = SmoothQuantPass(alpha=0.5)
+    assert not plain.needs_covariance and plain.covariance_targets(None) == []
+    with pytest.raises(ValueError, match="full_covariance"):
+        SmoothQuantOptions(full_covariance=True)  # activation_bits 8
+    with pytest.raises(ValueError, match="clip_ratios"):
+        SmoothQuantOptions(clip_ratios=(1.0, 0.9))
+    with pytest.raises(ValueError, match="clip_ratios"):
+        SmoothQuantOptions(activation_bits=0, weight_bits=4, weight_block=32, clip_ratios=(1.2,))
+    plus = SmoothQuantPass(alpha="search", weight_bits=4, weight_block=32, activation_bits=0, full_covariance=True)
+    assert plus.needs_covariance
+
+
+def test_smoothquant_plus_full_covariance_is_equivalent(tiny_llama):
+    calibration = synthetic.random_feeds(tiny_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(tiny_llama, 3, seed=2)
+    model = load(tiny_llama)
+    reference = outputs(model, evaluation)
+    pass_ = SmoothQuantPass(alpha="search", weight_bits=4, weight_block=32, activation_bits=0, full_covariance=True,
+                            clip_ratios=(1.0, 0.9, 0.8))
+    targets = pass_.covariance_targets(model)
+    assert len(targets) == 9
+    stats = collect_statistics(model, calibration, covariance_for=targets, progress=False)
+    result = pass_.with_stats(stats)(model)
+    assert result.modified
+    assert not any("covariance" in g for g in result.record["groups"])  # the full Σ was there
+    assert_equivalent(reference, outputs(model, evaluation))
+
+
 # -- equivalence on exported decoders and encoders -------------------------------------------------
 
 

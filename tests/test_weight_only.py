@@ -191,11 +191,13 @@ def test_recipes_load():
     rtn = load_recipe("rtn-w4a16")
     assert [s.name for s in rtn.passes] == ["canonicalize", "weight_only"]
     plus = load_recipe("smoothquant+-w4a16")
-    assert [s.name for s in plus.passes] == ["canonicalize", "smoothquant", "weight_only"]
+    assert [s.name for s in plus.passes] == ["canonicalize", "smoothquant", "quantease"]
     smooth = plus.passes[1].options_dict()
     assert (smooth["weight_bits"], smooth["weight_block"], smooth["activation_bits"]) == (4, 32, 0)
+    assert smooth["full_covariance"] and plus.passes[2].options_dict()["group_size"] == 32
 
 
+@pytest.mark.slow
 def test_minilm_w4a16_recipes(minilm_onnx, tmp_path):
     """SmoothQuant+ beats plain RTN on held-out sentences; both are MatMulNBits-only models."""
     from outlierquant.evaluate.validate import validate

@@ -191,3 +191,146 @@ def test_options_and_recipes():
     for name, pass_name in (("adadim-w4a16", "adadim"), ("quantease-w4a16", "quantease"),
                             ("quantease-w3a16", "quantease")):
         assert load_recipe(name).passes[1].name == pass_name
+
+
+# -- scale refit, warm start, the shared writer, the float side path ---------------------------
+
+
+def test_scale_refit_is_the_least_squares_optimum_and_refits_never_worsen():
+    from outlierquant.passes.weight_rounding import GroupGrid, refit_scales
+
+    rng = np.random.default_rng(6)
+    x = activations(rng, outlier=[3], scale=20.0)
+    weight = rng.normal(size=(K, N))
+    sigma, _ = second_moment(stats_of(x)["x"])
+    grid = group_grid(weight, "per_oc", 32, 4, row_weight=np.diag(sigma), clip_ratios=(1.0, 0.9, 0.8))
+    q = quantease_round(weight, sigma, grid, iterations=6)
+    before = output_error(_dequantize(q, grid) - weight, sigma)
+    refitted = refit_scales(weight, sigma, q, grid)
+    assert np.array_equal(refitted.zero, grid.zero) and not np.array_equal(refitted.scale, grid.scale)
+    after = output_error(_dequantize(q, refitted) - weight, sigma)
+    assert after < before
+    for _ in range(4):  # a stationary point: any small change of the scales costs error
+        noisy = refitted.scale * (1 + 1e-3 * rng.normal(size=refitted.scale.shape))
+        jittered = GroupGrid("per_oc", 32, 4, noisy.astype(np.float32), refitted.zero)
+        assert output_error(_dequantize(q, jittered) - weight, sigma) > after
+    # warm-started sweeps from the current levels only go down
+    q2 = quantease_round(weight, sigma, refitted, iterations=6, levels=q)
+    assert output_error(_dequantize(q2, refitted) - weight, sigma) <= after
+    with pytest.raises(ValueError, match="per_oc"):
+        refit_scales(weight, sigma, q, group_grid(weight, "per_ic", 32, 4))
+
+
+def test_scale_refits_option_lowers_the_pass_error():
+    rng = np.random.default_rng(7)
+    x = activations(rng, outlier=[9], scale=15.0)
+    weight = rng.normal(size=(K, N)).astype(np.float32)
+    stats = stats_of(x)
+    errors = {}
+    for refits in (0, 2):
+        model = one_linear_model(weight)
+        result = QuantEaseRoundPass(iterations=4, scale_refits=refits).with_stats(stats)(model)
+        errors[refits] = result.record["layers"][0]["relative_output_error"]
+        y = run(model, x[:64])
+        measured = float(((y - x[:64] @ weight) ** 2).sum(axis=1).mean())
+        assert measured > 0
+    assert errors[2] < errors[0]
+
+
+def test_rtn_and_quantease_share_one_matmul_nbits_writer():
+    from outlierquant.passes.weight_only import BlockwiseWeight, matmul_nbits_tensors
+
+    rng = np.random.default_rng(8)
+    x = activations(rng, rows=256)
+    weight = rng.normal(size=(K, N)).astype(np.float32)
+    for bits in (3, 4):
+        model = one_linear_model(weight)
+        QuantEaseRoundPass(bits=bits, iterations=2).with_stats(stats_of(x))(model)
+        node = next(n for n in model.graph if n.op_type == "MatMulNBits")
+        assert node.attributes["bits"].as_int() == 4  # 3-bit levels travel in 4-bit containers
+        levels = None
+        initializers = {v.name.rsplit("_", 1)[-1]: v.const_value.numpy() for v in node.inputs[1:]}
+        # decode B back to levels and re-encode through weight_only's writer: identical bytes
+        from outlierquant.passes.weight_only import unpack_levels
+
+        b = initializers["B"]
+        levels = unpack_levels(b, 4, 32).reshape(N, -1).T[:K]
+        zero = unpack_levels(initializers["points"].reshape(N, -1), 4, K // 32).T
+        from outlierquant.passes.weight_rounding import GroupGrid
+
+        grid = GroupGrid("per_oc", 32, bits, initializers["scales"].reshape(N, -1).T.copy(), zero)
+        tensors = matmul_nbits_tensors(BlockwiseWeight(levels, grid, symmetric=False))
+        np.testing.assert_array_equal(tensors["B"], b)
+        np.testing.assert_array_equal(tensors["zero_points"], initializers["points"])
+        assert levels.max() <= 2**bits - 1
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_outlier_path_keeps_exactly_the_chosen_weights_in_float(bits):
+    from outlierquant.passes.weight_rounding import select_outlier_weights
+
+    rng = np.random.default_rng(9)
+    x = activations(rng, outlier=[7, 40], scale=30.0)
+    weight = rng.standard_t(2.5, size=(K, N)).astype(np.float32)
+    stats = stats_of(x)
+    fraction = 0.01
+    model = one_linear_model(weight)
+    result = QuantEaseRoundPass(bits=bits, iterations=3, outlier_fraction=fraction).with_stats(stats)(model)
+    sigma, _ = second_moment(stats["x"], 0.01)
+    chosen = select_outlier_weights(weight.astype(np.float64), np.diag(sigma), fraction)
+    assert chosen.sum() == int(np.ceil(fraction * K * N)) == result.record["layers"][0]["float_weights"]
+    nodes = {n.op_type: n for n in model.graph}
+    rows = nodes["Gather"].inputs[1].const_value.numpy()
+    side = nodes["MatMul"].inputs[1].const_value.numpy()
+    np.testing.assert_array_equal(rows, np.flatnonzero(chosen.any(axis=1)))
+    full_side = np.zeros((K, N), np.float32)
+    full_side[rows] = side
+    assert np.array_equal(full_side != 0, chosen)  # float exactly where chosen, nowhere else
+    # the int4 path holds the zero point there, so int4 + float reproduces W on the chosen
+    # weights and the dequantized grid value everywhere else
+    combined = run(model, np.eye(K, dtype=np.float32))  # the effective weight Ŵ + H, row by row
+    int_part = combined - full_side
+    np.testing.assert_allclose(combined[chosen], weight[chosen], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(int_part[chosen], 0.0, atol=1e-6)
+    # elsewhere the int path is on the group grid: few distinct values per (group, column)
+    for g in range(K // 32):
+        column = int_part[g * 32:(g + 1) * 32, 0]
+        assert len(np.unique(np.round(column, 6))) <= 2**bits
+
+
+def test_bias_correction_removes_the_mean_output_error():
+    rng = np.random.default_rng(10)
+    x = activations(rng) + rng.normal(size=K).astype(np.float32) * 3.0  # channels with a large mean
+    weight = rng.normal(size=(K, N)).astype(np.float32)
+    bias = rng.normal(size=N).astype(np.float32)
+    stats = stats_of(x)
+    mean_error, total = {}, {}
+    for correct in (False, True):
+        proto = ir.serde.serialize_model(one_linear_model(weight))
+        proto.graph.node[0].output[0] = "xw"
+        proto.graph.node.append(helper.make_node("Add", ["xw", "b"], ["y"], name="bias"))
+        proto.graph.initializer.append(numpy_helper.from_array(bias, "b"))
+        model = ir.serde.deserialize_model(proto)
+        result = QuantEaseRoundPass(iterations=3, bias_correction=correct).with_stats(stats)(model)
+        error = run(model, x) - (x @ weight + bias)
+        mean_error[correct] = float(np.abs(error.mean(axis=0)).max())
+        total[correct] = float((error**2).sum(axis=1).mean())
+        if correct:
+            assert result.record["layers"][0]["bias_correction"] == "folded"
+            ops = collections.Counter(n.op_type for n in model.graph)
+            assert ops["Add"] == 1  # folded into the existing bias, no node added
+    assert mean_error[True] < 1e-3 * max(mean_error[False], 1e-9) + 1e-4
+    assert total[True] < total[False]
+    # without a bias to fold into, an Add carries the correction
+    model = one_linear_model(weight)
+    result = QuantEaseRoundPass(iterations=3, bias_correction=True).with_stats(stats)(model)
+    assert result.record["layers"][0]["bias_correction"] == "inserted Add"
+    assert float(np.abs((run(model, x) - x @ weight).mean(axis=0)).max()) < 1e-3
+
+
+def test_refit_options_are_validated():
+    with pytest.raises(ValueError, match="scale_refits"):
+        QuantEaseOptions(scale_refits=-1)
+    with pytest.raises(ValueError, match="scale_refits"):
+        AdaDimOptions(scale_refits=1, rounding="rtn")
+    assert AdaDimOptions(scale_refits=1, rounding="quantease").scale_refits == 1

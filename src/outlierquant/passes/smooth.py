@@ -37,6 +37,18 @@ by the channel's mean square. Channels are treated as uncorrelated; the estimate
 no extra pass over the data and ranks α the same way the measured error does on the
 models we tried (see ``benchmarks/bench_recipes.py``).
 
+SmoothQuant+ (weight-only, ``activation_bits: 0``): the activations stay float, so the
+only error is the weights'. With ``full_covariance`` the pass asks the pipeline for the
+input covariance of every group and scores α by the exact mean squared output error of
+the group on the calibration activations::
+
+    err(α) = Σ_i tr(E'_iᵀ Σ_s E'_i),   Σ_s = diag(s)⁻¹ Σ diag(s)⁻¹ = E[(x/s)(x/s)ᵀ]
+
+(``E'_i`` the rounding error of the smoothed weight ``diag(s)·W_i``, ``Σ = E[x xᵀ]``),
+and ``clip_ratios`` lets the scored rounding shrink each block's range as the
+``weight_only`` pass will (its ``E[(x/s)²]``-weighted clip search). Defaults keep the
+diagonal, unclipped estimate above.
+
 Shared helpers used by the shift and rescale passes live here too: the error model,
 :func:`fold_into_producer` / :func:`scale_consumers`.
 """
@@ -86,6 +98,10 @@ class SmoothQuantOptions:
     ``v_to_o``, ``up_to_down``, ``none``). ``weight_bits`` / ``weight_block``: the weight
     format the α search assumes (8-bit per channel for W8A8; 4 bits in blocks of 32 for
     weight-only). ``activation_bits``: 0 means activations stay float (weight-only).
+    ``full_covariance`` (weight-only only): score α with the full smoothed second moment
+    (module docstring; the pipeline then collects the group input covariances).
+    ``clip_ratios``: block range shrink factors the scored weight rounding searches
+    (weight-only with ``weight_block`` > 0 only; ``[1.0]``: plain min/max).
     """
 
     alpha: float | str = 0.5
@@ -95,6 +111,8 @@ class SmoothQuantOptions:
     weight_bits: int = 8
     weight_block: int = 0
     activation_bits: int = 8
+    full_covariance: bool = False
+    clip_ratios: tuple[float, ...] = (1.0,)
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -115,6 +133,12 @@ class SmoothQuantOptions:
             raise ValueError(f"activation_bits={self.activation_bits}: allowed 0 (float), 8")
         if self.weight_block < 0:
             raise ValueError(f"weight_block={self.weight_block}: must be >= 0 (0: per output channel)")
+        if self.full_covariance and self.activation_bits != 0:
+            raise ValueError("full_covariance: only for weight-only smoothing (activation_bits: 0)")
+        if not self.clip_ratios or any(not 0.0 < r <= 1.0 for r in self.clip_ratios):
+            raise ValueError("clip_ratios: a non-empty list of numbers in (0, 1]")
+        if tuple(self.clip_ratios) != (1.0,) and (self.activation_bits != 0 or self.weight_block <= 0):
+            raise ValueError("clip_ratios: only for weight-only smoothing with weight_block > 0")
 
 
 # -- scale math ----------------------------------------------------------------------------
@@ -181,11 +205,48 @@ def activation_steps(stats: ChannelStats, s: np.ndarray, *, per_channel_zero_poi
     return step * s
 
 
+def smoothed_weight_error(weight: np.ndarray, s: np.ndarray, bits: int, block: int,
+                          smoothed_mean_sq: np.ndarray, clip_ratios: Sequence[float]) -> np.ndarray:
+    """``Q(diag(s)·W) − diag(s)·W`` for weight-only blocks, with the ``weight_only`` clip search.
+
+    The clip search weights rows by ``E[(x/s)²]`` (``smoothed_mean_sq``), as the
+    ``weight_only`` pass does on the smoothed model's statistics.
+    """
+    from outlierquant.passes.weight_rounding import group_grid
+
+    smoothed = weight * s[:, None]
+    grid = group_grid(smoothed, "per_oc", block, bits, row_weight=smoothed_mean_sq, clip_ratios=tuple(clip_ratios))
+    scale, zero = grid.expand(*smoothed.shape)
+    scale = scale.astype(np.float64)
+    q = grid.levels(smoothed, scale, zero.astype(np.float64))
+    return (q - zero) * scale - smoothed
+
+
 def estimated_output_error(stats: ChannelStats, weights: Sequence[np.ndarray], s: np.ndarray, *,
                            activation_bits: int = 8, weight_bits: int = 8, weight_block: int = 0,
-                           per_channel_zero_point: bool = False) -> float:
-    """Estimated squared output error of the group with smoothing ``s`` (module docstring)."""
+                           per_channel_zero_point: bool = False, sigma: np.ndarray | None = None,
+                           clip_ratios: Sequence[float] = (1.0,)) -> float:
+    """Estimated squared output error of the group with smoothing ``s`` (module docstring).
+
+    ``sigma`` (weight-only): the full ``E[x xᵀ]``; the weight error is then scored exactly
+    as ``tr(E'ᵀ Σ_s E')``. ``clip_ratios`` (weight-only, blocked): the clip search of the
+    scored rounding.
+    """
     mean_sq = np.maximum(stats.mean_sq, 0.0)
+    if sigma is not None and activation_bits:
+        raise ValueError("sigma: only for weight-only scoring (activation_bits=0)")
+    if tuple(clip_ratios) != (1.0,) or sigma is not None:
+        if weight_block <= 0:
+            raise ValueError("sigma / clip_ratios: only for blocked weight-only scoring (weight_block > 0)")
+        total = 0.0
+        smoothed_sigma = sigma / np.outer(s, s) if sigma is not None else None
+        for w in weights:
+            error = smoothed_weight_error(w, s, weight_bits, weight_block, mean_sq / s**2, clip_ratios)
+            if smoothed_sigma is not None:
+                total += float(np.einsum("kn,kn->", error, smoothed_sigma @ error))
+            else:
+                total += float((mean_sq / s**2) @ (error**2).sum(axis=1))
+        return total
     total = 0.0
     if activation_bits:
         steps = activation_steps(stats, s, per_channel_zero_point=per_channel_zero_point,
@@ -387,6 +448,16 @@ class SmoothQuantPass(OutlierPass):
     claims_equivalence = True
     options_type = SmoothQuantOptions
 
+    @property
+    def needs_covariance(self) -> bool:  # type: ignore[override]
+        return self.options.full_covariance
+
+    def covariance_targets(self, model: ir.Model) -> list[str]:
+        """Group inputs whose covariance the weight-only α search reads (none otherwise)."""
+        if not self.options.full_covariance:
+            return []
+        return sorted({group.input.name for group in analyze_graph(model).groups if group.input.name})
+
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         stats = self.require_stats()
         options = self.options
@@ -416,6 +487,13 @@ class SmoothQuantPass(OutlierPass):
 
             error_options = dict(activation_bits=options.activation_bits, weight_bits=options.weight_bits,
                                  weight_block=options.weight_block)
+            if tuple(options.clip_ratios) != (1.0,):
+                error_options["clip_ratios"] = tuple(options.clip_ratios)
+            if options.full_covariance:
+                if st.covariance is None:
+                    entry["covariance"] = "not collected: diagonal E[x²] used"
+                else:
+                    error_options["sigma"] = st.covariance + np.outer(st.mean, st.mean)
             if options.alpha == "search":
                 alpha, s, errors = search_alpha(st, weights, options.alpha_grid, scale_fn=scales, **error_options)
                 unsmoothed = estimated_output_error(st, weights, np.ones(group.in_features), **error_options)

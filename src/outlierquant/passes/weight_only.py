@@ -37,7 +37,8 @@ activation_bits: 0``), then the weights are rounded here. The block grid search 
 levels reuse :func:`outlierquant.passes.weight_rounding.group_grid` /
 :class:`~outlierquant.passes.weight_rounding.GroupGrid` (AdaDim/QuantEase work on the same
 grid); this module adds the symmetric grid, any bit width, the packing for every width
-and the ``DequantizeLinear`` emission.
+and the ``DequantizeLinear`` emission. :func:`emit_matmul_nbits` is the project's one
+MatMulNBits writer: the AdaDim/QuantEase passes emit their per_oc layers through it too.
 """
 
 from __future__ import annotations

@@ -43,6 +43,18 @@ written as ``Gather(x, rows) @ H[rows]`` over the rows that hold an outlier.
 
 Group scales: min/max of each group (zero included), optionally shrunk by the factor of
 ``clip_ratios`` that minimises the group's ``diag Σ``-weighted squared error.
+
+Two refinements of the same objective (options, off by default):
+
+- ``scale_refits``: with the levels fixed, ``Ŵ[:, n]`` is linear in the scales of column
+  ``n``, so the scales that minimise ``tr(Δᵀ Σ Δ)`` solve a small least-squares system
+  per column (:func:`refit_scales`); QuantEase sweeps again from the current levels on
+  the new grid. Each step can only lower the error. per_oc grids only.
+- ``bias_correction``: the mean output error ``μᵀΔ`` (``μ = E[x]``) is subtracted in the
+  linear's bias (folded into its constant bias Add, or an inserted Add), so only
+  ``E||(x − μ) Δ||² = tr(Δᵀ C Δ)`` remains, ``C`` the covariance; the rounding then
+  minimises that instead of ``tr(Δᵀ Σ Δ)`` (``Σ = C + μμᵀ``), freeing it from the large,
+  nearly constant channels of post-norm activations.
 """
 
 from __future__ import annotations
@@ -56,7 +68,7 @@ import onnx_ir as ir
 
 from outlierquant.calibration.stats import ChannelStats
 from outlierquant.passes.analysis import Linear, analyze_graph
-from outlierquant.passes.base import OutlierPass
+from outlierquant.passes.base import OutlierPass, constant_array, set_input_constant
 from outlierquant.passes.split import _excluded, _label, replace_linear, splittable
 
 logger = logging.getLogger(__name__)
@@ -70,6 +82,7 @@ __all__ = [
     "group_grid",
     "output_error",
     "quantease_round",
+    "refit_scales",
     "second_moment",
 ]
 
@@ -83,7 +96,11 @@ class WeightOnlyOptions:
     ``group_size`` (a power of two >= 16), ``dimension`` (``adaptive`` = AdaDim's choice,
     ``per_oc``, ``per_ic``), ``clip_ratios`` (range shrink factors searched per group; ``[1.0]``
     = plain min/max), ``exclude`` (substrings of node names left in float), ``damp``
-    (relative diagonal added to Σ)."""
+    (relative diagonal added to Σ), ``scale_refits`` (rounds of: refit the per_oc group
+    scales to the levels by least squares on ``tr(Δᵀ Σ Δ)``, then QuantEase sweeps again
+    from the current levels; needs QuantEase rounding, leaves per_ic candidates as they are),
+    ``bias_correction`` (subtract the calibrated mean output error ``μᵀΔ`` in the linear's
+    bias, and round against the covariance ``E[(x − μ)(x − μ)ᵀ]``, the error that remains)."""
 
     bits: int = 4
     group_size: int = 32
@@ -91,6 +108,8 @@ class WeightOnlyOptions:
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
     exclude: tuple[str, ...] = ()
     damp: float = 0.01
+    scale_refits: int = 0
+    bias_correction: bool = False
     #: None: float activations (weight-only). 8: each quantized linear's input is
     #: fake-quantized to int8 symmetric per token (SIMULATED; for W4A8 accuracy studies)
     activation_bits: int | None = None
@@ -109,6 +128,8 @@ class WeightOnlyOptions:
             raise ValueError("clip_ratios: a non-empty list of numbers in (0, 1]")
         if self.damp < 0:
             raise ValueError(f"damp={self.damp}: must be >= 0")
+        if self.scale_refits < 0:
+            raise ValueError(f"scale_refits={self.scale_refits}: must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +144,8 @@ class AdaDimOptions(WeightOnlyOptions):
         super().__post_init__()
         if self.rounding not in ("rtn", "quantease"):
             raise ValueError(f"rounding={self.rounding!r}: allowed 'rtn', 'quantease'")
+        if self.scale_refits and self.rounding != "quantease":
+            raise ValueError(f"scale_refits={self.scale_refits}: needs rounding 'quantease'")
         if self.iterations < 1:
             raise ValueError(f"iterations={self.iterations}: must be >= 1")
 
@@ -148,13 +171,18 @@ class QuantEaseOptions(WeightOnlyOptions):
 # -- math ------------------------------------------------------------------------------------
 
 
-def second_moment(stats: ChannelStats, damp: float = 0.0) -> tuple[np.ndarray, bool]:
-    """``(Σ = E[x xᵀ], full)``; the diagonal ``E[x_k²]`` only when no covariance was collected."""
+def second_moment(stats: ChannelStats, damp: float = 0.0, *, centered: bool = False) -> tuple[np.ndarray, bool]:
+    """``(Σ = E[x xᵀ], full)``; the diagonal ``E[x_k²]`` only when no covariance was collected.
+
+    ``centered``: the covariance ``E[(x − μ)(x − μ)ᵀ]`` instead (the error left once the
+    mean output error ``μᵀΔ`` is corrected in the bias).
+    """
+    mean = np.asarray(stats.mean, np.float64)
     if stats.covariance is not None:
-        sigma = stats.covariance + np.outer(stats.mean, stats.mean)
+        sigma = stats.covariance + (0.0 if centered else np.outer(mean, mean))
         full = True
     else:
-        sigma = np.diag(np.maximum(stats.mean_sq, 0.0))
+        sigma = np.diag(np.maximum(stats.mean_sq - (mean**2 if centered else 0.0), 0.0))
         full = False
     diag = np.diag(sigma).copy()
     sigma = sigma + np.eye(sigma.shape[0]) * (damp * max(float(diag.mean()), 1e-12))
@@ -245,49 +273,127 @@ def output_error(delta: np.ndarray, sigma: np.ndarray) -> float:
 
 
 def quantease_round(weight: np.ndarray, sigma: np.ndarray, grid: GroupGrid, *, iterations: int = 10,
-                    fixed: np.ndarray | None = None) -> np.ndarray:
+                    fixed: np.ndarray | None = None, levels: np.ndarray | None = None) -> np.ndarray:
     """Grid levels ``q [K, N]`` minimising ``tr(Δᵀ Σ Δ)`` by cyclic coordinate descent over rows.
 
     ``fixed``: mask of weights excluded from the objective (kept in float elsewhere); their
-    levels stay at the zero point.
+    levels stay at the zero point. ``levels``: the starting point (default round-to-nearest).
+
+    Rows are visited in blocks of 32: ``Σ Δ`` is kept exact for the rows outside the
+    current block (one GEMM per block) and completed on demand for a row of the block with
+    the steps already taken in it, so each row update is exact coordinate descent.
     """
+    with _one_blas_thread():  # thousands of small GEMVs: threads only add synchronisation
+        return _coordinate_descent(weight, sigma, grid, iterations, fixed, levels)
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: only speed depends on it
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _coordinate_descent(weight, sigma, grid, iterations, fixed, levels) -> np.ndarray:
     k, n = weight.shape
     w = np.asarray(weight, dtype=np.float64)
     s, z = grid.expand(k, n)
     s = s.astype(np.float64)
     z = z.astype(np.float64)
-    free = np.ones((k, n), bool) if fixed is None else ~fixed
-    q = np.where(free, grid.levels(w, s, z), z)
-    delta = np.where(free, w - (q - z) * s, 0.0)  # W − Ŵ on the free entries
+    inv_s = 1.0 / s
+    maxq = float(grid.maxq)
+    free = None if fixed is None or not fixed.any() else ~fixed
+    if levels is not None:
+        q = np.asarray(levels, np.float64).copy()
+    else:
+        q = grid.levels(w, s, z)
+    if free is not None:
+        q = np.where(free, q, z)
+    delta = w - (q - z) * s  # W − Ŵ on the free entries
+    if free is not None:
+        delta = np.where(free, delta, 0.0)
+    sigma = np.asarray(sigma, np.float64)
     sigma_delta = sigma @ delta
     diag = np.diag(sigma)
-    block = 128
+    block = 32
     for _ in range(iterations):
         changed = 0
         for start in range(0, k, block):
             stop = min(start + block, k)
             steps = np.zeros((stop - start, n))
+            local = sigma[start:stop, start:stop]
+            touched = False
             for row in range(start, stop):
-                if diag[row] <= 0:
+                d = diag[row]
+                if d <= 0:
                     continue
-                target = w[row] + (sigma_delta[row] - diag[row] * delta[row]) / diag[row]
-                q_row = np.where(free[row], grid.levels(target, s[row], z[row]), z[row])
-                new_delta = np.where(free[row], w[row] - (q_row - z[row]) * s[row], 0.0)
+                current = sigma_delta[row] + local[row - start] @ steps if touched else sigma_delta[row]
+                target = w[row] + (current - d * delta[row]) / d
+                q_row = np.clip(np.rint(target * inv_s[row]) + z[row], 0.0, maxq)
+                new_delta = w[row] - (q_row - z[row]) * s[row]
+                if free is not None:
+                    q_row = np.where(free[row], q_row, z[row])
+                    new_delta = np.where(free[row], new_delta, 0.0)
                 step = new_delta - delta[row]
-                if np.any(step):
+                if step.any():
                     changed += 1
-                    # rows of this block see the change at once, the others after the block
-                    sigma_delta[start:stop] += np.outer(sigma[start:stop, row], step)
+                    touched = True
                     steps[row - start] = step
                     delta[row] = new_delta
                     q[row] = q_row
-            if np.any(steps):
-                update = sigma[:, start:stop] @ steps
-                update[start:stop] = 0.0
-                sigma_delta += update
+            if touched:
+                sigma_delta += sigma[:, start:stop] @ steps
         if not changed:
             break
     return q
+
+
+def refit_scales(weight: np.ndarray, sigma: np.ndarray, q: np.ndarray, grid: GroupGrid,
+                 fixed: np.ndarray | None = None) -> GroupGrid:
+    """per_oc grid whose scales minimise ``tr(Δᵀ Σ Δ)`` for the given levels and zero points.
+
+    With ``a = q − z`` fixed, output column ``n`` is ``Ŵ[:, n] = A_n s_n`` with
+    ``A_n[k, g] = a[k, n]·[k ∈ g]``, so its error is the quadratic
+    ``(A_n s_n − W_n)ᵀ Σ (A_n s_n − W_n)``, minimised by ``s_n = (A_nᵀ Σ A_n)⁻¹ A_nᵀ Σ W_n``
+    (all groups of a column at once: the groups are coupled through Σ). A scale that
+    comes out non-positive or from a singular system keeps its old value.
+    """
+    if grid.dimension != "per_oc":
+        raise ValueError(f"refit_scales: dimension={grid.dimension!r}: only per_oc grids are refitted")
+    k, n = q.shape
+    g = grid.group_size
+    h = -(-k // g)
+    kp = h * g
+    _, z = grid.expand(k, n)
+    a = np.zeros((kp, n))
+    a[:k] = q - z.astype(np.float64)
+    w = np.asarray(weight, np.float64)
+    if fixed is not None:
+        a[:k] = np.where(fixed, 0.0, a[:k])
+        w = np.where(fixed, 0.0, w)
+    sig = np.zeros((kp, kp))
+    sig[:k, :k] = sigma
+    a3 = a.reshape(h, g, n)
+    # P[k, j, n] = Σ_{l ∈ group j} Σ[k, l] a[l, n]
+    partial = np.matmul(sig.reshape(kp, h, g).transpose(1, 0, 2), a3)  # [j, k, n] (BLAS)
+    gram = np.einsum("iun,jiun->nij", a3, partial.reshape(h, h, g, n), optimize=True)
+    rhs_full = np.zeros((kp, n))
+    rhs_full[:k] = sigma @ w
+    rhs = np.einsum("iun,iun->ni", a3, rhs_full.reshape(h, g, n))
+    old = grid.scale.astype(np.float64).T  # [N, H]
+    ridge = 1e-9 * np.maximum(np.trace(gram, axis1=1, axis2=2) / h, 1e-30)
+    gram = gram + ridge[:, None, None] * np.eye(h)[None]
+    try:
+        new = np.linalg.solve(gram, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return grid
+    empty = np.abs(a3).sum(axis=1).T == 0  # [N, H]: groups with no nonzero level
+    keep = ~np.isfinite(new) | (new <= 0) | empty
+    scale = np.where(keep, old, new).T.astype(np.float32)
+    return GroupGrid(grid.dimension, g, grid.bits, scale, grid.zero.copy())
 
 
 def _rtn_levels(weight: np.ndarray, grid: GroupGrid, fixed: np.ndarray | None = None) -> np.ndarray:
@@ -315,41 +421,16 @@ def select_outlier_weights(weight: np.ndarray, sigma_diag: np.ndarray, fraction:
 # -- emission --------------------------------------------------------------------------------
 
 
-def _pack_uint4(levels: np.ndarray) -> np.ndarray:
-    """Pairs of 4-bit levels along the last axis → bytes (first element in the low nibble)."""
-    levels = levels.astype(np.uint8)
-    if levels.shape[-1] % 2:
-        levels = np.concatenate([levels, np.zeros(levels.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return (levels[..., 0::2] | (levels[..., 1::2] << 4)).astype(np.uint8)
-
-
-def _matmul_nbits(tape: ir.tape.Tape, x: ir.Value, q: np.ndarray, grid: GroupGrid, label: str) -> ir.Value:
-    """``com.microsoft::MatMulNBits`` (bits=4) for per_oc groups; 3-bit levels fit in it too."""
-    k, n = q.shape
-    g = grid.group_size
-    blocks = -(-k // g)
-    padded = np.zeros((blocks * g, n), np.uint8)
-    padded[:k] = q
-    b = _pack_uint4(padded.T.reshape(n, blocks, g))  # [N, blocks, G/2]
-    scales = np.ascontiguousarray(grid.scale.T.reshape(-1), dtype=np.float32)  # [N * blocks]
-    zeros = _pack_uint4(grid.zero.T).reshape(-1)  # [N * ceil(blocks / 2)]
-    inputs = [
-        x,
-        tape.initializer(ir.tensor(np.ascontiguousarray(b)), name=f"{label}_B"),
-        tape.initializer(ir.tensor(scales), name=f"{label}_scales"),
-        tape.initializer(ir.tensor(np.ascontiguousarray(zeros)), name=f"{label}_zero_points"),
-    ]
-    return tape.op("MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": g}, domain=MS_DOMAIN, version=1)
-
-
 def _blocked_dequant_matmul(tape: ir.tape.Tape, x: ir.Value, q: np.ndarray, grid: GroupGrid, label: str) -> ir.Value:
     """Standard-op form for per_ic groups: unpack uint4 pairs, ``(q − z) · s`` per group, MatMul."""
+    from outlierquant.passes.weight_only import pack_levels
+
     k, n = q.shape
     g = grid.group_size
     groups = grid.scale.shape[1]
     padded = np.zeros((k, groups * g), np.uint8)
     padded[:, :n] = q
-    packed = _pack_uint4(padded)  # [K, groups*G/2]
+    packed = pack_levels(padded, 4)  # [K, groups*G/2]; 3-bit levels in 4-bit containers
 
     def const(array, suffix):
         return tape.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{label}_{suffix}")
@@ -372,12 +453,29 @@ def _blocked_dequant_matmul(tape: ir.tape.Tape, x: ir.Value, q: np.ndarray, grid
     return tape.op("MatMul", [x, weight])
 
 
-def _emit(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: GroupGrid, side: np.ndarray | None, label: str) -> None:
+def _correct_bias(graph: ir.Graph, linear: Linear, correction: np.ndarray) -> str:
+    """Add ``correction`` to the linear's constant bias (``"folded"``) or say an Add is needed."""
+    if linear.bias is None or linear.bias_node is None or len(linear.bias.uses()) != 1:
+        return "inserted Add"
+    bias = np.asarray(constant_array(linear.bias), np.float64)
+    if bias.size != correction.size:
+        return "inserted Add"
+    index = next(i for i, v in enumerate(linear.bias_node.inputs) if v is linear.bias)
+    set_input_constant(graph, linear.bias_node, index, (bias.reshape(-1) + correction).reshape(bias.shape),
+                       f"{linear.name}_bias_corrected")
+    return "folded"
+
+
+def _emit(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: GroupGrid, side: np.ndarray | None, label: str,
+          correction: np.ndarray | None = None) -> None:
+    # weight_only imports this module (GroupGrid, group_grid): import its writer lazily
+    from outlierquant.passes.weight_only import BlockwiseWeight, emit_matmul_nbits
+
     rows = np.flatnonzero(np.any(side != 0, axis=1)) if side is not None else np.zeros(0, np.int64)
 
     def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
-        if grid.dimension == "per_oc":
-            y = _matmul_nbits(tape, x, q, grid, label)
+        if grid.dimension == "per_oc":  # the MatMulNBits writer of weight_only, shared with RTN
+            y = emit_matmul_nbits(tape, x, BlockwiseWeight(q, grid, symmetric=False), label)
         else:
             y = _blocked_dequant_matmul(tape, x, q, grid, label)
         if rows.size:
@@ -386,6 +484,9 @@ def _emit(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: GroupGrid, side:
             dense = np.ascontiguousarray(side[rows].astype(np.float32))
             y = tape.op("Add", [y, tape.op("MatMul", [gathered, tape.initializer(ir.tensor(dense),
                                                                                  name=f"{label}_outlier_weight")])])
+        if correction is not None:
+            y = tape.op("Add", [y, tape.initializer(ir.tensor(correction.astype(np.float32)),
+                                                    name=f"{label}_bias_correction")])
         return y
 
     replace_linear(graph, linear, build, label)
@@ -434,7 +535,7 @@ class _WeightOnlyPass(OutlierPass):
                 logger.info("%s: skip %s: %s", self.name, linear.name, reason)
                 continue
             weight = np.asarray(linear.weight_array(), dtype=np.float64)
-            sigma, full = second_moment(stats[linear.input.name], options.damp)
+            sigma, full = second_moment(stats[linear.input.name], options.damp, centered=options.bias_correction)
             diagonal_only += not full
             fixed = self._outliers(weight, sigma)
             dims = ("per_oc", "per_ic") if options.dimension == "adaptive" else (options.dimension,)
@@ -443,6 +544,10 @@ class _WeightOnlyPass(OutlierPass):
                 grid = group_grid(weight, dim, options.group_size, options.bits, row_weight=np.diag(sigma),
                                   clip_ratios=options.clip_ratios, keep_out=fixed)
                 q = self._round(weight, sigma, grid, fixed)
+                if dim == "per_oc":
+                    for _ in range(options.scale_refits):
+                        grid = refit_scales(weight, sigma, q, grid, fixed)
+                        q = quantease_round(weight, sigma, grid, iterations=options.iterations, fixed=fixed, levels=q)
                 delta = _dequantize(q, grid) - weight
                 if fixed is not None:
                     delta = np.where(fixed, 0.0, delta)
@@ -452,16 +557,27 @@ class _WeightOnlyPass(OutlierPass):
             side = None
             if fixed is not None and fixed.any():
                 side = np.where(fixed, weight - _dequantize(q, grid), 0.0)
+            correction = None
+            if options.bias_correction:  # E[x (Ŵ + H − W)] = μᵀΔ, Δ zero on the float weights
+                delta = _dequantize(q, grid) - weight
+                if fixed is not None:
+                    delta = np.where(fixed, 0.0, delta)
+                correction = -(np.asarray(stats[linear.input.name].mean, np.float64) @ delta)
             signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
             if options.activation_bits is not None:
                 self._fake_quantize_input(model, linear, fake_inputs)
-            _emit(graph, linear, q.astype(np.uint8), grid, side, _label(linear, self.name))
+            entry_extra = {}
+            if correction is not None:
+                entry_extra["bias_correction"] = _correct_bias(graph, linear, correction)
+            _emit(graph, linear, q.astype(np.uint8), grid, side, _label(linear, self.name),
+                  None if correction is None or entry_extra["bias_correction"] == "folded" else correction)
             entry = {
                 "linear": linear.name,
                 "dimension": chosen,
                 "relative_output_error": error / signal,
                 "errors": {d: c[0] / signal for d, c in candidates.items()},
             }
+            entry.update(entry_extra)
             if side is not None:
                 entry["float_weights"] = int(fixed.sum())
                 entry["float_rows"] = int(np.any(fixed, axis=1).sum())
