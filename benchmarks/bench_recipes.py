@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-OURS = ("w8a8", "smoothquant-w8a8", "os+-w8a8", "outliertune-w8a8", "default", "rtn-w4a16", "smoothquant+-w4a16")
+OURS = ("w8a8", "smoothquant-w8a8", "os+-w8a8", "outliertune-w8a8", "outliertune-search-w8a8", "default", "rtn-w4a16", "smoothquant+-w4a16")
 BASELINES = ("ort-static-default", "ort-static-matmul", "ort-dynamic", "ort-matmulnbits")
 
 

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from outlierquant.calibration.stats import ActivationStats, ChannelStats
+from outlierquant.passes.base import is_constant
 from outlierquant.passes.quantize import (
     QuantConfig,
     QuantizeQDQPass,
@@ -27,7 +28,7 @@ WG = RNG.normal(size=(8, 16)).astype(np.float32)  # Gemm weight, transB=1: [N, K
 
 
 def tiny_model() -> ir.Model:
-    """x -> MatMul(W1) + B1 -> Relu -> MatMul(W2) -> (y); x @ x^T (activation MatMul); Gemm."""
+    """x -> MatMul(W1) + B1 -> Relu -> MatMul(W2) -> (y); Softmax(x @ x^T) (attention-like); Gemm."""
     from onnx import helper, numpy_helper
 
     nodes = [
@@ -37,6 +38,7 @@ def tiny_model() -> ir.Model:
         helper.make_node("MatMul", ["h2", "W2"], ["y"], name="fc2"),
         helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0], name="t"),
         helper.make_node("MatMul", ["x", "xt"], ["gram"], name="gram"),
+        helper.make_node("Softmax", ["gram"], ["probs"], axis=-1, name="softmax"),  # gram is attention-like
         helper.make_node("Gemm", ["x", "WG"], ["g"], transB=1, name="gemm"),
         helper.make_node("Add", ["x", "x"], ["x2"], name="residual"),
     ]
@@ -46,7 +48,8 @@ def tiny_model() -> ir.Model:
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
         [
             helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
-            for name, shape in (("y", ["n", 8]), ("gram", ["n", "n"]), ("g", ["n", 8]), ("x2", ["n", 16]))
+            for name, shape in (("y", ["n", 8]), ("gram", ["n", "n"]), ("probs", ["n", "n"]), ("g", ["n", 8]),
+                                ("x2", ["n", 16]))
         ],
         [numpy_helper.from_array(a, n) for a, n in ((W1, "W1"), (B1, "B1"), (W2, "W2"), (WG, "WG"))],
     )
@@ -84,6 +87,16 @@ def test_plan_declares_weights_activations_and_dynamic_matmuls():
     fc1_weight = next(d for d in plan if d.consumer == "fc1" and d.role == "weight")
     assert fc1_weight.axis == 1
     assert not plan_quantization(tiny_model(), QuantConfig(dynamic_matmuls=False, activations="none")) == plan
+
+
+def test_activation_matmuls_outside_attention_stay_float(tiny_llama):
+    from helpers import load_canonical
+
+    model = load_canonical(tiny_llama)
+    dynamic = {d.consumer for d in plan_quantization(model, QuantConfig()) if d.role == "activation"
+               and not any(n.name == d.consumer and is_constant(n.inputs[1]) for n in model.graph)}
+    # QK^T and probs x V of both layers; the rotary embedding's inv_freq @ positions is not attention
+    assert len(dynamic) == 4 and not any("rotary" in name for name in dynamic)
 
 
 def test_weight_quantization_matches_numpy_reference():

@@ -135,7 +135,7 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> list[TensorQuant]
             if config.activations != "none":
                 plan.append(TensorQuant(node.inputs[0].name, "activation", config.activations, node.name, 0))
         elif node.op_type == "MatMul" and config.dynamic_matmuls and config.activations != "none":
-            if any(is_constant(v) for v in node.inputs):
+            if any(is_constant(v) for v in node.inputs) or not is_attention_matmul(node):
                 continue
             for index in (0, 1):
                 plan.append(TensorQuant(node.inputs[index].name, "activation", config.activations, node.name, index))
@@ -144,6 +144,42 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> list[TensorQuant]
         if config.quantize_outputs and config.activations == "static":
             plan.append(TensorQuant(node.outputs[0].name, "output", "static", node.name, None))
     return plan
+
+
+#: ops between an attention MatMul and its Softmax (mask, scale, layout, dtype)
+_ATTENTION_PATH_OPS = frozenset({"Add", "Mul", "Div", "Where", "Cast", "Reshape", "Transpose", "Dropout", "Identity"})
+
+
+def is_attention_matmul(node: ir.Node, depth: int = 4) -> bool:
+    """Whether an activation x activation MatMul is attention's QKᵀ (its output reaches a
+    Softmax) or probs·V (an input comes from a Softmax), through mask/scale/layout ops.
+
+    Other activation x activation MatMuls — the rotary embedding's ``inv_freq @ positions``
+    — are not attention: rounding positions 0..127 to 255 levels shifts every rotary angle.
+    """
+    frontier = [node.outputs[0]]
+    for _ in range(depth):
+        following = []
+        for value in frontier:
+            for use in value.uses():
+                if use.node.op_type == "Softmax":
+                    return True
+                if use.node.op_type in _ATTENTION_PATH_OPS:
+                    following.extend(use.node.outputs)
+        frontier = following
+    frontier = list(node.inputs)
+    for _ in range(depth):
+        preceding = []
+        for value in frontier:
+            producer = value.producer() if value is not None else None
+            if producer is None:
+                continue
+            if producer.op_type == "Softmax":
+                return True
+            if producer.op_type in _ATTENTION_PATH_OPS or producer.op_type == "IsNaN":
+                preceding.extend(producer.inputs)  # Where(IsNaN(p), 0, p) guards exported probs
+        frontier = preceding
+    return False
 
 
 # -- scale math ----------------------------------------------------------------------------

@@ -69,7 +69,7 @@ import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats
 from outlierquant.passes.analysis import Linear, analyze_graph
-from outlierquant.passes.base import OutlierPass, constant_array
+from outlierquant.passes.base import OutlierPass, constant_array, is_constant
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,9 @@ class LlmInt8Options:
     #: (one calibrated per-tensor scale over the inlier channels; written as QDQ that
     #: onnxruntime runs as real int8 — the static W8A8 form with float outlier channels)
     activations: Literal["per_token", "static"] = "per_token"
+    #: ``activations: static`` only: also quantize the activation x activation MatMuls
+    #: (attention QK^T and probs x V) with static per-tensor QDQ, so every MatMul runs int8
+    dynamic_matmuls: bool = False
     #: leave linears whose output is a graph output (the lm_head) in float, as the
     #: transformers / bitsandbytes LLM.int8() integration does by default
     skip_output_layers: bool = True
@@ -235,6 +238,8 @@ class LlmInt8Options:
             raise ValueError(f"activations={self.activations!r}: allowed 'per_token', 'static'")
         if self.activations == "static" and (self.kernels == "always" or self.runtime_threshold > 0):
             raise ValueError("activations='static' is written as QDQ: needs kernels auto/never and no runtime_threshold")
+        if self.dynamic_matmuls and self.activations != "static":
+            raise ValueError("dynamic_matmuls: needs activations 'static' (the per-token forms leave QK^T in float)")
         if self.runtime_threshold > 0 and self.standard_form == "qdq":
             raise ValueError("runtime_threshold: needs standard_form 'integer' or the kernel")
 
@@ -291,7 +296,12 @@ class LlmInt8SplitPass(OutlierPass):
         skipped: list[dict[str, str]] = []
         declarations = []
         masked_stats: dict[str, Any] = {}
+        # linears reading one tensor with the same float channels (q/k/v) share the masked
+        # input, its QDQ and the gathered outlier columns
+        shared_inputs: dict[tuple[str, bytes], tuple[ir.Value, ir.Value | None]] = {}
         total_in = total_float = 0
+        if options.dynamic_matmuls:
+            declarations.extend(_activation_matmuls(model, stats, masked_stats))
         for linear in analyze_graph(model).linears:
             reason = splittable(linear)
             if reason is None and _excluded(linear, options.exclude):
@@ -313,7 +323,7 @@ class LlmInt8SplitPass(OutlierPass):
             channels = select_outlier_channels(st.absmax, st.maximum - st.minimum, options)
             label = _label(linear, "llm_int8")
             if form == "float" or form == "qdq":
-                build, decl = _float_split_builder(weight, channels, label)
+                build, decl = _float_split_builder(weight, channels, label, shared_inputs)
                 new_nodes = replace_linear(graph, linear, build, label)
                 if form == "qdq":
                     declared = decl(new_nodes, options.activations)
@@ -355,6 +365,26 @@ class LlmInt8SplitPass(OutlierPass):
         }
 
 
+def _activation_matmuls(model: ir.Model, stats, collected: dict) -> list:
+    """Static per-tensor declarations for both inputs of every activation x activation
+    MatMul (attention QK^T, probs x V) that has calibration statistics."""
+    from outlierquant.passes.quantize import TensorQuant, is_attention_matmul
+
+    declared = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        inputs = list(node.inputs)
+        if len(inputs) != 2 or any(v is None or is_constant(v) or v.name not in stats for v in inputs):
+            continue
+        if not is_attention_matmul(node):  # e.g. the rotary embedding's inv_freq @ positions
+            continue
+        for index, value in enumerate(inputs):
+            declared.append(TensorQuant(value.name, "activation", "static", node.name, index))
+            collected[value.name] = stats[value.name]
+    return declared
+
+
 def _without_channels(stats, channels: np.ndarray):
     """The statistics of ``x ⊙ m``: the outlier channels read as constant zero."""
     zeroed = {}
@@ -365,25 +395,37 @@ def _without_channels(stats, channels: np.ndarray):
     return dataclasses.replace(stats, covariance=None, **zeroed)
 
 
-def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str):
-    """``Mul(x, m) @ W_I (+ Gather(x, O) @ W_O)`` and the per-token declarations for it."""
+def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
+                         shared: dict | None = None):
+    """``Mul(x, m) @ W_I (+ Gather(x, O) @ W_O)`` and the per-token declarations for it.
+
+    ``shared`` (keyed by input name and channel set) reuses the masked input and the
+    gathered columns an earlier linear on the same input wrote; callers rewrite linears
+    in graph order, so the shared values are defined before every later reader.
+    """
     inlier_weight = weight.copy()
     inlier_weight[channels] = 0.0
     holder: dict[str, ir.Value] = {}
 
     def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
-        inliers = x
-        if channels.size:
-            keep = np.ones(weight.shape[0], np.float32)
-            keep[channels] = 0.0
-            inliers = tape.op("Mul", [x, tape.initializer(ir.tensor(keep), name=f"{label}_keep")])
+        key = (x.name, channels.tobytes())
+        if shared is not None and key in shared:
+            inliers, gathered = shared[key]
+        else:
+            inliers, gathered = x, None
+            if channels.size:
+                keep = np.ones(weight.shape[0], np.float32)
+                keep[channels] = 0.0
+                inliers = tape.op("Mul", [x, tape.initializer(ir.tensor(keep), name=f"{label}_keep")])
+                gathered = tape.op("Gather", [x, tape.initializer(ir.tensor(channels), name=f"{label}_outlier_channels")],
+                                   {"axis": -1})
+            if shared is not None:
+                shared[key] = (inliers, gathered)
         holder["activation"] = inliers
         holder["weight"] = tape.initializer(ir.tensor(inlier_weight), name=f"{label}_inlier_weight")
         y = tape.op("MatMul", [inliers, holder["weight"]])
         holder["matmul_out"] = y
         if channels.size:
-            gathered = tape.op("Gather", [x, tape.initializer(ir.tensor(channels), name=f"{label}_outlier_channels")],
-                               {"axis": -1})
             outlier = tape.op("MatMul", [gathered, tape.initializer(ir.tensor(np.ascontiguousarray(weight[channels])),
                                                                         name=f"{label}_outlier_weight")])
             y = tape.op("Add", [y, outlier])
