@@ -56,7 +56,6 @@ import onnx_ir as ir
 from outlierquant.passes.analysis import LinearGroup, analyze_graph
 from outlierquant.passes.base import (
     OutlierPass,
-    add_initializer,
     constant_array,
     write_linear_weight,
 )
@@ -322,43 +321,10 @@ def learn_transform(
 
 def kronecker_left_form(model: ir.Model, x: ir.Value, p1: np.ndarray, p2: np.ndarray, name: str,
                         prescale: np.ndarray | None = None) -> tuple[list[ir.Node], ir.Value]:
-    """``x (P₁ ⊗ P₂)`` (after ``x · prescale``) as Reshape / two MatMuls / Transposes.
+    """``x (P₁ ⊗ P₂)``: rotate.py's Kronecker form, its nodes marked as FlatQuant's."""
+    from outlierquant.passes.rotate import kronecker_left_form as kronecker
 
-    A row reshaped to ``Z [k₁, k₂]`` maps to ``P₁ᵀ Z P₂``, computed as
-    ``(P₂ᵀ (P₁ᵀ Z)ᵀ)ᵀ`` so that both constants are the *left* operand of their MatMul and
-    no pass or quantizer reads them as a linear layer's weight.
-    """
-    graph = model.graph
-    k1, k2 = p1.shape[0], p2.shape[0]
-    if k1 == 1:  # a 1 × 1 factor is a scalar: carried by the other one
-        p1, p2 = np.eye(1), p2 * float(p1[0, 0])
-    elif k2 == 1:
-        p1, p2 = p1 * float(p2[0, 0]), np.eye(1)
-    nodes: list[ir.Node] = []
-
-    def op(op_type, *inputs, **attributes):
-        node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None,
-                       name=f"{name}/{op_type}_{len(nodes)}", metadata_props={FLATQUANT_KEY: x.name or ""})
-        node.outputs[0].name = f"{name}/{op_type}_{len(nodes)}_output"
-        nodes.append(node)
-        return node.outputs[0]
-
-    current = x
-    if prescale is not None:
-        current = op("Mul", current, add_initializer(graph, f"{name}_prescale", prescale.astype(np.float32)))
-    shape = op("Shape", x)
-    grid = add_initializer(graph, f"{name}_grid", np.array([-1, k1, k2], dtype=np.int64))
-    z = op("Reshape", current, grid)
-    if k1 > 1:
-        z = op("MatMul", add_initializer(graph, f"{name}_left", np.ascontiguousarray(p1.T, dtype=np.float32)), z)
-    if k2 > 1:
-        z = op("Transpose", z, perm=[0, 2, 1])
-        z = op("MatMul", add_initializer(graph, f"{name}_right", np.ascontiguousarray(p2.T, dtype=np.float32)), z)
-        z = op("Transpose", z, perm=[0, 2, 1])
-    out = op("Reshape", z, shape)
-    out.type = x.type
-    out.shape = x.shape
-    return nodes, out
+    return kronecker(model, x, p1, p2, name, prescale, metadata_key=FLATQUANT_KEY)
 
 
 # --------------------------------------------------------------------------------------

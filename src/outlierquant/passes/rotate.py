@@ -758,6 +758,49 @@ class RotateHeadsPass(OutlierPass):
 # --------------------------------------------------------------------------------------
 
 
+def kronecker_left_form(model: ir.Model, x: ir.Value, p1: np.ndarray, p2: np.ndarray, name: str,
+                        prescale: np.ndarray | None = None, *,
+                        metadata_key: str = ONLINE_ROTATION_KEY) -> tuple[list[ir.Node], ir.Value]:
+    """``x (P₁ ⊗ P₂)`` (after ``x · prescale``) as Reshape / two MatMuls / Transposes.
+
+    A row reshaped to ``Z [k₁, k₂]`` maps to ``P₁ᵀ Z P₂``, computed as
+    ``(P₂ᵀ (P₁ᵀ Z)ᵀ)ᵀ`` so that both constants are the *left* operand of their MatMul and
+    no pass or quantizer reads them as a linear layer's weight. Every inserted node carries
+    ``metadata_key`` (naming ``x``) so passes can find the online transforms.
+    """
+    graph = model.graph
+    k1, k2 = p1.shape[0], p2.shape[0]
+    if k1 == 1:  # a 1 × 1 factor is a scalar: carried by the other one
+        p1, p2 = np.eye(1), p2 * float(p1[0, 0])
+    elif k2 == 1:
+        p1, p2 = p1 * float(p2[0, 0]), np.eye(1)
+    nodes: list[ir.Node] = []
+
+    def op(op_type, *inputs, **attributes):
+        node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None,
+                       name=f"{name}/{op_type}_{len(nodes)}", metadata_props={metadata_key: x.name or ""})
+        node.outputs[0].name = f"{name}/{op_type}_{len(nodes)}_output"
+        nodes.append(node)
+        return node.outputs[0]
+
+    current = x
+    if prescale is not None:
+        current = op("Mul", current, add_initializer(graph, f"{name}_prescale", prescale.astype(np.float32)))
+    shape = op("Shape", x)
+    grid = add_initializer(graph, f"{name}_grid", np.array([-1, k1, k2], dtype=np.int64))
+    z = op("Reshape", current, grid)
+    if k1 > 1:
+        z = op("MatMul", add_initializer(graph, f"{name}_left", np.ascontiguousarray(p1.T, dtype=np.float32)), z)
+    if k2 > 1:
+        z = op("Transpose", z, perm=[0, 2, 1])
+        z = op("MatMul", add_initializer(graph, f"{name}_right", np.ascontiguousarray(p2.T, dtype=np.float32)), z)
+        z = op("Transpose", z, perm=[0, 2, 1])
+    out = op("Reshape", z, shape)
+    out.type = x.type
+    out.shape = x.shape
+    return nodes, out
+
+
 def hadamard_left_form(model: ir.Model, x: ir.Value, dim: int, block: np.ndarray | None, name: str,
                        prescale: np.ndarray | None = None) -> tuple[list[ir.Node], ir.Value]:
     """``x @ R`` (``R = M ⊗ H_n/√n``) with Reshape/MatMul/Transpose, constants on the left.
@@ -771,38 +814,13 @@ def hadamard_left_form(model: ir.Model, x: ir.Value, dim: int, block: np.ndarray
     from outlierquant.custom_ops.reference import sylvester_hadamard
     from outlierquant.custom_ops.standard_forms import kronecker_split
 
-    graph = model.graph
     m = 1 if block is None else block.shape[0]
     n = dim // m
     p, q = kronecker_split(dim, block)
     mix = np.eye(1) if block is None else np.asarray(block, dtype=np.float64)
     left = np.kron(mix, sylvester_hadamard(n // q) / np.sqrt(n // q))
     right = sylvester_hadamard(q) / np.sqrt(q)
-    nodes: list[ir.Node] = []
-
-    def op(op_type, *inputs, **attributes):
-        node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None,
-                       name=f"{name}/{op_type}_{len(nodes)}", metadata_props={ONLINE_ROTATION_KEY: x.name or ""})
-        node.outputs[0].name = f"{name}/{op_type}_{len(nodes)}_output"
-        nodes.append(node)
-        return node.outputs[0]
-
-    current = x
-    if prescale is not None:
-        current = op("Mul", current, add_initializer(graph, f"{name}_prescale", prescale.astype(np.float32)))
-    shape = op("Shape", x)
-    grid = add_initializer(graph, f"{name}_grid", np.array([-1, p, q], dtype=np.int64))
-    z = op("Reshape", current, grid)
-    if p > 1:
-        z = op("MatMul", add_initializer(graph, f"{name}_left", left.T.astype(np.float32)), z)
-    if q > 1:
-        z = op("Transpose", z, perm=[0, 2, 1])
-        z = op("MatMul", add_initializer(graph, f"{name}_right", right.astype(np.float32)), z)
-        z = op("Transpose", z, perm=[0, 2, 1])
-    out = op("Reshape", z, shape)
-    out.type = x.type
-    out.shape = x.shape
-    return nodes, out
+    return kronecker_left_form(model, x, left, right, name, prescale)
 
 
 def hadamard_kernel_node(model: ir.Model, x: ir.Value, block: np.ndarray | None, name: str,
