@@ -323,7 +323,8 @@ class LlmInt8SplitPass(OutlierPass):
             channels = select_outlier_channels(st.absmax, st.maximum - st.minimum, options)
             label = _label(linear, "llm_int8")
             if form == "float" or form == "qdq":
-                build, decl = _float_split_builder(weight, channels, label, shared_inputs)
+                build, decl = _float_split_builder(weight, channels, label, shared_inputs,
+                                                   mask=form != "qdq" or options.activations != "static")
                 new_nodes = replace_linear(graph, linear, build, label)
                 if form == "qdq":
                     declared = decl(new_nodes, options.activations)
@@ -396,8 +397,12 @@ def _without_channels(stats, channels: np.ndarray):
 
 
 def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
-                         shared: dict | None = None):
+                         shared: dict | None = None, *, mask: bool = True):
     """``Mul(x, m) @ W_I (+ Gather(x, O) @ W_O)`` and the per-token declarations for it.
+
+    ``mask=False`` (static activations) drops the ``Mul``: ``W_I``'s outlier rows are
+    zero, so ``x @ W_I`` is the same product, and a per-tensor QuantizeLinear calibrated on
+    the inlier range clips the outlier channels to values those zero rows ignore.
 
     ``shared`` (keyed by input name and channel set) reuses the masked input and the
     gathered columns an earlier linear on the same input wrote; callers rewrite linears
@@ -414,9 +419,10 @@ def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
         else:
             inliers, gathered = x, None
             if channels.size:
-                keep = np.ones(weight.shape[0], np.float32)
-                keep[channels] = 0.0
-                inliers = tape.op("Mul", [x, tape.initializer(ir.tensor(keep), name=f"{label}_keep")])
+                if mask:
+                    keep = np.ones(weight.shape[0], np.float32)
+                    keep[channels] = 0.0
+                    inliers = tape.op("Mul", [x, tape.initializer(ir.tensor(keep), name=f"{label}_keep")])
                 gathered = tape.op("Gather", [x, tape.initializer(ir.tensor(channels), name=f"{label}_outlier_channels")],
                                    {"axis": -1})
             if shared is not None:
