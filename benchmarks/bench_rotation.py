@@ -28,8 +28,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MINILM_RECIPES = ("w8a8", "quarot-w8a8", "quarot-w8a8-per-token", "mambaquant-w8a8", "quarot-w4a8", "quarot-w4a4")
-SMOLLM2_RECIPES = ("w8a8", "quarot-w8a8", "quarot-w8a8-per-token", "mambaquant-w8a8", "plain-w4a8",
+MINILM_RECIPES = ("w8a8", "quarot-w8a8", "quarot-w8a8-static", "mambaquant-w8a8", "quarot-w4a8", "quarot-w4a4")
+SMOLLM2_RECIPES = ("w8a8", "quarot-w8a8", "quarot-w8a8-static", "mambaquant-w8a8", "plain-w4a8",
                    "plain-w4a8-quantease", "quarot-w4a8", "quarot-w4a4")
 
 

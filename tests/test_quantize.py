@@ -208,6 +208,44 @@ def test_skip_output_layers_leaves_the_head_in_float():
     assert quantized == {"fc1"}
 
 
+def test_quantease_int8_rounding_beats_round_to_nearest_on_the_output_error():
+    from outlierquant.passes.quantize import quantease_int8_weight
+    from outlierquant.passes.weight_rounding import output_error
+
+    rng = np.random.default_rng(3)
+    factors = rng.normal(size=(6, 64)) * rng.uniform(0.2, 3.0, size=(1, 64))
+    sigma = factors.T @ factors + 0.01 * np.eye(64)  # strongly correlated channels, as activations are
+    weight = rng.normal(size=(64, 24)).astype(np.float32)
+    q_rtn, s_rtn = quantize_weight(weight, 1)
+    q, s = quantease_int8_weight(weight, sigma, iterations=4)
+    assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 127
+    np.testing.assert_array_equal(s, s_rtn)  # same grid, other levels
+    rtn_error = output_error(q_rtn * s_rtn - weight, sigma)
+    ours = output_error(q * s - weight, sigma)
+    assert ours < 0.8 * rtn_error
+
+
+def test_quantease_rounding_through_the_pipeline(tiny_llama):
+    import synthetic
+    from helpers import load_canonical, max_relative_error, run_outputs
+
+    from outlierquant import make_recipe
+    from outlierquant.pipeline import run_recipe
+
+    calibration = synthetic.random_feeds(tiny_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(tiny_llama, 2, seed=2)
+    reference = run_outputs(load_canonical(tiny_llama), evaluation)
+    model = load_canonical(tiny_llama)
+    recipe = make_recipe("t", ("quantize", {"activations": "per_token", "per_token_form": "integer",
+                                            "dynamic_matmuls": False, "skip_output_layers": True,
+                                            "weight_rounding": "quantease"}))
+    record = run_recipe(model, recipe, calibration, progress=False)[-1]
+    assert record["quantease_rounded_weights"] == record["integer_per_token_layers"] > 0
+    assert max_relative_error(reference, run_outputs(model, evaluation)) < 0.05
+    with pytest.raises(ValueError, match="weight_rounding"):
+        QuantConfig(weight_rounding="gptq")
+
+
 def test_integer_per_token_form_needs_per_token_activations():
     with pytest.raises(ValueError, match="per_token_form"):
         QuantConfig(per_token_form="integer")

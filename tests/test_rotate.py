@@ -137,10 +137,10 @@ def test_options_are_validated_with_the_field_name():
         validate_pass_options("online-hadamard", {"smooth_alpha": 2})
     with pytest.raises(RecipeError, match="activation_bits"):
         validate_pass_options("simulate-quant", {"activation_bits": 3})
-    for name in ("quarot-w8a8", "quarot-w4a8", "quarot-w4a4", "mambaquant-w8a8"):
+    for name in ("quarot-w8a8", "quarot-w8a8-static", "quarot-w4a8", "quarot-w4a4", "mambaquant-w8a8"):
         names = [spec.name for spec in load_recipe(name).passes]
-        # R3 only where the recipe quantizes the QKᵀ MatMul's operands (static quarot-w8a8)
-        assert ("rotate-qk" in names) == (name == "quarot-w8a8")
+        # R3 only where the recipe quantizes the QKᵀ MatMul's operands (quarot-w8a8-static)
+        assert ("rotate-qk" in names) == (name == "quarot-w8a8-static")
         names = [n for n in names if n != "rotate-qk"]
         assert names[:4] == ["canonicalize", "rotate-residual", "rotate-heads", "online-hadamard"]
 

@@ -66,6 +66,13 @@ class QuantConfig:
     #: Abs/ReduceMax, MatMulInteger u8 x s8, rescale: the LLM.int8() vector-wise form with
     #: no float channels, ``passes/split.py``). Activation x activation MatMuls stay QDQ.
     per_token_form: Literal["qdq", "integer"] = "qdq"
+    #: int8 weight rounding: ``rtn`` (round to nearest) or ``quantease`` (QuantEase
+    #: coordinate descent on tr(ΔᵀΣΔ) against each linear's calibration covariance, on the
+    #: same symmetric per-channel grid; GPTQ-class, as QuaRot pairs with rotated weights)
+    weight_rounding: Literal["rtn", "quantease"] = "rtn"
+    #: QuantEase sweeps and relative diagonal damping of Σ (``weight_rounding: quantease``)
+    quantease_iterations: int = 4
+    quantease_damp: float = 0.01
     #: onnxruntime's layout: every consumer of a quantized tensor (a residual Add, say)
     #: reads the QDQ value, not only the quantized MatMuls. Off by default: it rounds
     #: the residual stream for nothing; on, it reproduces onnxruntime's model exactly.
@@ -78,6 +85,12 @@ class QuantConfig:
             raise ValueError(f"activations={self.activations!r}: allowed 'static', 'per_token', 'none'")
         if self.activation_type not in ("uint8", "int8"):
             raise ValueError(f"activation_type={self.activation_type!r}: allowed 'uint8', 'int8'")
+        if self.weight_rounding not in ("rtn", "quantease"):
+            raise ValueError(f"weight_rounding={self.weight_rounding!r}: allowed 'rtn', 'quantease'")
+        if not isinstance(self.quantease_iterations, int) or self.quantease_iterations < 1:
+            raise ValueError(f"quantease_iterations={self.quantease_iterations!r}: an integer >= 1")
+        if not float(self.quantease_damp) >= 0.0:
+            raise ValueError(f"quantease_damp={self.quantease_damp!r}: must be >= 0")
         if self.per_token_form not in ("qdq", "integer"):
             raise ValueError(f"per_token_form={self.per_token_form!r}: allowed 'qdq', 'integer'")
         if self.per_token_form == "integer" and self.activations != "per_token":
@@ -204,6 +217,22 @@ def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8) -> tuple[np.nd
     return q, scale
 
 
+def quantease_int8_weight(weight_kn: np.ndarray, sigma: np.ndarray, iterations: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """int8 ``[K, N]`` weights and per-output-channel scales on the symmetric grid of
+    :func:`quantize_weight` (scale ``max|w|/127``), the levels chosen by QuantEase
+    coordinate descent on ``tr(ΔᵀΣΔ)`` instead of rounding each weight to nearest."""
+    from outlierquant.passes.weight_rounding import GroupGrid, quantease_round
+
+    weight_kn = np.asarray(weight_kn, dtype=np.float32)
+    k = weight_kn.shape[0]
+    scale = weight_scales(weight_kn, 1)
+    # one group of K rows per output column; uint8 levels 1..255 around zero point 128
+    grid = GroupGrid("per_oc", k, 8, scale[None, :].astype(np.float32), np.full((1, scale.size), 128, np.uint8))
+    levels = quantease_round(weight_kn, sigma, grid, iterations=iterations)
+    q = np.clip(levels - 128, -127, 127).astype(np.int8)
+    return q, scale
+
+
 def activation_scale_zero_point(rmin: float, rmax: float, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Asymmetric uint8 (or symmetric int8) per-tensor parameters for a calibrated range."""
     rmin = min(float(rmin), 0.0)
@@ -233,6 +262,8 @@ class _Inserter:
         self.nodes_by_name = {node.name: node for node in self.graph}
         self.shared_activation: dict[tuple[str, str], ir.Value] = {}
         self.counts = {"weights": 0, "activations": 0, "outputs": 0, "per_token": 0}
+        #: (consumer, input index) -> (int8 weight, scales) chosen before insertion
+        self.rounded: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def _range(self, tensor: str) -> tuple[float, float]:
         if self.stats is None or tensor not in self.stats:
@@ -250,7 +281,8 @@ class _Inserter:
         if array is None or array.dtype != np.float32:
             logger.info("skip %s: weight %s is not a float32 constant", node.name, value.name)
             return
-        q, scale = quantize_weight(array, decl.axis)
+        rounded = self.rounded.get((node.name, decl.input_index))
+        q, scale = rounded if rounded is not None else quantize_weight(array, decl.axis)
         base = value.name or f"{node.name}_weight"
         q_value = add_initializer(self.graph, f"{base}_quantized", q)
         s_value = add_initializer(self.graph, f"{base}_scale", scale)
@@ -362,9 +394,15 @@ class _Inserter:
         self.counts["outputs"] += 1
 
 
-def insert_qdq(model: ir.Model, plan: list[TensorQuant], stats: ActivationStats | None, config: QuantConfig) -> dict:
-    """Write the Q/DQ nodes for ``plan`` (phase two). Returns counts for the report."""
+def insert_qdq(model: ir.Model, plan: list[TensorQuant], stats: ActivationStats | None, config: QuantConfig,
+               rounded: dict | None = None) -> dict:
+    """Write the Q/DQ nodes for ``plan`` (phase two). Returns counts for the report.
+
+    ``rounded``: ``(consumer, input index) -> (int8 weight, scales)`` to store instead of
+    round-to-nearest (in the weight's own layout).
+    """
     inserter = _Inserter(model, stats, config)
+    inserter.rounded = dict(rounded or {})
     consumers_of: dict[tuple[str, str], set[str]] = {}
     for decl in plan:
         if decl.role == "activation":
@@ -406,15 +444,49 @@ class QuantizeQDQPass(OutlierPass):
                     known.add(decl.tensor)
         return targets
 
+    def covariance_targets(self, model: ir.Model) -> list[str]:
+        """The inputs of the planned linears when QuantEase rounds the weights (needs Σ)."""
+        if self.config.weight_rounding != "quantease":
+            return []
+        nodes = {node.name: node for node in model.graph}
+        return sorted({nodes[d.consumer].inputs[0].name for d in plan_quantization(model, self.config)
+                       if d.role == "weight" and d.input_index == 1})
+
+    def _rounded_weights(self, model: ir.Model, plan: list[TensorQuant]) -> dict:
+        """QuantEase int8 levels for every planned ``x @ W`` weight (Gemm transB transposed)."""
+        from outlierquant.passes.weight_rounding import second_moment
+
+        stats = self.require_stats()
+        nodes = {node.name: node for node in model.graph}
+        rounded = {}
+        for decl in plan:
+            node = nodes[decl.consumer]
+            if decl.role != "weight" or decl.input_index != 1 or node.inputs[0].name not in stats:
+                continue
+            array = constant_array(node.inputs[1])
+            if array is None or array.dtype != np.float32 or array.ndim != 2:
+                continue
+            transposed = node.op_type == "Gemm" and decl.axis == 0  # stored [N, K]
+            weight_kn = array.T if transposed else array
+            st = stats[node.inputs[0].name]
+            if st.channels != weight_kn.shape[0]:
+                continue
+            sigma, _ = second_moment(st, self.config.quantease_damp)
+            q, scale = quantease_int8_weight(weight_kn, sigma, self.config.quantease_iterations)
+            rounded[(node.name, 1)] = (np.ascontiguousarray(q.T) if transposed else q, scale)
+        return rounded
+
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         plan = plan_quantization(model, self.config)
+        rounded = self._rounded_weights(model, plan) if self.config.weight_rounding == "quantease" else {}
         integer_layers: list[str] = []
         if self.config.per_token_form == "integer":
-            plan, integer_layers = _rewrite_integer_per_token(model, plan)
+            plan, integer_layers = _rewrite_integer_per_token(model, plan, rounded)
         stats = self.stats if self.config.activations == "static" else None
-        counts = insert_qdq(model, plan, stats, self.config)
+        counts = insert_qdq(model, plan, stats, self.config, rounded)
         layers = sorted({d.consumer for d in plan if d.role == "weight"} | set(integer_layers))
         record = {
+            "quantease_rounded_weights": len(rounded),
             "integer_per_token_layers": len(integer_layers),
             "config": dataclasses.asdict(self.config),
             "quantized_weights": counts["weights"],
@@ -433,7 +505,8 @@ class QuantizeQDQPass(OutlierPass):
         return bool(plan), record
 
 
-def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant]) -> tuple[list[TensorQuant], list[str]]:
+def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant],
+                               rounded: dict | None = None) -> tuple[list[TensorQuant], list[str]]:
     """Replace each planned linear by real per-token int8 arithmetic (standard ops).
 
     Returns the rest of the plan (the declarations of the linears that could not be
@@ -455,7 +528,11 @@ def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant]) -> tupl
             continue
         weight = np.asarray(linear.weight_array(), dtype=np.float32)
         label = f"{node.name or 'linear'}_pt_int8"
-        build = _mixed_int8_builder(weight, np.zeros(0, np.int64), label, "integer", options, opset)
+        prepared = (rounded or {}).get((node.name, 1))
+        if prepared is not None and node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+            prepared = (np.ascontiguousarray(prepared[0].T), prepared[1])  # back to [K, N]
+        build = _mixed_int8_builder(weight, np.zeros(0, np.int64), label, "integer", options, opset,
+                                    prepared=prepared)
         replace_linear(model.graph, linear, build, label)
         done.append(node.name)
     rewritten = set(done)

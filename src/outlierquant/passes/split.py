@@ -450,7 +450,8 @@ def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
 
 
 def _mixed_int8_builder(weight: np.ndarray, channels: np.ndarray, label: str, form: str, options: LlmInt8Options,
-                        opset: int):
+                        opset: int, prepared: tuple[np.ndarray, np.ndarray] | None = None):
+    """``prepared``: int8 ``[K, N]`` weights and scales chosen elsewhere (no float channels)."""
     from outlierquant.custom_ops.reference import prepare_mixed_int8_weights
     from outlierquant.custom_ops.standard_forms import (
         mixed_int8_matmul_kernel_form,
@@ -460,6 +461,8 @@ def _mixed_int8_builder(weight: np.ndarray, channels: np.ndarray, label: str, fo
     weight_q, weight_scale, channels, outlier_weight = prepare_mixed_int8_weights(
         weight, channels, reduce_range=options.reduce_range
     )
+    if prepared is not None and not channels.size:
+        weight_q, weight_scale = prepared
 
     def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
         if form == "kernel":
