@@ -34,12 +34,12 @@ SMOLLM2_RECIPES = ("w8a8", "quarot-w8a8", "quarot-w8a8-static", "mambaquant-w8a8
 
 
 def _plain_w4a8(rounding: str) -> dict:
-    """The simulated W4A8 without any rotation (int4 g128 weights, int8 per-token activations)."""
-    options = {"weight_bits": 4, "weight_group_size": 128, "activation_bits": 8, "activations": "per_token"}
+    """The simulated W4A8 without any rotation (int4 g64 weights, int8 per-token activations)."""
+    options = {"weight_bits": 4, "weight_group_size": 64, "activation_bits": 8, "activations": "per_token"}
     if rounding == "quantease":
         options.update(weight_rounding="quantease", quantease_iterations=4, quantease_damp=1.0)
     return {"name": "plain-w4a8" + ("-quantease" if rounding == "quantease" else ""),
-            "description": f"simulated W4A8 without rotation ({rounding} int4 g128 weights, int8 per-token activations)",
+            "description": f"simulated W4A8 without rotation ({rounding} int4 g64 weights, int8 per-token activations)",
             "passes": ["canonicalize", {"simulate-quant": options}]}
 
 

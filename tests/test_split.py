@@ -207,6 +207,29 @@ def test_static_activations_quantize_only_the_inlier_channels(planted_llama):
     assert cosine(reference, outputs(full, evaluation)) > 0.98
 
 
+def test_quantease_rounding_keeps_the_float_channels_out_of_the_int8_weights(planted_llama):
+    calibration = synthetic.random_feeds(planted_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(planted_llama, 2, seed=2)
+    reference = outputs(load(planted_llama), evaluation)
+    for form in ({"kernels": "never"}, {"activations": "static"}):
+        split = LlmInt8SplitPass(criterion="top_k", top_k=2, weight_rounding="quantease", **form)
+        assert split.covariance_targets(load(planted_llama))
+        model = load(planted_llama)
+        stats = collect_statistics(model, calibration, covariance_for=split.covariance_targets(model), progress=False)
+        result = split.with_stats(stats)(model)
+        assert result.modified
+        assert cosine(reference, outputs(model, evaluation)) > 0.99
+    # rows held at zero (the float channels) stay zero in the int8 weight; the others are rounded
+    from outlierquant.passes.quantize import quantease_int8_weight
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(16, 8)).astype(np.float32)
+    weight[[3, 9]] = 0.0
+    x = rng.normal(size=(256, 16))
+    q, _ = quantease_int8_weight(weight, x.T @ x / 256, fixed_rows=np.array([3, 9]))
+    assert not q[[3, 9]].any() and q.any()
+
+
 def test_kernel_form_matches_the_standard_form(tiny_llama):
     from outlierquant import custom_ops
 

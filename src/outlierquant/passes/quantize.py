@@ -217,10 +217,12 @@ def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8) -> tuple[np.nd
     return q, scale
 
 
-def quantease_int8_weight(weight_kn: np.ndarray, sigma: np.ndarray, iterations: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def quantease_int8_weight(weight_kn: np.ndarray, sigma: np.ndarray, iterations: int = 4, *,
+                          fixed_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """int8 ``[K, N]`` weights and per-output-channel scales on the symmetric grid of
     :func:`quantize_weight` (scale ``max|w|/127``), the levels chosen by QuantEase
-    coordinate descent on ``tr(ΔᵀΣΔ)`` instead of rounding each weight to nearest."""
+    coordinate descent on ``tr(ΔᵀΣΔ)`` instead of rounding each weight to nearest.
+    ``fixed_rows``: input rows held at zero (LLM.int8()'s float channels)."""
     from outlierquant.passes.weight_rounding import GroupGrid, quantease_round
 
     weight_kn = np.asarray(weight_kn, dtype=np.float32)
@@ -228,7 +230,11 @@ def quantease_int8_weight(weight_kn: np.ndarray, sigma: np.ndarray, iterations: 
     scale = weight_scales(weight_kn, 1)
     # one group of K rows per output column; uint8 levels 1..255 around zero point 128
     grid = GroupGrid("per_oc", k, 8, scale[None, :].astype(np.float32), np.full((1, scale.size), 128, np.uint8))
-    levels = quantease_round(weight_kn, sigma, grid, iterations=iterations)
+    fixed = None
+    if fixed_rows is not None and len(fixed_rows):
+        fixed = np.zeros(weight_kn.shape, dtype=bool)
+        fixed[np.asarray(fixed_rows, dtype=np.int64)] = True
+    levels = quantease_round(weight_kn, sigma, grid, iterations=iterations, fixed=fixed)
     q = np.clip(levels - 128, -127, 127).astype(np.int8)
     return q, scale
 

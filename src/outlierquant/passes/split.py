@@ -210,6 +210,10 @@ class LlmInt8Options:
     #: ``activations: static`` only: also quantize the activation x activation MatMuls
     #: (attention QK^T and probs x V) with static per-tensor QDQ, so every MatMul runs int8
     dynamic_matmuls: bool = False
+    #: int8 weight rounding of the inlier part: ``rtn`` or ``quantease`` (coordinate descent
+    #: on tr(ΔᵀΣΔ) against the calibration covariance, float-channel rows held at zero)
+    weight_rounding: Literal["rtn", "quantease"] = "rtn"
+    quantease_damp: float = 1.0
     #: leave linears whose output is a graph output (the lm_head) in float, as the
     #: transformers / bitsandbytes LLM.int8() integration does by default
     skip_output_layers: bool = True
@@ -238,6 +242,10 @@ class LlmInt8Options:
             raise ValueError(f"activations={self.activations!r}: allowed 'per_token', 'static'")
         if self.activations == "static" and (self.kernels == "always" or self.runtime_threshold > 0):
             raise ValueError("activations='static' is written as QDQ: needs kernels auto/never and no runtime_threshold")
+        if self.weight_rounding not in ("rtn", "quantease"):
+            raise ValueError(f"weight_rounding={self.weight_rounding!r}: allowed 'rtn', 'quantease'")
+        if not float(self.quantease_damp) >= 0.0:
+            raise ValueError(f"quantease_damp={self.quantease_damp!r}: must be >= 0")
         if self.dynamic_matmuls and self.activations != "static":
             raise ValueError("dynamic_matmuls: needs activations 'static' (the per-token forms leave QK^T in float)")
         if self.runtime_threshold > 0 and self.standard_form == "qdq":
@@ -269,6 +277,12 @@ class LlmInt8SplitPass(OutlierPass):
     claims_equivalence = False
     options_type = LlmInt8Options
 
+    def covariance_targets(self, model: ir.Model) -> list[str]:
+        """Every linear input, when QuantEase rounds the int8 weights (it needs Σ)."""
+        if self.options.weight_rounding != "quantease":
+            return []
+        return sorted({linear.input.name for linear in analyze_graph(model).linears})
+
     def form(self) -> str:
         """``float``, ``kernel``, ``integer`` or ``qdq``: what :meth:`run` writes."""
         options = self.options
@@ -296,6 +310,7 @@ class LlmInt8SplitPass(OutlierPass):
         skipped: list[dict[str, str]] = []
         declarations = []
         masked_stats: dict[str, Any] = {}
+        rounded: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         # linears reading one tensor with the same float channels (q/k/v) share the masked
         # input, its QDQ and the gathered outlier columns
         shared_inputs: dict[tuple[str, bytes], tuple[ir.Value, ir.Value | None]] = {}
@@ -322,6 +337,15 @@ class LlmInt8SplitPass(OutlierPass):
                 continue
             channels = select_outlier_channels(st.absmax, st.maximum - st.minimum, options)
             label = _label(linear, "llm_int8")
+            prepared = None
+            if options.weight_rounding == "quantease" and form != "float":
+                from outlierquant.passes.quantize import quantease_int8_weight
+                from outlierquant.passes.weight_rounding import second_moment
+
+                inliers = weight.copy()
+                inliers[channels] = 0.0
+                prepared = quantease_int8_weight(inliers, second_moment(st, options.quantease_damp)[0],
+                                                 fixed_rows=channels)
             if form == "float" or form == "qdq":
                 build, decl = _float_split_builder(weight, channels, label, shared_inputs,
                                                    mask=form != "qdq" or options.activations != "static")
@@ -329,10 +353,12 @@ class LlmInt8SplitPass(OutlierPass):
                 if form == "qdq":
                     declared = decl(new_nodes, options.activations)
                     declarations.extend(declared)
+                    if prepared is not None:
+                        rounded[(declared[1].consumer, 1)] = prepared
                     if options.activations == "static":
                         masked_stats[declared[0].tensor] = _without_channels(st, channels)
             else:
-                build = _mixed_int8_builder(weight, channels, label, form, options, opset)
+                build = _mixed_int8_builder(weight, channels, label, form, options, opset, prepared=prepared)
                 replace_linear(graph, linear, build, label)
             total_in += k
             total_float += int(channels.size)
@@ -347,7 +373,7 @@ class LlmInt8SplitPass(OutlierPass):
             from outlierquant.passes.quantize import QuantConfig, insert_qdq
 
             insert_qdq(model, declarations, ActivationStats(masked_stats),
-                       QuantConfig(activations=options.activations, dynamic_matmuls=False))
+                       QuantConfig(activations=options.activations, dynamic_matmuls=False), rounded)
         if form == "kernel" and layers:
             from outlierquant.custom_ops import DOMAIN
 
@@ -451,7 +477,7 @@ def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
 
 def _mixed_int8_builder(weight: np.ndarray, channels: np.ndarray, label: str, form: str, options: LlmInt8Options,
                         opset: int, prepared: tuple[np.ndarray, np.ndarray] | None = None):
-    """``prepared``: int8 ``[K, N]`` weights and scales chosen elsewhere (no float channels)."""
+    """``prepared``: int8 ``[K, N]`` weights (float-channel rows zero) and scales chosen elsewhere."""
     from outlierquant.custom_ops.reference import prepare_mixed_int8_weights
     from outlierquant.custom_ops.standard_forms import (
         mixed_int8_matmul_kernel_form,
@@ -461,7 +487,7 @@ def _mixed_int8_builder(weight: np.ndarray, channels: np.ndarray, label: str, fo
     weight_q, weight_scale, channels, outlier_weight = prepare_mixed_int8_weights(
         weight, channels, reduce_range=options.reduce_range
     )
-    if prepared is not None and not channels.size:
+    if prepared is not None:  # the float channels' rows are zero in it too
         weight_q, weight_scale = prepared
 
     def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
