@@ -7,10 +7,9 @@ Baselines: onnxruntime's static and dynamic W8A8 and its int4 weight-only RTN
 (``MatMul4BitsQuantizer``, block 32). With ``--smollm2``: perplexity of ``llm-int8`` on
 SmolLM2-135M held-out Wikipedia segments beside plain W8A8 per-token and fp32.
 
-Our recipes are applied pass by pass here rather than through ``quantize_model`` so that
-passes declaring ``needs_covariance`` (AdaDim, QuantEase) get the input covariance
-(``collect_statistics(covariance_for=...)``), which the pipeline does not request yet.
-Models with the ``ai.outlierquant`` kernel are run with the kernel library registered.
+Our recipes go through ``quantize_model``, which collects the input covariances that
+AdaDim and QuantEase read (``OutlierPass.covariance_targets``). Models with the
+``ai.outlierquant`` kernel are run with the kernel library registered.
 
     python benchmarks/bench_split.py [--recipes ...] [--runs 10] [--smollm2] [--out DIR]
 """
@@ -28,23 +27,28 @@ OURS = ("w8a8", "llm-int8", "splitquant-w8a8", "adadim-w4a16", "quantease-w4a16"
 BASELINES = ("ort-static-matmul", "ort-dynamic", "ort-int4-rtn")
 
 
-def quantize_with_covariance(model_path: Path, output: Path, recipe_name: str, feeds) -> tuple[Path, list[dict]]:
-    """``quantize_model`` with covariance collected for passes that declare ``needs_covariance``."""
-    from outlierquant.calibration.collect import collect_statistics
-    from outlierquant.modelio import load_model, save_model
-    from outlierquant.recipes import instantiate, load_recipe
+def quantize(model_path: Path, output: Path, recipe_name: str, feeds) -> tuple[Path, list[dict]]:
+    """``quantize_model``; returns the output and the per-pass records of its report."""
+    from outlierquant.pipeline import quantize_model
 
-    model = load_model(model_path)
-    records = []
-    for spec in load_recipe(recipe_name).passes:
-        pass_ = instantiate(spec)
-        if pass_.needs_stats:
-            covariance = pass_.covariance_targets(model) if getattr(pass_, "needs_covariance", False) else ()
-            pass_.with_stats(collect_statistics(model, feeds, tensors=pass_.calibration_targets(model),
-                                                covariance_for=covariance, progress=False))
-        records.append(pass_(model).record)
-    save_model(model, output)
-    return output, records
+    result = quantize_model(model_path, output, recipe_name, feeds, progress=False)
+    return output, result.report["passes"]
+
+
+def label_for(recipe: str, records: list[dict]) -> str:
+    """The recipe name with what its passes report: float share, assembly, AdaDim axes, simulation."""
+    label = recipe
+    for record in records:
+        if "float_channel_share" in record:
+            label += f" [{record['form']}, {100 * record['float_channel_share']:.2f}% ch float]"
+        if "added_share" in record:
+            label += f" [+{100 * record['added_share']:.1f}% ch, {record['merged_pairs']} merged]"
+        if "dimension_counts" in record:
+            counts = record["dimension_counts"]
+            label += f" [per-OC {counts['per_oc']} / per-IC {counts['per_ic']}]"
+        if record.get("simulated"):
+            label += " (simulated)"
+    return label
 
 
 def ort_int4_rtn(model_path: Path, output: Path, block: int = 32) -> Path:
@@ -102,20 +106,9 @@ def main() -> None:
                                                         latency_runs=args.runs, progress=False)))
     for recipe in args.recipes:
         started = time.perf_counter()
-        path, records = quantize_with_covariance(model, out / f"{recipe}.onnx", recipe, calibration)
+        path, records = quantize(model, out / f"{recipe}.onnx", recipe, calibration)
         notes.append(f"{recipe} {time.perf_counter() - started:.0f}s")
-        label = recipe
-        for record in records:
-            if "float_channel_share" in record:
-                label += f" [{record['form']}, {100 * record['float_channel_share']:.2f}% ch float]"
-            if "added_share" in record:
-                label += f" [+{100 * record['added_share']:.1f}% ch, {record['merged_pairs']} merged]"
-            if "dimension_counts" in record:
-                counts = record["dimension_counts"]
-                label += f" [per-OC {counts['per_oc']} / per-IC {counts['per_ic']}]"
-            if record.get("simulated"):
-                label += " (simulated)"
-        rows.append((label, validate(model, path, heldout, latency_batch=16, latency_runs=args.runs,
+        rows.append((label_for(recipe, records), validate(model, path, heldout, latency_batch=16, latency_runs=args.runs,
                                      candidate_session_options=kernel_options, progress=False)))
     print(f"MiniLM: {len(calibration)} calibration / {len(heldout)} held-out sentences; latency batch 16, "
           f"median of {args.runs}")
@@ -139,14 +132,8 @@ def main() -> None:
         calibration, heldout = segments("calibration", 16), segments("heldout", 24)
         rows = [("fp32 (reference)", validate(fp32, fp32, heldout, latency_runs=0, progress=False))]
         for recipe in ("w8a8-per-token", "llm-int8"):
-            path, records = quantize_with_covariance(fp32, out / f"smollm2-{recipe}.onnx", recipe, calibration)
-            label = recipe
-            for record in records:
-                if "float_channel_share" in record:
-                    label += f" [{record['form']}, {100 * record['float_channel_share']:.2f}% ch float]"
-                if record.get("simulated"):
-                    label += " (simulated)"
-            rows.append((label, validate(fp32, path, heldout, latency_runs=0,
+            path, records = quantize(fp32, out / f"smollm2-{recipe}.onnx", recipe, calibration)
+            rows.append((label_for(recipe, records), validate(fp32, path, heldout, latency_runs=0,
                                          candidate_session_options=kernel_options, progress=False)))
         print(f"SmolLM2-135M: {len(calibration)} calibration / {len(heldout)} held-out segments of 128 tokens")
         print(comparison_table(rows))

@@ -61,12 +61,11 @@ def run_recipe(
                 if not feeds:
                     raise CalibrationError(f"pass {spec.name!r} needs calibration data and none was given")
                 t0 = time.perf_counter()
-                covariance_targets = getattr(pass_, "covariance_targets", None)
                 stats = collect_statistics(
                     model,
                     feeds,
                     tensors=pass_.calibration_targets(model),
-                    covariance_for=covariance_targets(model) if covariance_targets else (),
+                    covariance_for=pass_.covariance_targets(model),
                     progress=progress,
                 )
                 calibration_seconds = time.perf_counter() - t0

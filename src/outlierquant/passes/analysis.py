@@ -231,6 +231,10 @@ class GraphAnalysis:
     def producer_of(self, linear: Linear) -> Producer:
         return self.group_of(linear).producer
 
+    def input_names(self, *, groups: bool = False) -> list[str]:
+        """The distinct input tensors of every linear (or linear group), sorted."""
+        return sorted({item.input.name for item in (self.groups if groups else self.linears) if item.input.name})
+
     def linear_for_node(self, node: ir.Node) -> Linear | None:
         for linear in self.linears:
             if linear.node is node:

@@ -41,8 +41,6 @@ class OutlierPass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     #: the pipeline must collect activation statistics before this pass
     needs_stats: ClassVar[bool] = False
-    #: tensors for which a covariance is needed (computed lazily from the model)
-    needs_covariance: ClassVar[bool] = False
     #: the pass reads the calibration samples themselves (e.g. to learn a transform on
     #: captured activations), handed over through :attr:`OutlierPass.feeds`
     needs_feeds: ClassVar[bool] = False
@@ -73,6 +71,10 @@ class OutlierPass(ir.passes.InPlacePass):
         if self.stats is None:
             raise RuntimeError(f"pass {self.name or type(self).__name__} needs activation statistics")
         return self.stats
+
+    def covariance_targets(self, model: ir.Model) -> list[str]:
+        """The tensors whose full covariance this pass reads (collected with its statistics)."""
+        return []
 
     def calibration_targets(self, model: ir.Model) -> list:
         """The tensors whose statistics this pass reads (default: every linear input)."""

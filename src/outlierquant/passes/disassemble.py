@@ -253,15 +253,11 @@ class DisassembleChannelsPass(OutlierPass):
     claims_equivalence = True
     options_type = DisassembleOptions
 
-    @property
-    def needs_covariance(self) -> bool:  # type: ignore[override]
-        return self.options.assemble
-
     def covariance_targets(self, model: ir.Model) -> list[str]:
         """Group inputs whose covariance the assembly's merge cost reads (none without assembly)."""
         if not self.options.assemble:
             return []
-        return sorted({group.input.name for group in analyze_graph(model).groups if group.input.name})
+        return analyze_graph(model).input_names(groups=True)
 
     def _check(self, group: LinearGroup, stats: ActivationStats) -> str:
         for linear in group.linears:

@@ -148,10 +148,10 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> list[TensorQuant]
             if config.activations != "none":
                 plan.append(TensorQuant(node.inputs[0].name, "activation", config.activations, node.name, 0))
         elif node.op_type == "MatMul" and config.dynamic_matmuls and config.activations != "none":
-            if any(is_constant(v) for v in node.inputs) or not is_attention_matmul(node):
+            declared = _attention_inputs(node, config.activations)
+            if not declared:
                 continue
-            for index in (0, 1):
-                plan.append(TensorQuant(node.inputs[index].name, "activation", config.activations, node.name, index))
+            plan.extend(declared)
         else:
             continue
         if config.quantize_outputs and config.activations == "static":
@@ -193,6 +193,19 @@ def is_attention_matmul(node: ir.Node, depth: int = 4) -> bool:
                 preceding.extend(producer.inputs)  # Where(IsNaN(p), 0, p) guards exported probs
         frontier = preceding
     return False
+
+
+def _attention_inputs(node: ir.Node, mode: str) -> list[TensorQuant]:
+    """Both inputs of an attention MatMul (activation x activation), else nothing."""
+    if len(node.inputs) != 2 or any(v is None or is_constant(v) for v in node.inputs) or not is_attention_matmul(node):
+        return []
+    return [TensorQuant(value.name, "activation", mode, node.name, index) for index, value in enumerate(node.inputs)]
+
+
+def attention_matmul_declarations(model: ir.Model, mode: str = "static") -> list[TensorQuant]:
+    """Declarations for both inputs of every attention QKᵀ / probs·V MatMul in ``model``."""
+    return [decl for node in model.graph if node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
+            for decl in _attention_inputs(node, mode)]
 
 
 # -- scale math ----------------------------------------------------------------------------
@@ -519,7 +532,7 @@ def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant],
     rewritten, and the activation x activation MatMuls) and the rewritten linears' names.
     """
     from outlierquant.passes.analysis import analyze_graph
-    from outlierquant.passes.split import LlmInt8Options, _mixed_int8_builder, replace_linear, splittable
+    from outlierquant.passes.split import LlmInt8Options, mixed_int8_builder, replace_linear, splittable
 
     weighted = {d.consumer for d in plan if d.role == "weight"}
     analysis = analyze_graph(model)
@@ -537,7 +550,7 @@ def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant],
         prepared = (rounded or {}).get((node.name, 1))
         if prepared is not None and node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
             prepared = (np.ascontiguousarray(prepared[0].T), prepared[1])  # back to [K, N]
-        build = _mixed_int8_builder(weight, np.zeros(0, np.int64), label, "integer", options, opset,
+        build = mixed_int8_builder(weight, np.zeros(0, np.int64), label, "integer", options, opset,
                                     prepared=prepared)
         replace_linear(model.graph, linear, build, label)
         done.append(node.name)

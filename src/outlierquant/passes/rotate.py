@@ -520,7 +520,6 @@ class RotateResidualPass(OutlierPass):
 
     name = "rotate-residual"
     claims_equivalence = True
-    needs_covariance = True
     options_type = RotateResidualOptions
 
     @property
@@ -1220,7 +1219,6 @@ class RotateQueryKeyPass(OutlierPass):
 
     name = "rotate-qk"
     claims_equivalence = True
-    needs_covariance = True
     options_type = RotateQueryKeyOptions
 
     @property

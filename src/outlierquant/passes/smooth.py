@@ -448,15 +448,11 @@ class SmoothQuantPass(OutlierPass):
     claims_equivalence = True
     options_type = SmoothQuantOptions
 
-    @property
-    def needs_covariance(self) -> bool:  # type: ignore[override]
-        return self.options.full_covariance
-
     def covariance_targets(self, model: ir.Model) -> list[str]:
         """Group inputs whose covariance the weight-only α search reads (none otherwise)."""
         if not self.options.full_covariance:
             return []
-        return sorted({group.input.name for group in analyze_graph(model).groups if group.input.name})
+        return analyze_graph(model).input_names(groups=True)
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         stats = self.require_stats()

@@ -69,7 +69,7 @@ import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats
 from outlierquant.passes.analysis import Linear, analyze_graph
-from outlierquant.passes.base import OutlierPass, constant_array, is_constant
+from outlierquant.passes.base import OutlierPass, constant_array
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class LlmInt8SplitPass(OutlierPass):
         """Every linear input, when QuantEase rounds the int8 weights (it needs Σ)."""
         if self.options.weight_rounding != "quantease":
             return []
-        return sorted({linear.input.name for linear in analyze_graph(model).linears})
+        return analyze_graph(model).input_names()
 
     def form(self) -> str:
         """``float``, ``kernel``, ``integer`` or ``qdq``: what :meth:`run` writes."""
@@ -358,7 +358,7 @@ class LlmInt8SplitPass(OutlierPass):
                     if options.activations == "static":
                         masked_stats[declared[0].tensor] = _without_channels(st, channels)
             else:
-                build = _mixed_int8_builder(weight, channels, label, form, options, opset, prepared=prepared)
+                build = mixed_int8_builder(weight, channels, label, form, options, opset, prepared=prepared)
                 replace_linear(graph, linear, build, label)
             total_in += k
             total_float += int(channels.size)
@@ -393,22 +393,15 @@ class LlmInt8SplitPass(OutlierPass):
 
 
 def _activation_matmuls(model: ir.Model, stats, collected: dict) -> list:
-    """Static per-tensor declarations for both inputs of every activation x activation
-    MatMul (attention QK^T, probs x V) that has calibration statistics."""
-    from outlierquant.passes.quantize import TensorQuant, is_attention_matmul
+    """Static declarations for attention QKᵀ / probs·V inputs that have calibration statistics
+    (their statistics copied into ``collected``)."""
+    from outlierquant.passes.quantize import attention_matmul_declarations
 
-    declared = []
-    for node in model.graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        inputs = list(node.inputs)
-        if len(inputs) != 2 or any(v is None or is_constant(v) or v.name not in stats for v in inputs):
-            continue
-        if not is_attention_matmul(node):  # e.g. the rotary embedding's inv_freq @ positions
-            continue
-        for index, value in enumerate(inputs):
-            declared.append(TensorQuant(value.name, "activation", "static", node.name, index))
-            collected[value.name] = stats[value.name]
+    candidates = attention_matmul_declarations(model, "static")
+    missing = {d.consumer for d in candidates if d.tensor not in stats}
+    declared = [d for d in candidates if d.consumer not in missing]
+    for decl in declared:
+        collected[decl.tensor] = stats[decl.tensor]
     return declared
 
 
@@ -475,7 +468,7 @@ def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
     return build, declarations
 
 
-def _mixed_int8_builder(weight: np.ndarray, channels: np.ndarray, label: str, form: str, options: LlmInt8Options,
+def mixed_int8_builder(weight: np.ndarray, channels: np.ndarray, label: str, form: str, options: LlmInt8Options,
                         opset: int, prepared: tuple[np.ndarray, np.ndarray] | None = None):
     """``prepared``: int8 ``[K, N]`` weights (float-channel rows zero) and scales chosen elsewhere."""
     from outlierquant.custom_ops.reference import prepare_mixed_int8_weights

@@ -498,7 +498,6 @@ def _emit(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: GroupGrid, side:
 class _WeightOnlyPass(OutlierPass):
     needs_stats = True
     #: Σ = E[xxᵀ] is needed per linear input (the pipeline must pass ``covariance_for``)
-    needs_covariance = True
 
     def __init__(self, options=None, **kwargs: Any) -> None:
         super().__init__()
@@ -506,7 +505,7 @@ class _WeightOnlyPass(OutlierPass):
 
     def covariance_targets(self, model: ir.Model) -> list[str]:
         """Linear inputs whose covariance Σ this pass reads (for ``collect_statistics(covariance_for=)``)."""
-        return sorted({linear.input.name for linear in analyze_graph(model).linears if linear.input.name})
+        return analyze_graph(model).input_names()
 
     def _round(self, weight, sigma, grid, fixed) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
