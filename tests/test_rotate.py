@@ -531,3 +531,86 @@ def test_smollm2_qk_rotation_is_equivalent(smollm2_onnx):
     assert len(record["rotated"]) == 30 and {e["head_dim"] for e in record["rotated"]} == {64}
     assert not record["skipped"]
     assert relative_error(reference, outputs(model, feeds)) <= RTOL
+
+
+# -- outlier split before the online rotation -------------------------------------------------
+
+
+def _split_rotation(model_path, model, ratio, groups="activation", kernels="standard", calibration=None):
+    online = OnlineHadamardPass(kernels=kernels, groups=groups, outlier_ratio=ratio)
+    calibration = calibration or synthetic.random_feeds(model_path, 6, seed=1)
+    online.with_stats(collect_statistics(model, calibration, tensors=online.calibration_targets(model),
+                                         progress=False))
+    return online(model)
+
+
+def _side_path_nodes(model: ir.Model) -> list[ir.Node]:
+    from outlierquant.passes.base import KEEP_FLOAT_KEY
+
+    return [node for node in model.graph if KEEP_FLOAT_KEY in node.metadata_props]
+
+
+@pytest.mark.parametrize("fixture", ["planted_llama", "tiny_bert"])
+def test_split_rotation_is_equivalent_and_its_side_path_is_not_a_linear(request, fixture):
+    path = request.getfixturevalue(fixture)
+    model = load(path)
+    feeds = synthetic.random_feeds(path, 3, seed=2)
+    reference = outputs(model, feeds)
+    linears_before = len(analyze_graph(model).linears)
+    result = _split_rotation(path, model, ratio=1.5)
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    rotated = result.record["rotated"]
+    # only the groups behind a nonlinearity: the down projections / BERT's FFN2
+    assert len(rotated) == 2 and all(g["relation"] in ("up_to_down", "none") for g in rotated)
+    assert all(g["float_channels"] > 0 for g in rotated)
+    side = _side_path_nodes(model)
+    assert collections.Counter(n.op_type for n in side) == {"Gather": 2, "MatMul": 2, "Add": 2}
+    assert len(analyze_graph(model).linears) == linears_before  # the side MatMuls are not layers
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+
+
+def test_split_rotation_on_minilm_real_and_random_inputs(minilm_onnx, minilm_feeds):
+    calibration, heldout = minilm_feeds
+    feeds = heldout[:4] + synthetic.random_feeds(minilm_onnx, 2, seed=3, vocab_size=30000)
+    model = load(minilm_onnx)
+    reference = outputs(model, feeds)
+    record = _split_rotation(minilm_onnx, model, ratio=4.0, calibration=calibration[:16]).record
+    assert len(record["rotated"]) == 6  # one FFN2 per layer, behind GELU
+    assert sum(g["float_channels"] for g in record["rotated"]) > 0
+    assert relative_error(reference, outputs(model, feeds)) <= RTOL
+
+
+def test_split_rotation_without_its_side_path_is_not_equivalent(planted_llama):
+    model = load(planted_llama)
+    feeds = synthetic.random_feeds(planted_llama, 2, seed=2)
+    reference = outputs(model, feeds)
+    _split_rotation(planted_llama, model, ratio=1.5)
+    for node in _side_path_nodes(model):
+        if node.op_type == "Add":  # drop the side path's contribution
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
+    assert relative_error(reference, outputs(model, feeds)) > 1e-2
+
+
+def test_quantizer_leaves_the_split_rotation_side_path_in_float(planted_llama):
+    from outlierquant.passes.split import LlmInt8SplitPass
+
+    model = load(planted_llama)
+    calibration = synthetic.random_feeds(planted_llama, 6, seed=1)
+    _split_rotation(planted_llama, model, ratio=1.5, calibration=calibration)
+    side_weights = {node.inputs[1].name for node in _side_path_nodes(model) if node.op_type == "MatMul"}
+    split = LlmInt8SplitPass(criterion="relative", ratio=4.0, activations="static")
+    split.with_stats(collect_statistics(model, calibration, tensors=split.calibration_targets(model), progress=False))
+    assert split(model).modified
+    for node in _side_path_nodes(model):
+        if node.op_type == "MatMul":
+            assert node.inputs[1].name in side_weights and node.inputs[1].const_value is not None
+            assert node.inputs[0].producer().op_type == "Gather"  # no QDQ in front of it
+    assert any(node.op_type == "DequantizeLinear" for node in model.graph)
+
+
+def test_split_rotation_options_are_validated():
+    with pytest.raises(RecipeError, match="outlier_ratio"):
+        validate_pass_options("online-hadamard", {"outlier_ratio": 1.0})
+    with pytest.raises(RecipeError, match="groups"):
+        validate_pass_options("online-hadamard", {"groups": "ffn"})
+    assert OnlineHadamardPass(outlier_ratio=4.0).needs_stats

@@ -55,7 +55,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.passes.base import constant_array, is_constant
+from outlierquant.passes.base import KEEP_FLOAT_KEY, constant_array, is_constant
 
 logger = logging.getLogger(__name__)
 
@@ -815,6 +815,8 @@ def _is_int(x) -> bool:
 
 def _match_linear(node: ir.Node) -> Linear | None:
     if node.domain != "" or node.op_type not in ("MatMul", "Gemm", "Conv"):
+        return None
+    if KEEP_FLOAT_KEY in node.metadata_props:  # a pass's float side path, not a layer to quantize
         return None
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return None

@@ -24,6 +24,11 @@ from outlierquant.calibration.stats import ActivationStats
 logger = logging.getLogger(__name__)
 
 
+#: metadata key on nodes a pass wrote to stay in float (e.g. the outlier side path of a
+#: split): graph analysis does not report them as linears, so no quantizer touches them
+KEEP_FLOAT_KEY = "outlierquant.keep_float"
+
+
 @dataclasses.dataclass
 class PassRecordResult(ir.passes.PassResult):
     """``PassResult`` plus what the pass did, for the quantization report."""
