@@ -334,3 +334,128 @@ def test_refit_options_are_validated():
     with pytest.raises(ValueError, match="scale_refits"):
         AdaDimOptions(scale_refits=1, rounding="rtn")
     assert AdaDimOptions(scale_refits=1, rounding="quantease").scale_refits == 1
+
+
+# -- sequential calibration (GPTQ order, GPTAQ fp32-output target) ----------------------------
+
+
+def paired_rows(rng, rows=1024):
+    """``x_f`` and a perturbed copy ``x_q`` (an upstream layer's quantization noise)."""
+    x_f = activations(rng, rows).astype(np.float64) + rng.normal(size=K) * 2.0
+    x_q = x_f + 0.2 * rng.normal(size=x_f.shape) + 0.1 * x_f @ (rng.normal(size=(K, K)) / np.sqrt(K))
+    return x_q, x_f
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.05])
+def test_fp32_output_target_reduction_is_exact(damp):
+    """||X_q Q − X_f W||²/n + λ||Q − W||² = tr((Q − W')ᵀ Σ (Q − W')) + const, for any Q."""
+    from outlierquant.passes.weight_rounding import InputMoments, gptaq_objective
+
+    rng = np.random.default_rng(11)
+    x_q, x_f = paired_rows(rng)
+    weight = rng.normal(size=(K, N))
+    moments = InputMoments.from_rows(x_q, x_f, damp, centered=False)
+    target = moments.target(weight)
+    assert np.abs(target - weight).max() > 1e-2  # the upstream noise does move the target
+    gaps = []
+    for scale in (0.0, 0.1, 1.0):
+        q = weight + scale * rng.normal(size=(K, N))
+        direct = gptaq_objective(x_q, x_f, weight, q, damp)
+        gaps.append(direct - output_error(q - target, moments.sigma))
+    # the constant does not depend on Q (relative to the objective's size)
+    scale = gptaq_objective(x_q, x_f, weight, weight + rng.normal(size=(K, N)), damp)
+    assert max(gaps) - min(gaps) <= 1e-6 * scale
+    # and W' is the minimiser: no perturbation of it does better
+    best = gptaq_objective(x_q, x_f, weight, target, damp)
+    assert best <= gptaq_objective(x_q, x_f, weight, target + 1e-3 * rng.normal(size=(K, N)), damp)
+
+
+def test_centered_moments_and_correction_give_the_fp32_output_mean():
+    """With bias correction the mean of X_q Q + b − X_f W is zero and the rest is the centred objective."""
+    from outlierquant.passes.weight_rounding import InputMoments
+
+    rng = np.random.default_rng(12)
+    x_q, x_f = paired_rows(rng)
+    weight = rng.normal(size=(K, N))
+    q = weight + 0.05 * rng.normal(size=(K, N))
+    moments = InputMoments.from_rows(x_q, x_f, 0.0, centered=True)
+    residual = x_q @ q + moments.correction(weight, q) - x_f @ weight
+    assert np.abs(residual.mean(axis=0)).max() < 1e-9 * np.abs(x_f @ weight).max()
+    target = moments.target(weight)
+    q2 = weight + 0.05 * rng.normal(size=(K, N))
+    residual2 = x_q @ q2 + moments.correction(weight, q2) - x_f @ weight
+    direct = ((residual**2).sum(axis=1).mean() - (residual2**2).sum(axis=1).mean())
+    reduced = output_error(q - target, moments.sigma) - output_error(q2 - target, moments.sigma)
+    assert direct == pytest.approx(reduced, rel=1e-6)
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_sequential_equals_plain_with_nothing_upstream(bias_correction):
+    """One linear: its quantized input is its fp32 input, so sequential == non-sequential."""
+    rng = np.random.default_rng(13)
+    x = activations(rng, rows=1024) + rng.normal(size=K).astype(np.float32)
+    weight = rng.normal(size=(K, N)).astype(np.float32)
+    feeds = [{"x": x[i:i + 256]} for i in range(0, 1024, 256)]
+    outputs, records = {}, {}
+    for sequential in (False, True):
+        model = one_linear_model(weight)
+        pass_ = QuantEaseRoundPass(iterations=4, bias_correction=bias_correction, sequential=sequential)
+        assert pass_.needs_stats is not sequential and pass_.needs_feeds is sequential
+        pass_ = pass_.with_feeds(feeds) if sequential else pass_.with_stats(stats_of(x))
+        result = pass_(model)
+        records[sequential] = result.record["layers"][0]
+        outputs[sequential] = run(model, x)
+    assert result.record["sequential"] == {"stages": 1, "rows": 1024, "target": "fp32_output"}
+    assert records[True]["relative_output_error"] == pytest.approx(records[False]["relative_output_error"], rel=1e-4)
+    reference = x @ weight
+    assert np.abs(outputs[True] - outputs[False]).max() <= 1e-4 * np.abs(reference).max()
+
+
+def _llama_error(path, model_pass, calibration, evaluation) -> float:
+    model = ir.load(str(path))
+    CanonicalizePass()(model)
+    if model_pass.needs_stats:
+        model_pass.with_stats(collect_statistics(model, calibration, tensors=quantizable_targets(model, outputs=False),
+                                                 covariance_for=model_pass.covariance_targets(model), progress=False))
+    if model_pass.needs_feeds:
+        model_pass.with_feeds(calibration)
+    record = model_pass(model).record
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    assert "ai.outlierquant" not in {o.domain for o in proto.opset_import}  # plain onnxruntime runs it
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    error = signal = 0.0
+    for feed in evaluation:
+        a, b = reference.run(None, feed)[0], session.run(None, feed)[0]
+        error += float(((a - b) ** 2).sum())
+        signal += float((a**2).sum())
+    return error / signal, record
+
+
+def test_sequential_rounding_lowers_the_tiny_llama_output_error(tiny_llama):
+    """Held-out output error vs fp32 (onnxruntime): the fp32-output target beats per-layer fp32 rounding."""
+    calibration = synthetic.random_feeds(tiny_llama, 16, seed=1)
+    evaluation = synthetic.random_feeds(tiny_llama, 4, seed=2)
+    errors = {}
+    for sequential in (False, True):
+        pass_ = QuantEaseRoundPass(iterations=3, bias_correction=True, group_size=16, damp=0.3, sequential=sequential)
+        errors[sequential], record = _llama_error(tiny_llama, pass_, calibration, evaluation)
+        if sequential:
+            assert 1 < record["sequential"]["stages"] < len(record["layers"])  # q/k/v share a stage
+    assert errors[True] < errors[False]
+
+
+def test_sequential_options_are_validated():
+    with pytest.raises(ValueError, match="sequential_target"):
+        QuantEaseOptions(sequential=True, sequential_target="input")
+    with pytest.raises(ValueError, match="sequential_rows"):
+        QuantEaseOptions(sequential=True, sequential_rows=4)
+    with pytest.raises(ValueError, match="sequential="):
+        QuantEaseOptions(sequential="yes")
+    with pytest.raises(ValueError, match="activation_bits"):
+        AdaDimOptions(sequential=True, activation_bits=8)
+    with pytest.raises(RecipeError, match="sequential_target"):
+        validate_pass_options("quantease", {"sequential": True, "sequential_target": "gptq"})
+    with pytest.raises(RuntimeError, match="feeds"):
+        QuantEaseRoundPass(sequential=True)(one_linear_model(np.ones((K, N), np.float32)))

@@ -55,6 +55,30 @@ Two refinements of the same objective (options, off by default):
   ``E||(x − μ) Δ||² = tr(Δᵀ C Δ)`` remains, ``C`` the covariance; the rounding then
   minimises that instead of ``tr(Δᵀ Σ Δ)`` (``Σ = C + μμᵀ``), freeing it from the large,
   nearly constant channels of post-norm activations.
+
+**Sequential calibration** (option ``sequential``; GPTQ's order, GPTAQ's target — Li et al.
+2025, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric Calibration"). Without
+it every linear is rounded against its *fp32* input, so the errors of the layers below are
+ignored and accumulate through depth. With it the linears are processed in stages in graph
+order (the linears that read one tensor form a stage); before a stage the partially
+quantized model is run on the calibration feeds, giving the rows ``X_q`` the stage will
+really see, paired row by row with the rows ``X_f`` of the fp32 model. The ``fp32_output``
+target asks the rounding to reproduce the fp32 layer output from the quantized input::
+
+    min_Q ||X_q Q − X_f W||² / n + λ ||Q − W||²,   λ = damp · mean diag Σ_qq
+
+With ``Σ_qq = X_qᵀX_q / n`` and ``Σ_qf = X_qᵀX_f / n`` this is, up to a constant,
+``tr((Q − W')ᵀ (Σ_qq + λI) (Q − W'))`` with::
+
+    W' = (Σ_qq + λI)⁻¹ (Σ_qf + λI) W
+
+so it is exactly the QuantEase problem above with target ``W'`` and metric ``Σ_qq + λI``
+(``W' = W`` when nothing upstream is quantized). The damping term pulls the target towards
+``W``. The ``weight`` target is plain GPTQ-style sequential rounding (target ``W``, metric
+``Σ_qq``). With ``bias_correction`` the moments are centred (``C_qq``, ``C_qf``) and the
+bias gets ``μ_f W − μ_q (Ŵ + H)``, the mean of the remaining output error (``−μ_q Δ`` for
+the ``weight`` target). ``X_q`` and ``X_f`` keep at most ``sequential_rows`` evenly spread
+token rows (padding dropped), the same rows from both models.
 """
 
 from __future__ import annotations
@@ -77,8 +101,10 @@ __all__ = [
     "AdaDimOptions",
     "AdaDimQuantizePass",
     "GroupGrid",
+    "InputMoments",
     "QuantEaseOptions",
     "QuantEaseRoundPass",
+    "gptaq_objective",
     "group_grid",
     "output_error",
     "quantease_round",
@@ -100,7 +126,10 @@ class WeightOnlyOptions:
     scales to the levels by least squares on ``tr(Δᵀ Σ Δ)``, then QuantEase sweeps again
     from the current levels; needs QuantEase rounding, leaves per_ic candidates as they are),
     ``bias_correction`` (subtract the calibrated mean output error ``μᵀΔ`` in the linear's
-    bias, and round against the covariance ``E[(x − μ)(x − μ)ᵀ]``, the error that remains)."""
+    bias, and round against the covariance ``E[(x − μ)(x − μ)ᵀ]``, the error that remains),
+    ``sequential`` / ``sequential_target`` / ``sequential_rows`` (round stage by stage against
+    the inputs of the partially quantized model; see the module doc; needs the calibration
+    feeds instead of statistics)."""
 
     bits: int = 4
     group_size: int = 32
@@ -113,6 +142,14 @@ class WeightOnlyOptions:
     #: None: float activations (weight-only). 8: each quantized linear's input is
     #: fake-quantized to int8 symmetric per token (SIMULATED; for W4A8 accuracy studies)
     activation_bits: int | None = None
+    #: round each stage of linears against the inputs of the partially quantized model
+    #: (captured from the calibration feeds) instead of the fp32 statistics
+    sequential: bool = False
+    #: ``fp32_output``: reproduce the fp32 layer output (GPTAQ target W'); ``weight``: plain
+    #: sequential rounding of W against the quantized inputs (GPTQ)
+    sequential_target: Literal["fp32_output", "weight"] = "fp32_output"
+    #: token rows captured per stage input (evenly spread over the calibration data)
+    sequential_rows: int = 4096
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -130,6 +167,15 @@ class WeightOnlyOptions:
             raise ValueError(f"damp={self.damp}: must be >= 0")
         if self.scale_refits < 0:
             raise ValueError(f"scale_refits={self.scale_refits}: must be >= 0")
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential={self.sequential!r}: must be true or false")
+        if self.sequential_target not in ("fp32_output", "weight"):
+            raise ValueError(f"sequential_target={self.sequential_target!r}: allowed 'fp32_output', 'weight'")
+        if isinstance(self.sequential_rows, bool) or not isinstance(self.sequential_rows, int) \
+                or self.sequential_rows < 16:
+            raise ValueError(f"sequential_rows={self.sequential_rows!r}: an integer >= 16")
+        if self.sequential and self.activation_bits is not None:
+            raise ValueError("sequential=true: not supported with activation_bits (weight-only rounding)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +233,76 @@ def second_moment(stats: ChannelStats, damp: float = 0.0, *, centered: bool = Fa
     diag = np.diag(sigma).copy()
     sigma = sigma + np.eye(sigma.shape[0]) * (damp * max(float(diag.mean()), 1e-12))
     return sigma, full
+
+
+@dataclasses.dataclass
+class InputMoments:
+    """What the rounding of every linear reading one input needs.
+
+    ``sigma``: the (damped) metric of the objective ``tr((Q − T)ᵀ Σ (Q − T))``; ``cross``:
+    ``Σ_qf + λI`` of the module doc when the target is the fp32 output (``None``: the
+    target is the weight itself); ``mean``: the mean of the input the layer sees (``μ_q``);
+    ``reference_mean``: the input mean its fp32 output is made of (``μ_f``; ``μ_q`` for the
+    ``weight`` target); ``full``: whether Σ is a full matrix (else its diagonal only).
+    """
+
+    sigma: np.ndarray
+    mean: np.ndarray
+    reference_mean: np.ndarray
+    cross: np.ndarray | None = None
+    full: bool = True
+
+    @classmethod
+    def from_stats(cls, stats: ChannelStats, damp: float, *, centered: bool) -> "InputMoments":
+        sigma, full = second_moment(stats, damp, centered=centered)
+        mean = np.asarray(stats.mean, np.float64)
+        return cls(sigma, mean, mean, None, full)
+
+    @classmethod
+    def from_rows(cls, x_q: np.ndarray, x_f: np.ndarray | None, damp: float, *, centered: bool) -> "InputMoments":
+        """Moments of paired rows ``x_q`` (quantized model) and ``x_f`` (fp32 model).
+
+        ``x_f=None``: the ``weight`` target (plain sequential rounding against ``x_q``).
+        """
+        xq = np.asarray(x_q, np.float64)
+        if x_f is not None and np.shape(x_f) != xq.shape:
+            raise ValueError(f"paired rows differ in shape: {xq.shape} vs {np.shape(x_f)}")
+        n = xq.shape[0]
+        mean_q = xq.mean(axis=0)
+        if centered:
+            xq = xq - mean_q
+        sigma = xq.T @ xq / n
+        ridge = damp * max(float(np.diag(sigma).mean()), 1e-12)
+        eye = np.eye(sigma.shape[0]) * ridge
+        if x_f is None:
+            return cls(sigma + eye, mean_q, mean_q, None, True)
+        xf = np.asarray(x_f, np.float64)
+        mean_f = xf.mean(axis=0)
+        if centered:
+            xf = xf - mean_f
+        return cls(sigma + eye, mean_q, mean_f, xq.T @ xf / n + eye, True)
+
+    def target(self, weight: np.ndarray) -> np.ndarray:
+        """The weight the rounding aims at: ``W`` or ``W' = Σ⁻¹ (Σ_qf + λI) W``."""
+        weight = np.asarray(weight, np.float64)
+        if self.cross is None:
+            return weight
+        try:
+            return np.linalg.solve(self.sigma, self.cross @ weight)
+        except np.linalg.LinAlgError:  # singular (damp 0, rank-deficient rows): least squares
+            return np.linalg.lstsq(self.sigma, self.cross @ weight, rcond=None)[0]
+
+    def correction(self, weight: np.ndarray, effective: np.ndarray) -> np.ndarray:
+        """The bias that removes the mean output error ``μ_f W − μ_q Ŵ``."""
+        return self.reference_mean @ np.asarray(weight, np.float64) - self.mean @ effective
+
+
+def gptaq_objective(x_q: np.ndarray, x_f: np.ndarray, weight: np.ndarray, q: np.ndarray, damp: float = 0.0) -> float:
+    """The direct objective ``||X_q Q − X_f W||² / n + λ ||Q − W||²`` (λ as in :class:`InputMoments`)."""
+    xq, xf = np.asarray(x_q, np.float64), np.asarray(x_f, np.float64)
+    residual = xq @ q - xf @ weight
+    ridge = damp * max(float((xq**2).mean(axis=0).mean()), 1e-12)
+    return float((residual**2).sum() / xq.shape[0] + ridge * ((q - weight) ** 2).sum())
 
 
 @dataclasses.dataclass
@@ -495,17 +611,60 @@ def _emit(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: GroupGrid, side:
 # -- the passes ------------------------------------------------------------------------------
 
 
+class _ReferenceRows:
+    """The fp32 model's input rows of each stage, captured in chunks that fit ``budget`` bytes.
+
+    The fp32 model is a copy taken before the pass changes anything; a chunk of stages is
+    captured in one run over the feeds, and each stage's rows are handed out once.
+    """
+
+    def __init__(self, model: ir.Model, feeds, order: list[str], max_rows: int, channels: dict[str, int],
+                 budget: int = 512 * 2**20) -> None:
+        self.model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        self.feeds = feeds
+        self.order = order
+        self.max_rows = max_rows
+        self.channels = channels
+        self.budget = budget
+        self.cache: dict[str, np.ndarray] = {}
+
+    def take(self, name: str) -> np.ndarray:
+        from outlierquant.calibration.collect import capture_activations
+
+        if name not in self.cache:
+            start = self.order.index(name)
+            chunk, size = [], 0
+            for other in self.order[start:]:
+                size += 4 * self.max_rows * self.channels[other]
+                if chunk and size > self.budget:
+                    break
+                chunk.append(other)
+            self.cache.update(capture_activations(self.model, self.feeds, chunk, max_rows=self.max_rows))
+        return self.cache.pop(name)
+
+
 class _WeightOnlyPass(OutlierPass):
-    needs_stats = True
-    #: Σ = E[xxᵀ] is needed per linear input (the pipeline must pass ``covariance_for``)
+    #: Σ = E[xxᵀ] is needed per linear input (the pipeline must pass ``covariance_for``);
+    #: with ``sequential`` the pass captures its inputs from the calibration feeds instead
 
     def __init__(self, options=None, **kwargs: Any) -> None:
         super().__init__()
         self.options = options or self.options_type(**kwargs)
 
+    @property
+    def needs_stats(self) -> bool:  # type: ignore[override]
+        return not self.options.sequential
+
+    @property
+    def needs_feeds(self) -> bool:  # type: ignore[override]
+        return self.options.sequential
+
     def covariance_targets(self, model: ir.Model) -> list[str]:
         """Linear inputs whose covariance Σ this pass reads (for ``collect_statistics(covariance_for=)``)."""
-        return analyze_graph(model).input_names()
+        return [] if self.options.sequential else analyze_graph(model).input_names()
+
+    def calibration_targets(self, model: ir.Model) -> list:
+        return [] if self.options.sequential else super().calibration_targets(model)
 
     def _round(self, weight, sigma, grid, fixed) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -514,73 +673,39 @@ class _WeightOnlyPass(OutlierPass):
         return None
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
-        stats = self.require_stats()
         options = self.options
-        graph = model.graph
+        stats = None if options.sequential else self.require_stats()
+        if options.sequential and not self.feeds:
+            raise RuntimeError(f"pass {self.name}: sequential=true needs the calibration feeds")
         layers: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
-        diagonal_only = 0
         fake_inputs: dict[str, ir.Value] = {}
+        todo: list[Linear] = []
         for linear in analyze_graph(model).linears:
             reason = splittable(linear)
             if reason is None and _excluded(linear, options.exclude):
                 reason = "excluded by option"
-            if reason is None and linear.input.name not in stats:
+            if reason is None and stats is not None and linear.input.name not in stats:
                 reason = "no calibration statistics for its input"
-            if reason is None and stats[linear.input.name].channels != linear.in_features:
+            if reason is None and stats is not None and stats[linear.input.name].channels != linear.in_features:
                 reason = "statistics do not match the weight rows"
             if reason:
-                skipped.append({"linear": linear.name, "reason": reason})
-                logger.info("%s: skip %s: %s", self.name, linear.name, reason)
-                continue
-            weight = np.asarray(linear.weight_array(), dtype=np.float64)
-            sigma, full = second_moment(stats[linear.input.name], options.damp, centered=options.bias_correction)
-            diagonal_only += not full
-            fixed = self._outliers(weight, sigma)
-            dims = ("per_oc", "per_ic") if options.dimension == "adaptive" else (options.dimension,)
-            candidates = {}
-            for dim in dims:
-                grid = group_grid(weight, dim, options.group_size, options.bits, row_weight=np.diag(sigma),
-                                  clip_ratios=options.clip_ratios, keep_out=fixed)
-                q = self._round(weight, sigma, grid, fixed)
-                if dim == "per_oc":
-                    for _ in range(options.scale_refits):
-                        grid = refit_scales(weight, sigma, q, grid, fixed)
-                        q = quantease_round(weight, sigma, grid, iterations=options.iterations, fixed=fixed, levels=q)
-                delta = _dequantize(q, grid) - weight
-                if fixed is not None:
-                    delta = np.where(fixed, 0.0, delta)
-                candidates[dim] = (output_error(delta, sigma), q, grid)
-            chosen = min(candidates, key=lambda d: candidates[d][0])
-            error, q, grid = candidates[chosen]
-            side = None
-            if fixed is not None and fixed.any():
-                side = np.where(fixed, weight - _dequantize(q, grid), 0.0)
-            correction = None
-            if options.bias_correction:  # E[x (Ŵ + H − W)] = μᵀΔ, Δ zero on the float weights
-                delta = _dequantize(q, grid) - weight
-                if fixed is not None:
-                    delta = np.where(fixed, 0.0, delta)
-                correction = -(np.asarray(stats[linear.input.name].mean, np.float64) @ delta)
-            signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
-            if options.activation_bits is not None:
-                self._fake_quantize_input(model, linear, fake_inputs)
-            entry_extra = {}
-            if correction is not None:
-                entry_extra["bias_correction"] = _correct_bias(graph, linear, correction)
-            _emit(graph, linear, q.astype(np.uint8), grid, side, _label(linear, self.name),
-                  None if correction is None or entry_extra["bias_correction"] == "folded" else correction)
-            entry = {
-                "linear": linear.name,
-                "dimension": chosen,
-                "relative_output_error": error / signal,
-                "errors": {d: c[0] / signal for d, c in candidates.items()},
-            }
-            entry.update(entry_extra)
-            if side is not None:
-                entry["float_weights"] = int(fixed.sum())
-                entry["float_rows"] = int(np.any(fixed, axis=1).sum())
-            layers.append(entry)
+                self._skip(skipped, linear, reason)
+            else:
+                todo.append(linear)
+        sequential_record = None
+        if options.sequential:
+            sequential_record = self._run_sequential(model, todo, layers, skipped)
+        else:
+            moments: dict[str, InputMoments] = {}
+            for linear in todo:
+                name = linear.input.name
+                if name not in moments:
+                    moments[name] = InputMoments.from_stats(stats[name], options.damp, centered=options.bias_correction)
+                if options.activation_bits is not None:
+                    self._fake_quantize_input(model, linear, fake_inputs)
+                layers.append(self._quantize_linear(model, linear, moments[name]))
+        diagonal_only = sum(not l.pop("full_covariance") for l in layers)
         if any(l["dimension"] == "per_oc" for l in layers):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         if diagonal_only:
@@ -589,7 +714,7 @@ class _WeightOnlyPass(OutlierPass):
         counts = {d: sum(l["dimension"] == d for l in layers) for d in ("per_oc", "per_ic")}
         logger.info("%s: %d linears quantized to %d bits (%s), %d skipped", self.name, len(layers), options.bits,
                     counts, len(skipped))
-        return bool(layers), {
+        record = {
             "options": dataclasses.asdict(options),
             "layers": layers,
             "skipped": skipped,
@@ -600,6 +725,104 @@ class _WeightOnlyPass(OutlierPass):
             "fake_quantized_activations": len(fake_inputs),
             "simulated": options.activation_bits is not None,
         }
+        if sequential_record is not None:
+            record["sequential"] = sequential_record
+        return bool(layers), record
+
+    def _skip(self, skipped: list, linear: Linear, reason: str) -> None:
+        skipped.append({"linear": linear.name, "reason": reason})
+        logger.info("%s: skip %s: %s", self.name, linear.name, reason)
+
+    def _run_sequential(self, model: ir.Model, todo: list[Linear], layers: list, skipped: list) -> dict[str, Any]:
+        """Stages in graph order; each rounded against the inputs of the partially quantized model."""
+        from outlierquant.calibration.collect import capture_activations
+
+        options = self.options
+        position = {id(node): i for i, node in enumerate(model.graph)}
+        stages: dict[str, list[Linear]] = {}
+        for linear in sorted(todo, key=lambda l: position[id(l.node)]):
+            stages.setdefault(linear.input.name, []).append(linear)
+        reference = None
+        if options.sequential_target == "fp32_output":
+            reference = _ReferenceRows(model, self.feeds, list(stages), options.sequential_rows,
+                                       {name: group[0].in_features for name, group in stages.items()})
+        quantized_any = False
+        rows = 0
+        for name, group in stages.items():
+            x_f = reference.take(name) if reference is not None else None
+            current = {linear.node.inputs[0].name for linear in group}
+            if len(current) != 1:  # cannot happen: the group read one value and is rewritten together
+                raise RuntimeError(f"{self.name}: stage {name!r} reads {sorted(current)}")
+            if quantized_any or x_f is None:
+                x_q = capture_activations(model, self.feeds, sorted(current), max_rows=options.sequential_rows)
+                x_q = x_q[next(iter(current))]
+            else:  # nothing quantized yet: the input is the fp32 one
+                x_q = x_f
+            if x_q.shape[1] != group[0].in_features:
+                for linear in group:
+                    self._skip(skipped, linear, "captured input does not match the weight rows")
+                continue
+            rows = max(rows, x_q.shape[0])
+            moments = InputMoments.from_rows(x_q, x_f if x_f is not x_q else None, options.damp,
+                                             centered=options.bias_correction)
+            if x_f is x_q and options.sequential_target == "fp32_output":
+                moments.reference_mean = moments.mean
+            for linear in group:
+                layers.append(self._quantize_linear(model, linear, moments))
+                model.opset_imports.setdefault(MS_DOMAIN, 1)  # the next capture runs MatMulNBits
+                quantized_any = True
+            del x_q, x_f
+        return {"stages": len(stages), "rows": rows, "target": options.sequential_target}
+
+    def _quantize_linear(self, model: ir.Model, linear: Linear, moments: InputMoments) -> dict[str, Any]:
+        """Round one linear against ``moments`` and replace it in the graph; its report entry."""
+        options = self.options
+        original = np.asarray(linear.weight_array(), dtype=np.float64)
+        sigma = moments.sigma
+        weight = moments.target(original)
+        fixed = self._outliers(weight, sigma)
+        dims = ("per_oc", "per_ic") if options.dimension == "adaptive" else (options.dimension,)
+        candidates = {}
+        for dim in dims:
+            grid = group_grid(weight, dim, options.group_size, options.bits, row_weight=np.diag(sigma),
+                              clip_ratios=options.clip_ratios, keep_out=fixed)
+            q = self._round(weight, sigma, grid, fixed)
+            if dim == "per_oc":
+                for _ in range(options.scale_refits):
+                    grid = refit_scales(weight, sigma, q, grid, fixed)
+                    q = quantease_round(weight, sigma, grid, iterations=options.iterations, fixed=fixed, levels=q)
+            delta = _dequantize(q, grid) - weight
+            if fixed is not None:
+                delta = np.where(fixed, 0.0, delta)
+            candidates[dim] = (output_error(delta, sigma), q, grid)
+        chosen = min(candidates, key=lambda d: candidates[d][0])
+        error, q, grid = candidates[chosen]
+        side = None
+        effective = _dequantize(q, grid)
+        if fixed is not None and fixed.any():
+            side = np.where(fixed, weight - effective, 0.0)
+            effective = effective + side
+        correction = None
+        if options.bias_correction:  # mean output error left: μ_f W − μ_q (Ŵ + H)
+            correction = moments.correction(original if moments.cross is not None else weight, effective)
+        signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
+        entry_extra = {}
+        if correction is not None:
+            entry_extra["bias_correction"] = _correct_bias(model.graph, linear, correction)
+        _emit(model.graph, linear, q.astype(np.uint8), grid, side, _label(linear, self.name),
+              None if correction is None or entry_extra["bias_correction"] == "folded" else correction)
+        entry = {
+            "linear": linear.name,
+            "dimension": chosen,
+            "relative_output_error": error / signal,
+            "errors": {d: c[0] / signal for d, c in candidates.items()},
+            "full_covariance": moments.full,
+        }
+        entry.update(entry_extra)
+        if side is not None:
+            entry["float_weights"] = int(fixed.sum())
+            entry["float_rows"] = int(np.any(fixed, axis=1).sum())
+        return entry
 
     def _fake_quantize_input(self, model: ir.Model, linear: Linear, shared: dict[str, ir.Value]) -> None:
         """Per-token symmetric fake quantization of the linear's input (simulated), shared per tensor."""
