@@ -15,6 +15,7 @@ import synthetic
 from outlierquant.calibration.collect import collect_statistics
 from outlierquant.errors import CalibrationError, RecipeError
 from outlierquant.passes.analysis import analyze_graph
+from outlierquant.passes.base import KEEP_FLOAT_KEY, constant_array
 from outlierquant.passes.rotate import (
     ONLINE_ROTATION_KEY,
     QK_ROTATION_KEY,
@@ -545,8 +546,6 @@ def _split_rotation(model_path, model, ratio, groups="activation", kernels="stan
 
 
 def _side_path_nodes(model: ir.Model) -> list[ir.Node]:
-    from outlierquant.passes.base import KEEP_FLOAT_KEY
-
     return [node for node in model.graph if KEEP_FLOAT_KEY in node.metadata_props]
 
 
@@ -614,3 +613,34 @@ def test_split_rotation_options_are_validated():
     with pytest.raises(RecipeError, match="groups"):
         validate_pass_options("online-hadamard", {"groups": "ffn"})
     assert OnlineHadamardPass(outlier_ratio=4.0).needs_stats
+
+
+def test_default_recipe_splits_rotates_and_quantizes_the_down_projections(planted_llama, tmp_path):
+    """The shipped default on a decoder: the down projections get the split rotation, every
+    other linear the static split; the side paths stay float, the result tracks fp32."""
+    from outlierquant import custom_ops
+    from outlierquant.pipeline import quantize_model
+
+    calibration = synthetic.random_feeds(planted_llama, 8, seed=1)
+    evaluation = synthetic.random_feeds(planted_llama, 2, seed=2)
+    reference = outputs(load(planted_llama), evaluation)
+    result = quantize_model(planted_llama, tmp_path / "default.onnx", "default", calibration, progress=False)
+    records = {record["pass"]: record for record in result.report["passes"]}
+    rotated = records["online-hadamard"]["rotated"]
+    assert [g["relation"] for g in rotated] == ["up_to_down"] * synthetic.TINY_LAYERS
+    assert records["llm_int8"]["form"] == "qdq" and not result.report["simulated"]
+    model = ir.load(tmp_path / "default.onnx")
+    side = _side_path_nodes(model)
+    for node in side:
+        if node.op_type == "MatMul":
+            assert constant_array(node.inputs[1]).dtype == np.float32
+    # every down projection reads a rotated, statically quantized input
+    downs = [n for n in model.graph if n.op_type == "MatMul" and "down_proj" in (n.name or "")
+             and KEEP_FLOAT_KEY not in n.metadata_props]
+    assert len(downs) == synthetic.TINY_LAYERS
+    assert all(n.inputs[0].producer().op_type == "DequantizeLinear" for n in downs)
+    quantized = outputs(model, evaluation, kernels=records["online-hadamard"]["form"] == "custom_kernel"
+                        and custom_ops.available())
+    a = np.concatenate([r.reshape(-1) for r in reference])
+    b = np.concatenate([q.reshape(-1) for q in quantized])
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
