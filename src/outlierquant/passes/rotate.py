@@ -992,9 +992,9 @@ class OnlineHadamardPass(OutlierPass):
             if stats is not None:
                 prescale = None if smooth is None else 1.0 / smooth
                 if outliers.size:
-                    from outlierquant.passes.split import _without_channels
+                    from outlierquant.passes.split import without_channels
 
-                    stats = _without_channels(stats, outliers)
+                    stats = without_channels(stats, outliers)
                 entry.update(_profile_entry(stats, hadamard_rotation(dim, block), prescale))
             rotated.append(entry)
         record = {

@@ -80,6 +80,7 @@ __all__ = [
     "SplitQuantPass",
     "select_outlier_channels",
     "split_weight_clusters",
+    "without_channels",
 ]
 
 
@@ -356,7 +357,7 @@ class LlmInt8SplitPass(OutlierPass):
                     if prepared is not None:
                         rounded[(declared[1].consumer, 1)] = prepared
                     if options.activations == "static":
-                        masked_stats[declared[0].tensor] = _without_channels(st, channels)
+                        masked_stats[declared[0].tensor] = without_channels(st, channels)
             else:
                 build = mixed_int8_builder(weight, channels, label, form, options, opset, prepared=prepared)
                 replace_linear(graph, linear, build, label)
@@ -405,7 +406,7 @@ def _activation_matmuls(model: ir.Model, stats, collected: dict) -> list:
     return declared
 
 
-def _without_channels(stats, channels: np.ndarray):
+def without_channels(stats, channels: np.ndarray):
     """The statistics of ``x ⊙ m``: the outlier channels read as constant zero."""
     zeroed = {}
     for field in ("absmax", "minimum", "maximum", "mean", "mean_sq"):
