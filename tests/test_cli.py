@@ -240,3 +240,20 @@ def test_saved_stats_survive_canonicalize_on_a_tied_decoder(capsys, tmp_path, ti
     report = json.loads(out.with_name("q.report.json").read_text())
     assert report["passes"][0]["pass"] == "canonicalize" and report["passes"][0]["modified"]
     assert report["passes"][-1]["quantized_weights"] == 13  # the folded lm_head included
+
+
+def test_quantize_reports_the_float_channel_share(capsys, tmp_path, planted_llama):
+    """A splitting recipe says how much stays in float, on stderr and in the report."""
+    import synthetic
+
+    feeds = synthetic.random_feeds(planted_llama, 6, seq_lens=(8,))
+    data = tmp_path / "feeds.npz"
+    np.savez(data, **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(capsys, "-q", "quantize", planted_llama, "-o", out, "--recipe", "default",
+                           "--calibration-data", data)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "q.report.json").read_text())["float_channels"]
+    assert 0 < summary["share"] < 0.5 and summary["float"] <= summary["of_inputs"]
+    assert summary["in_rotation_side_paths"] > 0  # the default splits the down projections
+    assert f"{summary['share']:.2%} of the rewritten linears' input channels stay in float" in err

@@ -130,12 +130,33 @@ def quantize_model(
         "calibration_samples": len(feeds) if feeds is not None else 0,
         "passes": records,
         "simulated": any(r.get("simulated") for r in records),
+        "float_channels": float_channel_summary(records),
         "seconds": round(seconds, 3),
         "size_bytes": {"input": model_file_bytes(model_path), "output": model_file_bytes(output_path)},
     }
     report_path = report_path_for(output_path)
     atomic_write_text(report_path, json.dumps(report, indent=2, default=_json_default))
     return QuantizeResult(output_path, report_path, report)
+
+
+def float_channel_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The input channels left in float by the split passes, over the linears they rewrote.
+
+    LLM.int8()'s split reports its float channels and the input channels it saw; a split
+    rotation's side paths (``online-hadamard`` with ``outlier_ratio``) add theirs on the
+    same linears. ``None`` when no pass splits channels.
+    """
+    total = floating = side = 0
+    for record in records:
+        if "input_channels" in record:
+            total += int(record["input_channels"])
+            floating += int(record.get("float_channels", 0))
+        if record.get("pass") == "online-hadamard":
+            side += sum(int(group.get("float_channels", 0)) for group in record.get("rotated", []))
+    if not total:
+        return None
+    return {"float": floating + side, "of_inputs": total, "share": (floating + side) / total,
+            "in_rotation_side_paths": side}
 
 
 def _json_default(value: Any) -> Any:

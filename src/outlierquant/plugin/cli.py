@@ -107,6 +107,10 @@ def cmd_quantize(args) -> int:
     elif args.stats is None:
         raise InputError("quantize needs --calibration-data FILE (or --stats from `outlierquant calibrate`)")
     result = quantize_model(model_path, args.output, recipe, feeds, stats_path=args.stats, progress=_progress(args))
+    floating = result.report.get("float_channels")
+    if floating:
+        print(f"{floating['share']:.2%} of the rewritten linears' input channels stay in float "
+              f"({floating['float']} of {floating['of_inputs']})", file=sys.stderr)
     print(f"{result.output}\n{result.report_path}")
     return 0
 
