@@ -568,6 +568,21 @@ def test_split_rotation_is_equivalent_and_its_side_path_is_not_a_linear(request,
     assert relative_error(reference, outputs(model, feeds)) <= RTOL
 
 
+def test_split_rotation_as_custom_kernel_is_equivalent(planted_llama):
+    """The kernel form: the keep-mask is the HadamardTransform's prescale Mul."""
+    from outlierquant import custom_ops
+
+    if not custom_ops.available():
+        pytest.skip(f"custom kernels unavailable: {custom_ops.unavailable_reason()}")
+    model = load(planted_llama)
+    feeds = synthetic.random_feeds(planted_llama, 3, seed=2)
+    reference = outputs(model, feeds)
+    record = _split_rotation(planted_llama, model, ratio=1.5, kernels="custom").record
+    assert record["form"] == "custom_kernel" and all(g["float_channels"] > 0 for g in record["rotated"])
+    assert collections.Counter(n.op_type for n in model.graph)["HadamardTransform"] == 2
+    assert relative_error(reference, outputs(model, feeds, kernels=True)) <= RTOL
+
+
 def test_split_rotation_on_minilm_real_and_random_inputs(minilm_onnx, minilm_feeds):
     calibration, heldout = minilm_feeds
     feeds = heldout[:4] + synthetic.random_feeds(minilm_onnx, 2, seed=3, vocab_size=30000)

@@ -1055,30 +1055,22 @@ class OnlineHadamardPass(OutlierPass):
 
 def _add_float_side_path(model: ir.Model, gathered: ir.Value, linear: Linear, weight: np.ndarray, name: str) -> None:
     """``linear.output += gathered @ weight``, its nodes tagged to stay in float."""
+    from outlierquant.passes.split import replace_value
+
     graph = model.graph
     tag = {KEEP_FLOAT_KEY: "outlier side path"}
-    nodes = []
     label = f"{name}/{linear.name.strip('/').replace('/', '_')}"
     side_weight = add_initializer(graph, f"{label}_outlier_weight", weight.astype(np.float32))
     matmul = ir.node("MatMul", inputs=[gathered, side_weight], name=f"{label}/MatMul", metadata_props=dict(tag))
     matmul.outputs[0].name = f"{label}/MatMul_output"
-    nodes.append(matmul)
     out = linear.output
-    uses = list(out.uses())
     add = ir.node("Add", inputs=[out, matmul.outputs[0]], name=f"{label}/Add", metadata_props=dict(tag))
     add.outputs[0].name = f"{label}/Add_output"
     add.outputs[0].type = out.type
     add.outputs[0].shape = out.shape
-    nodes.append(add)
-    graph.insert_after(out.producer(), nodes)
-    for use in uses:
-        use.node.replace_input_with(use.idx, add.outputs[0])
-    if out.is_graph_output():
-        position = list(graph.outputs).index(out)
-        graph.outputs[position] = add.outputs[0]
-        name_out = out.name
-        out.name = f"{name_out}_inlier_part"
-        add.outputs[0].name = name_out
+    graph.insert_after(out.producer(), [matmul, add])
+    replace_value(graph, out, add.outputs[0])
+    add.replace_input_with(0, out)  # replace_value rewired the Add's own input too
 
 
 def _position(graph: ir.Graph, node: ir.Node) -> int:

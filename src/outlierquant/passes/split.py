@@ -79,6 +79,7 @@ __all__ = [
     "SplitQuantOptions",
     "SplitQuantPass",
     "select_outlier_channels",
+    "replace_value",
     "split_weight_clusters",
     "without_channels",
 ]
@@ -136,7 +137,7 @@ def replace_linear(graph: ir.Graph, linear: Linear, build, label: str) -> list[i
     y.type = old.type
     y.shape = old.shape
     graph.insert_before(linear.node, tape.nodes)
-    _replace_value(graph, old, y)
+    replace_value(graph, old, y)
     constants = [v for v in linear.node.inputs[1:] if v is not None]
     graph.remove(linear.node, safe=True)
     for value in constants:
@@ -145,7 +146,8 @@ def replace_linear(graph: ir.Graph, linear: Linear, build, label: str) -> list[i
     return list(tape.nodes)
 
 
-def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Every reader of ``old`` reads ``new``; a graph output keeps its name."""
     was_output = old.is_graph_output()
     name = old.name
     old.replace_all_uses_with(new, replace_graph_outputs=True)
