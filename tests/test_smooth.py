@@ -208,3 +208,40 @@ def test_minilm_ffn2_after_gelu_is_skipped_without_insert_mul(minilm_onnx, minil
     assert "residual" in qkv["skipped"]
     assert result.record["smoothed_groups"] == 6  # V -> O only
     assert before == after
+
+
+def _measured_static_sqnr_db(x: np.ndarray, w: np.ndarray, s: np.ndarray) -> float:
+    """Quantize ``x / s`` per tensor (uint8, zero included) and ``diag(s)·W`` per output channel."""
+    xs = x / s
+    lo, hi = min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)
+    step = (hi - lo) / 255.0
+    zero = np.rint(-lo / step)
+    xq = (np.clip(np.rint(xs / step) + zero, 0, 255) - zero) * step
+    ws = w * s[:, None]
+    wscale = np.abs(ws).max(axis=0, keepdims=True) / 127.0
+    wq = np.clip(np.rint(ws / wscale), -127, 127) * wscale
+    reference = x @ w
+    return float(10 * np.log10((reference**2).sum() / ((xq @ wq - reference) ** 2).sum()))
+
+
+def test_static_sqnr_estimate_tracks_the_measured_error_and_flags_token_spikes():
+    """The gate of the split rotation: close to a measured static int8 SQNR, and far lower for
+    spikes that move from channel to channel (no per-channel scale absorbs them)."""
+    from outlierquant.calibration.stats import ChannelStats
+    from outlierquant.passes.smooth import DEFAULT_ALPHA_GRID, estimated_static_sqnr_db, search_alpha
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(64, 32))
+    smooth_rows = rng.normal(size=(4096, 64))
+    smooth_rows[:, 5] *= 20.0  # a fixed outlier channel: per-channel scales handle it
+    spiky_rows = rng.normal(size=(4096, 64))
+    hits = rng.integers(0, 64, size=200)
+    spiky_rows[rng.choice(4096, 200, replace=False), hits] *= 80.0  # a rare spike in a random channel
+    estimates = {}
+    for label, x in (("smooth", smooth_rows), ("spiky", spiky_rows)):
+        st = ChannelStats.empty(64, -1)
+        st.update(x)
+        estimates[label] = estimated_static_sqnr_db(st, [w])
+        _, s, _ = search_alpha(st, [w], DEFAULT_ALPHA_GRID)
+        assert abs(estimates[label] - _measured_static_sqnr_db(x, w, s)) < 2.0, label
+    assert estimates["spiky"] < estimates["smooth"] - 10.0

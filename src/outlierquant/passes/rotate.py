@@ -884,6 +884,11 @@ class OnlineHadamardOptions:
     ``outlier_ratio``: take the input channels whose calibrated max |x_j| reaches this
     multiple of the group's median channel max out of the rotation, into a float side
     path (needs statistics); ``None``: rotate every channel.
+    ``rotate_below_db``: rotate a group only when the estimated SQNR of its static int8
+    output with the best per-channel activation scales
+    (:func:`~outlierquant.passes.smooth.estimated_static_sqnr_db`, from calibration
+    statistics) is below this many dB; the others are left for a cheaper quantizer
+    (needs statistics). ``None``: rotate every candidate.
     """
 
     groups: Literal["unfoldable", "all", "activation"] = "unfoldable"
@@ -891,6 +896,7 @@ class OnlineHadamardOptions:
     smooth_alpha: float | None = None
     min_features: int = 2
     outlier_ratio: float | None = None
+    rotate_below_db: float | None = None
 
     def __post_init__(self) -> None:
         if self.groups not in ("unfoldable", "all", "activation"):
@@ -898,6 +904,10 @@ class OnlineHadamardOptions:
         if self.outlier_ratio is not None and not (
                 isinstance(self.outlier_ratio, (int, float)) and self.outlier_ratio > 1.0):
             raise ValueError(f"outlier_ratio={self.outlier_ratio!r}: a number > 1 or null")
+        if self.rotate_below_db is not None and not (
+                isinstance(self.rotate_below_db, (int, float)) and not isinstance(self.rotate_below_db, bool)
+                and np.isfinite(self.rotate_below_db)):
+            raise ValueError(f"rotate_below_db={self.rotate_below_db!r}: a number of dB or null")
         if self.kernels not in ("auto", "standard", "custom"):
             raise ValueError(f"kernels={self.kernels!r}: allowed 'auto', 'standard', 'custom'")
         if self.smooth_alpha is not None and not (
@@ -929,7 +939,8 @@ class OnlineHadamardPass(OutlierPass):
 
     @property
     def needs_stats(self) -> bool:  # type: ignore[override]
-        return self.options.smooth_alpha is not None or self.options.outlier_ratio is not None
+        return (self.options.smooth_alpha is not None or self.options.outlier_ratio is not None
+                or self.options.rotate_below_db is not None)
 
     def use_kernel(self) -> bool:
         from outlierquant import custom_ops
@@ -969,6 +980,16 @@ class OnlineHadamardPass(OutlierPass):
             if stats is None and self.needs_stats:
                 skipped.append({"group": label, "skipped": "no calibration statistics for its input"})
                 continue
+            sqnr = None
+            if self.options.rotate_below_db is not None:
+                from outlierquant.passes.smooth import estimated_static_sqnr_db
+
+                sqnr = estimated_static_sqnr_db(stats, [_f64(linear.weight_array()) for linear in group.linears])
+                if sqnr >= self.options.rotate_below_db:
+                    skipped.append({"group": label, "static_sqnr_db": round(sqnr, 2),
+                                    "skipped": f"estimated static int8 SQNR {sqnr:.1f} dB >= rotate_below_db "
+                                               f"{self.options.rotate_below_db:g}: per-channel scales suffice"})
+                    continue
             smooth = None
             if self.options.smooth_alpha is not None:
                 absmax = np.maximum(_f64(stats.absmax), 1e-5)
@@ -989,6 +1010,8 @@ class OnlineHadamardPass(OutlierPass):
                      "block": 1 if block is None else int(block.shape[0])}
             if self.options.outlier_ratio is not None:
                 entry["float_channels"] = int(outliers.size)
+            if sqnr is not None:
+                entry["static_sqnr_db"] = round(sqnr, 2)
             if stats is not None:
                 prescale = None if smooth is None else 1.0 / smooth
                 if outliers.size:

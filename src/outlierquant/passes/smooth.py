@@ -78,6 +78,7 @@ __all__ = [
     "SmoothQuantOptions",
     "SmoothQuantPass",
     "estimated_output_error",
+    "estimated_static_sqnr_db",
     "fold_into_producer",
     "group_weight_rows",
     "scale_consumers",
@@ -273,6 +274,25 @@ def search_alpha(stats: ChannelStats, weights: Sequence[np.ndarray], grid: Seque
         if err < best[2]:
             best = (float(alpha), s, err)
     return best[0], best[1], errors
+
+
+def estimated_static_sqnr_db(stats: ChannelStats, weights: Sequence[np.ndarray],
+                             grid: Sequence[float] = DEFAULT_ALPHA_GRID) -> float:
+    """Estimated SQNR (dB) of a group's output under static per-tensor int8 activations
+    with the best per-channel activation scales of ``grid`` (OutlierTune's α search).
+
+    The signal ``E‖xW‖²`` is estimated as ``Σ_j E[x_j²]·‖W_j‖²`` (channels treated as
+    uncorrelated, as :func:`estimated_output_error` treats the noise). A low value marks
+    an input whose range is set by rare, token-varying spikes that no per-channel scale
+    can absorb (an LLM's down projection), where a rotation pays for itself.
+    """
+    mean_sq = np.maximum(np.asarray(stats.mean_sq, dtype=np.float64), 0.0)
+    signal = sum(float(mean_sq @ (np.asarray(w, dtype=np.float64) ** 2).sum(axis=1)) for w in weights)
+    _, _, errors = search_alpha(stats, weights, grid)
+    noise = min(errors.values())
+    if signal <= 0.0:
+        return float("-inf")
+    return float("inf") if noise <= 0.0 else float(10.0 * np.log10(signal / noise))
 
 
 def max_median_ratio(values: np.ndarray) -> float:
