@@ -630,6 +630,51 @@ def test_split_rotation_options_are_validated():
     assert OnlineHadamardPass(outlier_ratio=4.0).needs_stats
 
 
+def _gated_rotation(path, threshold):
+    model = load(path)
+    online = OnlineHadamardPass(kernels="standard", groups="activation", outlier_ratio=3.0,
+                                rotate_below_db=threshold)
+    assert online.needs_stats
+    online.with_stats(collect_statistics(model, synthetic.random_feeds(path, 6, seed=1),
+                                         tensors=online.calibration_targets(model), progress=False))
+    return model, online(model).record
+
+
+def test_split_rotation_gate_rotates_only_groups_below_the_sqnr_threshold(planted_llama):
+    """``rotate_below_db``: a group is rotated exactly when its estimated static SQNR is lower."""
+    _, everything = _gated_rotation(planted_llama, 1000.0)
+    sqnr = [g["static_sqnr_db"] for g in everything["rotated"]]
+    assert len(sqnr) == synthetic.TINY_LAYERS and not everything["skipped"]
+    model, nothing = _gated_rotation(planted_llama, min(sqnr) - 0.01)
+    assert not nothing["rotated"] and not online_rotation_nodes(model) and not _side_path_nodes(model)
+    assert [g["static_sqnr_db"] for g in nothing["skipped"]] == sqnr
+    assert all("per-channel scales suffice" in g["skipped"] for g in nothing["skipped"])
+    threshold = (min(sqnr) + max(sqnr)) / 2
+    assert min(sqnr) < threshold < max(sqnr), sqnr
+    model, some = _gated_rotation(planted_llama, threshold)
+    assert [g["static_sqnr_db"] for g in some["rotated"]] == [v for v in sqnr if v < threshold]
+    with pytest.raises(RecipeError, match="rotate_below_db"):
+        validate_pass_options("online-hadamard", {"rotate_below_db": "high"})
+
+
+def test_a_gated_rotation_that_changes_nothing_leaves_the_quantizer_full_statistics(planted_llama):
+    """The rotation calibrates only its own groups; when its gate rotates nothing the model is
+    unchanged, and the next pass must still get statistics for every linear (regression: it
+    got the rotation's subset and left the other linears in float)."""
+    from outlierquant import make_recipe
+    from outlierquant.pipeline import run_recipe
+
+    model = load(planted_llama)
+    recipe = make_recipe("gated", ("online-hadamard", {"groups": "activation", "outlier_ratio": 3.0,
+                                                       "kernels": "standard", "rotate_below_db": -1000.0}),
+                         ("llm_int8", {"criterion": "relative", "ratio": 3.0, "activations": "static"}))
+    rotation, split = run_recipe(model, recipe, synthetic.random_feeds(planted_llama, 6, seed=1), progress=False)
+    assert not rotation["modified"] and not rotation["rotated"]
+    assert not [s for s in split["skipped"] if "statistics" in s["reason"]]
+    projections = [node for node in load(planted_llama).graph if node.op_type == "MatMul" and "proj" in (node.name or "")]
+    assert len(split["layers"]) >= len(projections) == 7 * synthetic.TINY_LAYERS
+
+
 def test_default_recipe_splits_rotates_and_quantizes_the_down_projections(planted_llama, tmp_path):
     """The shipped default on a decoder: the down projections get the split rotation, every
     other linear the static split; the side paths stay float, the result tracks fp32."""

@@ -38,6 +38,16 @@ def report_path_for(output: Path) -> Path:
     return output.with_name(output.stem + ".report.json")
 
 
+def _covers(stats: ActivationStats | None, targets, covariance_for) -> bool:
+    """Whether ``stats`` has every target tensor (and the requested covariances)."""
+    if stats is None:
+        return False
+    for target in targets:
+        if (target if isinstance(target, str) else target.tensor) not in stats:
+            return False
+    return all(name in stats and stats[name].covariance is not None for name in covariance_for)
+
+
 def run_recipe(
     model: ir.Model,
     recipe: Recipe,
@@ -57,15 +67,19 @@ def run_recipe(
         started = time.perf_counter()
         calibration_seconds = 0.0
         if getattr(pass_, "needs_stats", False):
-            if stale:
+            targets = pass_.calibration_targets(model)
+            covariance_for = pass_.covariance_targets(model)
+            if stale or (feeds and not _covers(stats, targets, covariance_for)):
+                # statistics an earlier pass collected for its own tensors, left valid because
+                # it changed nothing, may not cover this pass's tensors: collect again
                 if not feeds:
                     raise CalibrationError(f"pass {spec.name!r} needs calibration data and none was given")
                 t0 = time.perf_counter()
                 stats = collect_statistics(
                     model,
                     feeds,
-                    tensors=pass_.calibration_targets(model),
-                    covariance_for=pass_.covariance_targets(model),
+                    tensors=targets,
+                    covariance_for=covariance_for,
                     progress=progress,
                 )
                 calibration_seconds = time.perf_counter() - t0
