@@ -150,6 +150,16 @@ def _unique_name(graph: ir.Graph, hint: str) -> str:
     return f"{hint}_{i}"
 
 
+def first_in_graph(graph: ir.Graph, nodes) -> ir.Node:
+    """The node of ``nodes`` that comes first in ``graph``'s order (where a group's inserted
+    ops go, before every linear that reads them)."""
+    wanted = {id(node) for node in nodes}
+    for candidate in graph:
+        if id(candidate) in wanted:
+            return candidate
+    raise ValueError("none of the nodes is in the graph")
+
+
 def remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     """Drop an initializer no node and no graph output uses any more."""
     if value.name in graph.initializers and not value.uses() and not value.is_graph_output():

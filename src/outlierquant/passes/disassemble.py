@@ -52,7 +52,7 @@ import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats, ChannelStats
 from outlierquant.passes.analysis import Linear, LinearGroup, analyze_graph
-from outlierquant.passes.base import OutlierPass, add_initializer, constant_array
+from outlierquant.passes.base import OutlierPass, add_initializer, constant_array, first_in_graph
 from outlierquant.passes.smooth import check_group, fold_into_producer, group_label, producer_channels
 from outlierquant.passes.split import _excluded, _label, replace_linear, splittable
 
@@ -355,7 +355,7 @@ class DisassembleChannelsPass(OutlierPass):
         """Write ``x' = Gather(x / T, first) (+ Gather(x / T, second) ⊙ m)`` and ``W' = W[first]``."""
         x = group.input
         base = (x.name or "input").strip("/").replace("/", "_") + "_qllm"
-        first_node = min(group.linears, key=lambda linear: _position(graph, linear.node)).node
+        first_node = first_in_graph(graph, [linear.node for linear in group.linears])
         nodes: list[ir.Node] = []
         inverse = 1.0 / plan.copies.astype(np.float64)
         self._folded = False
@@ -417,8 +417,3 @@ def _widened_shape(shape: ir.Shape | None, channels: int) -> ir.Shape | None:
     return ir.Shape(dims)
 
 
-def _position(graph: ir.Graph, node: ir.Node) -> int:
-    for index, candidate in enumerate(graph):
-        if candidate is node:
-            return index
-    raise ValueError(f"node {node.name} not in graph")

@@ -57,13 +57,13 @@ from outlierquant.passes.analysis import LinearGroup, analyze_graph
 from outlierquant.passes.base import (
     OutlierPass,
     constant_array,
+    first_in_graph,
     write_linear_weight,
 )
 from outlierquant.passes.rotate import (
-    _head_dim,
-    _position,
-    _write_bias,
+    group_head_dim,
     outlier_profile,
+    write_bias,
 )
 from outlierquant.passes.smooth import fold_into_producer
 
@@ -391,7 +391,7 @@ class FlatQuantPass(OutlierPass):
             if options.fold_heads and producer.relation == "v_to_o" and producer.foldable:
                 if ranks is None:
                     ranks = _propagate_ranks(model.graph, list(model.graph))
-                head_dim = _head_dim(group, ranks)
+                head_dim = group_head_dim(group, ranks)
                 cmap = producer.channel_map if producer.channel_map is not None else np.arange(dim)
                 v = producer.linear
                 if (head_dim is not None and v.out_features % head_dim == 0
@@ -486,7 +486,7 @@ class FlatQuantPass(OutlierPass):
         v_map = np.kron(np.eye(v.out_features // d), head)
         write_linear_weight(graph, v, _f64(v.weight_array()) @ v_map, f"{v.name}_weight_flatquant")
         if v.bias is not None:
-            _write_bias(graph, v, _f64(v.bias_array()).reshape(-1) @ v_map, f"{v.name}_bias_flatquant")
+            write_bias(graph, v, _f64(v.bias_array()).reshape(-1) @ v_map, f"{v.name}_bias_flatquant")
         o_inverse = np.kron(np.eye(group.in_features // d), np.linalg.inv(head))
         for linear in group.linears:
             write_linear_weight(graph, linear, o_inverse @ _f64(linear.weight_array()),
@@ -512,7 +512,7 @@ class FlatQuantPass(OutlierPass):
                 where = "mul"
         inverse = np.kron(np.linalg.inv(learned.p1), np.linalg.inv(learned.p2))
         nodes, out = kronecker_left_form(model, group.input, learned.p1, learned.p2, name, prescale)
-        first = min((linear.node for linear in group.linears), key=lambda n: _position(graph, n))
+        first = first_in_graph(graph, [linear.node for linear in group.linears])
         graph.insert_before(first, nodes)
         for linear in group.linears:
             weight = inverse @ (scale[:, None] * _f64(linear.weight_array()))

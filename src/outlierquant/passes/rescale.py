@@ -56,7 +56,7 @@ import onnx_ir as ir
 
 from outlierquant.calibration.stats import ChannelStats
 from outlierquant.passes.analysis import LinearGroup, analyze_graph
-from outlierquant.passes.base import OutlierPass, add_initializer, remove_if_unused
+from outlierquant.passes.base import OutlierPass, add_initializer, first_in_graph, remove_if_unused
 from outlierquant.passes.quantize import QuantConfig, insert_qdq, plan_quantization, quantize_weight
 from outlierquant.passes.smooth import (
     DEFAULT_ALPHA_GRID,
@@ -193,7 +193,7 @@ class QuantizeOutlierTunePass(OutlierPass):
     @staticmethod
     def _rewrite(graph: ir.Graph, group: LinearGroup, d: np.ndarray, zero: np.ndarray, per_channel_zp: bool) -> int:
         x = group.input
-        first = min(group.linears, key=lambda l: next(i for i, n in enumerate(graph) if n is l.node)).node
+        first = first_in_graph(graph, [linear.node for linear in group.linears])
         base = x.name
         one = add_initializer(graph, f"{base}_unit_scale", np.array(1.0, np.float32))
         inverse = add_initializer(graph, f"{base}_channel_inv_scale", (1.0 / d.astype(np.float64)).astype(np.float32))

@@ -120,6 +120,7 @@ from outlierquant.passes.base import (
     OutlierPass,
     add_initializer,
     constant_array,
+    first_in_graph,
     is_constant,
     set_input_constant,
     KEEP_FLOAT_KEY,
@@ -276,7 +277,7 @@ def _bias_slot(linear: Linear) -> tuple[ir.Node, int]:
     return linear.node, 2
 
 
-def _write_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray, hint: str) -> None:
+def write_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray, hint: str) -> None:
     """Set the linear's bias (adding an ``Add`` after it when it has none)."""
     if linear.bias is not None:
         node, index = _bias_slot(linear)
@@ -586,7 +587,7 @@ class RotateResidualPass(OutlierPass):
             write_linear_weight(graph, writer, weight, f"{writer.name}_weight_rotated")
             if writer.bias is not None:
                 bias = _f64(writer.bias_array()).reshape(-1) @ writer_map
-                _write_bias(graph, writer, bias, f"{writer.name}_bias_rotated")
+                write_bias(graph, writer, bias, f"{writer.name}_bias_rotated")
         for node in stream.embeddings:
             table = _f64(_embedding_table(node)) @ writer_map
             set_input_constant(graph, node, 0, table, f"{node.inputs[0].name}_rotated")
@@ -602,7 +603,7 @@ class RotateResidualPass(OutlierPass):
                         bias = beta @ weight
                         if linear.bias is not None:
                             bias = bias + _f64(linear.bias_array()).reshape(-1)
-                        _write_bias(graph, linear, bias, f"{linear.name}_bias_folded")
+                        write_bias(graph, linear, bias, f"{linear.name}_bias_folded")
                     write_linear_weight(graph, linear, q.T @ (gamma[:, None] * weight), f"{linear.name}_weight_rotated")
             self._strip_norm(model, norm)
 
@@ -680,7 +681,7 @@ class RotateResidualPass(OutlierPass):
 # --------------------------------------------------------------------------------------
 
 
-def _head_dim(group: LinearGroup, ranks: dict) -> int | None:
+def group_head_dim(group: LinearGroup, ranks: dict) -> int | None:
     """The head size of a V → O path: the last axis of the first head-splitting Reshape."""
     from outlierquant.passes.analysis import _evaluate_shape, _is_int
 
@@ -736,7 +737,7 @@ class RotateHeadsPass(OutlierPass):
             if not producer.foldable:
                 skipped.append({"group": label, "skipped": producer.reason})
                 continue
-            head_dim = _head_dim(group, ranks)
+            head_dim = group_head_dim(group, ranks)
             if head_dim is None:
                 skipped.append({"group": label, "skipped": "head size not found on the V → O path"})
                 continue
@@ -755,7 +756,7 @@ class RotateHeadsPass(OutlierPass):
             v_rotation = np.kron(np.eye(v_heads), h)
             write_linear_weight(graph, v, _f64(v.weight_array()) @ v_rotation, f"{v.name}_weight_rotated")
             if v.bias is not None:
-                _write_bias(graph, v, _f64(v.bias_array()).reshape(-1) @ v_rotation, f"{v.name}_bias_rotated")
+                write_bias(graph, v, _f64(v.bias_array()).reshape(-1) @ v_rotation, f"{v.name}_bias_rotated")
             # O's row j carries V channel channel_map[j]: block by head of O's input
             o_rotation = np.kron(np.eye(group.in_features // head_dim), h)
             for linear in group.linears:
@@ -1049,7 +1050,7 @@ class OnlineHadamardPass(OutlierPass):
             nodes, out = hadamard_kernel_node(model, group.input, block, name, prescale)
         else:
             nodes, out = hadamard_left_form(model, group.input, dim, block, name, prescale)
-        first = min((linear.node for linear in group.linears), key=lambda n: _position(graph, n))
+        first = first_in_graph(graph, [linear.node for linear in group.linears])
         graph.insert_before(first, nodes)
         gathered = None
         if split:
@@ -1094,13 +1095,6 @@ def _add_float_side_path(model: ir.Model, gathered: ir.Value, linear: Linear, we
     graph.insert_after(out.producer(), [matmul, add])
     replace_value(graph, out, add.outputs[0])
     add.replace_input_with(0, out)  # replace_value rewired the Add's own input too
-
-
-def _position(graph: ir.Graph, node: ir.Node) -> int:
-    for i, candidate in enumerate(graph):
-        if candidate is node:
-            return i
-    raise ValueError(f"node {node.name} is not in the graph")
 
 
 # --------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from outlierquant.passes.base import (
     OutlierPass,
     add_initializer,
     constant_array,
+    first_in_graph,
     set_input_constant,
     write_linear_weight,
 )
@@ -387,7 +388,7 @@ def scale_consumers(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: n
 def insert_channel_ops(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: np.ndarray | None = None) -> int:
     """Insert ``Mul(x, 1/s)`` (after ``Sub(x, shift)`` when shifting) before the group; returns ops inserted."""
     x = group.input
-    first = min(group.linears, key=lambda linear: _position(graph, linear.node)).node
+    first = first_in_graph(graph, [linear.node for linear in group.linears])
     base = x.name or "smooth_input"
     nodes: list[ir.Node] = []
     current = x
@@ -408,13 +409,6 @@ def insert_channel_ops(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift
     for linear in group.linears:
         linear.node.replace_input_with(0, mul.outputs[0])
     return len(nodes)
-
-
-def _position(graph: ir.Graph, node: ir.Node) -> int:
-    for index, candidate in enumerate(graph):
-        if candidate is node:
-            return index
-    raise ValueError(f"node {node.name} not in graph")
 
 
 def producer_channels(group: LinearGroup, values: np.ndarray, reduce=np.maximum) -> tuple[np.ndarray, np.ndarray | None]:
