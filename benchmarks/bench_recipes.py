@@ -22,18 +22,6 @@ OURS = ("w8a8", "smoothquant-w8a8", "os+-w8a8", "outliertune-w8a8", "outliertune
 BASELINES = ("ort-static-default", "ort-static-matmul", "ort-dynamic", "ort-matmulnbits")
 
 
-def ort_matmul_nbits(model: Path, output: Path, block_size: int = 32) -> Path:
-    """onnxruntime's own weight-only int4 quantizer (MatMulNBitsQuantizer, RTN, asymmetric)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(model)),
-                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False))
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(output), False)
-    return output
-
-
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from outlierquant.evaluate.baselines import ort_quantize
+    from outlierquant.evaluate.baselines import ort_matmul_nbits, ort_quantize
     from outlierquant.evaluate.validate import validate
     from outlierquant.export.data import bundled_sentences, load_tokenizer, model_inputs, read_lines, text_feeds
     from outlierquant.pipeline import quantize_model
@@ -67,7 +55,7 @@ def main() -> None:
     for preset in args.baselines:
         started = time.perf_counter()
         if preset == "ort-matmulnbits":
-            path = ort_matmul_nbits(model, out / f"{preset}.onnx")
+            path = ort_matmul_nbits(model, out / f"{preset}.onnx")  # RTN, asymmetric, block 32
         else:
             path = ort_quantize(preset, model, out / f"{preset}.onnx", calibration)
         logging.getLogger().setLevel(logging.WARNING)  # onnxruntime's quantizers lower it

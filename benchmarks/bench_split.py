@@ -51,16 +51,6 @@ def label_for(recipe: str, records: list[dict]) -> str:
     return label
 
 
-def ort_int4_rtn(model_path: Path, output: Path, block: int = 32) -> Path:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), block_size=block, is_symmetric=True)
-    quantizer.process()
-    onnx.save(quantizer.model.model, str(output))
-    return output
-
-
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,7 +66,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from outlierquant import custom_ops
-    from outlierquant.evaluate.baselines import ort_quantize
+    from outlierquant.evaluate.baselines import ort_matmul_nbits, ort_quantize
     from outlierquant.evaluate.validate import comparison_table, validate
     from outlierquant.export.data import bundled_sentences, load_tokenizer, model_inputs, read_lines, text_feeds
 
@@ -98,7 +88,7 @@ def main() -> None:
     for preset in args.baselines:
         started = time.perf_counter()
         if preset == "ort-int4-rtn":
-            path = ort_int4_rtn(model, out / f"{preset}.onnx")
+            path = ort_matmul_nbits(model, out / f"{preset}.onnx", symmetric=True)
         else:
             path = ort_quantize(preset, model, out / f"{preset}.onnx", calibration)
         notes.append(f"{preset} {time.perf_counter() - started:.0f}s")

@@ -218,3 +218,24 @@ def test_minilm_w4a16_recipes(minilm_onnx, tmp_path):
         cosines[recipe] = report.embedding.cosine_mean
     assert cosines["rtn-w4a16"] > 0.96
     assert cosines["smoothquant+-w4a16"] > cosines["rtn-w4a16"] + 0.003
+
+
+def test_rtn_w4a16_matches_onnxruntimes_own_int4_quantizer(tiny_llama, tmp_path):
+    """``rtn-w4a16`` claims onnxruntime's MatMulNBits RTN (block 32, asymmetric): the two
+    models give the same outputs, and the baseline is written atomically."""
+    import onnxruntime as ort
+    import synthetic
+
+    from outlierquant.evaluate.baselines import ort_matmul_nbits
+    from outlierquant.pipeline import quantize_model
+
+    baseline = ort_matmul_nbits(tiny_llama, tmp_path / "ort" / "int4.onnx")
+    assert sorted(p.name for p in baseline.parent.iterdir()) == ["int4.onnx"]
+    ours = quantize_model(tiny_llama, tmp_path / "ours.onnx", "rtn-w4a16", None, progress=False).output
+    ops = [node.op_type for node in onnx.load(str(baseline)).graph.node]
+    assert ops.count("MatMulNBits") == 7 * synthetic.TINY_LAYERS + 1  # every projection and the lm_head
+    feeds = synthetic.random_feeds(tiny_llama, 2, seed=4)
+    a_session, b_session = ort.InferenceSession(str(baseline)), ort.InferenceSession(str(ours))
+    for feed in feeds:
+        a, b = a_session.run(None, feed)[0], b_session.run(None, feed)[0]
+        assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()

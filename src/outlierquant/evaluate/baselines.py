@@ -84,3 +84,30 @@ def ort_quantize(
         root.setLevel(root_level)
         shutil.rmtree(tmpdir, ignore_errors=True)
     return output_path
+
+
+def ort_matmul_nbits(
+    model_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    block_size: int = 32,
+    symmetric: bool = False,
+) -> Path:
+    """onnxruntime's own weight-only int4 quantizer (``MatMulNBitsQuantizer``, round to
+    nearest in blocks of ``block_size`` input rows): the int4 baseline. Written atomically."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), algo_config=config)
+    quantizer.process()
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    try:
+        tmp = tmpdir / output_path.name
+        quantizer.model.save_model_to_file(str(tmp), False)
+        os.replace(tmp, output_path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return output_path
