@@ -112,3 +112,49 @@ def test_outliertune_structure_and_accuracy_on_minilm(minilm_onnx, minilm_feeds)
     plain = load(minilm_onnx)
     QuantizeQDQPass().with_stats(stats)(plain)
     assert sentence_cosine(model) > sentence_cosine(plain)
+
+
+def test_outliertune_unfoldable_groups_leave_the_rest_to_a_later_pass(minilm_onnx, minilm_feeds):
+    """``groups: unfoldable, rest: leave``: post-norm BERT's norm-fed groups (their LayerNorm
+    also feeds the residual) get the per-channel Mul; FFN2 is outside the selected relations,
+    the V -> O group is foldable; those and the attention MatMuls stay float for llm_int8."""
+    from outlierquant.calibration.collect import collect_statistics
+    from outlierquant.passes.analysis import analyze_graph
+
+    calibration, _ = minilm_feeds
+    model = load(minilm_onnx)
+    linears_before = len(analyze_graph(model).linears)
+    stats = collect_statistics(model, calibration[:12], progress=False)
+    result = QuantizeOutlierTunePass(groups="unfoldable", rest="leave", zero_point="shared",
+                                     relations=("norm", "linear", "v_to_o")).with_stats(stats)(model)
+    record = result.record
+    taken = [g for g in record["groups"] if "skipped" not in g]
+    assert len(taken) == 12 and {g["relation"] for g in taken} == {"norm"}  # q/k/v and FFN1, 6 layers
+    reasons = [g["skipped"] for g in record["groups"] if "skipped" in g]
+    assert sum("can absorb a scale" in r for r in reasons) == 6  # V -> O folds
+    assert sum("'none' not selected" in r for r in reasons) == 6  # FFN2
+    assert record["per_channel_linears"] == 24 and record["per_tensor_weights"] == 0
+    # the rest is still float: 12 linears left for a later pass, attention untouched
+    assert len(analyze_graph(model).linears) == linears_before - 24
+    assert collections.Counter(n.op_type for n in model.graph)["QuantizeLinear"] == 12
+    with pytest.raises(Exception, match="groups"):
+        QuantizeOutlierTunePass(groups="foldable")
+    with pytest.raises(Exception, match="rest"):
+        QuantizeOutlierTunePass(rest="drop")
+
+
+def test_outliertune_unfoldable_skips_pre_norm_groups_and_online_rotations(planted_llama):
+    """On a pre-norm decoder every norm is foldable (SmoothQuant folds there for free), and a
+    group behind an online rotation is left alone: nothing to do, nothing modified."""
+    from outlierquant.calibration.collect import collect_statistics
+    from outlierquant.passes.rotate import OnlineHadamardPass
+
+    model = load(planted_llama)
+    feeds = synthetic.random_feeds(planted_llama, 4, seed=1)
+    OnlineHadamardPass(kernels="standard", groups="activation")(model)
+    stats = collect_statistics(model, feeds, progress=False)
+    result = QuantizeOutlierTunePass(groups="unfoldable", rest="leave").with_stats(stats)(model)
+    assert not result.modified and result.record["per_channel_linears"] == 0
+    reasons = [g["skipped"] for g in result.record["groups"]]
+    assert sum("online rotation" in r for r in reasons) == synthetic.TINY_LAYERS
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph)

@@ -91,6 +91,12 @@ class OutlierTuneOptions:
     (1: fully per-channel), or ``"search"`` per group. ``relations``: producer relations
     whose groups get per-channel activations (the others get plain per-tensor QDQ).
     ``dynamic_matmuls`` / ``exclude_nodes``: as in the ``quantize`` pass, for the rest.
+    ``groups``: ``all``, or ``unfoldable``: only groups whose producer cannot absorb a
+    scale (a post-norm LayerNorm that also feeds the residual, an activation) and whose
+    input is not an online rotation's output — the groups where smoothing needs an op at
+    run time anyway, so the per-channel ``Mul`` is the cheapest outlier treatment.
+    ``rest``: ``quantize`` the other linears per tensor (and the attention MatMuls with
+    ``dynamic_matmuls``), or ``leave`` them in float for a later pass (``llm_int8``).
     """
 
     alpha: float | str = "search"
@@ -99,9 +105,15 @@ class OutlierTuneOptions:
     zero_point: Literal["per_channel", "shared"] = "per_channel"
     dynamic_matmuls: bool = True
     exclude_nodes: tuple[str, ...] = ()
+    groups: Literal["all", "unfoldable"] = "all"
+    rest: Literal["quantize", "leave"] = "quantize"
     version: int = 1
 
     def __post_init__(self) -> None:
+        if self.groups not in ("all", "unfoldable"):
+            raise ValueError(f"groups={self.groups!r}: allowed 'all', 'unfoldable'")
+        if self.rest not in ("quantize", "leave"):
+            raise ValueError(f"rest={self.rest!r}: allowed 'quantize', 'leave'")
         if self.zero_point not in ("per_channel", "shared"):
             raise ValueError(f"zero_point={self.zero_point!r}: allowed 'per_channel', 'shared'")
         if isinstance(self.alpha, str):
@@ -128,6 +140,18 @@ def _channel_parameters(st: ChannelStats, t: np.ndarray, per_channel_zero_point:
     return (step * t).astype(np.float32), zero.astype(np.uint8)
 
 
+def _foldable_or_rotated(group: LinearGroup) -> str:
+    """Why ``groups: unfoldable`` leaves ``group`` to a later pass ("" when it takes it)."""
+    from outlierquant.passes.rotate import ONLINE_ROTATION_KEY
+
+    producer = group.input.producer()
+    if producer is not None and ONLINE_ROTATION_KEY in producer.metadata_props:
+        return "input is an online rotation's output (groups: unfoldable)"
+    if group.producer.foldable:
+        return f"producer ({group.producer.relation}) can absorb a scale (groups: unfoldable)"
+    return ""
+
+
 class QuantizeOutlierTunePass(OutlierPass):
     """Static W8A8 with per-channel activation scales pre-executed into the weights."""
 
@@ -149,6 +173,8 @@ class QuantizeOutlierTunePass(OutlierPass):
             reason = check_group(group, stats, allow_insert=True, relations=options.relations)
             if not reason and any(l.name in excluded for l in group.linears):
                 reason = "a linear of the group is excluded"
+            if not reason and options.groups == "unfoldable":
+                reason = _foldable_or_rotated(group)
             if not reason and any(l.op_type not in ("MatMul", "Gemm") for l in group.linears):
                 reason = "only MatMul/Gemm groups"
             if reason:
@@ -175,13 +201,15 @@ class QuantizeOutlierTunePass(OutlierPass):
                          max_median_before=max_median_ratio(st.absmax),
                          max_median_after=max_median_ratio(st.absmax / t))
             groups_record.append(entry)
-        config = QuantConfig(dynamic_matmuls=options.dynamic_matmuls,
-                             exclude_nodes=tuple(sorted(excluded | set(handled))))
-        plan = plan_quantization(model, config)
-        counts = insert_qdq(model, plan, stats, config)
+        counts = {"weights": 0, "activations": 0}
+        if options.rest == "quantize":
+            config = QuantConfig(dynamic_matmuls=options.dynamic_matmuls,
+                                 exclude_nodes=tuple(sorted(excluded | set(handled))))
+            plan = plan_quantization(model, config)
+            counts = insert_qdq(model, plan, stats, config)
         logger.info("outliertune: %d linears with per-channel activations, %d more per-tensor",
                     len(handled), counts["weights"])
-        return True, {
+        return bool(handled) or options.rest == "quantize", {
             "options": dataclasses.asdict(options),
             "groups": groups_record,
             "per_channel_linears": len(handled),
