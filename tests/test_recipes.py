@@ -53,3 +53,36 @@ def test_unknown_pass_and_unknown_recipe_and_top_level_field(tmp_path):
     (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="invalid YAML"):
         load_recipe(tmp_path / "broken.yaml")
+
+
+def test_default_on_minilm_scales_norm_groups_splits_the_rest_and_rotates_nothing(minilm_onnx, minilm_feeds, tmp_path):
+    """The shipped default on post-norm BERT: FFN2's estimated SQNR is above the rotation
+    gate, the LayerNorm-fed groups get per-channel scales, FFN2 and the attention output the
+    float split; every linear is quantized and the embeddings track fp32."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from helpers import run_outputs
+    from outlierquant.passes.analysis import analyze_graph
+    from outlierquant.pipeline import quantize_model
+
+    calibration, heldout = minilm_feeds
+    result = quantize_model(minilm_onnx, tmp_path / "default.onnx", "default", calibration, progress=False)
+    records = {record["pass"]: record for record in result.report["passes"]}
+    gate = records["online-hadamard"]
+    assert not gate["rotated"] and len(gate["skipped"]) == 6
+    assert all(g["static_sqnr_db"] >= 31.0 for g in gate["skipped"])
+    assert records["outliertune"]["per_channel_linears"] == 24  # q/k/v and FFN1 of 6 layers
+    assert len(records["llm_int8"]["layers"]) == 12  # attention output and FFN2
+    assert not records["llm_int8"]["skipped"]
+    model = ir.load(tmp_path / "default.onnx")
+    # what analysis still calls a float linear is a thin outlier side path, no full layer
+    side_paths = analyze_graph(model).linears
+    assert all("_llm_int8/" in linear.name and linear.weight_array().shape[0] < 100 for linear in side_paths)
+    reference = run_outputs(ir.load(minilm_onnx), heldout)
+    quantized = run_outputs(model, heldout)
+    cosines = []
+    for ref, got in zip(reference, quantized):
+        a, b = ref[-1].ravel(), got[-1].ravel()
+        cosines.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+    assert min(cosines) > 0.995
