@@ -95,19 +95,23 @@ def ort_matmul_nbits(
 ) -> Path:
     """onnxruntime's own weight-only int4 quantizer (``MatMulNBitsQuantizer``, round to
     nearest in blocks of ``block_size`` input rows): the int4 baseline. Written atomically."""
+    root = logging.getLogger()
+    root_level = root.level  # before the import: the module's basicConfig lowers it to INFO
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), algo_config=config)
-    quantizer.process()
+    root.setLevel(logging.ERROR)  # it logs every MatMul at INFO through the root logger
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
     try:
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), algo_config=config)
+        quantizer.process()
         tmp = tmpdir / output_path.name
         quantizer.model.save_model_to_file(str(tmp), False)
         os.replace(tmp, output_path)
     finally:
+        root.setLevel(root_level)
         shutil.rmtree(tmpdir, ignore_errors=True)
     return output_path
