@@ -347,3 +347,14 @@ def test_smollm2_structure_and_fold(smollm2_onnx, tmp_path):
     expected = np.array([(j // 64) // 3 * 64 + j % 64 for j in range(576)])
     for group in groups_by_relation(analysis, "v_to_o"):
         np.testing.assert_array_equal(group.producer.channel_map, expected)
+
+
+def test_first_in_graph_is_the_earliest_and_rejects_strangers(tiny_llama):
+    from outlierquant.passes.base import first_in_graph
+
+    model = ir.load(tiny_llama)
+    nodes = list(model.graph)
+    assert first_in_graph(model.graph, [nodes[7], nodes[3], nodes[5]]) is nodes[3]
+    stranger = ir.node("Relu", inputs=[nodes[0].outputs[0]], name="stranger")
+    with pytest.raises(ValueError, match="stranger"):
+        first_in_graph(model.graph, [nodes[3], stranger])

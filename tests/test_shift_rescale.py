@@ -134,6 +134,7 @@ def test_outliertune_unfoldable_groups_leave_the_rest_to_a_later_pass(minilm_onn
     assert sum("can absorb a scale" in r for r in reasons) == 6  # V -> O folds
     assert sum("'none' not selected" in r for r in reasons) == 6  # FFN2
     assert record["per_channel_linears"] == 24 and record["per_tensor_weights"] == 0
+    assert record["left_float_linears"] == linears_before - 24
     # the rest is still float: 12 linears left for a later pass, attention untouched
     assert len(analyze_graph(model).linears) == linears_before - 24
     assert collections.Counter(n.op_type for n in model.graph)["QuantizeLinear"] == 12

@@ -245,3 +245,25 @@ def test_static_sqnr_estimate_tracks_the_measured_error_and_flags_token_spikes()
         _, s, _ = search_alpha(st, [w], DEFAULT_ALPHA_GRID)
         assert abs(estimates[label] - _measured_static_sqnr_db(x, w, s)) < 2.0, label
     assert estimates["spiky"] < estimates["smooth"] - 10.0
+
+
+def test_static_sqnr_of_a_zero_input_is_minus_infinity_and_the_gate_skips_it(tiny_llama):
+    from outlierquant.calibration.stats import ChannelStats
+    from outlierquant.passes.rotate import OnlineHadamardPass
+    from outlierquant.passes.smooth import estimated_static_sqnr_db
+
+    st = ChannelStats.empty(8, -1)
+    st.update(np.zeros((16, 8)))
+    assert estimated_static_sqnr_db(st, [np.ones((8, 4))]) == float("-inf")
+    model = load(tiny_llama)
+    online = OnlineHadamardPass(kernels="standard", groups="activation", rotate_below_db=30.0)
+    stats = collect_statistics(model, synthetic.random_feeds(tiny_llama, 2, seed=1),
+                               tensors=online.calibration_targets(model), progress=False)
+    zero = {name: ChannelStats.empty(stats[name].channels, -1) for name in stats}  # same tensors, all zero
+    for st in zero.values():
+        st.update(np.zeros((4, st.channels)))
+    from outlierquant.calibration.stats import ActivationStats
+
+    result = online.with_stats(ActivationStats(zero))(model)
+    assert not result.modified
+    assert {g["skipped"] for g in result.record["skipped"]} == {"its input is zero on the calibration data"}

@@ -3,7 +3,8 @@
 Statistics are collected on the model *as it stands* when a pass asks for them: a
 smoothing pass changes the activations the quantizer later sees, so stats gathered
 before it would be wrong. Consecutive passes that do not modify the model share one
-calibration. The input model is never modified; the output and its report are written
+calibration when it covers the tensors each of them reads (a pass that calibrates only
+its own groups leaves the next one to collect again). The input model is never modified; the output and its report are written
 through temporary names and renamed, so a failure leaves no half-written file.
 """
 
@@ -69,7 +70,11 @@ def run_recipe(
         if getattr(pass_, "needs_stats", False):
             targets = pass_.calibration_targets(model)
             covariance_for = pass_.covariance_targets(model)
-            if stale or (feeds and not _covers(stats, targets, covariance_for)):
+            covered = _covers(stats, targets, covariance_for)
+            if not stale and not covered and not feeds:
+                logger.warning("pass %s: the statistics lack some of the tensors it reads and no calibration "
+                               "data was given; the layers without statistics are left as they are", spec.name)
+            if stale or (feeds and not covered):
                 # statistics an earlier pass collected for its own tensors, left valid because
                 # it changed nothing, may not cover this pass's tensors: collect again
                 if not feeds:

@@ -153,11 +153,16 @@ def _unique_name(graph: ir.Graph, hint: str) -> str:
 def first_in_graph(graph: ir.Graph, nodes) -> ir.Node:
     """The node of ``nodes`` that comes first in ``graph``'s order (where a group's inserted
     ops go, before every linear that reads them)."""
-    wanted = {id(node) for node in nodes}
+    wanted = {id(node): node for node in nodes}
+    first = None
     for candidate in graph:
         if id(candidate) in wanted:
-            return candidate
-    raise ValueError("none of the nodes is in the graph")
+            first = first or candidate
+            del wanted[id(candidate)]
+    if first is None or wanted:
+        missing = ", ".join(node.name or "?" for node in wanted.values()) or "all of them"
+        raise ValueError(f"nodes not in the graph: {missing}")
+    return first
 
 
 def remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:

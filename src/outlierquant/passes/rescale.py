@@ -96,7 +96,8 @@ class OutlierTuneOptions:
     input is not an online rotation's output — the groups where smoothing needs an op at
     run time anyway, so the per-channel ``Mul`` is the cheapest outlier treatment.
     ``rest``: ``quantize`` the other linears per tensor (and the attention MatMuls with
-    ``dynamic_matmuls``), or ``leave`` them in float for a later pass (``llm_int8``).
+    ``dynamic_matmuls``), or ``leave`` them in float for a later pass (``llm_int8``; the
+    record counts them: ``left_float_linears``).
     """
 
     alpha: float | str = "search"
@@ -202,7 +203,11 @@ class QuantizeOutlierTunePass(OutlierPass):
                          max_median_after=max_median_ratio(st.absmax / t))
             groups_record.append(entry)
         counts = {"weights": 0, "activations": 0}
-        if options.rest == "quantize":
+        left = 0
+        if options.rest == "leave":
+            left = len(analyze_graph(model).linears)
+            logger.info("outliertune: %d linears left in float for a later pass (rest: leave)", left)
+        else:
             config = QuantConfig(dynamic_matmuls=options.dynamic_matmuls,
                                  exclude_nodes=tuple(sorted(excluded | set(handled))))
             plan = plan_quantization(model, config)
@@ -215,6 +220,7 @@ class QuantizeOutlierTunePass(OutlierPass):
             "per_channel_linears": len(handled),
             "per_tensor_weights": counts["weights"],
             "per_tensor_activation_qdq": counts["activations"],
+            "left_float_linears": left,
             "inserted_ops": inserted,
         }
 

@@ -896,7 +896,7 @@ class OnlineHadamardOptions:
     ``rotate_below_db``: rotate a group only when the estimated SQNR of its static int8
     output with the best per-channel activation scales
     (:func:`~outlierquant.passes.smooth.estimated_static_sqnr_db`, from calibration
-    statistics) is below this many dB; the others are left for a cheaper quantizer
+    statistics) is below this many dB; the others are left to the quantizer as they are
     (needs statistics). ``None``: rotate every candidate.
     """
 
@@ -922,6 +922,11 @@ class OnlineHadamardOptions:
         if self.smooth_alpha is not None and not (
                 isinstance(self.smooth_alpha, (int, float)) and 0.0 <= self.smooth_alpha <= 1.0):
             raise ValueError(f"smooth_alpha={self.smooth_alpha!r}: a number in [0, 1] or null")
+
+
+def _finite(value: float) -> float | None:
+    """``value`` rounded for the report (JSON has no infinities: ``None`` for those)."""
+    return round(value, 2) if np.isfinite(value) else None
 
 
 def _online_candidate(group: LinearGroup, mode: str) -> bool:
@@ -994,10 +999,13 @@ class OnlineHadamardPass(OutlierPass):
                 from outlierquant.passes.smooth import estimated_static_sqnr_db
 
                 sqnr = estimated_static_sqnr_db(stats, [_f64(linear.weight_array()) for linear in group.linears])
+                if sqnr == float("-inf"):
+                    skipped.append({"group": label, "skipped": "its input is zero on the calibration data"})
+                    continue
                 if sqnr >= self.options.rotate_below_db:
-                    skipped.append({"group": label, "static_sqnr_db": round(sqnr, 2),
+                    skipped.append({"group": label, "static_sqnr_db": _finite(sqnr),
                                     "skipped": f"estimated static int8 SQNR {sqnr:.1f} dB >= rotate_below_db "
-                                               f"{self.options.rotate_below_db:g}: per-channel scales suffice"})
+                                               f"{self.options.rotate_below_db:g}: not rotated"})
                     continue
             smooth = None
             if self.options.smooth_alpha is not None:
@@ -1020,7 +1028,7 @@ class OnlineHadamardPass(OutlierPass):
             if self.options.outlier_ratio is not None:
                 entry["float_channels"] = int(outliers.size)
             if sqnr is not None:
-                entry["static_sqnr_db"] = round(sqnr, 2)
+                entry["static_sqnr_db"] = _finite(sqnr)
             if stats is not None:
                 prescale = None if smooth is None else 1.0 / smooth
                 if outliers.size:

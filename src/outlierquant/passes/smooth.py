@@ -289,10 +289,10 @@ def estimated_static_sqnr_db(stats: ChannelStats, weights: Sequence[np.ndarray],
     """
     mean_sq = np.maximum(np.asarray(stats.mean_sq, dtype=np.float64), 0.0)
     signal = sum(float(mean_sq @ (np.asarray(w, dtype=np.float64) ** 2).sum(axis=1)) for w in weights)
+    if signal <= 0.0:
+        return float("-inf")  # a constant-zero input: callers skip it
     _, _, errors = search_alpha(stats, weights, grid)
     noise = min(errors.values())
-    if signal <= 0.0:
-        return float("-inf")
     return float("inf") if noise <= 0.0 else float(10.0 * np.log10(signal / noise))
 
 

@@ -113,8 +113,10 @@ def cmd_quantize(args) -> int:
               f"({floating['float']} of {floating['of_inputs']})", file=sys.stderr)
     for record in result.report.get("passes", []):
         if record.get("pass") == "online-hadamard":  # its gate decides per group: say what it did
-            rotated, skipped = len(record.get("rotated", [])), len(record.get("skipped", []))
-            print(f"online Hadamard rotation on {rotated} of {rotated + skipped} candidate linear groups",
+            rotated = len(record.get("rotated", []))
+            gated = sum(1 for entry in record.get("skipped", []) if "static_sqnr_db" in entry)
+            print(f"online Hadamard rotation on {rotated} linear groups"
+                  + (f" ({gated} more left unrotated: estimated static SQNR above the gate)" if gated else ""),
                   file=sys.stderr)
     print(f"{result.output}\n{result.report_path}")
     return 0
