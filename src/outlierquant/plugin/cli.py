@@ -116,7 +116,7 @@ def cmd_quantize(args) -> int:
             rotated = len(record.get("rotated", []))
             gated = sum(1 for entry in record.get("skipped", []) if "static_sqnr_db" in entry)
             print(f"online Hadamard rotation on {rotated} linear groups"
-                  + (f" ({gated} more left unrotated: estimated static SQNR above the gate)" if gated else ""),
+                  + (f" ({gated} left unrotated: estimated static SQNR at or above the gate)" if gated else ""),
                   file=sys.stderr)
     print(f"{result.output}\n{result.report_path}")
     return 0
