@@ -411,7 +411,7 @@ def test_sequential_equals_plain_with_nothing_upstream(bias_correction):
     assert np.abs(outputs[True] - outputs[False]).max() <= 1e-4 * np.abs(reference).max()
 
 
-def _llama_error(path, model_pass, calibration, evaluation) -> float:
+def _llama_error(path, model_pass, calibration, evaluation) -> tuple[float, dict]:
     model = ir.load(str(path))
     CanonicalizePass()(model)
     if model_pass.needs_stats:

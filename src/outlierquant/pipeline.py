@@ -4,8 +4,9 @@ Statistics are collected on the model *as it stands* when a pass asks for them: 
 smoothing pass changes the activations the quantizer later sees, so stats gathered
 before it would be wrong. Consecutive passes that do not modify the model share one
 calibration when it covers the tensors each of them reads (a pass that calibrates only
-its own groups leaves the next one to collect again). The input model is never modified; the output and its report are written
-through temporary names and renamed, so a failure leaves no half-written file.
+its own groups leaves the next one to collect again). The input model is never
+modified; the output and its report are written through temporary names and renamed, so
+a failure leaves no half-written file.
 """
 
 from __future__ import annotations

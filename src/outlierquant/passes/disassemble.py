@@ -415,5 +415,3 @@ def _widened_shape(shape: ir.Shape | None, channels: int) -> ir.Shape | None:
     dims = list(shape.dims)
     dims[-1] = channels
     return ir.Shape(dims)
-
-

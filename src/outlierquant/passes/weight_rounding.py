@@ -763,10 +763,9 @@ class _WeightOnlyPass(OutlierPass):
                     self._skip(skipped, linear, "captured input does not match the weight rows")
                 continue
             rows = max(rows, x_q.shape[0])
+            # x_f is x_q (nothing quantized upstream yet): W' = W, so the plain moments are exact
             moments = InputMoments.from_rows(x_q, x_f if x_f is not x_q else None, options.damp,
                                              centered=options.bias_correction)
-            if x_f is x_q and options.sequential_target == "fp32_output":
-                moments.reference_mean = moments.mean
             for linear in group:
                 layers.append(self._quantize_linear(model, linear, moments))
                 model.opset_imports.setdefault(MS_DOMAIN, 1)  # the next capture runs MatMulNBits
@@ -804,7 +803,7 @@ class _WeightOnlyPass(OutlierPass):
             effective = effective + side
         correction = None
         if options.bias_correction:  # mean output error left: μ_f W − μ_q (Ŵ + H)
-            correction = moments.correction(original if moments.cross is not None else weight, effective)
+            correction = moments.correction(original, effective)
         signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
         entry_extra = {}
         if correction is not None:
