@@ -827,6 +827,42 @@ class _EvenRows:
         return merged
 
 
+def stream_tensors(
+    model: ir.Model,
+    feeds: Any,
+    tensors: Sequence[str],
+    visit: Any,
+    *,
+    session_options: Any = None,
+    providers: Sequence[Any] | None = None,
+) -> int:
+    """Run ``feeds`` through ``model`` and call ``visit(name, array, piece, index)`` for each
+    named tensor of every sample (``index``: the feed's position); returns the number of samples.
+
+    Padded feeds are split into unpadded batch-1 pieces first (as for
+    :func:`collect_statistics`), so ``array`` holds real positions only unless the padding
+    could not be undone (``piece`` is then the padded feed with its ``attention_mask``).
+    The tensors are read as extra outputs of one session built from the serialized model
+    (the caller's model is not modified); a graph input is handed over from the feed.
+    """
+    specs = _input_specs(model)
+    fetched = [name for name in dict.fromkeys(tensors) if name not in specs]
+    samples = 0
+    with contextlib.ExitStack() as stack:
+        session = _create_session(model, fetched, session_options, providers, stack)
+        for index, raw in enumerate(_iterate_feeds(feeds)):
+            feed = _check_feed(index, raw, specs)
+            for piece in _unpad(feed) or [feed]:
+                samples += 1
+                arrays = dict(zip(fetched, session.run(fetched, piece))) if fetched else {}
+                for name in dict.fromkeys(tensors):
+                    visit(name, arrays[name] if name in arrays else piece[name], piece, index)
+                del arrays
+    if not samples:
+        raise CalibrationError("calibration data is empty: the feeds produced no samples")
+    return samples
+
+
 def capture_activations(
     model: ir.Model,
     feeds: Any,
@@ -846,31 +882,20 @@ def capture_activations(
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows!r}: must be >= 1")
     targets = _resolve_targets(model, tensors)
-    specs = _input_specs(model)
-    fetched = [t.tensor for t in targets if t.tensor not in specs]
     keepers = {t.tensor: _EvenRows(max_rows) for t in targets}
     axes = {t.tensor: t.channel_axis for t in targets}
-    samples = 0
-    with contextlib.ExitStack() as stack:
-        session = _create_session(model, fetched, session_options, providers, stack)
-        for index, raw in enumerate(_iterate_feeds(feeds)):
-            feed = _check_feed(index, raw, specs)
-            for piece in _unpad(feed) or [feed]:
-                samples += 1
-                mask = piece.get("attention_mask")
-                if mask is not None and (mask.ndim != 2 or mask.all()):
-                    mask = None
-                arrays = dict(zip(fetched, session.run(fetched, piece))) if fetched else {}
-                for name, keeper in keepers.items():
-                    array = arrays[name] if name in arrays else piece[name]
-                    axis = axes[name] % max(array.ndim, 1)
-                    rows = _masked_rows(array, axis, mask) if mask is not None else None
-                    if rows is None:
-                        rows = _rows(array, axis)
-                    if not np.isfinite(rows).all():
-                        raise CalibrationError(f"calibration sample {index}: tensor {name!r} has NaN/Inf")
-                    keeper.add(rows)
-                del arrays
-    if not samples:
-        raise CalibrationError("calibration data is empty: the feeds produced no samples")
+
+    def keep(name: str, array: np.ndarray, piece: Mapping[str, np.ndarray], index: int) -> None:
+        mask = piece.get("attention_mask")
+        if mask is not None and (mask.ndim != 2 or mask.all()):
+            mask = None
+        axis = axes[name] % max(array.ndim, 1)
+        rows = _masked_rows(array, axis, mask) if mask is not None else None
+        if rows is None:
+            rows = _rows(array, axis)
+        if not np.isfinite(rows).all():
+            raise CalibrationError(f"calibration sample {index}: tensor {name!r} has NaN/Inf")
+        keepers[name].add(rows)
+
+    stream_tensors(model, feeds, list(keepers), keep, session_options=session_options, providers=providers)
     return {name: keeper.rows() for name, keeper in keepers.items()}
