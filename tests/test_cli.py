@@ -256,7 +256,8 @@ def test_quantize_reports_the_float_channel_share(capsys, tmp_path, planted_llam
     recipe = tmp_path / "split.yaml"
     recipe.write_text("name: split\npasses:\n  - canonicalize\n"
                       "  - online-hadamard: {groups: activation, outlier_ratio: 3.0, kernels: standard}\n"
-                      "  - llm_int8: {criterion: relative, ratio: 3.0, activations: static}\n")
+                      "  - llm_int8: {criterion: relative, ratio: 3.0, activations: static,\n"
+                      "               dynamic_matmuls: true, probs_residual: all}\n")
     code, _, err = run_cli(capsys, "-q", "quantize", planted_llama, "-o", out, "--recipe", recipe,
                            "--calibration-data", data)
     assert code == 0, err
@@ -267,3 +268,5 @@ def test_quantize_reports_the_float_channel_share(capsys, tmp_path, planted_llam
     assert summary["in_rotation_side_paths"] == sum(g["float_channels"] for g in rotation["rotated"]) > 0
     assert f"{summary['share']:.2%} of the rewritten linears' input channels stay in float" in err
     assert f"online Hadamard rotation on {len(rotation['rotated'])} linear groups\n" in err
+    layers = synthetic.TINY_LAYERS
+    assert f"residual int8 attention probabilities in {layers} of {layers} probs x V MatMuls" in err

@@ -15,7 +15,7 @@ import pytest
 from outlierquant.passes.base import constant_array
 
 from outlierquant.calibration.collect import collect_statistics
-from outlierquant.errors import RecipeError
+from outlierquant.errors import CalibrationError, RecipeError
 from outlierquant.passes.split import (
     LlmInt8Options,
     LlmInt8SplitPass,
@@ -205,6 +205,119 @@ def test_static_activations_quantize_only_the_inlier_channels(planted_llama):
     assert len(attention) == 2 * synthetic.TINY_LAYERS  # QK^T and probs x V per layer
     assert full_after["QuantizeLinear"] > after["QuantizeLinear"]
     assert cosine(reference, outputs(full, evaluation)) > 0.98
+
+
+def _residual_sites(model: ir.Model):
+    """(P, P̂, V̂, new output) of every probs·V MatMul the residual rewrite touched."""
+    from outlierquant.passes.quantize import probs_input_index, quantized_source
+
+    sites = []
+    for node in model.graph:
+        if node.op_type == "Add" and node.name.endswith("_residual_add"):
+            main = node.inputs[0].producer()
+            index = probs_input_index(main)
+            sites.append((quantized_source(main.inputs[index]), main.inputs[index], main.inputs[1 - index],
+                          node.outputs[0], index))
+    return sites
+
+
+def test_probs_residual_recovers_what_the_uint8_grid_drops(planted_llama):
+    """P·V̂ ≈ P̂·V̂ + R̂·V̂: the second int8 MatMul on the rounding residual of the attention
+    probabilities brings probs·V within a small fraction of its uint8-only error."""
+    calibration = synthetic.random_feeds(planted_llama, 6, seed=1)
+    evaluation = synthetic.random_feeds(planted_llama, 2, seed=2)
+    reference = outputs(load(planted_llama), evaluation)
+    options = dict(activations="static", criterion="top_k", top_k=2, dynamic_matmuls=True)
+    plain, _, _, plain_ops = rewrite(planted_llama, calibration, LlmInt8SplitPass(**options))
+    model, result, _, ops = rewrite(planted_llama, calibration, LlmInt8SplitPass(probs_residual="all", **options))
+    record = result.record["probs_residual"]
+    assert record["residual_matmuls"] == synthetic.TINY_LAYERS == len(record["matmuls"])
+    assert all(entry["residual"] and "lost_mass" not in entry for entry in record["matmuls"])  # 'all': not measured
+    for op, extra in (("MatMul", 1), ("Sub", 1), ("QuantizeLinear", 1), ("DequantizeLinear", 1), ("Add", 1)):
+        assert ops[op] - plain_ops.get(op, 0) == extra * synthetic.TINY_LAYERS, op
+    sites = _residual_sites(model)
+    assert len(sites) == synthetic.TINY_LAYERS
+    for probs, p_hat, v_hat, total, _ in sites:
+        model.graph.outputs.extend([probs, p_hat, v_hat, total])
+    got = outputs(model, evaluation)
+    count = len(reference[0])
+    for sample in got:
+        extra = sample[count:]
+        for layer in range(len(sites)):
+            probs, p_hat, v_hat, total = extra[4 * layer: 4 * layer + 4]
+            index = sites[layer][4]
+            mm = (lambda a, b: a @ b) if index == 0 else (lambda a, b: b @ a)
+            exact = mm(probs.astype(np.float64), v_hat)
+            uint8_error = np.abs(mm(p_hat.astype(np.float64), v_hat) - exact).max()
+            assert uint8_error > 0
+            assert np.abs(total - exact).max() <= uint8_error / 20
+    assert cosine(reference, got) >= cosine(reference, outputs(plain, evaluation)) - 1e-3
+    with pytest.raises(ValueError, match="probs_residual: needs dynamic_matmuls"):
+        LlmInt8SplitPass(activations="static", probs_residual="all")
+    with pytest.raises(ValueError, match="probs_lost_mass"):
+        LlmInt8SplitPass(probs_lost_mass=1.5, **options)
+    with pytest.raises(ValueError, match="probs_residual="):
+        LlmInt8SplitPass(probs_residual="sometimes", **options)
+
+
+def _sharpened(path: Path, folder: Path, factor: float = 60.0) -> Path:
+    """``path`` with its q projections scaled by ``factor``: peaked attention rows, as in an
+    LLM, where many probabilities fall below half a uint8 step (a random tiny model's rows
+    are near uniform)."""
+    from outlierquant.passes.analysis import analyze_graph
+    from outlierquant.passes.base import write_linear_weight
+
+    model = load(path)
+    scaled = 0
+    for linear in analyze_graph(model).linears:
+        if "q_proj" in linear.name:
+            write_linear_weight(model.graph, linear, np.asarray(linear.weight_array()) * factor, "sharpened")
+            scaled += 1
+    assert scaled == synthetic.TINY_LAYERS
+    out = folder / "sharpened.onnx"
+    ir.save(model, str(out))
+    return out
+
+
+def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, tmp_path):
+    from outlierquant.passes.quantize import lost_mass
+
+    below, total = lost_mass(np.array([[0.9, 0.001, 0.0015, 0.0975], [0.5, 0.5, 0.0, 0.0]]), 1 / 255)
+    assert below == pytest.approx(0.0025) and total == pytest.approx(2.0)
+    planted_llama = _sharpened(planted_llama, tmp_path)
+    calibration = synthetic.random_feeds(planted_llama, 4, seq_lens=(128, 100), seed=1)
+    options = dict(activations="static", criterion="top_k", top_k=2, dynamic_matmuls=True, probs_residual="gated")
+    assert LlmInt8SplitPass(**options).needs_feeds and not LlmInt8SplitPass().needs_feeds
+    # without calibration data the gate cannot measure: a clear error, not a silent skip
+    model = load(planted_llama)
+    gated = LlmInt8SplitPass(**options).with_stats(collect_statistics(model, calibration, progress=False))
+    with pytest.raises(CalibrationError, match="probs_residual 'gated'"):
+        gated(model)
+    shares = []
+    for gate, chosen in ((0.005, synthetic.TINY_LAYERS), (0.999, 0)):
+        model = load(planted_llama)
+        split = LlmInt8SplitPass(probs_lost_mass=gate, **options)
+        split.with_stats(collect_statistics(model, calibration, progress=False)).with_feeds(calibration)
+        record = split(model).record["probs_residual"]
+        assert record["residual_matmuls"] == chosen
+        shares.append([entry["lost_mass"] for entry in record["matmuls"]])
+        if chosen:
+            continue
+        # the recorded share is what the calibration data's probabilities lose at the
+        # model's own uint8 step: measured again here from the probabilities themselves
+        from outlierquant.passes.quantize import probs_input_index, probs_step, quantized_source
+
+        nodes = [node for node in model.graph if node.op_type == "MatMul" and probs_input_index(node) is not None]
+        assert len(nodes) == synthetic.TINY_LAYERS
+        values = [quantized_source(node.inputs[probs_input_index(node)]) for node in nodes]
+        steps = [probs_step(node, probs_input_index(node)) for node in nodes]
+        model.graph.outputs.extend(values)
+        runs = outputs(model, calibration)
+        for layer, step in enumerate(steps):
+            sums = np.array([lost_mass(run[-len(values) + layer], step) for run in runs]).sum(axis=0)
+            assert record["matmuls"][layer]["lost_mass"] == pytest.approx(sums[0] / sums[1], rel=1e-3)
+    # peaked rows lose 1-2 % of their mass, as SmolLM2's do (all-MiniLM-L6-v2: under 0.4 %)
+    assert shares[0] == shares[1] and all(0.005 < share < 0.05 for share in shares[0])
 
 
 def test_quantease_rounding_keeps_the_float_channels_out_of_the_int8_weights(planted_llama):

@@ -208,6 +208,102 @@ def attention_matmul_declarations(model: ir.Model, mode: str = "static") -> list
             for decl in _attention_inputs(node, mode)]
 
 
+# -- attention probabilities: a second int8 pass on the rounding residual --------------------
+#
+# A static uint8 grid for softmax probabilities has the step s = max P / 255 ≈ 1/255, so
+# every probability below s/2 ≈ 0.002 rounds to zero. An LLM whose heads park most of their
+# attention on a sink token leaves the rest spread thinly over the other keys: on
+# SmolLM2-135M 1-2 % of each row's mass sits below s/2 (all-MiniLM-L6-v2: 0.1-0.3 %), and
+# probs·V loses it. Writing P = P̂ + R, with R = P − P̂ in [−s/2, s/2] quantized symmetric
+# int8 at step s/254, gives
+#
+#     P·V̂ ≈ P̂·V̂ + R̂·V̂
+#
+# two int8 MatMuls (onnxruntime fuses each DQ-MatMul pair into MatMulIntegerToFloat)
+# whose probabilities carry ~15 bits between them. No runtime op computes an int16 GEMM,
+# and a float probs·V would leave the MatMul unquantized.
+
+
+def probs_input_index(node: ir.Node, depth: int = 4) -> int | None:
+    """The input of a quantized probs·V MatMul whose ``DQ(Q(·))`` reads softmax probabilities."""
+    for index, value in enumerate(node.inputs):
+        source = quantized_source(value)
+        frontier = [source] if source is not None else []
+        for _ in range(depth):
+            preceding = []
+            for candidate in frontier:
+                producer = candidate.producer() if candidate is not None else None
+                if producer is None:
+                    continue
+                if producer.op_type == "Softmax":
+                    return index
+                if producer.op_type in _ATTENTION_PATH_OPS or producer.op_type == "IsNaN":
+                    preceding.extend(producer.inputs)
+            frontier = preceding
+    return None
+
+
+def quantized_source(value: ir.Value | None) -> ir.Value | None:
+    """``x`` when ``value`` is ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)``, else None."""
+    dq = value.producer() if value is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    return q.inputs[0]
+
+
+def probs_step(node: ir.Node, index: int) -> float | None:
+    """The uint8 step of the probabilities' static QDQ, or None when it is not a scalar
+    zero-point-0 grid (the residual form assumes one)."""
+    q = node.inputs[index].producer().inputs[0].producer()
+    scale, zero_point = constant_array(q.inputs[1]), constant_array(q.inputs[2]) if len(q.inputs) > 2 else None
+    if scale is None or scale.size != 1 or zero_point is None or zero_point.size != 1 or int(zero_point) != 0:
+        return None
+    return float(scale)
+
+
+def lost_mass(probs: np.ndarray, step: float) -> tuple[float, float]:
+    """(mass below ``step / 2``, total mass) of a probability tensor: the share QuantizeLinear
+    at that step rounds to zero is their ratio."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return float(probs[probs < step / 2].sum()), float(probs.sum())
+
+
+def add_probs_residual(graph: ir.Graph, node: ir.Node, index: int) -> ir.Node:
+    """Rewrite the quantized probs·V ``node`` as ``P̂·V̂ + R̂·V̂`` (``index``: the probabilities'
+    input); returns the ``Add`` that now produces its old output."""
+    p_hat = node.inputs[index]
+    probs = quantized_source(p_hat)
+    step = probs_step(node, index)
+    if probs is None or step is None:
+        raise ValueError(f"{node.name}: input {index} is not a static zero-point-0 QDQ of probabilities")
+    base = probs.name or f"{node.name}_probs"
+    scale = add_initializer(graph, f"{base}_residual_scale", np.array(step / 254, np.float32))
+    zero = add_initializer(graph, f"{base}_residual_zero_point", np.array(0, np.int8))
+
+    def make(op_type: str, inputs: list, suffix: str) -> ir.Node:
+        made = ir.node(op_type, inputs=inputs, name=f"{base}_residual_{suffix}")
+        made.outputs[0].name = f"{base}_residual_{suffix}_out"
+        return made
+
+    residual = make("Sub", [probs, p_hat], "sub")
+    quantized = make("QuantizeLinear", [residual.outputs[0], scale, zero], "quantize")
+    dequantized = make("DequantizeLinear", [quantized.outputs[0], scale, zero], "dequantize")
+    operands = list(node.inputs)
+    operands[index] = dequantized.outputs[0]
+    product = make("MatMul", operands, "matmul")
+    out = node.outputs[0]
+    uses = list(out.uses())
+    total = make("Add", [out, product.outputs[0]], "add")
+    total.outputs[0].type, total.outputs[0].shape = out.type, out.shape
+    graph.insert_after(node, [residual, quantized, dequantized, product, total])
+    for use in uses:
+        use.node.replace_input_with(use.idx, total.outputs[0])
+    return total
+
+
 # -- scale math ----------------------------------------------------------------------------
 
 

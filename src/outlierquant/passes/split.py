@@ -68,6 +68,7 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats
+from outlierquant.errors import CalibrationError
 from outlierquant.passes.analysis import Linear, analyze_graph
 from outlierquant.passes.base import OutlierPass, constant_array
 
@@ -213,6 +214,13 @@ class LlmInt8Options:
     #: ``activations: static`` only: also quantize the activation x activation MatMuls
     #: (attention QK^T and probs x V) with static per-tensor QDQ, so every MatMul runs int8
     dynamic_matmuls: bool = False
+    #: ``dynamic_matmuls`` only: add a second int8 MatMul on the rounding residual of the
+    #: attention probabilities in probs·V (``P̂·V̂ + R̂·V̂``, see ``quantize.add_probs_residual``):
+    #: ``off``; ``all`` probs·V MatMuls; ``gated``: those whose calibrated probabilities
+    #: lose at least ``probs_lost_mass`` of their mass below half a uint8 step (measured on
+    #: the calibration data, so the pass then needs it, not only statistics)
+    probs_residual: Literal["off", "gated", "all"] = "off"
+    probs_lost_mass: float = 0.005
     #: int8 weight rounding of the inlier part: ``rtn`` or ``quantease`` (coordinate descent
     #: on tr(ΔᵀΣΔ) against the calibration covariance, float-channel rows held at zero)
     weight_rounding: Literal["rtn", "quantease"] = "rtn"
@@ -251,6 +259,12 @@ class LlmInt8Options:
             raise ValueError(f"quantease_damp={self.quantease_damp!r}: must be >= 0")
         if self.dynamic_matmuls and self.activations != "static":
             raise ValueError("dynamic_matmuls: needs activations 'static' (the per-token forms leave QK^T in float)")
+        if self.probs_residual not in ("off", "gated", "all"):
+            raise ValueError(f"probs_residual={self.probs_residual!r}: allowed 'off', 'gated', 'all'")
+        if self.probs_residual != "off" and not self.dynamic_matmuls:
+            raise ValueError("probs_residual: needs dynamic_matmuls (the probabilities are quantized only then)")
+        if not 0.0 <= float(self.probs_lost_mass) < 1.0:
+            raise ValueError(f"probs_lost_mass={self.probs_lost_mass!r}: allowed [0, 1)")
         if self.runtime_threshold > 0 and self.standard_form == "qdq":
             raise ValueError("runtime_threshold: needs standard_form 'integer' or the kernel")
 
@@ -279,6 +293,11 @@ class LlmInt8SplitPass(OutlierPass):
     #: with ``quantize: false`` the pass is the equivalent float split (tested)
     claims_equivalence = False
     options_type = LlmInt8Options
+
+    @property
+    def needs_feeds(self) -> bool:  # type: ignore[override]
+        """The ``gated`` residual measures the probabilities on the calibration data."""
+        return self.options.probs_residual == "gated"
 
     def covariance_targets(self, model: ir.Model) -> list[str]:
         """Every linear input, when QuantEase rounds the int8 weights (it needs Σ)."""
@@ -318,8 +337,8 @@ class LlmInt8SplitPass(OutlierPass):
         # input, its QDQ and the gathered outlier columns
         shared_inputs: dict[tuple[str, bytes], tuple[ir.Value, ir.Value | None]] = {}
         total_in = total_float = 0
-        if options.dynamic_matmuls:
-            declarations.extend(_activation_matmuls(model, stats, masked_stats))
+        attention = _activation_matmuls(model, stats, masked_stats) if options.dynamic_matmuls else []
+        declarations.extend(attention)
         for linear in analyze_graph(model).linears:
             reason = splittable(linear)
             if reason is None and _excluded(linear, options.exclude):
@@ -377,6 +396,7 @@ class LlmInt8SplitPass(OutlierPass):
 
             insert_qdq(model, declarations, ActivationStats(masked_stats),
                        QuantConfig(activations=options.activations, dynamic_matmuls=False), rounded)
+        probs = self._probs_residual(model, {decl.consumer for decl in attention}) if attention else None
         if form == "kernel" and layers:
             from outlierquant.custom_ops import DOMAIN
 
@@ -392,7 +412,63 @@ class LlmInt8SplitPass(OutlierPass):
             "float_channels": total_float,
             "input_channels": total_in,
             "simulated": form == "qdq" and options.activations == "per_token",
+            **({"probs_residual": probs} if probs is not None else {}),
         }
+
+    def _probs_residual(self, model: ir.Model, consumers: set[str]) -> dict[str, Any] | None:
+        """Add the residual int8 MatMul to the quantized probs·V MatMuls the option selects."""
+        from outlierquant.passes.quantize import (add_probs_residual, lost_mass, probs_input_index, probs_step,
+                                                  quantized_source)
+
+        options = self.options
+        if options.probs_residual == "off":
+            return None
+        sites, entries = [], []
+        for node in model.graph:
+            if node.name not in consumers or node.op_type != "MatMul":
+                continue
+            index = probs_input_index(node)
+            if index is None:
+                continue
+            if probs_step(node, index) is None or node.outputs[0].is_graph_output():
+                entries.append({"matmul": node.name, "residual": False,
+                                "reason": "not a scalar zero-point-0 uint8 grid, or a graph output"})
+                continue
+            sites.append((node, index))
+        shares: dict[str, float] = {}
+        if options.probs_residual == "gated" and sites:
+            from outlierquant.calibration.collect import stream_tensors
+
+            feeds = self.feeds
+            if not feeds:
+                raise CalibrationError("llm_int8: probs_residual 'gated' measures the attention probabilities "
+                                       "on calibration data, and none was given")
+            steps = {quantized_source(node.inputs[index]).name: probs_step(node, index) for node, index in sites}
+            sums = {name: [0.0, 0.0] for name in steps}
+
+            def visit(name: str, array: np.ndarray, piece: Any, sample: int) -> None:
+                if not np.isfinite(array).all():
+                    raise CalibrationError(f"calibration sample {sample}: tensor {name!r} has NaN/Inf")
+                below, total = lost_mass(array, steps[name])
+                sums[name][0] += below
+                sums[name][1] += total
+
+            stream_tensors(model, feeds, list(steps), visit)
+            shares = {name: below / total if total > 0 else 0.0 for name, (below, total) in sums.items()}
+        added = 0
+        for node, index in sites:
+            share = shares.get(quantized_source(node.inputs[index]).name)
+            chosen = options.probs_residual == "all" or (share is not None and share >= options.probs_lost_mass)
+            entry: dict[str, Any] = {"matmul": node.name, "residual": chosen}
+            if share is not None:
+                entry["lost_mass"] = round(share, 6)
+            if chosen:
+                add_probs_residual(model.graph, node, index)
+                added += 1
+            entries.append(entry)
+        logger.info("llm_int8: residual int8 probabilities in %d of %d probs x V MatMuls", added, len(entries))
+        return {"mode": options.probs_residual, "lost_mass_gate": options.probs_lost_mass,
+                "residual_matmuls": added, "matmuls": entries}
 
 
 def _activation_matmuls(model: ir.Model, stats, collected: dict) -> list:
