@@ -8,7 +8,12 @@ one weight-only int4 for the ``*-w4a16`` recipes). Recipes whose activation roun
 "simulated" (accuracy is real, speed is not).
 
 Usage: ``python benchmarks/bench_smollm2.py [--recipes w8a8,w8a8-per-token]
-[--calibration-segments 32] [--eval-segments 48] [--workdir .cache/bench]``.
+[--calibration-segments 32] [--eval-segments 192] [--workdir .cache/bench]``.
+
+192 held-out segments (~24k predicted tokens) by default: on 48 the differences between
+recipe variants are not reliable near the +0.3 line (the residual int8 probabilities of
+the default measured +0.005 on 48 segments and -0.09 on 192; rounding flips cascade
+differently in every segment).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ def main() -> None:
     parser.add_argument("--recipes", default="w8a8,w8a8-per-token")
     parser.add_argument("--baselines", default="ort-dynamic")
     parser.add_argument("--calibration-segments", type=int, default=32)
-    parser.add_argument("--eval-segments", type=int, default=48)
+    parser.add_argument("--eval-segments", type=int, default=192)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench"))
     parser.add_argument("--latency-runs", type=int, default=3)
