@@ -45,6 +45,11 @@ Forms written (``kernels`` / ``standard_form``):
 - ``quantize: false`` writes only the float split ``Mul(x, m) @ W_I + Gather(x, O) @ W_O``,
   which is exactly equivalent to the original layer (tested to 1e-4).
 
+With ``activations: static`` and ``dynamic_matmuls`` the attention MatMuls get static QDQ
+too; ``probs_residual`` then adds a second int8 MatMul on the rounding residual of the
+softmax probabilities in probs·V, where their uint8 grid would drop a measured share of
+the attention mass (:func:`outlierquant.passes.quantize.add_probs_residual`).
+
 **SplitQuant** — Song & Lin 2025, "SplitQuant: Layer Splitting for Low-Bit Neural
 Network Quantization". The weight values of a layer are clustered into three groups
 (lower / middle / upper, 1-D k-means on the values, or fixed quantile thresholds) and the
