@@ -711,6 +711,7 @@ def test_default_recipe_rotates_only_the_noisy_down_projections_and_quantizes_ev
     assert len(probs["matmuls"]) == synthetic.TINY_LAYERS
     assert probs["residual_matmuls"] == sum(e["lost_mass"] >= probs["lost_mass_gate"] for e in probs["matmuls"])
     model = ir.load(tmp_path / "default.onnx")
+    assert probs["residual_matmuls"] == sum(n.op_type == "Add" and n.name.endswith("_residual_add") for n in model.graph)
     side = _side_path_nodes(model)
     assert bool(side) == any(g.get("float_channels") for g in rotation["rotated"])
     assert bool(online_rotation_nodes(model)) == (gate == "raised")

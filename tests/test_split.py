@@ -258,6 +258,46 @@ def test_probs_residual_recovers_what_the_uint8_grid_drops(planted_llama):
         LlmInt8SplitPass(probs_lost_mass=1.5, **options)
     with pytest.raises(ValueError, match="probs_residual="):
         LlmInt8SplitPass(probs_residual="sometimes", **options)
+    # a recipe spells the options in YAML ('off' would read as False there)
+    validate_pass_options("llm_int8", {"probs_residual": "none", **options})
+
+
+def test_probs_residual_on_probabilities_read_by_two_matmuls():
+    """One probability tensor feeding two probs·V MatMuls: each gets its own residual, the
+    names stay unique, and both outputs come within a small fraction of the uint8 error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from outlierquant.passes.quantize import add_probs_residual, probs_input_index
+
+    scale = numpy_helper.from_array(np.array(1 / 255, np.float32), "p_scale")
+    zero = numpy_helper.from_array(np.array(0, np.uint8), "p_zero")
+    nodes = [helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+             helper.make_node("QuantizeLinear", ["probs", "p_scale", "p_zero"], ["probs_q"]),
+             helper.make_node("DequantizeLinear", ["probs_q", "p_scale", "p_zero"], ["probs_dq"]),
+             helper.make_node("MatMul", ["probs_dq", "v1"], ["out1"], name="pv1"),
+             helper.make_node("MatMul", ["probs_dq", "v2"], ["out2"], name="pv2"),
+             helper.make_node("Relu", ["out1"], ["y1"]), helper.make_node("Relu", ["out2"], ["y2"])]
+    shape = [1, 2, 64, 64]
+    graph = helper.make_graph(
+        nodes, "two_readers",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("scores", "v1", "v2")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("y1", "y2")], [scale, zero])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    plain = ir.from_proto(ir.serde.serialize_model(model))
+    for node in [n for n in model.graph if n.op_type == "MatMul"]:
+        assert probs_input_index(node) == 0
+        add_probs_residual(model.graph, node, 0)
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    rng = np.random.default_rng(0)
+    feed = {"scores": (rng.normal(size=shape) * 4).astype(np.float32),
+            "v1": rng.normal(size=shape).astype(np.float32), "v2": rng.normal(size=shape).astype(np.float32)}
+    scores = feed["scores"].astype(np.float64)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    (got,), (before,) = outputs(model, [feed]), outputs(plain, [feed])
+    for y, y_plain, v in zip(got, before, (feed["v1"], feed["v2"])):
+        exact = np.maximum(probs @ v, 0)
+        assert np.abs(y - exact).max() <= np.abs(y_plain - exact).max() / 20
 
 
 def _sharpened(path: Path, folder: Path, factor: float = 60.0) -> Path:
@@ -284,6 +324,11 @@ def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, 
 
     below, total = lost_mass(np.array([[0.9, 0.001, 0.0015, 0.0975], [0.5, 0.5, 0.0, 0.0]]), 1 / 255)
     assert below == pytest.approx(0.0025) and total == pytest.approx(2.0)
+    assert lost_mass(np.array([0.5 / 255, 0.6 / 255]), 1 / 255)[0] == pytest.approx(0.5 / 255)  # half to even
+    # the rows of padded queries ([B, H, T, T], mask [B, T]) are not counted
+    probs = np.full((1, 2, 3, 3), 0.001)
+    below, total = lost_mass(probs, 1 / 255, np.array([[1, 1, 0]]))
+    assert below == pytest.approx(0.001 * 2 * 2 * 3) == total
     planted_llama = _sharpened(planted_llama, tmp_path)
     calibration = synthetic.random_feeds(planted_llama, 4, seq_lens=(128, 100), seed=1)
     options = dict(activations="static", criterion="top_k", top_k=2, dynamic_matmuls=True, probs_residual="gated")

@@ -93,7 +93,8 @@ def run_recipe(
             pass_.with_stats(stats)
         if getattr(pass_, "needs_feeds", False):
             if not feeds:
-                raise CalibrationError(f"pass {spec.name!r} needs calibration data and none was given")
+                raise CalibrationError(f"pass {spec.name!r} runs the calibration data through the model itself "
+                                       "(statistics alone are not enough) and none was given")
             pass_.with_feeds(feeds)
         result = pass_(model)
         record = dict(getattr(result, "record", {}) or {"pass": spec.name})

@@ -69,7 +69,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -827,11 +827,17 @@ class _EvenRows:
         return merged
 
 
+def require_finite(array: np.ndarray, name: str, where: str) -> None:
+    """Raise :class:`CalibrationError` naming ``where`` and the tensor when ``array`` has NaN/Inf."""
+    if not np.isfinite(array).all():
+        raise CalibrationError(f"{where}: tensor {name!r} has NaN/Inf")
+
+
 def stream_tensors(
     model: ir.Model,
     feeds: Any,
     tensors: Sequence[str],
-    visit: Any,
+    visit: Callable[[str, np.ndarray, dict, int], None],
     *,
     session_options: Any = None,
     providers: Sequence[Any] | None = None,
@@ -893,8 +899,7 @@ def capture_activations(
         rows = _masked_rows(array, axis, mask) if mask is not None else None
         if rows is None:
             rows = _rows(array, axis)
-        if not np.isfinite(rows).all():
-            raise CalibrationError(f"calibration sample {index}: tensor {name!r} has NaN/Inf")
+        require_finite(rows, name, f"calibration sample {index}")
         keepers[name].add(rows)
 
     stream_tensors(model, feeds, list(keepers), keep, session_options=session_options, providers=providers)

@@ -219,8 +219,9 @@ def attention_matmul_declarations(model: ir.Model, mode: str = "static") -> list
 # every probability below s/2 ≈ 0.002 rounds to zero. An LLM whose heads park most of their
 # attention on a sink token leaves the rest spread thinly over the other keys: on
 # SmolLM2-135M 0.9-2.1 % of the attention mass sits below s/2 in every layer
-# (all-MiniLM-L6-v2: 0.06-0.34 %), and probs·V loses it. Writing P = P̂ + R, with R = P − P̂ in [−s/2, s/2] quantized symmetric
-# int8 at step s/254, gives
+# (all-MiniLM-L6-v2: 0.06-0.34 %), and probs·V loses it. Writing P = P̂ + R, with
+# R = P − P̂ in [−s/2, s/2] (while P stays within the calibrated range; above it P̂ clips
+# and R̂ saturates at ±s/2) quantized symmetric int8 at step s/254, gives
 #
 #     P·V̂ ≈ P̂·V̂ + R̂·V̂
 #
@@ -250,21 +251,29 @@ def quantized_source(value: ir.Value | None) -> ir.Value | None:
 
 
 def probs_step(node: ir.Node, index: int) -> float | None:
-    """The uint8 step of the probabilities' static QDQ, or None when it is not a scalar
-    zero-point-0 grid (the residual form assumes one)."""
+    """The step of the probabilities' static QDQ, or None when it is not one uint8 scale with
+    zero point 0 (the residual form assumes that grid)."""
     q = node.inputs[index].producer().inputs[0].producer()
     scale = constant_array(q.inputs[1])
     zero_point = constant_array(q.inputs[2]) if len(q.inputs) > 2 else None
-    if scale is None or scale.size != 1 or zero_point is None or zero_point.size != 1 or int(zero_point) != 0:
+    if scale is None or scale.size != 1 or zero_point is None or zero_point.size != 1:
         return None
-    return float(scale)
+    if zero_point.dtype != np.uint8 or zero_point.reshape(-1)[0] != 0:
+        return None
+    return float(scale.reshape(-1)[0])
 
 
-def lost_mass(probs: np.ndarray, step: float) -> tuple[float, float]:
-    """(mass below ``step / 2``, total mass) of a probability tensor: the share QuantizeLinear
-    at that step rounds to zero is their ratio."""
-    probs = np.asarray(probs, dtype=np.float64)
-    return float(probs[probs < step / 2].sum()), float(probs.sum())
+def lost_mass(probs: np.ndarray, step: float, query_mask: np.ndarray | None = None) -> tuple[float, float]:
+    """(mass at or below ``step / 2``, total mass) of a probability tensor: QuantizeLinear at
+    that step rounds the first to zero (half to even), so their ratio is the share it drops.
+
+    ``query_mask`` (``[B, T]``, 0 at padding) drops the rows of padded queries from a
+    ``[B, H, T, T]`` tensor: their softmax rows are not attention anyone reads.
+    """
+    probs = np.asarray(probs)
+    if query_mask is not None and probs.ndim == 4 and query_mask.shape == (probs.shape[0], probs.shape[2]):
+        probs = probs.transpose(0, 2, 1, 3)[np.asarray(query_mask).astype(bool)]
+    return float(probs[probs <= step / 2].sum(dtype=np.float64)), float(probs.sum(dtype=np.float64))
 
 
 def add_probs_residual(graph: ir.Graph, node: ir.Node, index: int) -> ir.Node:
@@ -275,25 +284,28 @@ def add_probs_residual(graph: ir.Graph, node: ir.Node, index: int) -> ir.Node:
     step = probs_step(node, index) if probs is not None else None
     if step is None:
         raise ValueError(f"{node.name}: input {index} is not a static zero-point-0 QDQ of probabilities")
-    base = probs.name or f"{node.name}_probs"
-    scale = add_initializer(graph, f"{base}_residual_scale", np.array(step / 254, np.float32))
+    # named after the MatMul (node names are unique; one probability tensor may feed two)
+    base = node.name
+    dtype = constant_array(p_hat.producer().inputs[1]).dtype  # the probabilities' float type
+    scale = add_initializer(graph, f"{base}_residual_scale", np.array(step / 254, dtype))
     zero = add_initializer(graph, f"{base}_residual_zero_point", np.array(0, np.int8))
 
-    def make(op_type: str, inputs: list, suffix: str) -> ir.Node:
+    def make(op_type: str, inputs: list, suffix: str, like: ir.Value | None = None) -> ir.Node:
         made = ir.node(op_type, inputs=inputs, name=f"{base}_residual_{suffix}")
         made.outputs[0].name = f"{base}_residual_{suffix}_out"
+        if like is not None:
+            made.outputs[0].type, made.outputs[0].shape = like.type, like.shape
         return made
 
-    residual = make("Sub", [probs, p_hat], "sub")
+    out = node.outputs[0]
+    residual = make("Sub", [probs, p_hat], "sub", probs)
     quantized = make("QuantizeLinear", [residual.outputs[0], scale, zero], "quantize")
-    dequantized = make("DequantizeLinear", [quantized.outputs[0], scale, zero], "dequantize")
+    dequantized = make("DequantizeLinear", [quantized.outputs[0], scale, zero], "dequantize", probs)
     operands = list(node.inputs)
     operands[index] = dequantized.outputs[0]
-    product = make("MatMul", operands, "matmul")
-    out = node.outputs[0]
+    product = make("MatMul", operands, "matmul", out)
     uses = list(out.uses())
-    total = make("Add", [out, product.outputs[0]], "add")
-    total.outputs[0].type, total.outputs[0].shape = out.type, out.shape
+    total = make("Add", [out, product.outputs[0]], "add", out)
     graph.insert_after(node, [residual, quantized, dequantized, product, total])
     for use in uses:
         use.node.replace_input_with(use.idx, total.outputs[0])

@@ -221,10 +221,11 @@ class LlmInt8Options:
     dynamic_matmuls: bool = False
     #: ``dynamic_matmuls`` only: add a second int8 MatMul on the rounding residual of the
     #: attention probabilities in probs·V (``P̂·V̂ + R̂·V̂``, see ``quantize.add_probs_residual``):
-    #: ``off``; ``all`` probs·V MatMuls; ``gated``: those whose calibrated probabilities
+    #: ``none``; ``all`` probs·V MatMuls; ``gated``: those whose calibrated probabilities
     #: lose at least ``probs_lost_mass`` of their mass below half a uint8 step (measured on
-    #: the calibration data, so the pass then needs it, not only statistics)
-    probs_residual: Literal["off", "gated", "all"] = "off"
+    #: the calibration data, so the pass then needs it, not only statistics; the
+    #: probabilities of every layer are fetched together, [batch, heads, T, T] each)
+    probs_residual: Literal["none", "gated", "all"] = "none"
     probs_lost_mass: float = 0.005
     #: int8 weight rounding of the inlier part: ``rtn`` or ``quantease`` (coordinate descent
     #: on tr(ΔᵀΣΔ) against the calibration covariance, float-channel rows held at zero)
@@ -264,9 +265,9 @@ class LlmInt8Options:
             raise ValueError(f"quantease_damp={self.quantease_damp!r}: must be >= 0")
         if self.dynamic_matmuls and self.activations != "static":
             raise ValueError("dynamic_matmuls: needs activations 'static' (the per-token forms leave QK^T in float)")
-        if self.probs_residual not in ("off", "gated", "all"):
-            raise ValueError(f"probs_residual={self.probs_residual!r}: allowed 'off', 'gated', 'all'")
-        if self.probs_residual != "off" and not self.dynamic_matmuls:
+        if self.probs_residual not in ("none", "gated", "all"):
+            raise ValueError(f"probs_residual={self.probs_residual!r}: allowed 'none', 'gated', 'all'")
+        if self.probs_residual != "none" and not self.dynamic_matmuls:
             raise ValueError("probs_residual: needs dynamic_matmuls (the probabilities are quantized only then)")
         if not 0.0 <= float(self.probs_lost_mass) < 1.0:
             raise ValueError(f"probs_lost_mass={self.probs_lost_mass!r}: allowed [0, 1)")
@@ -426,48 +427,55 @@ class LlmInt8SplitPass(OutlierPass):
                                                   quantized_source)
 
         options = self.options
-        if options.probs_residual == "off":
+        if options.probs_residual == "none":
             return None
-        sites, entries = [], []
+        # (node, probs input index or None, why not) for every probs·V, in graph order
+        sites: list[tuple[ir.Node, int | None, str]] = []
         for node in model.graph:
             if node.name not in consumers or node.op_type != "MatMul":
                 continue
             index = probs_input_index(node)
             if index is None:
                 continue
-            if probs_step(node, index) is None or node.outputs[0].is_graph_output():
-                entries.append({"matmul": node.name, "residual": False,
-                                "reason": "not a scalar zero-point-0 uint8 grid, or a graph output"})
-                continue
-            sites.append((node, index))
+            if probs_step(node, index) is None:
+                sites.append((node, None, "the probabilities' QDQ is not one uint8 scale with zero point 0"))
+            elif node.outputs[0].is_graph_output():
+                sites.append((node, None, "its output is a graph output"))
+            else:
+                sites.append((node, index, ""))
+        candidates = [(node, index) for node, index, _ in sites if index is not None]
         shares: dict[str, float] = {}
-        if options.probs_residual == "gated" and sites:
-            from outlierquant.calibration.collect import stream_tensors
+        if options.probs_residual == "gated" and candidates:
+            from outlierquant.calibration.collect import require_finite, stream_tensors
 
-            feeds = self.feeds
-            if not feeds:
+            if not self.feeds:
                 raise CalibrationError("llm_int8: probs_residual 'gated' measures the attention probabilities "
                                        "on calibration data, and none was given")
-            steps = {quantized_source(node.inputs[index]).name: probs_step(node, index) for node, index in sites}
+            steps = {quantized_source(node.inputs[index]).name: probs_step(node, index) for node, index in candidates}
             sums = {name: [0.0, 0.0] for name in steps}
 
-            def visit(name: str, array: np.ndarray, piece: Any, sample: int) -> None:
-                if not np.isfinite(array).all():
-                    raise CalibrationError(f"calibration sample {sample}: tensor {name!r} has NaN/Inf")
-                below, total = lost_mass(array, steps[name])
+            def visit(name: str, array: np.ndarray, piece: dict, sample: int) -> None:
+                require_finite(array, name, f"calibration sample {sample}")
+                # padding _unpad could not remove: leave its query rows out
+                below, total = lost_mass(array, steps[name], piece.get("attention_mask"))
                 sums[name][0] += below
                 sums[name][1] += total
 
-            stream_tensors(model, feeds, list(steps), visit)
+            stream_tensors(model, self.feeds, list(steps), visit)
             shares = {name: below / total if total > 0 else 0.0 for name, (below, total) in sums.items()}
-        added = 0
-        for node, index in sites:
+        entries, added = [], 0
+        for node, index, reason in sites:
+            entry: dict[str, Any] = {"matmul": node.name, "residual": False}
+            if index is None:
+                entry["reason"] = reason
+                entries.append(entry)
+                continue
             share = shares.get(quantized_source(node.inputs[index]).name)
-            chosen = options.probs_residual == "all" or (share is not None and share >= options.probs_lost_mass)
-            entry: dict[str, Any] = {"matmul": node.name, "residual": chosen}
+            entry["residual"] = options.probs_residual == "all" or (share is not None
+                                                                    and share >= options.probs_lost_mass)
             if share is not None:
                 entry["lost_mass"] = round(share, 6)
-            if chosen:
+            if entry["residual"]:
                 add_probs_residual(model.graph, node, index)
                 added += 1
             entries.append(entry)
