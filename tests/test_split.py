@@ -319,7 +319,7 @@ def _sharpened(path: Path, folder: Path, factor: float = 60.0) -> Path:
     return out
 
 
-def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, tmp_path):
+def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, tmp_path, monkeypatch):
     from outlierquant.passes.quantize import lost_mass
 
     below, total = lost_mass(np.array([[0.9, 0.001, 0.0015, 0.0975], [0.5, 0.5, 0.0, 0.0]]), 1 / 255)
@@ -363,6 +363,15 @@ def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, 
             assert record["matmuls"][layer]["lost_mass"] == pytest.approx(sums[0] / sums[1], rel=1e-3)
     # peaked rows lose 1-2 % of their mass, as SmolLM2's do (all-MiniLM-L6-v2: under 0.4 %)
     assert shares[0] == shares[1] and all(0.005 < share < 0.05 for share in shares[0])
+    # long calibration sequences: the layers' probabilities are fetched a few layers per pass
+    # over the data (here one), with the same result
+    import outlierquant.passes.split as split_module
+
+    monkeypatch.setattr(split_module, "_PROBS_FETCH_BYTES", 1)
+    model = load(planted_llama)
+    split = LlmInt8SplitPass(**options)
+    split.with_stats(collect_statistics(model, calibration, progress=False)).with_feeds(calibration)
+    assert [entry["lost_mass"] for entry in split(model).record["probs_residual"]["matmuls"]] == shares[0]
 
 
 def test_quantease_rounding_keeps_the_float_channels_out_of_the_int8_weights(planted_llama):
