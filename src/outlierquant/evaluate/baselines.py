@@ -14,12 +14,13 @@ batch, so padding never reaches onnxruntime's ranges either):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from outlierquant.errors import InputError
 
@@ -40,7 +41,6 @@ def ort_quantize(
     if preset not in PRESETS:
         raise InputError(f"unknown baseline {preset!r} (allowed: {', '.join(PRESETS)})")
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
 
     class _Reader(CalibrationDataReader):
         def __init__(self, items):
@@ -53,14 +53,7 @@ def ort_quantize(
             self._pos += 1
             return self._items[self._pos - 1]
 
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
-    # onnxruntime's quantizer logs "consider pre-processing" through the root logger on
-    # every call; it is advice for its own users, not a problem with this run
-    root = logging.getLogger()
-    root_level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        tmp = tmpdir / output_path.name
+    with _quiet_atomic_output(output_path) as tmp:
         if preset == "ort-dynamic":
             quantize_dynamic(str(model_path), str(tmp), weight_type=QuantType.QInt8)
         else:
@@ -76,13 +69,6 @@ def ort_quantize(
                     extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
                 )
             quantize_static(str(model_path), str(tmp), _Reader(feeds), quant_format=QuantFormat.QDQ, **kwargs)
-        for item in tmpdir.iterdir():
-            if item.name != output_path.name:
-                os.replace(item, output_path.parent / item.name)
-        os.replace(tmp, output_path)
-    finally:
-        root.setLevel(root_level)
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return output_path
 
 
@@ -95,23 +81,37 @@ def ort_matmul_nbits(
 ) -> Path:
     """onnxruntime's own weight-only int4 quantizer (``MatMulNBitsQuantizer``, round to
     nearest in blocks of ``block_size`` input rows): the int4 baseline. Written atomically."""
-    root = logging.getLogger()
-    root_level = root.level  # before the import: the module's basicConfig lowers it to INFO
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric)
-    root.setLevel(logging.ERROR)  # it logs every MatMul at INFO through the root logger
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
-    try:
+    with _quiet_atomic_output(output_path) as tmp:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        logging.getLogger().setLevel(logging.ERROR)  # the import's basicConfig lowered it to INFO
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric)
         quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), algo_config=config)
         quantizer.process()
-        tmp = tmpdir / output_path.name
         quantizer.model.save_model_to_file(str(tmp), False)
+    return output_path
+
+
+@contextlib.contextmanager
+def _quiet_atomic_output(output_path: Path) -> Iterator[Path]:
+    """A temporary path beside ``output_path`` for onnxruntime's quantizers to write; on
+    success it (and any external-data file written with it) is renamed into place, on failure
+    nothing is left. onnxruntime's quantizers log advice for their own users ("consider
+    pre-processing", every MatMul at INFO) through the root logger: silenced meanwhile."""
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    root = logging.getLogger()
+    root_level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        tmp = tmpdir / output_path.name
+        yield tmp
+        for item in tmpdir.iterdir():
+            if item.name != output_path.name:
+                os.replace(item, output_path.parent / item.name)
         os.replace(tmp, output_path)
     finally:
         root.setLevel(root_level)
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return output_path

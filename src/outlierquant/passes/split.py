@@ -223,8 +223,8 @@ class LlmInt8Options:
     #: attention probabilities in probs·V (``P̂·V̂ + R̂·V̂``, see ``quantize.add_probs_residual``):
     #: ``none``; ``all`` probs·V MatMuls; ``gated``: those whose calibrated probabilities
     #: lose at least ``probs_lost_mass`` of their mass below half a uint8 step (measured on
-    #: the calibration data, so the pass then needs it, not only statistics; the
-    #: probabilities of every layer are fetched together, [batch, heads, T, T] each)
+    #: the calibration data, so the pass then needs it, not only statistics; the layers'
+    #: [batch, heads, T, T] probabilities are fetched as many at a time as fit in 512 MB)
     probs_residual: Literal["none", "gated", "all"] = "none"
     probs_lost_mass: float = 0.005
     #: int8 weight rounding of the inlier part: ``rtn`` or ``quantease`` (coordinate descent
