@@ -18,11 +18,14 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from outlierquant.passes.analysis import GraphAnalysis, Linear, analyze_graph
+from outlierquant.graph.analysis import analyze_graph
 from outlierquant.passes.canonicalize import CanonicalizePass
 
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
+
+from outlierquant.graph.records import GraphAnalysis, Linear
+from outlierquant.graph.values import first_in_graph
 
 # -- helpers -----------------------------------------------------------------------------
 
@@ -350,7 +353,6 @@ def test_smollm2_structure_and_fold(smollm2_onnx, tmp_path):
 
 
 def test_first_in_graph_is_the_earliest_and_rejects_strangers(tiny_llama):
-    from outlierquant.passes.base import first_in_graph
 
     model = ir.load(tiny_llama)
     nodes = list(model.graph)

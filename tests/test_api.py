@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import yaml
 
+from outlierquant.emit.qdq import QuantConfig
 from outlierquant.errors import InputError, RecipeError
 from outlierquant.plugin.api import OutlierQuantizer, make_recipe
 from outlierquant.recipes import PassSpec, Recipe, load_recipe
 
 
 def test_recipe_from_typed_configs_round_trips_through_yaml():
-    from outlierquant.passes.quantize import QuantConfig
 
     recipe = make_recipe(
         "per-token",
@@ -30,7 +30,6 @@ def test_recipe_from_typed_configs_round_trips_through_yaml():
 
 
 def test_recipe_from_typed_configs_matches_the_builtin_yaml(tmp_path):
-    from outlierquant.passes.quantize import QuantConfig
 
     builtin = load_recipe("w8a8")
     built = make_recipe(

@@ -12,8 +12,9 @@ import pytest
 from onnx import numpy_helper
 
 from outlierquant.calibration import collect as collect_module
-from outlierquant.calibration.collect import CalibrationTarget, collect_statistics, quantizable_targets
+from outlierquant.calibration.collect import collect_statistics
 from outlierquant.calibration.stats import ActivationStats
+from outlierquant.calibration.targets import CalibrationTarget, quantizable_targets
 from outlierquant.errors import CalibrationError
 
 RNG = np.random.default_rng(0)

@@ -14,6 +14,7 @@ import pytest
 
 from outlierquant import custom_ops
 from outlierquant.custom_ops import reference, standard_forms
+from outlierquant.numerics import hadamard
 from outlierquant.errors import OutlierQuantError, UnsupportedModelError
 
 OPSET = 18
@@ -70,7 +71,7 @@ def _activations(rng: np.random.Generator, shape: tuple[int, ...], outliers: tup
 def _hadamard_model(dim: int, *, kernel: bool, rank: int = 3) -> onnx.ModelProto:
     tape = ir.tape.Tape()
     x = _input("x", rank)
-    block = reference.default_hadamard_block(dim)
+    block = hadamard.default_hadamard_block(dim)
     if kernel:
         y = standard_forms.hadamard_kernel_form(tape, x, block)
     else:
@@ -105,29 +106,29 @@ def _mixed_model(weights, *, form: str, threshold: float = 0.0) -> onnx.ModelPro
 
 @pytest.mark.parametrize("dim", HADAMARD_DIMS)
 def test_hadamard_rotation_is_orthogonal_and_kronecker_structured(dim):
-    block = reference.default_hadamard_block(dim)
-    rotation = reference.hadamard_rotation(dim, block)
+    block = hadamard.default_hadamard_block(dim)
+    rotation = hadamard.hadamard_rotation(dim, block)
     rows = rotation[:: max(1, dim // 64)]  # a sample of rows keeps d = 4096 cheap
     np.testing.assert_allclose(rows @ rotation.T, np.eye(dim)[:: max(1, dim // 64)], atol=1e-6)
-    m, n = reference.hadamard_factorization(dim)
-    assert m * n == dim and reference.is_power_of_two(n)
+    m, n = hadamard.hadamard_factorization(dim)
+    assert m * n == dim and hadamard.is_power_of_two(n)
     if m > 1:
         # the default block spreads each input over every output of its block
         assert np.all(np.abs(block) > 0)
 
 
 def test_hadamard_defaults_for_common_hidden_sizes():
-    assert reference.hadamard_factorization(4096) == (1, 4096)
-    assert reference.hadamard_factorization(384) == (12, 32)  # Paley Hadamard of order 12
-    assert reference.hadamard_factorization(576) == (9, 64)  # no Paley order among 9, 18, 36
-    np.testing.assert_allclose(np.abs(reference.orthogonal_block(12)), 1 / np.sqrt(12), atol=1e-12)
+    assert hadamard.hadamard_factorization(4096) == (1, 4096)
+    assert hadamard.hadamard_factorization(384) == (12, 32)  # Paley Hadamard of order 12
+    assert hadamard.hadamard_factorization(576) == (9, 64)  # no Paley order among 9, 18, 36
+    np.testing.assert_allclose(np.abs(hadamard.orthogonal_block(12)), 1 / np.sqrt(12), atol=1e-12)
 
 
 def test_hadamard_reference_rejects_unsupported_size_with_reason():
     with pytest.raises(UnsupportedModelError, match=r"dimension 6 is not m \* 2\^k.*m = 3"):
-        reference.hadamard_transform(np.ones((2, 6), np.float32))
+        hadamard.hadamard_transform(np.ones((2, 6), np.float32))
     with pytest.raises(UnsupportedModelError, match="orthogonal"):
-        reference.hadamard_transform(np.ones((2, 6), np.float32), np.ones((3, 3), np.float32))
+        hadamard.hadamard_transform(np.ones((2, 6), np.float32), np.ones((3, 3), np.float32))
 
 
 def test_per_token_reference_rounds_half_to_even_and_handles_zero_rows():
@@ -154,21 +155,21 @@ def test_mixed_reference_equals_float_matmul_on_outlier_channels():
 def test_hadamard_kernel_matches_reference(dim):
     rng = np.random.default_rng(dim)
     x = _activations(rng, (2, 3, dim), outliers=(0,))
-    block = reference.default_hadamard_block(dim)
+    block = hadamard.default_hadamard_block(dim)
     (y,) = _session(_hadamard_model(dim, kernel=True), kernels=True).run(None, {"x": x})
-    _assert_close(y, reference.hadamard_transform(x, block))
+    _assert_close(y, hadamard.hadamard_transform(x, block))
 
 
 @requires_kernels
 def test_hadamard_kernel_with_explicit_block():
     rng = np.random.default_rng(1)
-    block = reference.orthogonal_block(3).astype(np.float32)  # Householder reflection for m = 3
+    block = hadamard.orthogonal_block(3).astype(np.float32)  # Householder reflection for m = 3
     x = _activations(rng, (5, 3 * 128))
     tape = ir.tape.Tape()
     xv = _input("x", rank=2)
     model = _model(tape, [xv], [standard_forms.hadamard_kernel_form(tape, xv, block)])
     (y,) = _session(model, kernels=True).run(None, {"x": x})
-    _assert_close(y, reference.hadamard_transform(x, block))
+    _assert_close(y, hadamard.hadamard_transform(x, block))
 
 
 @requires_kernels
@@ -265,7 +266,7 @@ def test_kernels_are_thread_safe_on_one_session():
     x = _input("x", rank=2)
     # large enough that every op splits its rows over onnxruntime's thread pool
     weight = rng.standard_normal((1536, 64)).astype(np.float32)
-    rotated = standard_forms.hadamard_kernel_form(tape, x, reference.default_hadamard_block(1536))
+    rotated = standard_forms.hadamard_kernel_form(tape, x, hadamard.default_hadamard_block(1536))
     q, scale = standard_forms.dynamic_quantize_per_token_kernel_form(tape, rotated)
     y = standard_forms.mixed_int8_matmul_kernel_form(
         tape, rotated, *reference.prepare_mixed_int8_weights(weight, [1, 2]), threshold=4.0
@@ -303,12 +304,12 @@ def test_hadamard_standard_form_matches_reference(dim):
     rng = np.random.default_rng(dim)
     x = _activations(rng, (2, 3, dim), outliers=(0,))
     (y,) = _session(model, kernels=False).run(None, {"x": x})
-    _assert_close(y, reference.hadamard_transform(x, reference.default_hadamard_block(dim)))
+    _assert_close(y, hadamard.hadamard_transform(x, hadamard.default_hadamard_block(dim)))
 
 
 def test_hadamard_standard_form_uses_small_constants():
     assert standard_forms.kronecker_split(4096) == (64, 64)
-    p, q = standard_forms.kronecker_split(1536, reference.default_hadamard_block(1536))
+    p, q = standard_forms.kronecker_split(1536, hadamard.default_hadamard_block(1536))
     assert p * q == 1536 and max(p, q) <= 48
 
 

@@ -14,17 +14,12 @@ from helpers import load_canonical as load
 from helpers import max_relative_error, run_outputs
 
 from outlierquant.calibration.collect import capture_activations, collect_statistics
+from outlierquant.emit.rotation import kronecker_left_form
 from outlierquant.errors import RecipeError
-from outlierquant.passes.analysis import analyze_graph
-from outlierquant.passes.flatquant import (
-    FLATQUANT_KEY,
-    FlatQuantOptions,
-    FlatQuantPass,
-    flatquant_nodes,
-    kronecker_factors,
-    kronecker_left_form,
-    learn_transform,
-)
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.tags import FLATQUANT_KEY, flatquant_nodes
+from outlierquant.numerics.hadamard import kronecker_factors
+from outlierquant.passes.flatquant import FlatQuantOptions, FlatQuantPass, learn_transform
 from outlierquant.recipes import load_recipe, validate_pass_options
 
 RTOL = 1e-4
@@ -67,7 +62,7 @@ def test_online_kronecker_form_equals_x_times_the_kronecker_product(k1, k2):
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["b", "s", dim]))
     graph = ir.Graph([x], [], nodes=[], name="g", opset_imports={"": 18})
     model = ir.Model(graph, ir_version=10)
-    nodes, out = kronecker_left_form(model, x, p1, p2, "fq", prescale)
+    nodes, out = kronecker_left_form(model, x, p1, p2, "fq", prescale, metadata_key=FLATQUANT_KEY)
     graph.extend(nodes)
     out.name = "transformed"
     graph.outputs.append(out)

@@ -11,14 +11,11 @@ import onnxruntime as ort
 import pytest
 
 from outlierquant.calibration.stats import ActivationStats, ChannelStats
-from outlierquant.passes.base import is_constant
-from outlierquant.passes.quantize import (
-    QuantConfig,
-    QuantizeQDQPass,
-    activation_scale_zero_point,
-    plan_quantization,
-    quantize_weight,
-)
+from outlierquant.emit.qdq import QuantConfig, plan_quantization
+from outlierquant.graph.values import is_constant
+from outlierquant.numerics.grids import activation_scale_zero_point, quantize_weight
+from outlierquant.numerics.rounding import output_error, quantease_int8_weight
+from outlierquant.passes.quantize import QuantizeQDQPass
 
 RNG = np.random.default_rng(0)
 W1 = RNG.normal(size=(16, 32)).astype(np.float32)
@@ -209,8 +206,6 @@ def test_skip_output_layers_leaves_the_head_in_float():
 
 
 def test_quantease_int8_rounding_beats_round_to_nearest_on_the_output_error():
-    from outlierquant.passes.quantize import quantease_int8_weight
-    from outlierquant.passes.weight_rounding import output_error
 
     rng = np.random.default_rng(3)
     factors = rng.normal(size=(6, 64)) * rng.uniform(0.2, 3.0, size=(1, 64))

@@ -63,7 +63,7 @@ def test_default_on_minilm_scales_norm_groups_splits_the_rest_and_rotates_nothin
     import onnx_ir as ir
 
     from helpers import run_outputs
-    from outlierquant.passes.analysis import analyze_graph
+    from outlierquant.graph.analysis import analyze_graph
     from outlierquant.pipeline import quantize_model
 
     calibration, heldout = minilm_feeds

@@ -11,31 +11,32 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import synthetic
+from helpers import load_canonical as load
 
 from outlierquant.calibration.collect import collect_statistics
+from outlierquant.emit.rotation import hadamard_left_form
 from outlierquant.errors import CalibrationError, RecipeError
-from outlierquant.passes.analysis import analyze_graph
-from outlierquant.passes.base import KEEP_FLOAT_KEY
-from outlierquant.passes.rotate import (
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.attention import find_score_matmuls
+from outlierquant.graph.residual import find_residual_stream
+from outlierquant.graph.tags import (
+    KEEP_FLOAT_KEY,
     ONLINE_ROTATION_KEY,
     QK_ROTATION_KEY,
-    OnlineHadamardPass,
-    RotateHeadsPass,
-    RotateQueryKeyPass,
-    RotateResidualPass,
-    SimulateQuantizationPass,
-    fake_quantize_weight,
-    find_residual_stream,
-    find_score_matmuls,
-    hadamard_left_form,
     online_rotation_nodes,
-    orthogonal_matrix,
-    outlier_profile,
     qk_rotation_nodes,
 )
+from outlierquant.numerics.estimates import outlier_profile
+from outlierquant.numerics.grids import dequantize_levels, fake_quantize_weight, group_grid, rtn_levels
+from outlierquant.numerics.hadamard import hadamard_block, hadamard_rotation, orthogonal_matrix
+from outlierquant.numerics.rounding import DEFAULT_CLIP_RATIOS, output_error, second_moment
+from outlierquant.passes.llm_int8 import LlmInt8SplitPass
+from outlierquant.passes.online_hadamard import OnlineHadamardPass
+from outlierquant.passes.rotate_heads import RotateHeadsPass
+from outlierquant.passes.rotate_qk import RotateQueryKeyPass
+from outlierquant.passes.rotate_residual import RotateResidualPass
+from outlierquant.passes.simulate import SimulateQuantizationPass
 from outlierquant.recipes import load_recipe, validate_pass_options
-
-from helpers import load_canonical as load
 
 RTOL = 1e-4
 
@@ -88,8 +89,6 @@ def test_klt_rotation_decorrelates_then_spreads():
 @pytest.mark.parametrize("dim", [64, 384, 576])
 def test_online_standard_form_is_the_rotation_and_its_inverse_is_identity(dim):
     """x → online H (standard ops) → @ Hᵀ gives x back; the form equals the reference."""
-    from outlierquant.custom_ops.reference import hadamard_rotation
-    from outlierquant.passes.rotate import hadamard_block
 
     block = hadamard_block(dim)
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["b", "s", dim]))
@@ -321,14 +320,6 @@ def test_quantease_weight_rounding_after_quarot_beats_rtn_and_spares_the_lm_head
     pipeline (which collects the covariances it asks for), every decoder linear is rounded
     with a lower output error tr(ΔᵀΣΔ) than round-to-nearest on the same grid, the lm_head
     stays in float, and the rounding error shows in the outputs."""
-    from outlierquant.passes.weight_rounding import (
-        DEFAULT_CLIP_RATIOS,
-        _dequantize,
-        _rtn_levels,
-        group_grid,
-        output_error,
-        second_moment,
-    )
     from outlierquant.pipeline import run_recipe
     from outlierquant.recipes import Recipe
 
@@ -353,7 +344,7 @@ def test_quantease_weight_rounding_after_quarot_beats_rtn_and_spares_the_lm_head
     for name, (source, weight) in layers.items():
         sigma, _ = second_moment(stats[source], 0.01)
         grid = group_grid(weight, "per_oc", 16, 4, row_weight=np.diag(sigma), clip_ratios=DEFAULT_CLIP_RATIOS)
-        rtn = output_error(_dequantize(_rtn_levels(weight, grid), grid) - weight, sigma)
+        rtn = output_error(dequantize_levels(rtn_levels(weight, grid), grid) - weight, sigma)
         signal = float(np.einsum("kn,kn->", weight, sigma @ weight))
         assert record["relative_output_error"][name] <= rtn / signal + 1e-12
     np.testing.assert_array_equal(lm_head.weight_array(), head_weight)
@@ -606,7 +597,6 @@ def test_split_rotation_without_its_side_path_is_not_equivalent(planted_llama):
 
 
 def test_quantizer_leaves_the_split_rotation_side_path_in_float(planted_llama):
-    from outlierquant.passes.split import LlmInt8SplitPass
 
     model = load(planted_llama)
     calibration = synthetic.random_feeds(planted_llama, 6, seed=1)

@@ -8,14 +8,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+import synthetic
+from helpers import load_canonical as load
+from helpers import run_outputs as outputs
+from test_smooth import rewrite_and_compare
 
 from outlierquant.calibration.stats import ChannelStats
-from outlierquant.passes.rescale import QuantizeOutlierTunePass, ReparameterizeScalesPass
+from outlierquant.passes.online_hadamard import OnlineHadamardPass
+from outlierquant.passes.outliertune import QuantizeOutlierTunePass
+from outlierquant.passes.reparameterize import ReparameterizeScalesPass
 from outlierquant.passes.shift import ShiftScaleOutliersPass, shifted_stats
-
-import synthetic
-from helpers import load_canonical as load, run_outputs as outputs
-from test_smooth import rewrite_and_compare
 
 
 def test_shifted_stats_are_exact():
@@ -119,7 +121,7 @@ def test_outliertune_unfoldable_groups_leave_the_rest_to_a_later_pass(minilm_onn
     also feeds the residual) get the per-channel Mul; FFN2 is outside the selected relations,
     the V -> O group is foldable; those and the attention MatMuls stay float for llm_int8."""
     from outlierquant.calibration.collect import collect_statistics
-    from outlierquant.passes.analysis import analyze_graph
+    from outlierquant.graph.analysis import analyze_graph
 
     calibration, _ = minilm_feeds
     model = load(minilm_onnx)
@@ -148,7 +150,6 @@ def test_outliertune_unfoldable_skips_pre_norm_groups_and_online_rotations(plant
     """On a pre-norm decoder every norm is foldable (SmoothQuant folds there for free), and a
     group behind an online rotation is left alone: nothing to do, nothing modified."""
     from outlierquant.calibration.collect import collect_statistics
-    from outlierquant.passes.rotate import OnlineHadamardPass
 
     model = load(planted_llama)
     feeds = synthetic.random_feeds(planted_llama, 4, seed=1)

@@ -9,19 +9,23 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+import synthetic
+from helpers import load_canonical as load
+from helpers import run_outputs as outputs
 
 from outlierquant.calibration.collect import collect_statistics
-from outlierquant.passes.smooth import (
-    SmoothQuantOptions,
-    SmoothQuantPass,
+from outlierquant.errors import RecipeError
+from outlierquant.numerics.estimates import (
+    DEFAULT_ALPHA_GRID,
     estimated_output_error,
+    estimated_static_sqnr_db,
+    search_alpha,
+    smoothed_weight_error,
     smoothing_scales,
 )
-from outlierquant.errors import RecipeError
+from outlierquant.passes.online_hadamard import OnlineHadamardPass
+from outlierquant.passes.smooth import SmoothQuantOptions, SmoothQuantPass
 from outlierquant.recipes import load_recipe, validate_pass_options
-
-from helpers import load_canonical as load, run_outputs as outputs
-import synthetic
 
 RTOL = 1e-4
 
@@ -86,7 +90,6 @@ def test_options_are_validated_with_the_field_name():
 def test_weight_only_full_covariance_score_is_the_measured_output_error():
     """SmoothQuant+ scores α by tr(E'ᵀ Σ_s E'), the exact mean squared output error of the group."""
     from outlierquant.calibration.stats import ChannelStats
-    from outlierquant.passes.smooth import smoothed_weight_error
 
     rng = np.random.default_rng(2)
     k = 64
@@ -228,7 +231,6 @@ def test_static_sqnr_estimate_tracks_the_measured_error_and_flags_token_spikes()
     """The gate of the split rotation: close to a measured static int8 SQNR, and far lower for
     spikes that move from channel to channel (no per-channel scale absorbs them)."""
     from outlierquant.calibration.stats import ChannelStats
-    from outlierquant.passes.smooth import DEFAULT_ALPHA_GRID, estimated_static_sqnr_db, search_alpha
 
     rng = np.random.default_rng(3)
     w = rng.normal(size=(64, 32))
@@ -249,8 +251,6 @@ def test_static_sqnr_estimate_tracks_the_measured_error_and_flags_token_spikes()
 
 def test_static_sqnr_of_a_zero_input_is_minus_infinity_and_the_gate_skips_it(tiny_llama):
     from outlierquant.calibration.stats import ChannelStats
-    from outlierquant.passes.rotate import OnlineHadamardPass
-    from outlierquant.passes.smooth import estimated_static_sqnr_db
 
     st = ChannelStats.empty(8, -1)
     st.update(np.zeros((16, 8)))

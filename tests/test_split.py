@@ -11,23 +11,23 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
-from outlierquant.passes.base import constant_array
+import synthetic
+from helpers import load_canonical as load
+from helpers import max_relative_error
+from helpers import run_outputs as outputs
 
 from outlierquant.calibration.collect import collect_statistics
+from outlierquant.emit.qdq import add_probs_residual
 from outlierquant.errors import CalibrationError, RecipeError
-from outlierquant.passes.split import (
-    LlmInt8Options,
-    LlmInt8SplitPass,
-    SplitQuantOptions,
-    SplitQuantPass,
-    select_outlier_channels,
-    split_weight_clusters,
-)
+from outlierquant.graph.attention import probs_input_index, probs_step, quantized_source
+from outlierquant.graph.edit import write_linear_weight
+from outlierquant.graph.values import constant_array
+from outlierquant.numerics.estimates import lost_mass
+from outlierquant.numerics.outliers import select_outlier_channels
+from outlierquant.numerics.rounding import quantease_int8_weight
+from outlierquant.passes.llm_int8 import LlmInt8Options, LlmInt8SplitPass
+from outlierquant.passes.splitquant import SplitQuantOptions, SplitQuantPass, split_weight_clusters
 from outlierquant.recipes import load_recipe, validate_pass_options
-
-from helpers import load_canonical as load, max_relative_error, run_outputs as outputs
-import synthetic
 
 RTOL = 1e-4
 
@@ -55,16 +55,14 @@ def rewrite(path: Path, calibration, pass_):
 def test_outlier_selection_threshold_top_k_and_cap():
     absmax = np.array([1.0, 7.0, 2.0, 60.0, 6.0, 0.5, 3.0, 9.0])
     value_range = absmax * 2
-    assert select_outlier_channels(absmax, value_range, LlmInt8Options()).tolist() == [1, 3, 4, 7]
-    assert select_outlier_channels(absmax, value_range, LlmInt8Options(threshold=8.0)).tolist() == [3, 7]
-    top = LlmInt8Options(criterion="top_k", top_k=2)
-    assert select_outlier_channels(absmax, value_range, top).tolist() == [3, 7]
-    capped = LlmInt8Options(max_share=0.25)  # at most 2 of 8 channels, the largest
-    assert select_outlier_channels(absmax, value_range, capped).tolist() == [3, 7]
+    assert select_outlier_channels(absmax, value_range).tolist() == [1, 3, 4, 7]
+    assert select_outlier_channels(absmax, value_range, threshold=8.0).tolist() == [3, 7]
+    assert select_outlier_channels(absmax, value_range, criterion="top_k", top_k=2).tolist() == [3, 7]
+    # at most 2 of 8 channels, the largest
+    assert select_outlier_channels(absmax, value_range, max_share=0.25).tolist() == [3, 7]
     # relative: median max is 4.5, so ratio 2 keeps channels >= 9; scale-free
-    relative = LlmInt8Options(criterion="relative", ratio=2.0)
-    assert select_outlier_channels(absmax, value_range, relative).tolist() == [3, 7]
-    assert select_outlier_channels(absmax * 1e-3, value_range, relative).tolist() == [3, 7]
+    assert select_outlier_channels(absmax, criterion="relative", ratio=2.0).tolist() == [3, 7]
+    assert select_outlier_channels(absmax * 1e-3, criterion="relative", ratio=2.0).tolist() == [3, 7]
     with pytest.raises(ValueError, match="ratio"):
         LlmInt8Options(criterion="relative", ratio=1.0)
 
@@ -209,7 +207,6 @@ def test_static_activations_quantize_only_the_inlier_channels(planted_llama):
 
 def _residual_sites(model: ir.Model):
     """(P, P̂, V̂, new output) of every probs·V MatMul the residual rewrite touched."""
-    from outlierquant.passes.quantize import probs_input_index, quantized_source
 
     sites = []
     for node in model.graph:
@@ -267,7 +264,6 @@ def test_probs_residual_on_probabilities_read_by_two_matmuls():
     names stay unique, and both outputs come within a small fraction of the uint8 error."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from outlierquant.passes.quantize import add_probs_residual, probs_input_index
 
     scale = numpy_helper.from_array(np.array(1 / 255, np.float32), "p_scale")
     zero = numpy_helper.from_array(np.array(0, np.uint8), "p_zero")
@@ -304,8 +300,7 @@ def _sharpened(path: Path, folder: Path, factor: float = 60.0) -> Path:
     """``path`` with its q projections scaled by ``factor``: peaked attention rows, as in an
     LLM, where many probabilities fall below half a uint8 step (a random tiny model's rows
     are near uniform)."""
-    from outlierquant.passes.analysis import analyze_graph
-    from outlierquant.passes.base import write_linear_weight
+    from outlierquant.graph.analysis import analyze_graph
 
     model = load(path)
     scaled = 0
@@ -320,7 +315,6 @@ def _sharpened(path: Path, folder: Path, factor: float = 60.0) -> Path:
 
 
 def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, tmp_path, monkeypatch):
-    from outlierquant.passes.quantize import lost_mass
 
     below, total = lost_mass(np.array([[0.9, 0.001, 0.0015, 0.0975], [0.5, 0.5, 0.0, 0.0]]), 1 / 255)
     assert below == pytest.approx(0.0025) and total == pytest.approx(2.0)
@@ -350,7 +344,6 @@ def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, 
             continue
         # the recorded share is what the calibration data's probabilities lose at the
         # model's own uint8 step: measured again here from the probabilities themselves
-        from outlierquant.passes.quantize import probs_input_index, probs_step, quantized_source
 
         nodes = [node for node in model.graph if node.op_type == "MatMul" and probs_input_index(node) is not None]
         assert len(nodes) == synthetic.TINY_LAYERS
@@ -365,7 +358,7 @@ def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, 
     assert shares[0] == shares[1] and all(0.005 < share < 0.05 for share in shares[0])
     # long calibration sequences: the layers' probabilities are fetched a few layers per pass
     # over the data (here one), with the same result
-    import outlierquant.passes.split as split_module
+    import outlierquant.passes.llm_int8 as split_module
 
     monkeypatch.setattr(split_module, "_PROBS_FETCH_BYTES", 1)
     model = load(planted_llama)
@@ -387,7 +380,6 @@ def test_quantease_rounding_keeps_the_float_channels_out_of_the_int8_weights(pla
         assert result.modified
         assert cosine(reference, outputs(model, evaluation)) > 0.99
     # rows held at zero (the float channels) stay zero in the int8 weight; the others are rounded
-    from outlierquant.passes.quantize import quantease_int8_weight
 
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(16, 8)).astype(np.float32)

@@ -10,17 +10,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from outlierquant.emit.weights import emit_blocked_dequantize, emit_matmul_nbits, matmul_nbits_tensors
 from outlierquant.errors import RecipeError
+from outlierquant.numerics.grids import pack_levels, quantize_blockwise, unpack_levels
 from outlierquant.passes.canonicalize import CanonicalizePass
-from outlierquant.passes.weight_only import (
-    QuantizeWeightOnlyPass,
-    emit_blocked_dequantize,
-    emit_matmul_nbits,
-    matmul_nbits_tensors,
-    pack_levels,
-    quantize_blockwise,
-    unpack_levels,
-)
+from outlierquant.passes.weight_only import QuantizeWeightOnlyPass
 from outlierquant.recipes import load_recipe, validate_pass_options
 
 RTOL = 1e-5

@@ -10,27 +10,34 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+import synthetic
 from onnx import TensorProto, helper, numpy_helper
 
-from outlierquant.calibration.collect import collect_statistics, quantizable_targets
+from outlierquant.calibration.collect import collect_statistics
 from outlierquant.calibration.stats import ActivationStats, ChannelStats
+from outlierquant.calibration.targets import quantizable_targets
+from outlierquant.emit.weights import matmul_nbits_tensors
 from outlierquant.errors import RecipeError
-from outlierquant.passes.canonicalize import CanonicalizePass
-from outlierquant.passes.weight_rounding import (
-    AdaDimOptions,
-    AdaDimQuantizePass,
-    QuantEaseOptions,
-    QuantEaseRoundPass,
-    _dequantize,
-    _rtn_levels,
+from outlierquant.numerics.grids import (
+    BlockwiseWeight,
+    GroupGrid,
+    dequantize_levels,
     group_grid,
+    rtn_levels,
+    unpack_levels,
+)
+from outlierquant.numerics.rounding import (
+    InputMoments,
+    gptaq_objective,
     output_error,
     quantease_round,
+    refit_scales,
     second_moment,
+    select_outlier_weights,
 )
+from outlierquant.passes.canonicalize import CanonicalizePass
+from outlierquant.passes.weight_rounding import AdaDimOptions, AdaDimQuantizePass, QuantEaseOptions, QuantEaseRoundPass
 from outlierquant.recipes import load_recipe, validate_pass_options
-
-import synthetic
 
 K, N = 96, 64
 
@@ -87,10 +94,10 @@ def test_quantease_beats_round_to_nearest(dimension):
     sigma, full = second_moment(stats_of(x)["x"])
     assert full
     grid = group_grid(weight, dimension, 32, 4)
-    rtn = output_error(_dequantize(_rtn_levels(weight, grid), grid) - weight, sigma)
+    rtn = output_error(dequantize_levels(rtn_levels(weight, grid), grid) - weight, sigma)
     q = quantease_round(weight, sigma, grid, iterations=10)
     assert q.min() >= 0 and q.max() <= 15 and np.array_equal(q, np.rint(q))  # on the grid
-    assert output_error(_dequantize(q, grid) - weight, sigma) < 0.7 * rtn
+    assert output_error(dequantize_levels(q, grid) - weight, sigma) < 0.7 * rtn
 
 
 def test_clip_search_never_worsens_the_weighted_error():
@@ -101,7 +108,7 @@ def test_clip_search_never_worsens_the_weighted_error():
     errors = []
     for ratios in ((1.0,), (1.0, 0.9, 0.8, 0.7)):
         grid = group_grid(weight, "per_oc", 32, 4, row_weight=row_weight, clip_ratios=ratios)
-        errors.append(output_error(_dequantize(_rtn_levels(weight, grid), grid) - weight, sigma))
+        errors.append(output_error(dequantize_levels(rtn_levels(weight, grid), grid) - weight, sigma))
     assert errors[1] <= errors[0]
 
 
@@ -119,7 +126,7 @@ def test_int4_emission_matches_numpy(dimension, op):
     ops = collections.Counter(node.op_type for node in model.graph)
     assert ops[op] >= 1 and "MatMul" not in ops or dimension == "per_ic"
     grid = group_grid(weight.astype(np.float64), dimension, 32, 4)
-    expected = x[:8] @ _dequantize(_rtn_levels(weight.astype(np.float64), grid), grid)
+    expected = x[:8] @ dequantize_levels(rtn_levels(weight.astype(np.float64), grid), grid)
     np.testing.assert_allclose(run(model, x[:8]), expected, rtol=1e-4, atol=1e-3)
 
 
@@ -197,7 +204,6 @@ def test_options_and_recipes():
 
 
 def test_scale_refit_is_the_least_squares_optimum_and_refits_never_worsen():
-    from outlierquant.passes.weight_rounding import GroupGrid, refit_scales
 
     rng = np.random.default_rng(6)
     x = activations(rng, outlier=[3], scale=20.0)
@@ -205,18 +211,18 @@ def test_scale_refit_is_the_least_squares_optimum_and_refits_never_worsen():
     sigma, _ = second_moment(stats_of(x)["x"])
     grid = group_grid(weight, "per_oc", 32, 4, row_weight=np.diag(sigma), clip_ratios=(1.0, 0.9, 0.8))
     q = quantease_round(weight, sigma, grid, iterations=6)
-    before = output_error(_dequantize(q, grid) - weight, sigma)
+    before = output_error(dequantize_levels(q, grid) - weight, sigma)
     refitted = refit_scales(weight, sigma, q, grid)
     assert np.array_equal(refitted.zero, grid.zero) and not np.array_equal(refitted.scale, grid.scale)
-    after = output_error(_dequantize(q, refitted) - weight, sigma)
+    after = output_error(dequantize_levels(q, refitted) - weight, sigma)
     assert after < before
     for _ in range(4):  # a stationary point: any small change of the scales costs error
         noisy = refitted.scale * (1 + 1e-3 * rng.normal(size=refitted.scale.shape))
         jittered = GroupGrid("per_oc", 32, 4, noisy.astype(np.float32), refitted.zero)
-        assert output_error(_dequantize(q, jittered) - weight, sigma) > after
+        assert output_error(dequantize_levels(q, jittered) - weight, sigma) > after
     # warm-started sweeps from the current levels only go down
     q2 = quantease_round(weight, sigma, refitted, iterations=6, levels=q)
-    assert output_error(_dequantize(q2, refitted) - weight, sigma) <= after
+    assert output_error(dequantize_levels(q2, refitted) - weight, sigma) <= after
     with pytest.raises(ValueError, match="per_oc"):
         refit_scales(weight, sigma, q, group_grid(weight, "per_ic", 32, 4))
 
@@ -238,7 +244,6 @@ def test_scale_refits_option_lowers_the_pass_error():
 
 
 def test_rtn_and_quantease_share_one_matmul_nbits_writer():
-    from outlierquant.passes.weight_only import BlockwiseWeight, matmul_nbits_tensors
 
     rng = np.random.default_rng(8)
     x = activations(rng, rows=256)
@@ -251,12 +256,10 @@ def test_rtn_and_quantease_share_one_matmul_nbits_writer():
         levels = None
         initializers = {v.name.rsplit("_", 1)[-1]: v.const_value.numpy() for v in node.inputs[1:]}
         # decode B back to levels and re-encode through weight_only's writer: identical bytes
-        from outlierquant.passes.weight_only import unpack_levels
 
         b = initializers["B"]
         levels = unpack_levels(b, 4, 32).reshape(N, -1).T[:K]
         zero = unpack_levels(initializers["points"].reshape(N, -1), 4, K // 32).T
-        from outlierquant.passes.weight_rounding import GroupGrid
 
         grid = GroupGrid("per_oc", 32, bits, initializers["scales"].reshape(N, -1).T.copy(), zero)
         tensors = matmul_nbits_tensors(BlockwiseWeight(levels, grid, symmetric=False))
@@ -267,7 +270,6 @@ def test_rtn_and_quantease_share_one_matmul_nbits_writer():
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_outlier_path_keeps_exactly_the_chosen_weights_in_float(bits):
-    from outlierquant.passes.weight_rounding import select_outlier_weights
 
     rng = np.random.default_rng(9)
     x = activations(rng, outlier=[7, 40], scale=30.0)
@@ -349,7 +351,6 @@ def paired_rows(rng, rows=1024):
 @pytest.mark.parametrize("damp", [0.0, 0.05])
 def test_fp32_output_target_reduction_is_exact(damp):
     """||X_q Q − X_f W||²/n + λ||Q − W||² = tr((Q − W')ᵀ Σ (Q − W')) + const, for any Q."""
-    from outlierquant.passes.weight_rounding import InputMoments, gptaq_objective
 
     rng = np.random.default_rng(11)
     x_q, x_f = paired_rows(rng)
@@ -372,7 +373,6 @@ def test_fp32_output_target_reduction_is_exact(damp):
 
 def test_centered_moments_and_correction_give_the_fp32_output_mean():
     """With bias correction the mean of X_q Q + b − X_f W is zero and the rest is the centred objective."""
-    from outlierquant.passes.weight_rounding import InputMoments
 
     rng = np.random.default_rng(12)
     x_q, x_f = paired_rows(rng)

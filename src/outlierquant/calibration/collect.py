@@ -67,426 +67,42 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
+from outlierquant.calibration.feeds import (
+    batch_rows,
+    check_feed,
+    feed_tokens,
+    input_specs,
+    iterate_feeds,
+    real_tokens,
+    unpad,
+)
+from outlierquant.calibration.session import create_session
 from outlierquant.calibration.stats import ActivationStats, ChannelStats
+from outlierquant.calibration.targets import CalibrationTarget, resolve_targets
 from outlierquant.errors import CalibrationError
-from outlierquant.modelio import EXTERNAL_DATA_THRESHOLD, load_model
+from outlierquant.modelio import load_model
 
 logger = logging.getLogger(__name__)
-
-#: onnxruntime session option naming the folder external-data locations are relative to
-#: when the session is created from bytes.
-_EXTERNAL_FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
-
-#: in an in-memory model too large to serialize, tensors of at least this size move to
-#: a temporary external-data file.
-_OFFLOAD_MIN_BYTES = 1024
-
-_ONNX_DOMAINS = ("", "ai.onnx")
-
-
-@dataclass(frozen=True)
-class CalibrationTarget:
-    """A tensor to calibrate and the axis its channels lie on.
-
-    ``role`` is ``"input"`` (activation input of a layer with a constant weight),
-    ``"output"`` (that layer's output) or ``"dynamic_input"`` (an input of an
-    activation x activation MatMul). ``node`` names the consuming (or producing) node.
-    """
-
-    tensor: str
-    channel_axis: int
-    node: str
-    role: str
 
 
 # ---------------------------------------------------------------------------------------
 # Targets
 
 
-def _is_constant(value: ir.Value | None) -> bool:
-    if value is None:
-        return False
-    if value.const_value is not None:
-        return True
-    producer = value.producer()
-    return producer is not None and producer.op_type == "Constant" and producer.domain in _ONNX_DOMAINS
-
-
-def quantizable_targets(model: ir.Model, *, outputs: bool = True) -> list[CalibrationTarget]:
-    """The tensors whose statistics quantization needs, in graph order, one per tensor name.
-
-    MatMul/Gemm/Conv nodes of the main graph with a constant weight (an initializer or a
-    ``Constant`` node's value) contribute their activation input and, if ``outputs``, their
-    output; activation x activation MatMuls contribute both inputs (``"dynamic_input"``,
-    channel axis last). A tensor feeding several layers appears once; when a tensor is both
-    a layer's output and another layer's input, the input role wins.
-    """
-    found: dict[str, CalibrationTarget] = {}
-
-    def add(value: ir.Value | None, axis: int, node: ir.Node, role: str) -> None:
-        if value is None or not value.name or _is_constant(value):
-            return
-        existing = found.get(value.name)
-        if existing is None or (existing.role == "output" and role != "output"):
-            found[value.name] = CalibrationTarget(value.name, axis, node.name or "", role)
-
-    for node in model.graph:
-        if node.domain not in _ONNX_DOMAINS or node.op_type not in ("MatMul", "Gemm", "Conv"):
-            continue
-        inputs = list(node.inputs) + [None, None]
-        first, second = inputs[0], inputs[1]
-        output = node.outputs[0] if node.outputs else None
-        if node.op_type == "MatMul":
-            if _is_constant(second) and not _is_constant(first):
-                add(first, -1, node, "input")
-                if outputs:
-                    add(output, -1, node, "output")
-            elif _is_constant(first) and not _is_constant(second):
-                # W @ X: X's channels are the reduction axis, the second-to-last one.
-                add(second, -2, node, "input")
-                if outputs:
-                    add(output, -2, node, "output")
-            elif first is not None and second is not None and not _is_constant(first):
-                add(first, -1, node, "dynamic_input")
-                add(second, -1, node, "dynamic_input")
-        elif node.op_type == "Gemm":
-            trans_a = _int_attr(node, "transA")
-            trans_b = _int_attr(node, "transB")
-            if _is_constant(second) and not _is_constant(first):
-                add(first, 0 if trans_a else 1, node, "input")
-                if outputs:
-                    add(output, 1, node, "output")
-            elif _is_constant(first) and not _is_constant(second):
-                add(second, 1 if trans_b else 0, node, "input")
-                if outputs:
-                    add(output, 0, node, "output")
-        else:  # Conv
-            if _is_constant(second) and not _is_constant(first):
-                add(first, 1, node, "input")
-                if outputs:
-                    add(output, 1, node, "output")
-    return list(found.values())
-
-
-def _int_attr(node: ir.Node, name: str) -> int:
-    attr = node.attributes.get(name)
-    return int(attr.as_int()) if attr is not None else 0
-
-
-def _resolve_targets(
-    model: ir.Model, tensors: Iterable[str | CalibrationTarget] | None
-) -> list[CalibrationTarget]:
-    if tensors is None:
-        targets = quantizable_targets(model)
-    else:
-        known = {t.tensor: t for t in quantizable_targets(model)}
-        targets = []
-        for item in tensors:
-            if isinstance(item, CalibrationTarget):
-                targets.append(item)
-            elif isinstance(item, str):
-                # A bare name gets the axis its consumer implies, else the last axis.
-                targets.append(known.get(item, CalibrationTarget(item, -1, "", "input")))
-            else:
-                raise TypeError(f"tensors: expected names or CalibrationTarget, got {type(item).__name__}")
-    graph_inputs = {v.name for v in model.graph.inputs}
-    produced = set(graph_inputs)
-    for node in model.graph:
-        produced.update(out.name for out in node.outputs)
-    unique: dict[str, CalibrationTarget] = {}
-    for target in targets:
-        if target.tensor in model.graph.initializers and target.tensor not in graph_inputs:
-            raise CalibrationError(f"tensor {target.tensor!r} is a constant (initializer), not an activation")
-        if target.tensor not in produced:
-            raise CalibrationError(f"tensor {target.tensor!r} is not a value of the model's main graph")
-        unique.setdefault(target.tensor, target)
-    return list(unique.values())
-
-
 # ---------------------------------------------------------------------------------------
 # Inputs and feeds
 
 
-@dataclass(frozen=True)
-class _InputSpec:
-    name: str
-    dtype: np.dtype | None
-    #: one entry per dim: an int for a fixed dim, None for a symbolic one; None if unknown rank
-    shape: tuple[int | None, ...] | None
-    required: bool
-
-
-def _input_specs(model: ir.Model) -> dict[str, _InputSpec]:
-    specs = {}
-    for value in model.graph.inputs:
-        dtype = None
-        if value.dtype is not None:
-            try:
-                dtype = np.dtype(value.dtype.numpy())
-            except Exception:  # a dtype numpy has no name for (bfloat16, float8): not checked
-                dtype = None
-        shape = None
-        if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else None for d in value.shape)
-        specs[value.name] = _InputSpec(value.name, dtype, shape, value.name not in model.graph.initializers)
-    return specs
-
-
-def _check_feed(index: int, feed: Any, specs: Mapping[str, _InputSpec]) -> dict[str, np.ndarray]:
-    """Validate one feed against the model's inputs; return it as numpy arrays."""
-    where = f"calibration sample {index}"
-    if not isinstance(feed, Mapping):
-        raise CalibrationError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
-    expected = ", ".join(specs) or "(none)"
-    arrays: dict[str, np.ndarray] = {}
-    for name, value in feed.items():
-        spec = specs.get(name)
-        if spec is None:
-            raise CalibrationError(f"{where}: the model has no input {name!r} (model inputs: {expected})")
-        array = np.asarray(value)
-        if spec.dtype is not None and array.dtype != spec.dtype:
-            raise CalibrationError(f"{where}: input {name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
-        if spec.shape is not None:
-            if array.ndim != len(spec.shape):
-                raise CalibrationError(
-                    f"{where}: input {name!r} has rank {array.ndim} (shape {tuple(array.shape)}), "
-                    f"the model expects rank {len(spec.shape)} ({_format_shape(spec.shape)})"
-                )
-            for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
-                if want is not None and got != want:
-                    raise CalibrationError(
-                        f"{where}: input {name!r} has shape {tuple(array.shape)}, the model expects "
-                        f"{_format_shape(spec.shape)} (dim {axis} must be {want})"
-                    )
-        arrays[name] = array
-    for spec in specs.values():
-        if spec.required and spec.name not in arrays:
-            raise CalibrationError(f"{where}: input {spec.name!r} is missing (model inputs: {expected})")
-    return arrays
-
-
-def _format_shape(shape: Sequence[int | None]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _iterate_feeds(feeds: Any) -> Iterator[Any]:
-    if hasattr(feeds, "get_next") and callable(feeds.get_next):
-        return iter(feeds.get_next, None)  # onnxruntime's CalibrationDataReader protocol
-    if isinstance(feeds, Mapping):
-        return iter([feeds])  # a single feed
-    try:
-        return iter(feeds)
-    except TypeError:
-        raise CalibrationError(
-            f"calibration data must be an iterable of feeds or a reader with get_next(), "
-            f"got {type(feeds).__name__}"
-        ) from None
-
-
-def _unpad(feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
-    """Split a padded feed into unpadded batch-1 feeds, or None when that is not possible.
-
-    Returns ``[feed]`` when there is no padding.
-    """
-    mask = feed.get("attention_mask")
-    if mask is None or mask.ndim != 2 or mask.all():
-        return [feed]
-    if any(a.ndim < 2 or a.shape[:2] != mask.shape for a in feed.values()):
-        return None
-    pieces = []
-    for row in range(mask.shape[0]):
-        positions = np.flatnonzero(mask[row])
-        if positions.size == 0:
-            continue  # a row of padding only
-        lo, hi = int(positions[0]), int(positions[-1]) + 1
-        if hi - lo != positions.size:
-            return None  # holes inside the row: not plain left/right padding
-        pieces.append({name: a[row : row + 1, lo:hi] for name, a in feed.items()})
-    return pieces
-
-
-def _feed_tokens(feed: Mapping[str, np.ndarray]) -> int:
-    """Size of a feed in tokens (positions of [B, S] inputs; pixels of [N, C, H, W] inputs)."""
-    tokens = 1
-    for array in feed.values():
-        if array.ndim <= 2:
-            n = array.size
-        elif array.ndim == 3:
-            n = array.size // max(array.shape[-1], 1)
-        else:
-            n = array.size // max(array.shape[1], 1)
-        tokens = max(tokens, int(n))
-    return tokens
-
-
-def _real_tokens(feed: Mapping[str, np.ndarray]) -> int:
-    mask = feed.get("attention_mask")
-    if mask is not None and mask.ndim == 2:
-        return int(np.count_nonzero(mask))
-    return _feed_tokens(feed)
-
-
 # ---------------------------------------------------------------------------------------
 # The session
-
-
-def _iter_ir_tensors(graph: ir.Graph) -> Iterator[tuple[str | None, Any]]:
-    """(initializer name or None, tensor) for every constant tensor of ``graph`` and its subgraphs."""
-    for name, value in graph.initializers.items():
-        if value.const_value is not None:
-            yield name, value.const_value
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.TENSOR:
-                yield None, attr.value
-            elif attr.type == ir.AttributeType.TENSORS:
-                for tensor in attr.value:
-                    yield None, tensor
-            elif attr.type == ir.AttributeType.GRAPH:
-                yield from _iter_ir_tensors(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for sub in attr.value:
-                    yield from _iter_ir_tensors(sub)
-
-
-def _iter_proto_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _iter_proto_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _iter_proto_tensors(sub)
-
-
-@contextlib.contextmanager
-def _offloaded(model: ir.Model, folder: str) -> Iterator[None]:
-    """Temporarily move large in-memory initializers of ``model`` to ``folder`` as external data.
-
-    Only for in-memory models protobuf cannot serialize; the original tensors are put back.
-    """
-    swapped: list[tuple[ir.Value, Any]] = []
-    data_name = "in-memory-weights.data"
-    try:
-        with open(os.path.join(folder, data_name), "wb") as handle:
-            for value in model.graph.initializers.values():
-                tensor = value.const_value
-                if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < _OFFLOAD_MIN_BYTES:
-                    continue
-                if tensor.dtype == ir.DataType.STRING:
-                    continue
-                offset = handle.tell()
-                tensor.tofile(handle)
-                length = handle.tell() - offset
-                external = ir.ExternalTensor(
-                    data_name, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=folder
-                )
-                swapped.append((value, tensor))
-                value.const_value = external
-        yield
-    finally:
-        for value, tensor in swapped:
-            value.const_value = tensor
-
-
-def _in_memory_bytes(model: ir.Model) -> int:
-    return sum(
-        t.nbytes for _, t in _iter_ir_tensors(model.graph) if not isinstance(t, ir.ExternalTensor)
-    )
-
-
-def _serialize_for_session(
-    model: ir.Model, extra_outputs: Sequence[str], stack: contextlib.ExitStack
-) -> tuple[bytes, str | None]:
-    """The augmented graph as bytes, and the folder its external-data locations are relative to."""
-    if _in_memory_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
-        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="outlierquant-calibration-"))
-        logger.info("in-memory model above protobuf's 2 GB limit: staging its weights in %s", folder)
-        with _offloaded(model, folder):
-            return _serialize_with_outputs(model, extra_outputs)
-    return _serialize_with_outputs(model, extra_outputs)
-
-
-def _serialize_with_outputs(model: ir.Model, extra_outputs: Sequence[str]) -> tuple[bytes, str | None]:
-    # Absolute data paths of the external tensors, known to onnx-ir (the proto only keeps
-    # locations relative to each tensor's own folder).
-    by_name: dict[str, str] = {}
-    folders: set[str] = set()
-    for name, tensor in _iter_ir_tensors(model.graph):
-        if isinstance(tensor, ir.ExternalTensor):
-            base = os.path.abspath(tensor.base_dir or ".")
-            path = os.path.normpath(os.path.join(base, os.fspath(tensor.location)))
-            folders.add(base)
-            if name is not None:
-                by_name[name] = path
-
-    proto = ir.to_proto(model)  # external tensors stay references: nothing is read
-    present = {out.name for out in proto.graph.output}
-    for name in extra_outputs:
-        if name not in present:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-
-    external = [
-        t for t in _iter_proto_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL
-    ]
-    if not external:
-        return proto.SerializeToString(), None
-    if len(folders) == 1:
-        return proto.SerializeToString(), folders.pop()
-    # Several data folders: make every location relative to their common root.
-    root = os.path.commonpath(sorted(folders))
-    candidates = sorted(folders)
-    for tensor in external:
-        entry = next(e for e in tensor.external_data if e.key == "location")
-        path = by_name.get(tensor.name)
-        if path is None:  # a Constant node's tensor: find the folder that has its file
-            path = next(
-                (os.path.join(f, entry.value) for f in candidates if os.path.exists(os.path.join(f, entry.value))),
-                os.path.join(root, entry.value),
-            )
-        entry.value = os.path.relpath(path, root)
-    return proto.SerializeToString(), root
-
-
-def _create_session(
-    model: ir.Model,
-    extra_outputs: Sequence[str],
-    session_options: Any,
-    providers: Sequence[Any] | None,
-    stack: contextlib.ExitStack,
-):
-    import onnxruntime as ort
-
-    if session_options is None:
-        session_options = ort.SessionOptions()
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        session_options.log_severity_level = 3
-    if "ai.outlierquant" in model.opset_imports:
-        # a graph rewritten with our kernels (e.g. an online HadamardTransform) needs them
-        # registered to run at all; fail with the reason when they were not built
-        from outlierquant import custom_ops
-
-        session_options = custom_ops.session_options(session_options)
-    data, folder = _serialize_for_session(model, extra_outputs, stack)
-    if folder is not None:
-        session_options.add_session_config_entry(_EXTERNAL_FOLDER_OPTION, folder)
-        logger.debug("external data read in place from %s", folder)
-    providers = list(providers or ["CPUExecutionProvider"])
-    return ort.InferenceSession(data, sess_options=session_options, providers=providers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -669,7 +285,7 @@ def collect_statistics(
     if isinstance(model, (str, os.PathLike)):
         model_path = Path(model)
         model = load_model(model_path)
-    targets = _resolve_targets(model, tensors)
+    targets = resolve_targets(model, tensors)
     if not targets:
         raise CalibrationError("the model has no tensors to calibrate (no MatMul/Gemm/Conv with a constant weight)")
     target_names = {t.tensor for t in targets}
@@ -678,7 +294,7 @@ def collect_statistics(
     if unknown:
         raise CalibrationError(f"covariance requested for {unknown[0]!r}, which is not a calibration target")
 
-    specs = _input_specs(model)
+    specs = input_specs(model)
     from_feed = [t.tensor for t in targets if t.tensor in specs]
     fetched = [t.tensor for t in targets if t.tensor not in specs]
     can_batch = bool(batch_tokens) and all(
@@ -693,7 +309,7 @@ def collect_statistics(
     from tqdm import tqdm
 
     with contextlib.ExitStack() as stack:
-        session = _create_session(model, fetched, session_options, providers, stack)
+        session = create_session(model, fetched, session_options, providers, stack)
         bar = stack.enter_context(
             tqdm(total=total, desc="calibrating", unit="sample", disable=not _show_progress(progress), leave=False)
         )
@@ -708,10 +324,10 @@ def collect_statistics(
             samples = [index for index, _ in pending]
             if len(pending) == 1:
                 batch = pending[0][1]
-                rows_per_sample = [_batch_rows(batch)]
+                rows_per_sample = [batch_rows(batch)]
             else:
                 batch = {name: np.concatenate([f[name] for _, f in pending], axis=0) for name in pending[0][1]}
-                rows_per_sample = [_batch_rows(f) for _, f in pending]
+                rows_per_sample = [batch_rows(f) for _, f in pending]
             pending, pending_tokens = [], 0
             mask = batch.get("attention_mask")
             if mask is not None and (mask.ndim != 2 or mask.all()):
@@ -724,10 +340,10 @@ def collect_statistics(
                 collector.fold(name, batch[name], mask, samples, rows_per_sample)
             del results, batch
 
-        for index, raw in enumerate(_iterate_feeds(feeds)):
-            feed = _check_feed(index, raw, specs)
+        for index, raw in enumerate(iterate_feeds(feeds)):
+            feed = check_feed(index, raw, specs)
             counters["feeds"] += 1
-            pieces = _unpad(feed)
+            pieces = unpad(feed)
             if pieces is None:
                 if not warned_padding:
                     warned_padding = True
@@ -738,10 +354,10 @@ def collect_statistics(
                     )
                 pieces = [feed]
             for piece in pieces:
-                counters["samples"] += _batch_rows(piece)
-                counters["tokens"] += _real_tokens(piece)
+                counters["samples"] += batch_rows(piece)
+                counters["tokens"] += real_tokens(piece)
                 key = tuple((name, a.shape, a.dtype.str) for name, a in sorted(piece.items()))
-                tokens = _feed_tokens(piece)
+                tokens = feed_tokens(piece)
                 if pending and (
                     not can_batch or key != pending_key or pending_tokens + tokens > int(batch_tokens or 0)
                 ):
@@ -780,13 +396,6 @@ def collect_statistics(
         time.perf_counter() - started,
     )
     return ActivationStats(tensors=ordered, meta=meta)
-
-
-def _batch_rows(feed: Mapping[str, np.ndarray]) -> int:
-    for array in feed.values():
-        if array.ndim >= 1:
-            return int(array.shape[0])
-    return 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -851,14 +460,14 @@ def stream_tensors(
     The tensors are read as extra outputs of one session built from the serialized model
     (the caller's model is not modified); a graph input is handed over from the feed.
     """
-    specs = _input_specs(model)
+    specs = input_specs(model)
     fetched = [name for name in dict.fromkeys(tensors) if name not in specs]
     samples = 0
     with contextlib.ExitStack() as stack:
-        session = _create_session(model, fetched, session_options, providers, stack)
-        for index, raw in enumerate(_iterate_feeds(feeds)):
-            feed = _check_feed(index, raw, specs)
-            for piece in _unpad(feed) or [feed]:
+        session = create_session(model, fetched, session_options, providers, stack)
+        for index, raw in enumerate(iterate_feeds(feeds)):
+            feed = check_feed(index, raw, specs)
+            for piece in unpad(feed) or [feed]:
                 samples += 1
                 arrays = dict(zip(fetched, session.run(fetched, piece))) if fetched else {}
                 for name in dict.fromkeys(tensors):
@@ -887,7 +496,7 @@ def capture_activations(
     """
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows!r}: must be >= 1")
-    targets = _resolve_targets(model, tensors)
+    targets = resolve_targets(model, tensors)
     keepers = {t.tensor: _EvenRows(max_rows) for t in targets}
     axes = {t.tensor: t.channel_axis for t in targets}
 

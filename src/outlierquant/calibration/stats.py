@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -153,11 +153,16 @@ class ActivationStats(Mapping[str, ChannelStats]):
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path.npz`` and ``path.json`` (``path`` may carry either suffix or none)."""
-        from outlierquant.modelio import atomic_write_text
+    def save(self, path: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
+        """Write ``path.npz`` and ``path.json`` together (``path`` may carry either suffix or none).
 
-        base = _base(path)
+        Both appear at once or neither does (an :class:`~outlierquant.modelio.OutputUnit`);
+        neither may be one of the files in ``protect`` (the model, the calibration data).
+        """
+        from outlierquant.modelio import OutputUnit, check_outputs
+
+        npz_path, json_path = stats_files(path)
+        check_outputs([npz_path, json_path], protect)
         arrays: dict[str, np.ndarray] = {}
         index = {"format_version": FORMAT_VERSION, "meta": self.meta, "tensors": []}
         for i, (name, st) in enumerate(self.tensors.items()):
@@ -176,43 +181,69 @@ class ActivationStats(Mapping[str, ChannelStats]):
                     "covariance": st.covariance is not None,
                 }
             )
-        npz_path = base.with_name(base.name + ".npz")
-        tmp = npz_path.with_name("." + npz_path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, npz_path)
-        atomic_write_text(base.with_name(base.name + ".json"), json.dumps(index, indent=1))
+        with OutputUnit(npz_path.parent, primary=json_path.name, protect=protect) as unit:
+            with open(unit.path(npz_path), "wb") as handle:
+                np.savez_compressed(handle, **arrays)
+            unit.path(json_path).write_text(json.dumps(index, indent=1), encoding="utf-8")
         return npz_path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ActivationStats":
-        base = _base(path)
-        json_path = base.with_name(base.name + ".json")
-        npz_path = base.with_name(base.name + ".npz")
+        from outlierquant.export.data import read_npz
+
+        npz_path, json_path = stats_files(path)
         for p in (json_path, npz_path):
             if not p.is_file():
                 raise InputError(f"{p}: no such statistics file")
         try:
             index = json.loads(json_path.read_text(encoding="utf-8"))
-            data = np.load(npz_path)
-        except Exception as exc:
-            raise InputError(f"{base}: unreadable statistics ({exc})") from exc
-        if index.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{json_path}: statistics format {index.get('format_version')} is not {FORMAT_VERSION}")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{json_path}: unreadable statistics index ({exc})") from exc
+        data = read_npz(npz_path)
+        if not isinstance(index, dict) or index.get("format_version") != FORMAT_VERSION:
+            version = index.get("format_version") if isinstance(index, dict) else None
+            raise InputError(f"{json_path}: statistics format {version} is not {FORMAT_VERSION}")
         tensors = {}
-        for entry in index["tensors"]:
-            key = entry["key"]
-            tensors[entry["name"]] = ChannelStats(
-                channel_axis=entry["channel_axis"],
-                absmax=data[f"{key}.absmax"],
-                minimum=data[f"{key}.minimum"],
-                maximum=data[f"{key}.maximum"],
-                mean=data[f"{key}.mean"],
-                mean_sq=data[f"{key}.mean_sq"],
-                count=entry["count"],
-                covariance=data[f"{key}.covariance"] if entry.get("covariance") else None,
-                shape=tuple(entry.get("shape", ())),
-            )
-        return cls(tensors=tensors, meta=index.get("meta", {}))
+        try:
+            for entry in index["tensors"]:
+                key = entry["key"]
+                covariance = data[f"{key}.covariance"] if entry.get("covariance") else None
+                st = ChannelStats(
+                    channel_axis=int(entry["channel_axis"]),
+                    absmax=data[f"{key}.absmax"],
+                    minimum=data[f"{key}.minimum"],
+                    maximum=data[f"{key}.maximum"],
+                    mean=data[f"{key}.mean"],
+                    mean_sq=data[f"{key}.mean_sq"],
+                    count=int(entry["count"]),
+                    covariance=covariance,
+                    shape=tuple(int(d) for d in entry.get("shape", ())),
+                )
+                _check_loaded(st, str(entry["name"]), json_path)
+                tensors[str(entry["name"])] = st
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{json_path}: statistics index and arrays do not match ({type(exc).__name__}: {exc})") from exc
+        return cls(tensors=tensors, meta=index.get("meta", {}) if isinstance(index.get("meta"), dict) else {})
+
+
+def _check_loaded(st: ChannelStats, name: str, source: Path) -> None:
+    channels = st.absmax.shape[0] if st.absmax.ndim == 1 else -1
+    for attr in ("absmax", "minimum", "maximum", "mean", "mean_sq"):
+        value = getattr(st, attr)
+        if value.ndim != 1 or value.shape[0] != channels or value.dtype.kind != "f":
+            raise InputError(f"{source}: statistics of {name!r}: {attr} is not a float vector of {channels} channels")
+    if st.covariance is not None and st.covariance.shape != (channels, channels):
+        raise InputError(f"{source}: statistics of {name!r}: covariance is not {channels} x {channels}")
+    if st.count < 1 or channels < 1:
+        raise InputError(f"{source}: statistics of {name!r} are empty (count {st.count}, {channels} channels)")
+    if not all(np.isfinite(getattr(st, attr)).all() for attr in ("absmax", "mean", "mean_sq")):
+        raise InputError(f"{source}: statistics of {name!r} contain NaN or Inf")
+
+
+def stats_files(path: str | os.PathLike) -> list[Path]:
+    """The two files of saved statistics: ``[PATH.npz, PATH.json]``."""
+    base = _base(path)
+    return [base.with_name(base.name + ".npz"), base.with_name(base.name + ".json")]
 
 
 def _base(path: str | os.PathLike) -> Path:

@@ -30,13 +30,9 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.custom_ops import DOMAIN
-from outlierquant.custom_ops.reference import (
-    INT8_MAX,
-    outlier_channel_array,
-    check_hadamard_size,
-    sylvester_hadamard,
-)
+from outlierquant.custom_ops.reference import INT8_MAX, outlier_channel_array
 from outlierquant.errors import InputError
+from outlierquant.numerics.hadamard import check_hadamard_size, kronecker_split, sylvester_hadamard
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +61,6 @@ def _check_opset(opset: int) -> None:
 
 
 # --- HadamardTransform ----------------------------------------------------------------
-
-
-def kronecker_split(dim: int, block: np.ndarray | None = None) -> tuple[int, int]:
-    """``(p, q)`` with ``dim = p * q``, ``q`` a power of two dividing ``n``, ``p + q`` minimal."""
-    m, n = check_hadamard_size(dim, block)
-    candidates = []
-    q = 1
-    while q <= n:
-        candidates.append((dim // q + q, q))
-        q *= 2
-    _, best_q = min(candidates)
-    return dim // best_q, best_q
 
 
 def hadamard_standard_form(

@@ -162,14 +162,3 @@ def perplexity_from_logits(logits, input_ids, attention_mask=None) -> tuple[floa
     return nll_sum, count
 
 
-def kurtosis(x, axis: int | None = None, *, excess: bool = False) -> np.ndarray | float:
-    """Pearson kurtosis ``m4 / m2²`` along ``axis`` (all elements when None); NaN if constant."""
-    x = np.asarray(x, dtype=np.float64)
-    centered = x - x.mean(axis=axis, keepdims=True)
-    m2 = np.mean(centered**2, axis=axis)
-    m4 = np.mean(centered**4, axis=axis)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        value = np.where(m2 > 0, m4 / np.where(m2 > 0, m2 * m2, 1.0), np.nan)
-    if excess:
-        value = value - 3.0
-    return float(value) if np.ndim(value) == 0 else value

@@ -54,7 +54,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from outlierquant.calibration.session import create_session
+from outlierquant.emit.qdq import QuantConfig
 from outlierquant.errors import InputError
+from outlierquant.graph.values import is_constant
 from outlierquant.progress import track
 
 logger = logging.getLogger(__name__)
@@ -189,6 +192,7 @@ def analyze_model(
     sensitivity: bool = True,
     sensitivity_limit: int | None = 48,
     progress: bool | None = None,
+    protect: Sequence[str | os.PathLike] = (),
 ) -> AnalysisReport:
     """Analyse ``model_path`` on ``calibration_feeds`` and write the report into ``out_dir``.
 
@@ -197,6 +201,10 @@ def analyze_model(
     ``sensitivity``: with ``quantized``, also rank layers by the cost of quantizing each
     alone; at most ``sensitivity_limit`` layers, those with the largest input
     max/median ratio first (``None``: all).
+
+    The report's files appear in ``out_dir`` together, once everything is computed (an
+    :class:`~outlierquant.modelio.OutputUnit`); none may replace one of the input files,
+    the models or those in ``protect``.
     """
     from outlierquant.calibration.collect import collect_statistics
     from outlierquant.modelio import load_model
@@ -208,12 +216,15 @@ def analyze_model(
         raise InputError("analyze: the calibration data gives no samples")
     if probe_samples < 1:
         raise InputError(f"probe_samples must be >= 1, got {probe_samples}")
-    if threshold <= 0:
-        raise InputError(f"threshold must be > 0, got {threshold}")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise InputError(f"threshold must be a finite number > 0, got {threshold}")
     if not 0 < recurring_fraction <= 1:
         raise InputError(f"recurring_fraction must be in (0, 1], got {recurring_fraction}")
+    from outlierquant.modelio import model_files
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    protect = [*protect, *model_files(model_path), *(model_files(quantized) if quantized is not None else [])]
+    check_report_folder(out_dir, protect)
 
     model = load_model(model_path)
     CanonicalizePass()(model)  # exact; the rewrites see this form too
@@ -266,14 +277,33 @@ def analyze_model(
             _sensitivity(report, model, stats, probe, reference, labels, sensitivity_limit, progress)
 
     from outlierquant.evaluate import plots
+    from outlierquant.modelio import OutputUnit
 
-    report.plots = plots.write_plots(report, out_dir)
-    report.html_path = _write_html(report, out_dir)
-    from outlierquant.modelio import atomic_write_text
-
-    atomic_write_text(out_dir / "analysis.json", json.dumps(_finite(report.to_dict()), indent=1, default=_json_default))
+    with OutputUnit(out_dir, primary="index.html", protect=protect) as unit:
+        report.plots = plots.write_plots(report, unit.staging)
+        _write_html(report, unit.staging)
+        unit.path("analysis.json").write_text(
+            json.dumps(_finite(report.to_dict()), indent=1, default=_json_default), encoding="utf-8"
+        )
+    report.plots = {key: out_dir / path.name for key, path in report.plots.items()}
+    report.html_path = out_dir / "index.html"
     logger.info("analysis report written to %s", report.html_path)
     return report
+
+
+#: the files every report has (heatmaps are named after the widths found)
+REPORT_FILES = ("index.html", "analysis.json", "ratio.png", "kurtosis.png", "sqnr.png", "sensitivity.png")
+
+
+def check_report_folder(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
+    """Before any work: ``out_dir`` is (or can become) a folder, and no report file is an input."""
+    from outlierquant.errors import OutputError
+    from outlierquant.modelio import check_outputs
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: is a file; the report needs a folder")
+    check_outputs([out_dir / name for name in REPORT_FILES], inputs)
 
 
 # --------------------------------------------------------------------------- graph
@@ -281,7 +311,6 @@ def analyze_model(
 
 def _layer_inputs(model) -> dict[str, list[tuple[str, tuple[str, int]]]]:
     """activation input tensor -> [(linear node name, (output tensor, output channel axis))]."""
-    from outlierquant.passes.base import is_constant
 
     found: dict[str, list[tuple[str, tuple[str, int]]]] = {}
     for index, node in enumerate(model.graph):
@@ -388,7 +417,6 @@ class _Runner:
     def open(self, extra: Sequence[str]) -> None:
         import onnxruntime as ort
 
-        from outlierquant.calibration.collect import _create_session
 
         self.extra = [name for name in dict.fromkeys(extra) if name not in self.outputs]
         options = ort.SessionOptions()
@@ -400,7 +428,7 @@ class _Runner:
             if custom_ops.available():
                 options = custom_ops.session_options(options)
         try:
-            self.session = _create_session(self.model, self.extra, options, None, self.stack)
+            self.session = create_session(self.model, self.extra, options, None, self.stack)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"onnxruntime cannot load the model for analysis ({first})") from exc
@@ -521,9 +549,8 @@ def _sensitivity(report, model, stats, feeds, reference, labels, limit, progress
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from outlierquant.calibration.collect import _create_session
     from outlierquant.evaluate.metrics import cosine_rows
-    from outlierquant.passes.quantize import QuantConfig, QuantizeQDQPass
+    from outlierquant.passes.quantize import QuantizeQDQPass
 
     nodes = [node for s in sorted(report.inputs, key=lambda s: -s.ratio) for node in s.consumers]
     all_linears = [node for s in report.inputs for node in s.consumers]
@@ -549,7 +576,7 @@ def _sensitivity(report, model, stats, feeds, reference, labels, limit, progress
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.log_severity_level = 3
         with contextlib.ExitStack() as stack:
-            session = _create_session(candidate, [], options, None, stack)
+            session = create_session(candidate, [], options, None, stack)
             cosines = [
                 cosine_rows(ref, session.run([first_output], feed)[0]) for ref, feed in zip(reference_outputs, feeds)
             ]
@@ -728,10 +755,7 @@ def _write_html(report: AnalysisReport, out_dir: Path) -> Path:
         "beside this page</footer></body></html>"
     )
     path = out_dir / "index.html"
-    from outlierquant.modelio import atomic_write_text
-
-    atomic_write_text(path, "\n".join(parts))
-    os.chmod(path, 0o644)  # a page to share, not a secret
+    path.write_text("\n".join(parts), encoding="utf-8")
     return path
 
 

@@ -18,7 +18,7 @@ What it deliberately does **not** do: rewrite decomposed norms into fused
 would need an opset bump for many exported models, changes the floating-point order of
 operations (so "no-op" would only hold to a tolerance), and buys nothing at run time —
 onnxruntime fuses these chains itself when the session is created. The analysis
-(:mod:`outlierquant.passes.analysis`) recognises both spellings instead, and the γ/β of
+(:mod:`outlierquant.graph.analysis`) recognises both spellings instead, and the γ/β of
 a decomposed norm are initializers after step 2, which is all a folding pass touches.
 Likewise ``MatMul + Add`` is not fused into ``Gemm`` (Gemm is 2-D only) — the analysis
 reads the bias ``Add`` as part of the linear.
@@ -32,11 +32,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import IdentityEliminationPass
 
+from outlierquant.graph.values import FLOAT_TYPES, unique_name
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CanonicalizePass"]
 
-_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
 class CanonicalizePass(ir.passes.InPlacePass):
@@ -74,7 +75,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
             if attribute is None or len(node.attributes) != 1 or output.is_graph_output():
                 continue
             tensor = attribute.as_tensor()
-            if tensor.dtype not in _FLOAT_TYPES or int(np.prod(tensor.shape.numpy())) < 2:
+            if tensor.dtype not in FLOAT_TYPES or int(np.prod(tensor.shape.numpy())) < 2:
                 continue
             initializer = ir.Value(
                 name=output.name,
@@ -103,7 +104,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
             array = source.const_value.numpy()
             perm = node.attributes.get_ints("perm", None)
             transposed = np.ascontiguousarray(np.transpose(array, perm))
-            name = _unique_initializer_name(graph, f"{source.name}_transposed")
+            name = unique_name(graph, f"{source.name}_transposed")
             initializer = ir.Value(
                 name=name,
                 shape=ir.Shape(transposed.shape),
@@ -117,14 +118,3 @@ class CanonicalizePass(ir.passes.InPlacePass):
                 del graph.initializers[source.name]
             count += 1
         return count
-
-
-def _unique_initializer_name(graph: ir.Graph, hint: str) -> str:
-    taken = set(graph.initializers)
-    taken.update(value.name for node in graph for value in node.outputs)
-    if hint not in taken:
-        return hint
-    index = 1
-    while f"{hint}_{index}" in taken:
-        index += 1
-    return f"{hint}_{index}"

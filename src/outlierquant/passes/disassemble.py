@@ -51,10 +51,20 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats, ChannelStats
-from outlierquant.passes.analysis import Linear, LinearGroup, analyze_graph
-from outlierquant.passes.base import OutlierPass, add_initializer, constant_array, first_in_graph
-from outlierquant.passes.smooth import check_group, fold_into_producer, group_label, producer_channels
-from outlierquant.passes.split import _excluded, _label, replace_linear, splittable
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.edit import (
+    check_group,
+    fold_into_producer,
+    group_label,
+    is_excluded,
+    linear_label,
+    producer_channels,
+    replace_linear,
+    splittable,
+)
+from outlierquant.graph.records import Linear, LinearGroup
+from outlierquant.graph.values import add_initializer, constant_array, first_in_graph
+from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +274,7 @@ class DisassembleChannelsPass(OutlierPass):
             reason = splittable(linear)
             if reason:
                 return f"{linear.name}: {reason}"
-            if _excluded(linear, self.options.exclude):
+            if is_excluded(linear, self.options.exclude):
                 return f"{linear.name}: excluded by option"
         return check_group(group, stats, allow_insert=True, relations=(group.producer.relation,))
 
@@ -395,7 +405,7 @@ class DisassembleChannelsPass(OutlierPass):
         for linear, weight in zip(group.linears, weights):
             new_weight = _merged_weight(weight, plan, moment).astype(np.float32)
             linear.node.replace_input_with(0, out)
-            label = _label(linear, "qllm")
+            label = linear_label(linear, "qllm")
 
             def build(tape: ir.tape.Tape, value: ir.Value, w=new_weight, label=label) -> ir.Value:
                 return tape.op("MatMul", [value, tape.initializer(ir.tensor(np.ascontiguousarray(w)),

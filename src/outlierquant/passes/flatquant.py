@@ -46,26 +46,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.passes.analysis import LinearGroup, analyze_graph
-from outlierquant.passes.base import (
-    OutlierPass,
-    constant_array,
-    first_in_graph,
-    write_linear_weight,
-)
-from outlierquant.passes.rotate import (
-    group_head_dim,
-    outlier_profile,
-    write_bias,
-)
-from outlierquant.passes.smooth import fold_into_producer
+from outlierquant.emit.rotation import kronecker_left_form
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.attention import group_head_dim
+from outlierquant.graph.edit import fold_into_producer, group_label, write_bias, write_linear_weight
+from outlierquant.graph.records import LinearGroup
+from outlierquant.graph.shapes import propagate_ranks
+from outlierquant.graph.tags import FLATQUANT_KEY
+from outlierquant.graph.values import constant_array, first_in_graph
+from outlierquant.numerics.estimates import outlier_profile
+from outlierquant.numerics.grids import as_f64
+from outlierquant.numerics.hadamard import kronecker_factors
+from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
 
@@ -74,24 +72,12 @@ __all__ = [
     "FlatQuantOptions",
     "FlatQuantPass",
     "LearnedTransform",
-    "flatquant_nodes",
     "kronecker_factors",
-    "kronecker_left_form",
     "learn_transform",
 ]
 
-#: metadata key set on every node the online transform inserts (value: the group input name)
-FLATQUANT_KEY = "outlierquant.flatquant"
 #: tensors captured per session run, bounded by this many bytes of kept rows
 _CAPTURE_BYTES = 256 * 2**20
-
-
-def kronecker_factors(dim: int) -> tuple[int, int]:
-    """``(k₁, k₂)`` with ``k₁·k₂ = dim``, ``k₁ ≤ k₂`` and ``k₁`` the largest divisor ≤ √dim."""
-    if dim < 1:
-        raise ValueError(f"dim={dim!r}: must be >= 1")
-    k1 = max(d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0)
-    return k1, dim // k1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,25 +305,15 @@ def learn_transform(
 # --------------------------------------------------------------------------------------
 
 
-def kronecker_left_form(model: ir.Model, x: ir.Value, p1: np.ndarray, p2: np.ndarray, name: str,
-                        prescale: np.ndarray | None = None) -> tuple[list[ir.Node], ir.Value]:
-    """``x (P₁ ⊗ P₂)``: rotate.py's Kronecker form, its nodes marked as FlatQuant's."""
-    from outlierquant.passes.rotate import kronecker_left_form as kronecker
-
-    return kronecker(model, x, p1, p2, name, prescale, metadata_key=FLATQUANT_KEY)
+def _flatquant_kronecker(model: ir.Model, x: ir.Value, p1: np.ndarray, p2: np.ndarray, name: str,
+                         prescale: np.ndarray | None = None) -> tuple[list[ir.Node], ir.Value]:
+    """``x (P₁ ⊗ P₂)`` in the standard Kronecker form, its nodes marked as FlatQuant's."""
+    return kronecker_left_form(model, x, p1, p2, name, prescale, metadata_key=FLATQUANT_KEY)
 
 
 # --------------------------------------------------------------------------------------
 # The pass
 # --------------------------------------------------------------------------------------
-
-
-def _f64(array) -> np.ndarray:
-    return np.asarray(array, dtype=np.float64)
-
-
-def _label(group: LinearGroup) -> str:
-    return ", ".join(linear.name for linear in group.linears)
 
 
 def _scale_foldable(group: LinearGroup) -> bool:
@@ -363,14 +339,13 @@ class FlatQuantPass(OutlierPass):
 
     def _plan(self, model: ir.Model) -> tuple[list[tuple[LinearGroup, str, int, int]], list[dict]]:
         """(group, mode, k₁, k₂) for every group to transform, and the skipped ones with why."""
-        from outlierquant.passes.analysis import _propagate_ranks
 
         options = self.options
         analysis = analyze_graph(model)
         ranks = None
         plan, skipped = [], []
         for group in analysis.groups:
-            label = _label(group)
+            label = group_label(group)
             dim = group.in_features
             if any(linear.op_type == "Conv" for linear in group.linears):
                 skipped.append({"group": label, "skipped": "Conv layers are not transformed"})
@@ -390,7 +365,7 @@ class FlatQuantPass(OutlierPass):
             producer = group.producer
             if options.fold_heads and producer.relation == "v_to_o" and producer.foldable:
                 if ranks is None:
-                    ranks = _propagate_ranks(model.graph, list(model.graph))
+                    ranks = propagate_ranks(model.graph, list(model.graph))
                 head_dim = group_head_dim(group, ranks)
                 cmap = producer.channel_map if producer.channel_map is not None else np.arange(dim)
                 v = producer.linear
@@ -433,9 +408,9 @@ class FlatQuantPass(OutlierPass):
         transformed: list[dict[str, Any]] = []
         inserted = 0
         for index, (group, mode, k1, k2) in enumerate(plan):
-            label = _label(group)
+            label = group_label(group)
             x = captured[group.input.name]
-            weight = np.concatenate([_f64(linear.weight_array()) for linear in group.linears], axis=1)
+            weight = np.concatenate([as_f64(linear.weight_array()) for linear in group.linears], axis=1)
             t0 = time.perf_counter()
             learned = learn_transform(x, weight, k1, k2, options, learn_left=(mode == "online"),
                                       learn_scale=options.learn_scale and mode == "online",
@@ -484,12 +459,12 @@ class FlatQuantPass(OutlierPass):
         v = group.producer.linear
         d = head.shape[0]
         v_map = np.kron(np.eye(v.out_features // d), head)
-        write_linear_weight(graph, v, _f64(v.weight_array()) @ v_map, f"{v.name}_weight_flatquant")
+        write_linear_weight(graph, v, as_f64(v.weight_array()) @ v_map, f"{v.name}_weight_flatquant")
         if v.bias is not None:
-            write_bias(graph, v, _f64(v.bias_array()).reshape(-1) @ v_map, f"{v.name}_bias_flatquant")
+            write_bias(graph, v, as_f64(v.bias_array()).reshape(-1) @ v_map, f"{v.name}_bias_flatquant")
         o_inverse = np.kron(np.eye(group.in_features // d), np.linalg.inv(head))
         for linear in group.linears:
-            write_linear_weight(graph, linear, o_inverse @ _f64(linear.weight_array()),
+            write_linear_weight(graph, linear, o_inverse @ as_f64(linear.weight_array()),
                                 f"{linear.name}_weight_flatquant")
 
     @staticmethod
@@ -511,19 +486,15 @@ class FlatQuantPass(OutlierPass):
                 prescale = 1.0 / scale
                 where = "mul"
         inverse = np.kron(np.linalg.inv(learned.p1), np.linalg.inv(learned.p2))
-        nodes, out = kronecker_left_form(model, group.input, learned.p1, learned.p2, name, prescale)
+        nodes, out = _flatquant_kronecker(model, group.input, learned.p1, learned.p2, name, prescale)
         first = first_in_graph(graph, [linear.node for linear in group.linears])
         graph.insert_before(first, nodes)
         for linear in group.linears:
-            weight = inverse @ (scale[:, None] * _f64(linear.weight_array()))
+            weight = inverse @ (scale[:, None] * as_f64(linear.weight_array()))
             write_linear_weight(graph, linear, weight, f"{linear.name}_weight_flatquant")
             for slot, value in enumerate(linear.node.inputs):
                 if value is group.input:
                     linear.node.replace_input_with(slot, out)
         return where
 
-
-def flatquant_nodes(model: ir.Model) -> list[ir.Node]:
-    """The nodes online FlatQuant transforms inserted (tagged with :data:`FLATQUANT_KEY`)."""
-    return [node for node in model.graph if FLATQUANT_KEY in node.metadata_props]
 

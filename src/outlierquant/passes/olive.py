@@ -65,13 +65,11 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.passes.analysis import Linear, analyze_graph
-from outlierquant.passes.base import (
-    OutlierPass,
-    add_initializer,
-    constant_array,
-    write_linear_weight,
-)
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.edit import write_linear_weight
+from outlierquant.graph.records import Linear
+from outlierquant.graph.values import add_initializer, constant_array
+from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
 

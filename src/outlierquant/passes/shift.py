@@ -31,18 +31,17 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.stats import ChannelStats
-from outlierquant.passes.analysis import analyze_graph
-from outlierquant.passes.base import OutlierPass
-from outlierquant.passes.smooth import (
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.edit import (
     check_group,
-    estimated_output_error,
     fold_into_producer,
     group_label,
     group_weight_rows,
     insert_channel_ops,
-    max_median_ratio,
     scale_consumers,
 )
+from outlierquant.numerics.estimates import estimated_output_error, max_median_ratio
+from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
 

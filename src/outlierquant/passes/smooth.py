@@ -11,7 +11,7 @@ weight maximum over every linear of the group). Large activation channels shrink
 their weight rows grow; α moves the quantization difficulty between the two.
 
 Where ``diag(s)⁻¹`` goes (the *foldable producer* found by
-:func:`outlierquant.passes.analysis.analyze_graph`):
+:func:`outlierquant.graph.analysis.analyze_graph`):
 
 - a norm: ``γ ← γ / s``, ``β ← β / s`` (LayerNorm, RMSNorm, fused or decomposed);
 - a producing linear ``x = z @ W₀ + b₀`` — directly, through head reshapes (attention
@@ -57,21 +57,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.calibration.stats import ActivationStats, ChannelStats
-from outlierquant.passes.analysis import Linear, LinearGroup, analyze_graph
-from outlierquant.passes.base import (
-    OutlierPass,
-    add_initializer,
-    constant_array,
-    first_in_graph,
-    set_input_constant,
-    write_linear_weight,
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.edit import (
+    check_group,
+    fold_into_producer,
+    group_label,
+    group_weight_rows,
+    insert_channel_ops,
+    producer_channels,
+    scale_consumers,
 )
+from outlierquant.numerics.estimates import (
+    DEFAULT_ALPHA_GRID,
+    estimated_output_error,
+    max_median_ratio,
+    search_alpha,
+    smoothing_scales,
+)
+from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +87,11 @@ __all__ = [
     "SmoothQuantOptions",
     "SmoothQuantPass",
     "estimated_output_error",
-    "estimated_static_sqnr_db",
     "fold_into_producer",
     "group_weight_rows",
     "scale_consumers",
     "smoothing_scales",
 ]
-
-DEFAULT_ALPHA_GRID = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.05))
-_MIN_SCALE = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,309 +150,7 @@ class SmoothQuantOptions:
 # -- scale math ----------------------------------------------------------------------------
 
 
-def group_weight_rows(group: LinearGroup) -> list[np.ndarray]:
-    """Each linear's weight as ``[K, N]`` (float64 copies)."""
-    return [np.asarray(linear.weight_array(), dtype=np.float64) for linear in group.linears]
-
-
-def smoothing_scales(act_absmax: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
-    """``s_j = max|X_j|^α / max|W_j|^(1−α)``, guarded against empty channels."""
-    w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-    a = np.maximum(np.asarray(act_absmax, dtype=np.float64), _MIN_SCALE)
-    w = np.maximum(w_absmax, _MIN_SCALE)
-    s = a**alpha / w ** (1.0 - alpha)
-    s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
-    # keep the overall magnitude of x unchanged (a global factor is free; this keeps
-    # folded γ / weights in a sane float range)
-    return s / np.exp(np.mean(np.log(s)))
-
-
-def weight_rounding_error(weight: np.ndarray, bits: int, block: int = 0) -> np.ndarray:
-    """``Q(W) − W`` for symmetric per-output-channel (``block == 0``) or blocked along K."""
-    qmax = 2 ** (bits - 1) - 1
-    if block <= 0:
-        scale = np.abs(weight).max(axis=0, keepdims=True) / qmax
-        scale = np.where(scale > 0, scale, 1.0)
-        return np.clip(np.rint(weight / scale), -qmax, qmax) * scale - weight
-    return blockwise_rounding_error(weight, bits, block)
-
-
-def blockwise_rounding_error(weight: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """Asymmetric ``bits``-bit rounding in blocks of ``block`` input rows (MatMulNBits' scheme)."""
-    k, n = weight.shape
-    padded = -(-k // block) * block
-    w = np.zeros((padded, n)) if padded != k else weight.copy()
-    if padded != k:
-        w[:k] = weight
-    blocks = w.reshape(padded // block, block, n)
-    lo = np.minimum(blocks.min(axis=1, keepdims=True), 0.0)
-    hi = np.maximum(blocks.max(axis=1, keepdims=True), 0.0)
-    levels = 2**bits - 1
-    scale = (hi - lo) / levels
-    scale = np.where(scale > 0, scale, 1.0)
-    zero = np.clip(np.rint(-lo / scale), 0, levels)
-    q = np.clip(np.rint(blocks / scale) + zero, 0, levels)
-    return ((q - zero) * scale - blocks).reshape(padded, n)[:k]
-
-
-def activation_steps(stats: ChannelStats, s: np.ndarray, *, per_channel_zero_point: bool = False,
-                     levels: int = 255) -> np.ndarray:
-    """Quantization step of each channel of ``x`` (original units) after ``x ← x / s``.
-
-    Per-tensor asymmetric (zero included): one step ``Δ`` for ``x / s``, ``Δ·s_j`` for
-    channel ``j``. With a zero point per channel only the widest ``(max − min)/s``
-    matters.
-    """
-    lo, hi = stats.minimum / s, stats.maximum / s
-    if per_channel_zero_point:
-        step = float(np.max(hi - lo)) / levels
-    else:
-        step = (max(float(hi.max()), 0.0) - min(float(lo.min()), 0.0)) / levels
-    return step * s
-
-
-def smoothed_weight_error(weight: np.ndarray, s: np.ndarray, bits: int, block: int,
-                          smoothed_mean_sq: np.ndarray, clip_ratios: Sequence[float]) -> np.ndarray:
-    """``Q(diag(s)·W) − diag(s)·W`` for weight-only blocks, with the ``weight_only`` clip search.
-
-    The clip search weights rows by ``E[(x/s)²]`` (``smoothed_mean_sq``), as the
-    ``weight_only`` pass does on the smoothed model's statistics.
-    """
-    from outlierquant.passes.weight_rounding import group_grid
-
-    smoothed = weight * s[:, None]
-    grid = group_grid(smoothed, "per_oc", block, bits, row_weight=smoothed_mean_sq, clip_ratios=tuple(clip_ratios))
-    scale, zero = grid.expand(*smoothed.shape)
-    scale = scale.astype(np.float64)
-    q = grid.levels(smoothed, scale, zero.astype(np.float64))
-    return (q - zero) * scale - smoothed
-
-
-def estimated_output_error(stats: ChannelStats, weights: Sequence[np.ndarray], s: np.ndarray, *,
-                           activation_bits: int = 8, weight_bits: int = 8, weight_block: int = 0,
-                           per_channel_zero_point: bool = False, sigma: np.ndarray | None = None,
-                           clip_ratios: Sequence[float] = (1.0,)) -> float:
-    """Estimated squared output error of the group with smoothing ``s`` (module docstring).
-
-    ``sigma`` (weight-only): the full ``E[x xᵀ]``; the weight error is then scored exactly
-    as ``tr(E'ᵀ Σ_s E')``. ``clip_ratios`` (weight-only, blocked): the clip search of the
-    scored rounding.
-    """
-    mean_sq = np.maximum(stats.mean_sq, 0.0)
-    if sigma is not None and activation_bits:
-        raise ValueError("sigma: only for weight-only scoring (activation_bits=0)")
-    if tuple(clip_ratios) != (1.0,) or sigma is not None:
-        if weight_block <= 0:
-            raise ValueError("sigma / clip_ratios: only for blocked weight-only scoring (weight_block > 0)")
-        total = 0.0
-        smoothed_sigma = sigma / np.outer(s, s) if sigma is not None else None
-        for w in weights:
-            error = smoothed_weight_error(w, s, weight_bits, weight_block, mean_sq / s**2, clip_ratios)
-            if smoothed_sigma is not None:
-                total += float(np.einsum("kn,kn->", error, smoothed_sigma @ error))
-            else:
-                total += float((mean_sq / s**2) @ (error**2).sum(axis=1))
-        return total
-    total = 0.0
-    if activation_bits:
-        steps = activation_steps(stats, s, per_channel_zero_point=per_channel_zero_point,
-                                 levels=2**activation_bits - 1)
-        act_noise = steps**2 / 12.0
-    for w in weights:
-        error = weight_rounding_error(w * s[:, None], weight_bits, weight_block) / s[:, None]
-        total += float(mean_sq @ (error**2).sum(axis=1))
-        if activation_bits:
-            total += float(act_noise @ (w**2).sum(axis=1))
-    return total
-
-
-def search_alpha(stats: ChannelStats, weights: Sequence[np.ndarray], grid: Sequence[float], *,
-                 scale_fn=None, **error_options: Any) -> tuple[float, np.ndarray, dict[float, float]]:
-    """The α of ``grid`` with the smallest :func:`estimated_output_error`."""
-    scale_fn = scale_fn or (lambda alpha: smoothing_scales(stats.absmax, weights, alpha))
-    errors: dict[float, float] = {}
-    best = (None, None, np.inf)
-    for alpha in grid:
-        s = scale_fn(alpha)
-        err = estimated_output_error(stats, weights, s, **error_options)
-        errors[float(alpha)] = err
-        if err < best[2]:
-            best = (float(alpha), s, err)
-    return best[0], best[1], errors
-
-
-def estimated_static_sqnr_db(stats: ChannelStats, weights: Sequence[np.ndarray],
-                             grid: Sequence[float] = DEFAULT_ALPHA_GRID) -> float:
-    """Estimated SQNR (dB) of a group's output under static per-tensor int8 activations
-    with the best per-channel activation scales of ``grid`` (OutlierTune's α search).
-
-    The signal ``E‖xW‖²`` is estimated as ``Σ_j E[x_j²]·‖W_j‖²`` (channels treated as
-    uncorrelated, as :func:`estimated_output_error` treats the noise). A low value marks
-    an input whose range is set by rare, token-varying spikes that no per-channel scale
-    can absorb (an LLM's down projection), where a rotation pays for itself.
-    """
-    mean_sq = np.maximum(np.asarray(stats.mean_sq, dtype=np.float64), 0.0)
-    signal = sum(float(mean_sq @ (np.asarray(w, dtype=np.float64) ** 2).sum(axis=1)) for w in weights)
-    if signal <= 0.0:
-        return float("-inf")  # a constant-zero input: callers skip it
-    _, _, errors = search_alpha(stats, weights, grid)
-    noise = min(errors.values())
-    return float("inf") if noise <= 0.0 else float(10.0 * np.log10(signal / noise))
-
-
-def max_median_ratio(values: np.ndarray) -> float:
-    values = np.abs(np.asarray(values, dtype=np.float64))
-    median = float(np.median(values))
-    return float(values.max() / median) if median > 0 else float("inf")
-
-
 # -- folding ---------------------------------------------------------------------------------
-
-
-def _scale_vector(node: ir.Node, index: int, factor: np.ndarray, graph: ir.Graph, hint: str,
-                  shift: np.ndarray | None = None) -> None:
-    """``v ← (v − shift) · factor`` for a constant vector input broadcast along the last axis."""
-    value = node.inputs[index]
-    array = np.asarray(constant_array(value), dtype=np.float64)
-    shape = array.shape
-    flat = array.reshape(-1) if array.size == factor.size else np.broadcast_to(array.reshape(-1), factor.shape)
-    if shift is not None:
-        flat = flat - shift
-    new = (flat * factor).reshape(shape if array.size == factor.size else factor.shape)
-    set_input_constant(graph, node, index, new, hint)
-
-
-def _norm_affine_nodes(norm) -> tuple[tuple[ir.Node, int] | None, tuple[ir.Node, int] | None]:
-    """(node, input index) of γ and β within the norm."""
-    gamma = beta = None
-    for node in norm.nodes:
-        for index, value in enumerate(node.inputs):
-            if value is None:
-                continue
-            if norm.gamma is not None and value is norm.gamma and gamma is None:
-                gamma = (node, index)
-            if norm.beta is not None and value is norm.beta and beta is None:
-                beta = (node, index)
-    return gamma, beta
-
-
-def fold_into_producer(graph: ir.Graph, group: LinearGroup, s_producer: np.ndarray,
-                       shift_producer: np.ndarray | None = None) -> None:
-    """Apply ``x ← (x − shift) / s`` inside the group's foldable producer.
-
-    ``s_producer`` / ``shift_producer`` are indexed by the *producer's* output channels
-    (equal to the group's input channels unless a channel map — GQA — intervenes).
-    """
-    producer = group.producer
-    inverse = 1.0 / s_producer
-    if producer.kind == "norm":
-        norm = producer.norm
-        gamma, beta = _norm_affine_nodes(norm)
-        if gamma is None:
-            raise ValueError(f"norm {norm.name} has no γ to fold into")
-        _scale_vector(gamma[0], gamma[1], inverse, graph, f"{norm.name}_gamma_folded")
-        if beta is not None:
-            _scale_vector(beta[0], beta[1], inverse, graph, f"{norm.name}_beta_folded", shift_producer)
-        elif shift_producer is not None and np.any(shift_producer):
-            raise ValueError(f"norm {norm.name} has no β to absorb a shift")
-        return
-    if producer.kind == "linear":
-        linear = producer.linear
-        weight = np.asarray(linear.weight_array(), dtype=np.float64) * inverse[None, :]
-        write_linear_weight(graph, linear, weight, f"{linear.name}_weight_folded")
-        if linear.bias is not None:
-            index = _bias_index(linear)
-            _scale_vector(linear.bias_node or linear.node, index, inverse, graph, f"{linear.name}_bias_folded",
-                          shift_producer)
-        elif shift_producer is not None and np.any(shift_producer):
-            raise ValueError(f"linear {linear.name} has no bias to absorb a shift")
-        return
-    raise ValueError(f"group producer {producer.kind!r} cannot absorb a scale")
-
-
-def _bias_index(linear: Linear) -> int:
-    if linear.bias_node is not None:
-        return next(i for i, v in enumerate(linear.bias_node.inputs) if v is linear.bias)
-    return 2  # Gemm C / Conv B
-
-
-def scale_consumers(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: np.ndarray | None = None) -> None:
-    """``W ← diag(s)·W`` (and ``b ← b + shift @ W`` for a shift) for every linear of the group."""
-    for linear in group.linears:
-        weight = np.asarray(linear.weight_array(), dtype=np.float64)
-        if shift is not None and np.any(shift):
-            if linear.bias is None:
-                raise ValueError(f"linear {linear.name} has no bias to absorb a shift")
-            correction = shift @ weight
-            _scale_vector(linear.bias_node or linear.node, _bias_index(linear), np.ones_like(correction), graph,
-                          f"{linear.name}_bias_shifted", -correction)
-        write_linear_weight(graph, linear, weight * s[:, None], f"{linear.name}_weight_smoothed")
-
-
-def insert_channel_ops(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: np.ndarray | None = None) -> int:
-    """Insert ``Mul(x, 1/s)`` (after ``Sub(x, shift)`` when shifting) before the group; returns ops inserted."""
-    x = group.input
-    first = first_in_graph(graph, [linear.node for linear in group.linears])
-    base = x.name or "smooth_input"
-    nodes: list[ir.Node] = []
-    current = x
-    if shift is not None and np.any(shift):
-        z = add_initializer(graph, f"{base}_shift", shift.astype(np.float32))
-        sub = ir.node("Sub", inputs=[current, z], name=f"{base}_Shift")
-        sub.outputs[0].name = f"{base}_shifted"
-        nodes.append(sub)
-        current = sub.outputs[0]
-    inv = add_initializer(graph, f"{base}_inv_scale", (1.0 / s).astype(np.float32))
-    mul = ir.node("Mul", inputs=[current, inv], name=f"{base}_Smooth")
-    mul.outputs[0].name = f"{base}_smoothed"
-    nodes.append(mul)
-    for node_ in nodes:
-        node_.outputs[0].type = x.type
-        node_.outputs[0].shape = x.shape
-    graph.insert_before(first, nodes)
-    for linear in group.linears:
-        linear.node.replace_input_with(0, mul.outputs[0])
-    return len(nodes)
-
-
-def producer_channels(group: LinearGroup, values: np.ndarray, reduce=np.maximum) -> tuple[np.ndarray, np.ndarray | None]:
-    """Aggregate a per-input-channel array onto the producer's channels (GQA: several → one).
-
-    Returns (per-producer-channel array, channel_map or None for identity).
-    """
-    cmap = group.producer.channel_map
-    if cmap is None or (len(cmap) == len(values) and np.array_equal(cmap, np.arange(len(values)))):
-        return values, None
-    cmap = np.asarray(cmap)
-    out = np.full(int(cmap.max()) + 1, np.nan)
-    for j, c in enumerate(cmap):
-        out[c] = values[j] if np.isnan(out[c]) else reduce(out[c], values[j])
-    return out, cmap
-
-
-def check_group(group: LinearGroup, stats: ActivationStats, *, allow_insert: bool,
-                relations: Sequence[str]) -> str:
-    """Why the group cannot be rewritten ("" when it can)."""
-    name = group.input.name
-    producer = group.producer
-    if producer.relation not in relations:
-        return f"relation {producer.relation!r} not selected by the recipe"
-    if any(linear.weight_layout == "conv" for linear in group.linears):
-        return "Conv consumers are not handled"
-    if name not in stats:
-        return f"no calibration statistics for {name}"
-    if stats[name].channels != group.in_features:
-        return f"statistics of {name} have {stats[name].channels} channels, the linears read {group.in_features}"
-    for linear in group.linears:
-        if len(linear.weight.uses()) != 1:
-            return f"weight of {linear.name} is shared with another node"
-    if not producer.foldable and not allow_insert:
-        return f"no foldable producer ({producer.reason or producer.relation}) and insert_mul is off"
-    return ""
-
-
-def group_label(group: LinearGroup) -> str:
-    return ", ".join(linear.name for linear in group.linears)
 
 
 # -- the pass ----------------------------------------------------------------------------------

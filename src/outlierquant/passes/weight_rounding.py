@@ -90,30 +90,36 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.calibration.stats import ChannelStats
-from outlierquant.passes.analysis import Linear, analyze_graph
-from outlierquant.passes.base import OutlierPass, constant_array, set_input_constant
-from outlierquant.passes.split import _excluded, _label, replace_linear, splittable
+from outlierquant.emit.fake_quant import fake_quantize_activation
+from outlierquant.emit.weights import correct_bias, emit_grouped_weight
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.edit import is_excluded, linear_label, splittable
+from outlierquant.graph.records import Linear
+from outlierquant.graph.values import MS_DOMAIN
+from outlierquant.numerics.grids import dequantize_levels, group_grid, rtn_levels
+from outlierquant.numerics.rounding import (
+    DEFAULT_CLIP_RATIOS,
+    InputMoments,
+    output_error,
+    quantease_round,
+    refit_scales,
+    select_outlier_weights,
+)
+from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "AdaDimOptions",
     "AdaDimQuantizePass",
-    "GroupGrid",
     "InputMoments",
     "QuantEaseOptions",
     "QuantEaseRoundPass",
-    "gptaq_objective",
     "group_grid",
     "output_error",
     "quantease_round",
     "refit_scales",
-    "second_moment",
 ]
-
-MS_DOMAIN = "com.microsoft"
-DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,395 +223,7 @@ class QuantEaseOptions(WeightOnlyOptions):
 # -- math ------------------------------------------------------------------------------------
 
 
-def second_moment(stats: ChannelStats, damp: float = 0.0, *, centered: bool = False) -> tuple[np.ndarray, bool]:
-    """``(Σ = E[x xᵀ], full)``; the diagonal ``E[x_k²]`` only when no covariance was collected.
-
-    ``centered``: the covariance ``E[(x − μ)(x − μ)ᵀ]`` instead (the error left once the
-    mean output error ``μᵀΔ`` is corrected in the bias).
-    """
-    mean = np.asarray(stats.mean, np.float64)
-    if stats.covariance is not None:
-        sigma = stats.covariance + (0.0 if centered else np.outer(mean, mean))
-        full = True
-    else:
-        sigma = np.diag(np.maximum(stats.mean_sq - (mean**2 if centered else 0.0), 0.0))
-        full = False
-    diag = np.diag(sigma).copy()
-    sigma = sigma + np.eye(sigma.shape[0]) * (damp * max(float(diag.mean()), 1e-12))
-    return sigma, full
-
-
-@dataclasses.dataclass
-class InputMoments:
-    """What the rounding of every linear reading one input needs.
-
-    ``sigma``: the (damped) metric of the objective ``tr((Q − T)ᵀ Σ (Q − T))``; ``cross``:
-    ``Σ_qf + λI`` of the module doc when the target is the fp32 output (``None``: the
-    target is the weight itself); ``mean``: the mean of the input the layer sees (``μ_q``);
-    ``reference_mean``: the input mean its fp32 output is made of (``μ_f``; ``μ_q`` for the
-    ``weight`` target); ``full``: whether Σ is a full matrix (else its diagonal only).
-    """
-
-    sigma: np.ndarray
-    mean: np.ndarray
-    reference_mean: np.ndarray
-    cross: np.ndarray | None = None
-    full: bool = True
-
-    @classmethod
-    def from_stats(cls, stats: ChannelStats, damp: float, *, centered: bool) -> "InputMoments":
-        sigma, full = second_moment(stats, damp, centered=centered)
-        mean = np.asarray(stats.mean, np.float64)
-        return cls(sigma, mean, mean, None, full)
-
-    @classmethod
-    def from_rows(cls, x_q: np.ndarray, x_f: np.ndarray | None, damp: float, *, centered: bool) -> "InputMoments":
-        """Moments of paired rows ``x_q`` (quantized model) and ``x_f`` (fp32 model).
-
-        ``x_f=None``: the ``weight`` target (plain sequential rounding against ``x_q``).
-        """
-        xq = np.asarray(x_q, np.float64)
-        if x_f is not None and np.shape(x_f) != xq.shape:
-            raise ValueError(f"paired rows differ in shape: {xq.shape} vs {np.shape(x_f)}")
-        n = xq.shape[0]
-        mean_q = xq.mean(axis=0)
-        if centered:
-            xq = xq - mean_q
-        sigma = xq.T @ xq / n
-        ridge = damp * max(float(np.diag(sigma).mean()), 1e-12)
-        eye = np.eye(sigma.shape[0]) * ridge
-        if x_f is None:
-            return cls(sigma + eye, mean_q, mean_q, None, True)
-        xf = np.asarray(x_f, np.float64)
-        mean_f = xf.mean(axis=0)
-        if centered:
-            xf = xf - mean_f
-        return cls(sigma + eye, mean_q, mean_f, xq.T @ xf / n + eye, True)
-
-    def target(self, weight: np.ndarray) -> np.ndarray:
-        """The weight the rounding aims at: ``W`` or ``W' = Σ⁻¹ (Σ_qf + λI) W``."""
-        weight = np.asarray(weight, np.float64)
-        if self.cross is None:
-            return weight
-        try:
-            return np.linalg.solve(self.sigma, self.cross @ weight)
-        except np.linalg.LinAlgError:  # singular (damp 0, rank-deficient rows): least squares
-            return np.linalg.lstsq(self.sigma, self.cross @ weight, rcond=None)[0]
-
-    def correction(self, weight: np.ndarray, effective: np.ndarray) -> np.ndarray:
-        """The bias that removes the mean output error ``μ_f W − μ_q Ŵ``."""
-        return self.reference_mean @ np.asarray(weight, np.float64) - self.mean @ effective
-
-
-def gptaq_objective(x_q: np.ndarray, x_f: np.ndarray, weight: np.ndarray, q: np.ndarray, damp: float = 0.0) -> float:
-    """The direct objective ``||X_q Q − X_f W||² / n + λ ||Q − W||²`` (λ as in :class:`InputMoments`)."""
-    xq, xf = np.asarray(x_q, np.float64), np.asarray(x_f, np.float64)
-    residual = xq @ q - xf @ weight
-    ridge = damp * max(float((xq**2).mean(axis=0).mean()), 1e-12)
-    return float((residual**2).sum() / xq.shape[0] + ridge * ((q - weight) ** 2).sum())
-
-
-@dataclasses.dataclass
-class GroupGrid:
-    """Per-group scale / zero point, compact (``[K/G, N]`` per_oc, ``[K, N/G]`` per_ic)."""
-
-    dimension: str
-    group_size: int
-    bits: int
-    scale: np.ndarray
-    zero: np.ndarray
-
-    @property
-    def maxq(self) -> int:
-        return 2**self.bits - 1
-
-    def expand(self, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scale and zero point broadcast to ``[K, N]``."""
-        if self.dimension == "per_oc":
-            s = np.repeat(self.scale, self.group_size, axis=0)[:k]
-            z = np.repeat(self.zero, self.group_size, axis=0)[:k]
-        else:
-            s = np.repeat(self.scale, self.group_size, axis=1)[:, :n]
-            z = np.repeat(self.zero, self.group_size, axis=1)[:, :n]
-        return s, z
-
-    def levels(self, w: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(w / s) + z, 0, self.maxq)
-
-
-def _grouped(a: np.ndarray, dimension: str, g: int) -> np.ndarray:
-    """``[K, N]`` → groups on axis 1: ``[K/G, G, N]`` (per_oc) or ``[K, N/G, G]`` (per_ic), zero-padded."""
-    k, n = a.shape
-    if dimension == "per_oc":
-        kp = -(-k // g) * g
-        padded = np.zeros((kp, n), a.dtype)
-        padded[:k] = a
-        return padded.reshape(kp // g, g, n)
-    np_ = -(-n // g) * g
-    padded = np.zeros((k, np_), a.dtype)
-    padded[:, :n] = a
-    return padded.reshape(k, np_ // g, g)
-
-
-def group_grid(weight: np.ndarray, dimension: str, group_size: int, bits: int, *,
-               row_weight: np.ndarray | None = None, clip_ratios=(1.0,), keep_out: np.ndarray | None = None) -> GroupGrid:
-    """Asymmetric min/max grid per group (zero included), with the clip search of the module doc.
-
-    ``row_weight``: ``E[x_k²]`` per input row (weights the clip search); ``keep_out``: mask of
-    weights left out of the ranges (kept in float).
-    """
-    k, n = weight.shape
-    w = np.asarray(weight, dtype=np.float64)
-    if keep_out is not None:
-        w = np.where(keep_out, 0.0, w)
-    rw = np.ones(k) if row_weight is None else np.maximum(np.asarray(row_weight, np.float64), 1e-12)
-    reduce_axis = 1 if dimension == "per_oc" else 2
-    blocks = _grouped(w, dimension, group_size)
-    weights = _grouped(np.broadcast_to(rw[:, None], (k, n)).copy(), dimension, group_size)
-    lo = np.minimum(blocks.min(axis=reduce_axis, keepdims=True), 0.0)
-    hi = np.maximum(blocks.max(axis=reduce_axis, keepdims=True), 0.0)
-    maxq = 2**bits - 1
-    best_err = best_scale = best_zero = None
-    for ratio in clip_ratios:
-        scale = (hi - lo) * ratio / maxq
-        scale = np.where(scale > 0, scale, 1.0)
-        zero = np.clip(np.rint(-lo * ratio / scale), 0, maxq)
-        q = np.clip(np.rint(blocks / scale) + zero, 0, maxq)
-        err = (((q - zero) * scale - blocks) ** 2 * weights).sum(axis=reduce_axis, keepdims=True)
-        if best_err is None:
-            best_err, best_scale, best_zero = err, scale, zero
-        else:
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
-            best_zero = np.where(better, zero, best_zero)
-    return GroupGrid(dimension, group_size, bits, best_scale.squeeze(reduce_axis).astype(np.float32),
-                     best_zero.squeeze(reduce_axis).astype(np.uint8))
-
-
-def output_error(delta: np.ndarray, sigma: np.ndarray) -> float:
-    """``tr(Δᵀ Σ Δ)``: the mean squared output error of ``x @ (W + Δ)`` vs ``x @ W``."""
-    return float(np.einsum("kn,kn->", delta, sigma @ delta))
-
-
-def quantease_round(weight: np.ndarray, sigma: np.ndarray, grid: GroupGrid, *, iterations: int = 10,
-                    fixed: np.ndarray | None = None, levels: np.ndarray | None = None) -> np.ndarray:
-    """Grid levels ``q [K, N]`` minimising ``tr(Δᵀ Σ Δ)`` by cyclic coordinate descent over rows.
-
-    ``fixed``: mask of weights excluded from the objective (kept in float elsewhere); their
-    levels stay at the zero point. ``levels``: the starting point (default round-to-nearest).
-
-    Rows are visited in blocks of 32: ``Σ Δ`` is kept exact for the rows outside the
-    current block (one GEMM per block) and completed on demand for a row of the block with
-    the steps already taken in it, so each row update is exact coordinate descent.
-    """
-    with _one_blas_thread():  # thousands of small GEMVs: threads only add synchronisation
-        return _coordinate_descent(weight, sigma, grid, iterations, fixed, levels)
-
-
-def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: only speed depends on it
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def _coordinate_descent(weight, sigma, grid, iterations, fixed, levels) -> np.ndarray:
-    k, n = weight.shape
-    w = np.asarray(weight, dtype=np.float64)
-    s, z = grid.expand(k, n)
-    s = s.astype(np.float64)
-    z = z.astype(np.float64)
-    inv_s = 1.0 / s
-    maxq = float(grid.maxq)
-    free = None if fixed is None or not fixed.any() else ~fixed
-    if levels is not None:
-        q = np.asarray(levels, np.float64).copy()
-    else:
-        q = grid.levels(w, s, z)
-    if free is not None:
-        q = np.where(free, q, z)
-    delta = w - (q - z) * s  # W − Ŵ on the free entries
-    if free is not None:
-        delta = np.where(free, delta, 0.0)
-    sigma = np.asarray(sigma, np.float64)
-    sigma_delta = sigma @ delta
-    diag = np.diag(sigma)
-    block = 32
-    for _ in range(iterations):
-        changed = 0
-        for start in range(0, k, block):
-            stop = min(start + block, k)
-            steps = np.zeros((stop - start, n))
-            local = sigma[start:stop, start:stop]
-            touched = False
-            for row in range(start, stop):
-                d = diag[row]
-                if d <= 0:
-                    continue
-                current = sigma_delta[row] + local[row - start] @ steps if touched else sigma_delta[row]
-                target = w[row] + (current - d * delta[row]) / d
-                q_row = np.clip(np.rint(target * inv_s[row]) + z[row], 0.0, maxq)
-                new_delta = w[row] - (q_row - z[row]) * s[row]
-                if free is not None:
-                    q_row = np.where(free[row], q_row, z[row])
-                    new_delta = np.where(free[row], new_delta, 0.0)
-                step = new_delta - delta[row]
-                if step.any():
-                    changed += 1
-                    touched = True
-                    steps[row - start] = step
-                    delta[row] = new_delta
-                    q[row] = q_row
-            if touched:
-                sigma_delta += sigma[:, start:stop] @ steps
-        if not changed:
-            break
-    return q
-
-
-def refit_scales(weight: np.ndarray, sigma: np.ndarray, q: np.ndarray, grid: GroupGrid,
-                 fixed: np.ndarray | None = None) -> GroupGrid:
-    """per_oc grid whose scales minimise ``tr(Δᵀ Σ Δ)`` for the given levels and zero points.
-
-    With ``a = q − z`` fixed, output column ``n`` is ``Ŵ[:, n] = A_n s_n`` with
-    ``A_n[k, g] = a[k, n]·[k ∈ g]``, so its error is the quadratic
-    ``(A_n s_n − W_n)ᵀ Σ (A_n s_n − W_n)``, minimised by ``s_n = (A_nᵀ Σ A_n)⁻¹ A_nᵀ Σ W_n``
-    (all groups of a column at once: the groups are coupled through Σ). A scale that
-    comes out non-positive or from a singular system keeps its old value.
-    """
-    if grid.dimension != "per_oc":
-        raise ValueError(f"refit_scales: dimension={grid.dimension!r}: only per_oc grids are refitted")
-    k, n = q.shape
-    g = grid.group_size
-    h = -(-k // g)
-    kp = h * g
-    _, z = grid.expand(k, n)
-    a = np.zeros((kp, n))
-    a[:k] = q - z.astype(np.float64)
-    w = np.asarray(weight, np.float64)
-    if fixed is not None:
-        a[:k] = np.where(fixed, 0.0, a[:k])
-        w = np.where(fixed, 0.0, w)
-    sig = np.zeros((kp, kp))
-    sig[:k, :k] = sigma
-    a3 = a.reshape(h, g, n)
-    # P[k, j, n] = Σ_{l ∈ group j} Σ[k, l] a[l, n]
-    partial = np.matmul(sig.reshape(kp, h, g).transpose(1, 0, 2), a3)  # [j, k, n] (BLAS)
-    gram = np.einsum("iun,jiun->nij", a3, partial.reshape(h, h, g, n), optimize=True)
-    rhs_full = np.zeros((kp, n))
-    rhs_full[:k] = sigma @ w
-    rhs = np.einsum("iun,iun->ni", a3, rhs_full.reshape(h, g, n))
-    old = grid.scale.astype(np.float64).T  # [N, H]
-    ridge = 1e-9 * np.maximum(np.trace(gram, axis1=1, axis2=2) / h, 1e-30)
-    gram = gram + ridge[:, None, None] * np.eye(h)[None]
-    try:
-        new = np.linalg.solve(gram, rhs[..., None])[..., 0]
-    except np.linalg.LinAlgError:
-        return grid
-    empty = np.abs(a3).sum(axis=1).T == 0  # [N, H]: groups with no nonzero level
-    keep = ~np.isfinite(new) | (new <= 0) | empty
-    scale = np.where(keep, old, new).T.astype(np.float32)
-    return GroupGrid(grid.dimension, g, grid.bits, scale, grid.zero.copy())
-
-
-def _rtn_levels(weight: np.ndarray, grid: GroupGrid, fixed: np.ndarray | None = None) -> np.ndarray:
-    k, n = weight.shape
-    s, z = grid.expand(k, n)
-    q = grid.levels(np.asarray(weight, np.float64), s, z)
-    return q if fixed is None else np.where(fixed, z, q)
-
-
-def _dequantize(q: np.ndarray, grid: GroupGrid) -> np.ndarray:
-    s, z = grid.expand(*q.shape)
-    return (q - z.astype(np.float64)) * s
-
-
-def select_outlier_weights(weight: np.ndarray, sigma_diag: np.ndarray, fraction: float) -> np.ndarray:
-    """Mask of the ``fraction`` of weights with the largest ``|W[k, n]| · sqrt(Σ[k, k])``."""
-    if fraction <= 0:
-        return np.zeros(weight.shape, bool)
-    impact = np.abs(weight) * np.sqrt(np.maximum(sigma_diag, 0.0))[:, None]
-    count = int(np.ceil(fraction * weight.size))
-    threshold = np.partition(impact.reshape(-1), weight.size - count)[weight.size - count]
-    return impact >= threshold
-
-
 # -- emission --------------------------------------------------------------------------------
-
-
-def _blocked_dequant_matmul(tape: ir.tape.Tape, x: ir.Value, q: np.ndarray, grid: GroupGrid, label: str) -> ir.Value:
-    """Standard-op form for per_ic groups: unpack uint4 pairs, ``(q − z) · s`` per group, MatMul."""
-    from outlierquant.passes.weight_only import pack_levels
-
-    k, n = q.shape
-    g = grid.group_size
-    groups = grid.scale.shape[1]
-    padded = np.zeros((k, groups * g), np.uint8)
-    padded[:, :n] = q
-    packed = pack_levels(padded, 4)  # [K, groups*G/2]; 3-bit levels in 4-bit containers
-
-    def const(array, suffix):
-        return tape.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{label}_{suffix}")
-
-    packed_v = const(packed, "packed")
-    four = const(np.array(4, np.uint8), "four")
-    high = tape.op("BitShift", [packed_v, four], {"direction": "RIGHT"})
-    low = tape.op("Sub", [packed_v, tape.op("BitShift", [high, four], {"direction": "LEFT"})])
-    axes = const(np.array([-1], np.int64), "axes")
-    pairs = tape.op("Concat", [tape.op("Unsqueeze", [low, axes]), tape.op("Unsqueeze", [high, axes])], {"axis": -1})
-    levels = tape.op("Cast", [tape.op("Reshape", [pairs, const(np.array([k, groups, g], np.int64), "shape")])],
-                     {"to": int(ir.DataType.FLOAT)})
-    zero = const(grid.zero.astype(np.float32)[:, :, None], "zero")
-    scale = const(grid.scale.astype(np.float32)[:, :, None], "scale")
-    weight = tape.op("Mul", [tape.op("Sub", [levels, zero]), scale])
-    weight = tape.op("Reshape", [weight, const(np.array([k, groups * g], np.int64), "flat_shape")])
-    if groups * g != n:
-        weight = tape.op("Slice", [weight, const(np.array([0], np.int64), "start"),
-                                   const(np.array([n], np.int64), "end"), const(np.array([1], np.int64), "axis")])
-    return tape.op("MatMul", [x, weight])
-
-
-def _correct_bias(graph: ir.Graph, linear: Linear, correction: np.ndarray) -> str:
-    """Add ``correction`` to the linear's constant bias (``"folded"``) or say an Add is needed."""
-    if linear.bias is None or linear.bias_node is None or len(linear.bias.uses()) != 1:
-        return "inserted Add"
-    bias = np.asarray(constant_array(linear.bias), np.float64)
-    if bias.size != correction.size:
-        return "inserted Add"
-    index = next(i for i, v in enumerate(linear.bias_node.inputs) if v is linear.bias)
-    set_input_constant(graph, linear.bias_node, index, (bias.reshape(-1) + correction).reshape(bias.shape),
-                       f"{linear.name}_bias_corrected")
-    return "folded"
-
-
-def _emit(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: GroupGrid, side: np.ndarray | None, label: str,
-          correction: np.ndarray | None = None) -> None:
-    # weight_only imports this module (GroupGrid, group_grid): import its writer lazily
-    from outlierquant.passes.weight_only import BlockwiseWeight, emit_matmul_nbits
-
-    rows = np.flatnonzero(np.any(side != 0, axis=1)) if side is not None else np.zeros(0, np.int64)
-
-    def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
-        if grid.dimension == "per_oc":  # the MatMulNBits writer of weight_only, shared with RTN
-            y = emit_matmul_nbits(tape, x, BlockwiseWeight(q, grid, symmetric=False), label)
-        else:
-            y = _blocked_dequant_matmul(tape, x, q, grid, label)
-        if rows.size:
-            gathered = tape.op("Gather", [x, tape.initializer(ir.tensor(rows.astype(np.int64)),
-                                                              name=f"{label}_outlier_rows")], {"axis": -1})
-            dense = np.ascontiguousarray(side[rows].astype(np.float32))
-            y = tape.op("Add", [y, tape.op("MatMul", [gathered, tape.initializer(ir.tensor(dense),
-                                                                                 name=f"{label}_outlier_weight")])])
-        if correction is not None:
-            y = tape.op("Add", [y, tape.initializer(ir.tensor(correction.astype(np.float32)),
-                                                    name=f"{label}_bias_correction")])
-        return y
-
-    replace_linear(graph, linear, build, label)
 
 
 # -- the passes ------------------------------------------------------------------------------
@@ -683,7 +301,7 @@ class _WeightOnlyPass(OutlierPass):
         todo: list[Linear] = []
         for linear in analyze_graph(model).linears:
             reason = splittable(linear)
-            if reason is None and _excluded(linear, options.exclude):
+            if reason is None and is_excluded(linear, options.exclude):
                 reason = "excluded by option"
             if reason is None and stats is not None and linear.input.name not in stats:
                 reason = "no calibration statistics for its input"
@@ -790,14 +408,14 @@ class _WeightOnlyPass(OutlierPass):
                 for _ in range(options.scale_refits):
                     grid = refit_scales(weight, sigma, q, grid, fixed)
                     q = quantease_round(weight, sigma, grid, iterations=options.iterations, fixed=fixed, levels=q)
-            delta = _dequantize(q, grid) - weight
+            delta = dequantize_levels(q, grid) - weight
             if fixed is not None:
                 delta = np.where(fixed, 0.0, delta)
             candidates[dim] = (output_error(delta, sigma), q, grid)
         chosen = min(candidates, key=lambda d: candidates[d][0])
         error, q, grid = candidates[chosen]
         side = None
-        effective = _dequantize(q, grid)
+        effective = dequantize_levels(q, grid)
         if fixed is not None and fixed.any():
             side = np.where(fixed, weight - effective, 0.0)
             effective = effective + side
@@ -807,8 +425,8 @@ class _WeightOnlyPass(OutlierPass):
         signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
         entry_extra = {}
         if correction is not None:
-            entry_extra["bias_correction"] = _correct_bias(model.graph, linear, correction)
-        _emit(model.graph, linear, q.astype(np.uint8), grid, side, _label(linear, self.name),
+            entry_extra["bias_correction"] = correct_bias(model.graph, linear, correction)
+        emit_grouped_weight(model.graph, linear, q.astype(np.uint8), grid, side, linear_label(linear, self.name),
               None if correction is None or entry_extra["bias_correction"] == "folded" else correction)
         entry = {
             "linear": linear.name,
@@ -825,13 +443,10 @@ class _WeightOnlyPass(OutlierPass):
 
     def _fake_quantize_input(self, model: ir.Model, linear: Linear, shared: dict[str, ir.Value]) -> None:
         """Per-token symmetric fake quantization of the linear's input (simulated), shared per tensor."""
-        from outlierquant.passes.rotate import SimulateQuantizationPass
-
         source = linear.node.inputs[0]
         if source.name not in shared:
-            simulator = SimulateQuantizationPass(activation_bits=self.options.activation_bits,
-                                                 activations="per_token")
-            shared[source.name] = simulator._activation(model, source, linear.node)
+            shared[source.name] = fake_quantize_activation(model, source, linear.node,
+                                                           int(self.options.activation_bits), "per_token")
         linear.node.replace_input_with(0, shared[source.name])
 
 
@@ -844,7 +459,7 @@ class AdaDimQuantizePass(_WeightOnlyPass):
     def _round(self, weight, sigma, grid, fixed):
         if self.options.rounding == "quantease":
             return quantease_round(weight, sigma, grid, iterations=self.options.iterations, fixed=fixed)
-        return _rtn_levels(weight, grid, fixed)
+        return rtn_levels(weight, grid, fixed)
 
 
 class QuantEaseRoundPass(_WeightOnlyPass):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
 import typing
 from importlib import resources
 from pathlib import Path
@@ -32,16 +33,16 @@ PASS_CATALOG: dict[str, str] = {
     "quantize": "outlierquant.passes.quantize:QuantizeQDQPass",
     "smoothquant": "outlierquant.passes.smooth:SmoothQuantPass",
     "os+": "outlierquant.passes.shift:ShiftScaleOutliersPass",
-    "outliertune": "outlierquant.passes.rescale:QuantizeOutlierTunePass",
-    "reparameterize": "outlierquant.passes.rescale:ReparameterizeScalesPass",
-    "rotate-residual": "outlierquant.passes.rotate:RotateResidualPass",
-    "rotate-heads": "outlierquant.passes.rotate:RotateHeadsPass",
-    "online-hadamard": "outlierquant.passes.rotate:OnlineHadamardPass",
-    "rotate-qk": "outlierquant.passes.rotate:RotateQueryKeyPass",
-    "simulate-quant": "outlierquant.passes.rotate:SimulateQuantizationPass",
+    "outliertune": "outlierquant.passes.outliertune:QuantizeOutlierTunePass",
+    "reparameterize": "outlierquant.passes.reparameterize:ReparameterizeScalesPass",
+    "rotate-residual": "outlierquant.passes.rotate_residual:RotateResidualPass",
+    "rotate-heads": "outlierquant.passes.rotate_heads:RotateHeadsPass",
+    "online-hadamard": "outlierquant.passes.online_hadamard:OnlineHadamardPass",
+    "rotate-qk": "outlierquant.passes.rotate_qk:RotateQueryKeyPass",
+    "simulate-quant": "outlierquant.passes.simulate:SimulateQuantizationPass",
     "flatquant": "outlierquant.passes.flatquant:FlatQuantPass",
-    "llm_int8": "outlierquant.passes.split:LlmInt8SplitPass",
-    "splitquant": "outlierquant.passes.split:SplitQuantPass",
+    "llm_int8": "outlierquant.passes.llm_int8:LlmInt8SplitPass",
+    "splitquant": "outlierquant.passes.splitquant:SplitQuantPass",
     "qllm_disassemble": "outlierquant.passes.disassemble:DisassembleChannelsPass",
     "adadim": "outlierquant.passes.weight_rounding:AdaDimQuantizePass",
     "quantease": "outlierquant.passes.weight_rounding:QuantEaseRoundPass",
@@ -121,6 +122,8 @@ def pass_class(name: str):
 def _coerce(field: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
     annotation = hints.get(field.name, field.type)
     origin = typing.get_origin(annotation)
+    if isinstance(value, str) and _wants_sequence(annotation):
+        raise ValueError(f"expects a list, got the string {value!r} (write [{value!r}] for one item)")
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     if origin is typing.Literal:
@@ -128,6 +131,17 @@ def _coerce(field: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
         if value not in allowed:
             raise ValueError(f"{value!r} is not one of {', '.join(map(repr, allowed))}")
     return value
+
+
+def _wants_sequence(annotation: Any) -> bool:
+    """A tuple or list type, or an optional one, where a string would be split into characters."""
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return bool(args) and all(typing.get_origin(arg) in (tuple, list) for arg in args)
+    return False
 
 
 def validate_pass_options(name: str, options: dict[str, Any], *, source: str = "recipe") -> PassSpec:

@@ -1,4 +1,4 @@
-"""Per-channel activation rescaling: OutlierTune and RepQuant / DopQ-ViT reparameterization.
+"""OutlierTune: per-channel activation scales pre-executed into the weights.
 
 **OutlierTune** (2024, "OutlierTune: Efficient Channel-Wise Quantization for Large
 Language Models"): quantize activations *per channel* and pre-execute the per-channel
@@ -28,21 +28,6 @@ with α = 1); the per-channel scales are therefore ``d_j = Δ · t_j`` with
 ``t_j = smoothing_scales(α)`` of SmoothQuant and ``α`` searched per group with the same
 error estimate (:func:`outlierquant.passes.smooth.estimated_output_error`, per-channel
 zero points). α = 1 is pure per-channel activation quantization.
-
-**Scale reparameterization** (RepQuant, Li et al. 2024, "RepQuant: Towards Accurate
-Post-Training Quantization of Large Transformer Models via Scale Reparameterization";
-DopQ-ViT 2024, "DopQ-ViT: Towards Distribution-Friendly and Outlier-Aware Post-Training
-Quantization for Vision Transformers"): calibrate per-channel asymmetric parameters
-``(d_j, z_j)`` of a post-norm activation, then fold them into the norm and the next
-weights so a single layer-wise scale quantizes it. With the target scale
-``d̃ = median_j d_j`` (DopQ-ViT: the median is robust to outlier channels) and
-``r_j = d_j / d̃``, ``c_j`` the center of channel ``j``'s range::
-
-    γ ← γ / r,  β ← (β − c) / r,     W ← diag(r) · W,  b ← b + c @ W
-
-:class:`ReparameterizeScalesPass` is a float rewrite (it claims equivalence); where the
-norm cannot absorb it (a post-norm output that also feeds the residual) it inserts
-``Sub``/``Mul`` only when ``insert_ops`` allows it, else it skips the group.
 """
 
 from __future__ import annotations
@@ -55,32 +40,17 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.stats import ChannelStats
-from outlierquant.passes.analysis import LinearGroup, analyze_graph
-from outlierquant.passes.base import OutlierPass, add_initializer, first_in_graph, remove_if_unused
-from outlierquant.passes.quantize import QuantConfig, insert_qdq, plan_quantization, quantize_weight
-from outlierquant.passes.smooth import (
-    DEFAULT_ALPHA_GRID,
-    _bias_index,
-    _scale_vector,
-    check_group,
-    fold_into_producer,
-    group_label,
-    group_weight_rows,
-    insert_channel_ops,
-    max_median_ratio,
-    scale_consumers,
-    search_alpha,
-    smoothing_scales,
-)
+from outlierquant.emit.qdq import QuantConfig, insert_qdq, plan_quantization
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.edit import _bias_index, _scale_vector, check_group, group_weight_rows
+from outlierquant.graph.records import LinearGroup
+from outlierquant.graph.tags import ONLINE_ROTATION_KEY
+from outlierquant.graph.values import add_initializer, first_in_graph, remove_if_unused
+from outlierquant.numerics.estimates import DEFAULT_ALPHA_GRID, max_median_ratio, search_alpha, smoothing_scales
+from outlierquant.numerics.grids import quantize_weight
+from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "OutlierTuneOptions",
-    "QuantizeOutlierTunePass",
-    "ReparameterizeOptions",
-    "ReparameterizeScalesPass",
-]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +113,6 @@ def _channel_parameters(st: ChannelStats, t: np.ndarray, per_channel_zero_point:
 
 def _foldable_or_rotated(group: LinearGroup) -> str:
     """Why ``groups: unfoldable`` leaves ``group`` to a later pass ("" when it takes it)."""
-    from outlierquant.passes.rotate import ONLINE_ROTATION_KEY
-
     producer = group.input.producer()
     if producer is not None and ONLINE_ROTATION_KEY in producer.metadata_props:
         return "input is an online rotation's output (groups: unfoldable)"
@@ -282,72 +250,3 @@ class QuantizeOutlierTunePass(OutlierPass):
             linear.node.replace_input_with(0, dq.outputs[0])
             remove_if_unused(graph, old)
         return len(nodes) - 2  # the Mul (and Add) beside the usual Q/DQ pair
-
-
-@dataclasses.dataclass(frozen=True)
-class ReparameterizeOptions:
-    """Options of :class:`ReparameterizeScalesPass`.
-
-    ``target``: the layer-wise scale the channel scales are mapped onto (``median``,
-    DopQ-ViT; ``mean`` as RepQuant's plain choice). ``shift``: also move each channel's
-    center into β and the next bias. ``insert_ops``: allow explicit ``Sub``/``Mul``
-    where the producer cannot absorb the reparameterization.
-    """
-
-    target: Literal["median", "mean"] = "median"
-    shift: bool = True
-    insert_ops: bool = False
-    relations: tuple[str, ...] = ("norm",)
-    version: int = 1
-
-
-class ReparameterizeScalesPass(OutlierPass):
-    """Channel-wise → layer-wise activation scale reparameterization (RepQuant, DopQ-ViT)."""
-
-    name = "reparameterize"
-    needs_stats = True
-    claims_equivalence = True
-    options_type = ReparameterizeOptions
-
-    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
-        stats = self.require_stats()
-        options = self.options
-        graph = model.graph
-        records = []
-        inserted = 0
-        modified = False
-        for group in analyze_graph(model).groups:
-            entry: dict[str, Any] = {"linears": [l.name for l in group.linears], "relation": group.producer.relation}
-            reason = check_group(group, stats, allow_insert=options.insert_ops, relations=options.relations)
-            if not reason and group.producer.channel_map is not None and \
-                    not np.array_equal(group.producer.channel_map, np.arange(group.in_features)):
-                reason = "channels are remapped between producer and linears"
-            if reason:
-                entry["skipped"] = reason
-                logger.info("reparameterize: skip [%s]: %s", group_label(group), reason)
-                records.append(entry)
-                continue
-            st = stats[group.input.name]
-            lo, hi = np.minimum(st.minimum, 0.0), np.maximum(st.maximum, 0.0)
-            center = (st.minimum + st.maximum) / 2.0 if options.shift else np.zeros(group.in_features)
-            can_shift = options.shift and all(l.bias is not None for l in group.linears)
-            if options.shift and not can_shift:
-                entry["shift_skipped"] = "a linear of the group has no bias to absorb the shift"
-                center = np.zeros(group.in_features)
-            if options.shift and can_shift:
-                width = st.maximum - st.minimum
-            else:
-                width = hi - lo
-            channel_scale = np.maximum(width, 1e-8) / 255.0
-            target = np.median(channel_scale) if options.target == "median" else np.mean(channel_scale)
-            r = channel_scale / target
-            if group.producer.foldable:
-                fold_into_producer(graph, group, r, center if can_shift else None)
-            else:
-                inserted += insert_channel_ops(graph, group, r, center if can_shift else None)
-            scale_consumers(graph, group, r, center if can_shift else None)
-            modified = True
-            entry.update(target_scale=float(target), max_median_before=max_median_ratio(channel_scale),
-                         shifted=bool(can_shift))
-            records.append(entry)
-        return modified, {"options": dataclasses.asdict(options), "groups": records, "inserted_ops": inserted}

@@ -1,4 +1,4 @@
-"""Mixed-precision outlier split and layer splitting: LLM.int8() and SplitQuant.
+"""LLM.int8(): outlier input channels in float, the rest int8, summed.
 
 **LLM.int8()** — Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for
 Transformers at Scale". For a linear ``y = x @ W`` (``x [..., K]``, ``W [K, N]``) and a set
@@ -49,18 +49,6 @@ With ``activations: static`` and ``dynamic_matmuls`` the attention MatMuls get s
 too; ``probs_residual`` then adds a second int8 MatMul on the rounding residual of the
 softmax probabilities in probs·V, where their uint8 grid would drop a measured share of
 the attention mass (:func:`outlierquant.passes.quantize.add_probs_residual`).
-
-**SplitQuant** — Song & Lin 2025, "SplitQuant: Layer Splitting for Low-Bit Neural
-Network Quantization". The weight values of a layer are clustered into three groups
-(lower / middle / upper, 1-D k-means on the values, or fixed quantile thresholds) and the
-layer becomes three layers reading the same input::
-
-    y = x @ W = x @ (W ⊙ M_low) + x @ (W ⊙ M_mid) + x @ (W ⊙ M_up)
-
-with ``M_*`` disjoint 0/1 masks covering ``W``. Each part is quantized with its own
-per-output-channel scale, so the many small middle values get a fine grid that the few
-extreme ones no longer dictate. The float split is exact up to float summation order;
-the bias stays on the sum.
 """
 
 from __future__ import annotations
@@ -73,115 +61,18 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats
+from outlierquant.emit.mixed_int8 import float_split_builder, mixed_int8_builder, without_channels
+from outlierquant.emit.qdq import QuantConfig, add_probs_residual, attention_matmul_declarations, insert_qdq
 from outlierquant.errors import CalibrationError
-from outlierquant.passes.analysis import Linear, analyze_graph
-from outlierquant.passes.base import OutlierPass, constant_array
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.attention import probs_input_index, probs_step, quantized_source
+from outlierquant.graph.edit import is_excluded, linear_label, replace_linear, splittable
+from outlierquant.numerics.estimates import lost_mass
+from outlierquant.numerics.outliers import select_outlier_channels
+from outlierquant.numerics.rounding import quantease_int8_weight, second_moment
+from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "LlmInt8Options",
-    "LlmInt8SplitPass",
-    "SplitQuantOptions",
-    "SplitQuantPass",
-    "select_outlier_channels",
-    "replace_value",
-    "split_weight_clusters",
-    "without_channels",
-]
-
-
-# -- shared graph plumbing -------------------------------------------------------------------
-
-
-def splittable(linear: Linear) -> str | None:
-    """Why ``linear`` cannot be rewritten as ``x @ W[K, N]`` (+ bias), or None when it can."""
-    node = linear.node
-    if linear.op_type not in ("MatMul", "Gemm"):
-        return f"{linear.op_type} is not a MatMul/Gemm"
-    weight = constant_array(linear.weight)
-    if weight is None or weight.dtype != np.float32:
-        return "weight is not a float32 constant"
-    if weight.ndim != 2:
-        return f"weight has rank {weight.ndim} (expected 2)"
-    if linear.op_type == "Gemm":
-        attrs = node.attributes
-        if attrs.get_int("transA", 0):
-            return "Gemm with transA"
-        if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
-            return "Gemm with alpha/beta != 1"
-    return None
-
-
-def _gemm_bias(linear: Linear) -> np.ndarray | None:
-    if linear.op_type == "Gemm" and len(linear.node.inputs) > 2 and linear.node.inputs[2] is not None:
-        return constant_array(linear.node.inputs[2])
-    return None
-
-
-def replace_linear(graph: ir.Graph, linear: Linear, build, label: str) -> list[ir.Node]:
-    """Replace ``linear.node`` by the nodes ``build(tape, x) -> y`` writes.
-
-    Nodes and initializers get unique names prefixed ``label``; a Gemm's bias is added
-    after ``y``. Returns the inserted nodes (graph order).
-    """
-    tape = ir.tape.Tape()
-    x = linear.node.inputs[0]
-    y = build(tape, x)
-    bias = _gemm_bias(linear)
-    if bias is not None:
-        y = tape.op("Add", [y, tape.initializer(ir.tensor(bias.astype(np.float32)), name=f"{label}_bias")])
-    for value in tape.initializers:
-        value.name = _unique_initializer_name(graph, value.name)
-        graph.register_initializer(value)
-    for index, node in enumerate(tape.nodes):
-        node.name = f"{label}/{node.op_type}_{index}"
-        for j, output in enumerate(node.outputs):
-            if not output.name:
-                output.name = f"{label}/{node.op_type}_{index}_out{j}"
-    old = linear.node.outputs[0]
-    y.type = old.type
-    y.shape = old.shape
-    graph.insert_before(linear.node, tape.nodes)
-    replace_value(graph, old, y)
-    constants = [v for v in linear.node.inputs[1:] if v is not None]
-    graph.remove(linear.node, safe=True)
-    for value in constants:
-        if value.name in graph.initializers and not value.uses() and not value.is_graph_output():
-            del graph.initializers[value.name]
-    return list(tape.nodes)
-
-
-def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Every reader of ``old`` reads ``new``; a graph output keeps its name."""
-    was_output = old.is_graph_output()
-    name = old.name
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if was_output:  # keep the model's output name
-        old.name = f"{name}_replaced"
-        new.name = name
-
-
-def _unique_initializer_name(graph: ir.Graph, hint: str) -> str:
-    if hint not in graph.initializers:
-        return hint
-    i = 1
-    while f"{hint}_{i}" in graph.initializers:
-        i += 1
-    return f"{hint}_{i}"
-
-
-def _label(linear: Linear, suffix: str) -> str:
-    base = (linear.node.name or linear.output.name or "linear").strip("/").replace("/", "_")
-    return f"{base}_{suffix}"
-
-
-def _excluded(linear: Linear, exclude: tuple[str, ...]) -> bool:
-    name = linear.node.name or ""
-    return any(pattern and pattern in name for pattern in exclude)
-
-
-# -- LLM.int8() --------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,22 +166,6 @@ class LlmInt8Options:
             raise ValueError("runtime_threshold: needs standard_form 'integer' or the kernel")
 
 
-def select_outlier_channels(absmax: np.ndarray, value_range: np.ndarray, options: LlmInt8Options) -> np.ndarray:
-    """Sorted int64 indices of the outlier input channels of one layer."""
-    absmax = np.asarray(absmax, dtype=np.float64)
-    k = absmax.shape[0]
-    if options.criterion == "top_k":
-        order = np.argsort(-np.asarray(value_range, dtype=np.float64), kind="stable")
-        chosen = order[: min(options.top_k, k)]
-    else:
-        limit = options.threshold if options.criterion == "threshold" else options.ratio * float(np.median(absmax))
-        chosen = np.flatnonzero(absmax >= limit)
-        chosen = chosen[np.argsort(-absmax[chosen], kind="stable")]
-    if options.max_share > 0:
-        chosen = chosen[: int(np.floor(options.max_share * k))]
-    return np.sort(chosen).astype(np.int64)
-
-
 class LlmInt8SplitPass(OutlierPass):
     """LLM.int8(): outlier input channels in float, the rest vector-wise int8, summed."""
 
@@ -347,7 +222,7 @@ class LlmInt8SplitPass(OutlierPass):
         declarations.extend(attention)
         for linear in analyze_graph(model).linears:
             reason = splittable(linear)
-            if reason is None and _excluded(linear, options.exclude):
+            if reason is None and is_excluded(linear, options.exclude):
                 reason = "excluded by option"
             if reason is None and options.skip_output_layers and linear.output.is_graph_output():
                 reason = "output layer (skip_output_layers)"
@@ -363,19 +238,19 @@ class LlmInt8SplitPass(OutlierPass):
             if st.channels != k:
                 skipped.append({"linear": linear.name, "reason": f"statistics have {st.channels} channels, weight {k}"})
                 continue
-            channels = select_outlier_channels(st.absmax, st.maximum - st.minimum, options)
-            label = _label(linear, "llm_int8")
+            channels = select_outlier_channels(st.absmax, st.maximum - st.minimum, criterion=options.criterion,
+                                                   threshold=options.threshold, top_k=options.top_k,
+                                                   ratio=options.ratio, max_share=options.max_share)
+            label = linear_label(linear, "llm_int8")
             prepared = None
             if options.weight_rounding == "quantease" and form != "float":
-                from outlierquant.passes.quantize import quantease_int8_weight
-                from outlierquant.passes.weight_rounding import second_moment
 
                 inliers = weight.copy()
                 inliers[channels] = 0.0
                 prepared = quantease_int8_weight(inliers, second_moment(st, options.quantease_damp)[0],
                                                  fixed_rows=channels)
             if form == "float" or form == "qdq":
-                build, decl = _float_split_builder(weight, channels, label, shared_inputs,
+                build, decl = float_split_builder(weight, channels, label, shared_inputs,
                                                    mask=form != "qdq" or options.activations != "static")
                 new_nodes = replace_linear(graph, linear, build, label)
                 if form == "qdq":
@@ -386,7 +261,8 @@ class LlmInt8SplitPass(OutlierPass):
                     if options.activations == "static":
                         masked_stats[declared[0].tensor] = without_channels(st, channels)
             else:
-                build = mixed_int8_builder(weight, channels, label, form, options, opset, prepared=prepared)
+                build = mixed_int8_builder(weight, channels, label, form, opset, reduce_range=options.reduce_range,
+                                           runtime_threshold=options.runtime_threshold, prepared=prepared)
                 replace_linear(graph, linear, build, label)
             total_in += k
             total_float += int(channels.size)
@@ -398,7 +274,6 @@ class LlmInt8SplitPass(OutlierPass):
                 "max_input": float(st.tensor_absmax),
             })
         if declarations:
-            from outlierquant.passes.quantize import QuantConfig, insert_qdq
 
             insert_qdq(model, declarations, ActivationStats(masked_stats),
                        QuantConfig(activations=options.activations, dynamic_matmuls=False), rounded)
@@ -423,8 +298,6 @@ class LlmInt8SplitPass(OutlierPass):
 
     def _probs_residual(self, model: ir.Model, consumers: set[str]) -> dict[str, Any] | None:
         """Add the residual int8 MatMul to the quantized probs·V MatMuls the option selects."""
-        from outlierquant.passes.quantize import (add_probs_residual, lost_mass, probs_input_index, probs_step,
-                                                  quantized_source)
 
         options = self.options
         if options.probs_residual == "none":
@@ -456,7 +329,7 @@ class LlmInt8SplitPass(OutlierPass):
 
             def visit(name: str, array: np.ndarray, piece: dict, sample: int) -> None:
                 require_finite(array, name, f"calibration sample {sample}")
-                # padding _unpad could not remove: leave its query rows out
+                # padding unpad could not remove: leave its query rows out
                 below, total = lost_mass(array, steps[name], piece.get("attention_mask"))
                 sums[name][0] += below
                 sums[name][1] += total
@@ -504,7 +377,6 @@ def _feed_elements(feed: dict) -> int:
 def _activation_matmuls(model: ir.Model, stats, collected: dict) -> list:
     """Static declarations for attention QKᵀ / probs·V inputs that have calibration statistics
     (their statistics copied into ``collected``)."""
-    from outlierquant.passes.quantize import attention_matmul_declarations
 
     candidates = attention_matmul_declarations(model, "static")
     missing = {d.consumer for d in candidates if d.tensor not in stats}
@@ -512,202 +384,3 @@ def _activation_matmuls(model: ir.Model, stats, collected: dict) -> list:
     for decl in declared:
         collected[decl.tensor] = stats[decl.tensor]
     return declared
-
-
-def without_channels(stats, channels: np.ndarray):
-    """The statistics of ``x ⊙ m``: the outlier channels read as constant zero."""
-    zeroed = {}
-    for field in ("absmax", "minimum", "maximum", "mean", "mean_sq"):
-        array = np.array(getattr(stats, field), dtype=np.float64, copy=True)
-        array[channels] = 0.0
-        zeroed[field] = array
-    return dataclasses.replace(stats, covariance=None, **zeroed)
-
-
-def _float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
-                         shared: dict | None = None, *, mask: bool = True):
-    """``Mul(x, m) @ W_I (+ Gather(x, O) @ W_O)`` and the per-token declarations for it.
-
-    ``mask=False`` (static activations) drops the ``Mul``: ``W_I``'s outlier rows are
-    zero, so ``x @ W_I`` is the same product, and a per-tensor QuantizeLinear calibrated on
-    the inlier range clips the outlier channels to values those zero rows ignore.
-
-    ``shared`` (keyed by input name and channel set) reuses the masked input and the
-    gathered columns an earlier linear on the same input wrote; callers rewrite linears
-    in graph order, so the shared values are defined before every later reader.
-    """
-    inlier_weight = weight.copy()
-    inlier_weight[channels] = 0.0
-    holder: dict[str, ir.Value] = {}
-
-    def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
-        key = (x.name, channels.tobytes())
-        if shared is not None and key in shared:
-            inliers, gathered = shared[key]
-        else:
-            inliers, gathered = x, None
-            if channels.size:
-                if mask:
-                    keep = np.ones(weight.shape[0], np.float32)
-                    keep[channels] = 0.0
-                    inliers = tape.op("Mul", [x, tape.initializer(ir.tensor(keep), name=f"{label}_keep")])
-                gathered = tape.op("Gather", [x, tape.initializer(ir.tensor(channels), name=f"{label}_outlier_channels")],
-                                   {"axis": -1})
-            if shared is not None:
-                shared[key] = (inliers, gathered)
-        holder["activation"] = inliers
-        holder["weight"] = tape.initializer(ir.tensor(inlier_weight), name=f"{label}_inlier_weight")
-        y = tape.op("MatMul", [inliers, holder["weight"]])
-        holder["matmul_out"] = y
-        if channels.size:
-            outlier = tape.op("MatMul", [gathered, tape.initializer(ir.tensor(np.ascontiguousarray(weight[channels])),
-                                                                        name=f"{label}_outlier_weight")])
-            y = tape.op("Add", [y, outlier])
-        return y
-
-    def declarations(nodes: list[ir.Node], mode: str = "per_token"):
-        from outlierquant.passes.quantize import TensorQuant
-
-        matmul = holder["matmul_out"].producer()
-        return [
-            TensorQuant(holder["activation"].name, "activation", mode, matmul.name, 0),
-            TensorQuant(holder["weight"].name, "weight", "per_channel", matmul.name, 1, 1),
-        ]
-
-    return build, declarations
-
-
-def mixed_int8_builder(weight: np.ndarray, channels: np.ndarray, label: str, form: str, options: LlmInt8Options,
-                        opset: int, prepared: tuple[np.ndarray, np.ndarray] | None = None):
-    """``prepared``: int8 ``[K, N]`` weights (float-channel rows zero) and scales chosen elsewhere."""
-    from outlierquant.custom_ops.reference import prepare_mixed_int8_weights
-    from outlierquant.custom_ops.standard_forms import (
-        mixed_int8_matmul_kernel_form,
-        mixed_int8_matmul_standard_form,
-    )
-
-    weight_q, weight_scale, channels, outlier_weight = prepare_mixed_int8_weights(
-        weight, channels, reduce_range=options.reduce_range
-    )
-    if prepared is not None:  # the float channels' rows are zero in it too
-        weight_q, weight_scale = prepared
-
-    def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
-        if form == "kernel":
-            return mixed_int8_matmul_kernel_form(tape, x, weight_q, weight_scale, channels, outlier_weight,
-                                                 threshold=options.runtime_threshold, name=label)
-        return mixed_int8_matmul_standard_form(tape, x, weight_q, weight_scale, channels, outlier_weight,
-                                               threshold=options.runtime_threshold, opset=max(opset, 13),
-                                               name=label)
-
-    return build
-
-
-# -- SplitQuant --------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitQuantOptions:
-    """Options of :class:`SplitQuantPass`.
-
-    ``method``: ``kmeans`` (1-D k-means with three clusters on the layer's weight values)
-    or ``quantile`` (fixed thresholds at the ``quantiles`` of the values).
-    ``iterations``: Lloyd iterations of the k-means. ``exclude``: substrings of node names
-    left untouched. ``min_in_features``: smaller layers are not split.
-    """
-
-    method: Literal["kmeans", "quantile"] = "kmeans"
-    quantiles: tuple[float, float] = (0.05, 0.95)
-    iterations: int = 30
-    exclude: tuple[str, ...] = ()
-    min_in_features: int = 1
-    version: int = 1
-
-    def __post_init__(self) -> None:
-        if self.method not in ("kmeans", "quantile"):
-            raise ValueError(f"method={self.method!r}: allowed 'kmeans', 'quantile'")
-        if len(self.quantiles) != 2 or not 0.0 < self.quantiles[0] < self.quantiles[1] < 1.0:
-            raise ValueError(f"quantiles={self.quantiles}: two increasing numbers in (0, 1)")
-        if self.iterations < 1:
-            raise ValueError(f"iterations={self.iterations}: must be >= 1")
-
-
-def _kmeans_1d_boundaries(values: np.ndarray, iterations: int) -> tuple[float, float]:
-    """Two boundaries splitting ``values`` into three 1-D k-means clusters (Lloyd)."""
-    values = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
-    prefix = np.concatenate([[0.0], np.cumsum(values)])
-    centroids = np.quantile(values, [1 / 6, 1 / 2, 5 / 6])
-    lower = upper = 0.0
-    for _ in range(iterations):
-        lower, upper = (centroids[0] + centroids[1]) / 2, (centroids[1] + centroids[2]) / 2
-        cuts = [0, int(np.searchsorted(values, lower, "left")), int(np.searchsorted(values, upper, "left")),
-                values.size]
-        updated = centroids.copy()
-        for c in range(3):
-            count = cuts[c + 1] - cuts[c]
-            if count:
-                updated[c] = (prefix[cuts[c + 1]] - prefix[cuts[c]]) / count
-        if np.allclose(updated, centroids, rtol=0, atol=1e-12):
-            break
-        centroids = updated
-    return float(lower), float(upper)
-
-
-def split_weight_clusters(weight: np.ndarray, options: SplitQuantOptions) -> tuple[list[np.ndarray], tuple[float, float]]:
-    """``W`` as three arrays (lower, middle, upper cluster; zeros elsewhere) that sum to ``W``."""
-    if options.method == "kmeans":
-        lower, upper = _kmeans_1d_boundaries(weight, options.iterations)
-    else:
-        lower, upper = (float(q) for q in np.quantile(weight, options.quantiles))
-    low = weight < lower
-    up = weight >= upper
-    mid = ~(low | up)
-    parts = [np.where(mask, weight, np.float32(0)).astype(weight.dtype) for mask in (low, mid, up)]
-    return parts, (lower, upper)
-
-
-class SplitQuantPass(OutlierPass):
-    """SplitQuant: each linear becomes three equivalent linears over weight-value clusters."""
-
-    name = "splitquant"
-    needs_stats = False
-    claims_equivalence = True
-    options_type = SplitQuantOptions
-
-    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
-        options = self.options
-        graph = model.graph
-        layers: list[dict[str, Any]] = []
-        skipped: list[dict[str, str]] = []
-        for linear in analyze_graph(model).linears:
-            reason = splittable(linear)
-            if reason is None and _excluded(linear, options.exclude):
-                reason = "excluded by option"
-            if reason is None and linear.in_features < options.min_in_features:
-                reason = f"in_features {linear.in_features} < min_in_features"
-            if reason:
-                skipped.append({"linear": linear.name, "reason": reason})
-                logger.info("splitquant: skip %s: %s", linear.name, reason)
-                continue
-            weight = np.asarray(linear.weight_array(), dtype=np.float32)
-            parts, (lower, upper) = split_weight_clusters(weight, options)
-            label = _label(linear, "splitquant")
-
-            def build(tape: ir.tape.Tape, x: ir.Value, parts=parts, label=label) -> ir.Value:
-                outputs = [
-                    tape.op("MatMul", [x, tape.initializer(ir.tensor(np.ascontiguousarray(part)),
-                                                           name=f"{label}_{cluster}_weight")])
-                    for cluster, part in zip(("lower", "middle", "upper"), parts)
-                ]
-                return tape.op("Add", [tape.op("Add", [outputs[0], outputs[1]]), outputs[2]])
-
-            replace_linear(graph, linear, build, label)
-            absmax = float(np.abs(weight).max()) or 1.0
-            layers.append({
-                "linear": linear.name,
-                "boundaries": [lower, upper],
-                "cluster_sizes": [int(np.count_nonzero(p)) for p in parts],
-                "middle_range_ratio": float(np.abs(parts[1]).max() / absmax),
-            })
-        logger.info("splitquant: %d linears split into 3, %d skipped", len(layers), len(skipped))
-        return bool(layers), {"options": dataclasses.asdict(options), "layers": layers, "skipped": skipped}

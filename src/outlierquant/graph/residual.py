@@ -1,0 +1,161 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from outlierquant.graph.records import GraphAnalysis, Linear, LinearGroup, Norm
+from outlierquant.graph.shapes import reshape_keeps_last_axis
+from outlierquant.graph.values import FLOAT_TYPES, SHAPE_ONLY_OPS, constant_array, is_constant, is_scalar_constant
+
+
+@dataclasses.dataclass
+class ResidualStream:
+    """The residual stream of a pre-norm model, found from the graph."""
+
+    width: int
+    values: set
+    writers: list[Linear]
+    embeddings: list[ir.Node]
+    norms: list[Norm]
+    readers: dict[int, list[LinearGroup]]  # id(norm) -> groups reading its output
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "writers": len(self.writers),
+            "embeddings": len(self.embeddings),
+            "norms": len(self.norms),
+            "norm_kinds": sorted({n.kind for n in self.norms}),
+            "readers": sum(len(g.linears) for groups in self.readers.values() for g in groups),
+        }
+
+
+def embedding_table(node: ir.Node) -> np.ndarray | None:
+    if node.op_type != "Gather" or node.domain != "" or node.attributes.get_int("axis", 0) != 0:
+        return None
+    table = constant_array(node.inputs[0])
+    if table is None or table.ndim != 2 or table.dtype.kind != "f":
+        return None
+    return table
+
+
+def find_residual_stream(analysis: GraphAnalysis) -> ResidualStream | str:
+    """The residual stream (writers, embeddings, norms, readers), or why there is none."""
+    norms = [n for n in analysis.norms if n.kind in ("rmsnorm", "layernorm")]
+    if not norms:
+        return "no LayerNorm/RMSNorm found"
+    others = [n for n in analysis.norms if n.kind not in ("rmsnorm", "layernorm")]
+    if others:
+        return f"norm {others[0].name} is a {others[0].kind} (fused skip-norms are not supported)"
+    linear_by_output = {id(linear.output): linear for linear in analysis.linears}
+    norm_nodes = {id(node) for norm in norms for node in norm.nodes}
+    values: dict[int, ir.Value] = {}
+    writers: list[Linear] = []
+    embeddings: list[ir.Node] = []
+    queue = [norm.input for norm in norms]
+    width = None
+    while queue:
+        value = queue.pop()
+        if id(value) in values:
+            continue
+        values[id(value)] = value
+        linear = linear_by_output.get(id(value))
+        if linear is not None:
+            writers.append(linear)
+            continue
+        node = value.producer()
+        if node is None:
+            return f"graph input {value.name!r} feeds the residual stream directly"
+        table = embedding_table(node)
+        if table is not None:
+            embeddings.append(node)
+            width = width or table.shape[1]
+            continue
+        op = node.op_type
+        if node.domain == "" and op in _PASSTHROUGH_OPS:
+            if op == "Cast" and ir.DataType(node.attributes.get_int("to", 1)) not in FLOAT_TYPES:
+                return f"residual value {value.name!r} comes from a non-float Cast {node.name}"
+            queue.append(node.inputs[0])
+            continue
+        if node.domain == "" and op in ("Add", "Sum") and not any(is_constant(v) for v in node.inputs):
+            queue.extend(v for v in node.inputs if v is not None)
+            continue
+        if node.domain == "" and op in ("Mul", "Div") and is_scalar_constant(node.inputs[1]):
+            queue.append(node.inputs[0])
+            continue
+        if node.domain == "" and op == "Mul" and is_scalar_constant(node.inputs[0]):
+            queue.append(node.inputs[1])
+            continue
+        return (f"residual value {value.name!r} comes from {op} {node.name}: not a linear, an embedding, "
+                "or a residual sum (post-norm models have no rotatable residual stream)")
+    if not writers and not embeddings:
+        return "the residual stream has no writers"
+    width = width or writers[0].out_features
+    for writer in writers:
+        if writer.out_features != width:
+            return f"writer {writer.name} has {writer.out_features} outputs, the stream {width}"
+        if writer.op_type == "Conv":
+            return f"writer {writer.name} is a Conv"
+    stream_nodes = {id(v.producer()) for v in values.values() if v.producer() is not None}
+    # forward check: the stream is read only by norms, residual sums and shape reads
+    for value in values.values():
+        if value.is_graph_output():
+            return f"residual value {value.name!r} is a graph output"
+        for use in value.uses():
+            node = use.node
+            if id(node) in norm_nodes or node.op_type in SHAPE_ONLY_OPS:
+                continue
+            if id(node) in stream_nodes:
+                if node.op_type == "Reshape" and not reshape_keeps_last_axis(node, width):
+                    return f"Reshape {node.name} moves the residual channels"
+                continue
+            linear = next((w for w in writers if w.node is node or w.bias_node is node), None)
+            if linear is not None:
+                continue
+            return (f"residual value {value.name!r} also feeds {node.op_type} {node.name}, "
+                    "which is neither a norm nor a residual sum")
+    readers: dict[int, list[LinearGroup]] = {}
+    for group in analysis.groups:
+        producer = group.producer
+        if producer.kind == "norm" and producer.norm in norms:
+            readers.setdefault(id(producer.norm), []).append(group)
+    for norm in norms:
+        groups = readers.get(id(norm), [])
+        if not groups:
+            return f"norm {norm.name} feeds no linear"
+        for group in groups:
+            producer = group.producer
+            if not producer.foldable:
+                return f"norm {norm.name}: {producer.reason}"
+            if producer.channel_map is not None and not np.array_equal(
+                    producer.channel_map, np.arange(len(producer.channel_map))):
+                return f"norm {norm.name}: its channels are permuted on the way to {group.linears[0].name}"
+            if any(node.op_type not in ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze")
+                   for node in producer.path):
+                return f"norm {norm.name}: the path to {group.linears[0].name} is not channel-preserving"
+        if norm.axis not in (-1,) and not (norm.input.shape is not None and norm.axis == len(norm.input.shape) - 1):
+            return f"norm {norm.name} normalizes axis {norm.axis}, not the last"
+        if norm.gamma is not None and constant_array(norm.gamma).size != width:
+            return f"norm {norm.name}: γ has {constant_array(norm.gamma).size} channels, the stream {width}"
+    return ResidualStream(width, set(values), writers, embeddings, norms, readers)
+
+
+def norm_epsilon(norm: Norm) -> float:
+    if norm.fused:
+        attribute = norm.nodes[0].attributes.get("epsilon")
+        return float(attribute.value) if attribute is not None else 1e-5
+    for node in norm.nodes:
+        if node.op_type == "Add":
+            for value in node.inputs:
+                array = constant_array(value)
+                if array is not None and array.size == 1:
+                    return float(array.reshape(-1)[0])
+    return 1e-5
+
+
+_PASSTHROUGH_OPS = {"Cast", "Identity", "Reshape"}

@@ -1,0 +1,264 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from outlierquant.numerics.grids import GroupGrid, weight_scales
+
+if TYPE_CHECKING:  # statistics are read, never built, here
+    from outlierquant.calibration.stats import ChannelStats
+
+
+def second_moment(stats: ChannelStats, damp: float = 0.0, *, centered: bool = False) -> tuple[np.ndarray, bool]:
+    """``(Σ = E[x xᵀ], full)``; the diagonal ``E[x_k²]`` only when no covariance was collected.
+
+    ``centered``: the covariance ``E[(x − μ)(x − μ)ᵀ]`` instead (the error left once the
+    mean output error ``μᵀΔ`` is corrected in the bias).
+    """
+    mean = np.asarray(stats.mean, np.float64)
+    if stats.covariance is not None:
+        sigma = stats.covariance + (0.0 if centered else np.outer(mean, mean))
+        full = True
+    else:
+        sigma = np.diag(np.maximum(stats.mean_sq - (mean**2 if centered else 0.0), 0.0))
+        full = False
+    diag = np.diag(sigma).copy()
+    sigma = sigma + np.eye(sigma.shape[0]) * (damp * max(float(diag.mean()), 1e-12))
+    return sigma, full
+
+
+@dataclasses.dataclass
+class InputMoments:
+    """What the rounding of every linear reading one input needs.
+
+    ``sigma``: the (damped) metric of the objective ``tr((Q − T)ᵀ Σ (Q − T))``; ``cross``:
+    ``Σ_qf + λI`` of the module doc when the target is the fp32 output (``None``: the
+    target is the weight itself); ``mean``: the mean of the input the layer sees (``μ_q``);
+    ``reference_mean``: the input mean its fp32 output is made of (``μ_f``; ``μ_q`` for the
+    ``weight`` target); ``full``: whether Σ is a full matrix (else its diagonal only).
+    """
+
+    sigma: np.ndarray
+    mean: np.ndarray
+    reference_mean: np.ndarray
+    cross: np.ndarray | None = None
+    full: bool = True
+
+    @classmethod
+    def from_stats(cls, stats: ChannelStats, damp: float, *, centered: bool) -> "InputMoments":
+        sigma, full = second_moment(stats, damp, centered=centered)
+        mean = np.asarray(stats.mean, np.float64)
+        return cls(sigma, mean, mean, None, full)
+
+    @classmethod
+    def from_rows(cls, x_q: np.ndarray, x_f: np.ndarray | None, damp: float, *, centered: bool) -> "InputMoments":
+        """Moments of paired rows ``x_q`` (quantized model) and ``x_f`` (fp32 model).
+
+        ``x_f=None``: the ``weight`` target (plain sequential rounding against ``x_q``).
+        """
+        xq = np.asarray(x_q, np.float64)
+        if x_f is not None and np.shape(x_f) != xq.shape:
+            raise ValueError(f"paired rows differ in shape: {xq.shape} vs {np.shape(x_f)}")
+        n = xq.shape[0]
+        mean_q = xq.mean(axis=0)
+        if centered:
+            xq = xq - mean_q
+        sigma = xq.T @ xq / n
+        ridge = damp * max(float(np.diag(sigma).mean()), 1e-12)
+        eye = np.eye(sigma.shape[0]) * ridge
+        if x_f is None:
+            return cls(sigma + eye, mean_q, mean_q, None, True)
+        xf = np.asarray(x_f, np.float64)
+        mean_f = xf.mean(axis=0)
+        if centered:
+            xf = xf - mean_f
+        return cls(sigma + eye, mean_q, mean_f, xq.T @ xf / n + eye, True)
+
+    def target(self, weight: np.ndarray) -> np.ndarray:
+        """The weight the rounding aims at: ``W`` or ``W' = Σ⁻¹ (Σ_qf + λI) W``."""
+        weight = np.asarray(weight, np.float64)
+        if self.cross is None:
+            return weight
+        try:
+            return np.linalg.solve(self.sigma, self.cross @ weight)
+        except np.linalg.LinAlgError:  # singular (damp 0, rank-deficient rows): least squares
+            return np.linalg.lstsq(self.sigma, self.cross @ weight, rcond=None)[0]
+
+    def correction(self, weight: np.ndarray, effective: np.ndarray) -> np.ndarray:
+        """The bias that removes the mean output error ``μ_f W − μ_q Ŵ``."""
+        return self.reference_mean @ np.asarray(weight, np.float64) - self.mean @ effective
+
+
+def gptaq_objective(x_q: np.ndarray, x_f: np.ndarray, weight: np.ndarray, q: np.ndarray, damp: float = 0.0) -> float:
+    """The direct objective ``||X_q Q − X_f W||² / n + λ ||Q − W||²`` (λ as in :class:`InputMoments`)."""
+    xq, xf = np.asarray(x_q, np.float64), np.asarray(x_f, np.float64)
+    residual = xq @ q - xf @ weight
+    ridge = damp * max(float((xq**2).mean(axis=0).mean()), 1e-12)
+    return float((residual**2).sum() / xq.shape[0] + ridge * ((q - weight) ** 2).sum())
+
+
+def output_error(delta: np.ndarray, sigma: np.ndarray) -> float:
+    """``tr(Δᵀ Σ Δ)``: the mean squared output error of ``x @ (W + Δ)`` vs ``x @ W``."""
+    return float(np.einsum("kn,kn->", delta, sigma @ delta))
+
+
+def quantease_round(weight: np.ndarray, sigma: np.ndarray, grid: GroupGrid, *, iterations: int = 10,
+                    fixed: np.ndarray | None = None, levels: np.ndarray | None = None) -> np.ndarray:
+    """Grid levels ``q [K, N]`` minimising ``tr(Δᵀ Σ Δ)`` by cyclic coordinate descent over rows.
+
+    ``fixed``: mask of weights excluded from the objective (kept in float elsewhere); their
+    levels stay at the zero point. ``levels``: the starting point (default round-to-nearest).
+
+    Rows are visited in blocks of 32: ``Σ Δ`` is kept exact for the rows outside the
+    current block (one GEMM per block) and completed on demand for a row of the block with
+    the steps already taken in it, so each row update is exact coordinate descent.
+    """
+    with _one_blas_thread():  # thousands of small GEMVs: threads only add synchronisation
+        return _coordinate_descent(weight, sigma, grid, iterations, fixed, levels)
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: only speed depends on it
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _coordinate_descent(weight, sigma, grid, iterations, fixed, levels) -> np.ndarray:
+    k, n = weight.shape
+    w = np.asarray(weight, dtype=np.float64)
+    s, z = grid.expand(k, n)
+    s = s.astype(np.float64)
+    z = z.astype(np.float64)
+    inv_s = 1.0 / s
+    maxq = float(grid.maxq)
+    free = None if fixed is None or not fixed.any() else ~fixed
+    if levels is not None:
+        q = np.asarray(levels, np.float64).copy()
+    else:
+        q = grid.levels(w, s, z)
+    if free is not None:
+        q = np.where(free, q, z)
+    delta = w - (q - z) * s  # W − Ŵ on the free entries
+    if free is not None:
+        delta = np.where(free, delta, 0.0)
+    sigma = np.asarray(sigma, np.float64)
+    sigma_delta = sigma @ delta
+    diag = np.diag(sigma)
+    block = 32
+    for _ in range(iterations):
+        changed = 0
+        for start in range(0, k, block):
+            stop = min(start + block, k)
+            steps = np.zeros((stop - start, n))
+            local = sigma[start:stop, start:stop]
+            touched = False
+            for row in range(start, stop):
+                d = diag[row]
+                if d <= 0:
+                    continue
+                current = sigma_delta[row] + local[row - start] @ steps if touched else sigma_delta[row]
+                target = w[row] + (current - d * delta[row]) / d
+                q_row = np.clip(np.rint(target * inv_s[row]) + z[row], 0.0, maxq)
+                new_delta = w[row] - (q_row - z[row]) * s[row]
+                if free is not None:
+                    q_row = np.where(free[row], q_row, z[row])
+                    new_delta = np.where(free[row], new_delta, 0.0)
+                step = new_delta - delta[row]
+                if step.any():
+                    changed += 1
+                    touched = True
+                    steps[row - start] = step
+                    delta[row] = new_delta
+                    q[row] = q_row
+            if touched:
+                sigma_delta += sigma[:, start:stop] @ steps
+        if not changed:
+            break
+    return q
+
+
+def refit_scales(weight: np.ndarray, sigma: np.ndarray, q: np.ndarray, grid: GroupGrid,
+                 fixed: np.ndarray | None = None) -> GroupGrid:
+    """per_oc grid whose scales minimise ``tr(Δᵀ Σ Δ)`` for the given levels and zero points.
+
+    With ``a = q − z`` fixed, output column ``n`` is ``Ŵ[:, n] = A_n s_n`` with
+    ``A_n[k, g] = a[k, n]·[k ∈ g]``, so its error is the quadratic
+    ``(A_n s_n − W_n)ᵀ Σ (A_n s_n − W_n)``, minimised by ``s_n = (A_nᵀ Σ A_n)⁻¹ A_nᵀ Σ W_n``
+    (all groups of a column at once: the groups are coupled through Σ). A scale that
+    comes out non-positive or from a singular system keeps its old value.
+    """
+    if grid.dimension != "per_oc":
+        raise ValueError(f"refit_scales: dimension={grid.dimension!r}: only per_oc grids are refitted")
+    k, n = q.shape
+    g = grid.group_size
+    h = -(-k // g)
+    kp = h * g
+    _, z = grid.expand(k, n)
+    a = np.zeros((kp, n))
+    a[:k] = q - z.astype(np.float64)
+    w = np.asarray(weight, np.float64)
+    if fixed is not None:
+        a[:k] = np.where(fixed, 0.0, a[:k])
+        w = np.where(fixed, 0.0, w)
+    sig = np.zeros((kp, kp))
+    sig[:k, :k] = sigma
+    a3 = a.reshape(h, g, n)
+    # P[k, j, n] = Σ_{l ∈ group j} Σ[k, l] a[l, n]
+    partial = np.matmul(sig.reshape(kp, h, g).transpose(1, 0, 2), a3)  # [j, k, n] (BLAS)
+    gram = np.einsum("iun,jiun->nij", a3, partial.reshape(h, h, g, n), optimize=True)
+    rhs_full = np.zeros((kp, n))
+    rhs_full[:k] = sigma @ w
+    rhs = np.einsum("iun,iun->ni", a3, rhs_full.reshape(h, g, n))
+    old = grid.scale.astype(np.float64).T  # [N, H]
+    ridge = 1e-9 * np.maximum(np.trace(gram, axis1=1, axis2=2) / h, 1e-30)
+    gram = gram + ridge[:, None, None] * np.eye(h)[None]
+    try:
+        new = np.linalg.solve(gram, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return grid
+    empty = np.abs(a3).sum(axis=1).T == 0  # [N, H]: groups with no nonzero level
+    keep = ~np.isfinite(new) | (new <= 0) | empty
+    scale = np.where(keep, old, new).T.astype(np.float32)
+    return GroupGrid(grid.dimension, g, grid.bits, scale, grid.zero.copy())
+
+
+def select_outlier_weights(weight: np.ndarray, sigma_diag: np.ndarray, fraction: float) -> np.ndarray:
+    """Mask of the ``fraction`` of weights with the largest ``|W[k, n]| · sqrt(Σ[k, k])``."""
+    if fraction <= 0:
+        return np.zeros(weight.shape, bool)
+    impact = np.abs(weight) * np.sqrt(np.maximum(sigma_diag, 0.0))[:, None]
+    count = int(np.ceil(fraction * weight.size))
+    threshold = np.partition(impact.reshape(-1), weight.size - count)[weight.size - count]
+    return impact >= threshold
+
+
+def quantease_int8_weight(weight_kn: np.ndarray, sigma: np.ndarray, iterations: int = 4, *,
+                          fixed_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """int8 ``[K, N]`` weights and per-output-channel scales on the symmetric grid of
+    :func:`quantize_weight` (scale ``max|w|/127``), the levels chosen by QuantEase
+    coordinate descent on ``tr(ΔᵀΣΔ)`` instead of rounding each weight to nearest.
+    ``fixed_rows``: input rows held at zero (LLM.int8()'s float channels)."""
+
+    weight_kn = np.asarray(weight_kn, dtype=np.float32)
+    k = weight_kn.shape[0]
+    scale = weight_scales(weight_kn, 1)
+    # one group of K rows per output column; uint8 levels 1..255 around zero point 128
+    grid = GroupGrid("per_oc", k, 8, scale[None, :].astype(np.float32), np.full((1, scale.size), 128, np.uint8))
+    fixed = None
+    if fixed_rows is not None and len(fixed_rows):
+        fixed = np.zeros(weight_kn.shape, dtype=bool)
+        fixed[np.asarray(fixed_rows, dtype=np.int64)] = True
+    levels = quantease_round(weight_kn, sigma, grid, iterations=iterations, fixed=fixed)
+    q = np.clip(levels - 128, -127, 127).astype(np.int8)
+    return q, scale
+
+
+DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)

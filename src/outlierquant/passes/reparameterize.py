@@ -1,0 +1,103 @@
+"""Scale reparameterization (RepQuant, DopQ-ViT): per-channel activation parameters folded
+into the norm and the next weights, so one layer-wise scale quantizes the tensor.
+
+**Scale reparameterization** (RepQuant, Li et al. 2024, "RepQuant: Towards Accurate
+Post-Training Quantization of Large Transformer Models via Scale Reparameterization";
+DopQ-ViT 2024, "DopQ-ViT: Towards Distribution-Friendly and Outlier-Aware Post-Training
+Quantization for Vision Transformers"): calibrate per-channel asymmetric parameters
+``(d_j, z_j)`` of a post-norm activation, then fold them into the norm and the next
+weights so a single layer-wise scale quantizes it. With the target scale
+``d̃ = median_j d_j`` (DopQ-ViT: the median is robust to outlier channels) and
+``r_j = d_j / d̃``, ``c_j`` the center of channel ``j``'s range::
+
+    γ ← γ / r,  β ← (β − c) / r,     W ← diag(r) · W,  b ← b + c @ W
+
+:class:`ReparameterizeScalesPass` is a float rewrite (it claims equivalence); where the
+norm cannot absorb it (a post-norm output that also feeds the residual) it inserts
+``Sub``/``Mul`` only when ``insert_ops`` allows it, else it skips the group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.edit import check_group, fold_into_producer, group_label, insert_channel_ops, scale_consumers
+from outlierquant.numerics.estimates import max_median_ratio
+from outlierquant.passes.base import OutlierPass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReparameterizeOptions:
+    """Options of :class:`ReparameterizeScalesPass`.
+
+    ``target``: the layer-wise scale the channel scales are mapped onto (``median``,
+    DopQ-ViT; ``mean`` as RepQuant's plain choice). ``shift``: also move each channel's
+    center into β and the next bias. ``insert_ops``: allow explicit ``Sub``/``Mul``
+    where the producer cannot absorb the reparameterization.
+    """
+
+    target: Literal["median", "mean"] = "median"
+    shift: bool = True
+    insert_ops: bool = False
+    relations: tuple[str, ...] = ("norm",)
+    version: int = 1
+
+
+class ReparameterizeScalesPass(OutlierPass):
+    """Channel-wise → layer-wise activation scale reparameterization (RepQuant, DopQ-ViT)."""
+
+    name = "reparameterize"
+    needs_stats = True
+    claims_equivalence = True
+    options_type = ReparameterizeOptions
+
+    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        stats = self.require_stats()
+        options = self.options
+        graph = model.graph
+        records = []
+        inserted = 0
+        modified = False
+        for group in analyze_graph(model).groups:
+            entry: dict[str, Any] = {"linears": [l.name for l in group.linears], "relation": group.producer.relation}
+            reason = check_group(group, stats, allow_insert=options.insert_ops, relations=options.relations)
+            if not reason and group.producer.channel_map is not None and \
+                    not np.array_equal(group.producer.channel_map, np.arange(group.in_features)):
+                reason = "channels are remapped between producer and linears"
+            if reason:
+                entry["skipped"] = reason
+                logger.info("reparameterize: skip [%s]: %s", group_label(group), reason)
+                records.append(entry)
+                continue
+            st = stats[group.input.name]
+            lo, hi = np.minimum(st.minimum, 0.0), np.maximum(st.maximum, 0.0)
+            center = (st.minimum + st.maximum) / 2.0 if options.shift else np.zeros(group.in_features)
+            can_shift = options.shift and all(l.bias is not None for l in group.linears)
+            if options.shift and not can_shift:
+                entry["shift_skipped"] = "a linear of the group has no bias to absorb the shift"
+                center = np.zeros(group.in_features)
+            if options.shift and can_shift:
+                width = st.maximum - st.minimum
+            else:
+                width = hi - lo
+            channel_scale = np.maximum(width, 1e-8) / 255.0
+            target = np.median(channel_scale) if options.target == "median" else np.mean(channel_scale)
+            r = channel_scale / target
+            if group.producer.foldable:
+                fold_into_producer(graph, group, r, center if can_shift else None)
+            else:
+                inserted += insert_channel_ops(graph, group, r, center if can_shift else None)
+            scale_consumers(graph, group, r, center if can_shift else None)
+            modified = True
+            entry.update(target_scale=float(target), max_median_before=max_median_ratio(channel_scale),
+                         shifted=bool(can_shift))
+            records.append(entry)
+        return modified, {"options": dataclasses.asdict(options), "groups": records, "inserted_ops": inserted}
