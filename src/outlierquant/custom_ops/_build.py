@@ -10,7 +10,8 @@ are a build input that is never committed:
    ``$XDG_CACHE_HOME/outlierquant`` (``~/.cache/outlierquant``).
 
 The library does not link libonnxruntime: the runtime that loads it hands over its API.
-Environment: ``CXX`` picks the compiler; ``OUTLIERQUANT_KERNEL_CXXFLAGS`` adds flags.
+Environment: ``CXX`` picks the compiler; ``OUTLIERQUANT_KERNEL_CXXFLAGS`` adds compiler
+flags (``build_library(extra_flags=...)`` adds compiler and linker flags).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,20 +161,31 @@ def _compiler() -> str:
     raise KernelBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
 
 
-def build_library(output: Path, build_temp: Path) -> Path:
-    """Compile ``csrc/*.cc`` into the shared library ``output``."""
+def compiler_command() -> list[str]:
+    """The C++ compiler ``build_library`` uses, as an argument list."""
+    return shlex.split(_compiler())
+
+
+def build_library(output: Path, build_temp: Path, extra_flags: Sequence[str] = ()) -> Path:
+    """Compile ``csrc/*.cc`` into the shared library ``output``.
+
+    ``extra_flags`` go to the compiler and the linker after the defaults (a later ``-O``
+    wins), e.g. ``-fsanitize=address,undefined`` for an instrumented build. ``output`` is
+    replaced atomically: a process that has the old library loaded keeps its copy.
+    """
     if sys.platform == "win32":
         raise KernelBuildError("building the kernels on Windows is not supported yet")
     headers = include_dir()
     version = api_version(headers)
     if version < 17:
         raise KernelBuildError(f"onnxruntime headers in {headers} are C API {version}; need >= 17")
-    compiler = shlex.split(_compiler())
+    compiler = compiler_command()
     # -fno-trapping-math/-fno-math-errno let the clip/round loops vectorize; unlike
     # -ffast-math they keep IEEE results bit for bit, which the exact tests rely on.
     flags = ["-std=c++17", "-O3", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-fvisibility=hidden",
              "-fvisibility-inlines-hidden", "-Wall", "-Wextra", f"-I{headers}"]
     flags += shlex.split(os.environ.get("OUTLIERQUANT_KERNEL_CXXFLAGS", ""))
+    flags += list(extra_flags)
     build_temp.mkdir(parents=True, exist_ok=True)
     sources = sorted(SOURCE_DIR.glob("*.cc"))
     objects = [build_temp / (source.stem + ".o") for source in sources]
@@ -187,15 +200,20 @@ def build_library(output: Path, build_temp: Path) -> Path:
     with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:
         list(pool.map(compile_one, zip(sources, objects)))
 
-    link = [*compiler, "-shared", *[str(obj) for obj in objects], "-o", str(output)]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staged = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    link = [*compiler, "-shared", *extra_flags, *[str(obj) for obj in objects], "-o", str(staged)]
     if sys.platform == "darwin":
         link += ["-undefined", "dynamic_lookup"]
     else:
         script = build_temp / "exports.map"
         script.write_text("{ global: RegisterCustomOps; local: *; };\n")
         link += [f"-Wl,--version-script={script}", "-Wl,-O1"]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(link, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise KernelBuildError(f"linking failed:\n{shlex.join(link)}\n{result.stderr}")
+    try:
+        result = subprocess.run(link, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelBuildError(f"linking failed:\n{shlex.join(link)}\n{result.stderr}")
+        os.replace(staged, output)
+    finally:
+        staged.unlink(missing_ok=True)
     return output
