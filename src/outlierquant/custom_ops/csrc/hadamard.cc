@@ -87,43 +87,48 @@ void MixBlocks(const float* __restrict in, const float* __restrict mix, float* _
   }
 }
 
-struct HadamardTransform {
-  HadamardTransform(const OrtApi*, const OrtKernelInfo*) {}
+constexpr ArgSpec kInputs[] = {{"X", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false},
+                               {"block", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true}};
+constexpr ArgSpec kOutputs[] = {{"Y", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false}};
 
-  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,
-                      std::optional<const Ort::Custom::Tensor<float>*> block,
-                      Ort::Custom::Tensor<float>& output) {
-    const std::vector<int64_t>& shape = input.Shape();
-    if (shape.empty()) {
-      return InvalidArgument("HadamardTransform: input must have rank >= 1, got a scalar");
-    }
+struct HadamardTransform : GuardedKernel<HadamardTransform> {
+  static constexpr OpSpec kSpec{"HadamardTransform", kInputs, 2, kOutputs, 1};
+
+  explicit HadamardTransform(const OrtKernelInfo*) {}
+
+  void Compute(KernelIo& io) {
+    const TensorView<float> input = io.RequiredInput<float>(0);
+    const std::optional<TensorView<float>> block = io.Input<float>(1);
+    const std::vector<int64_t>& shape = input.shape;
+    if (shape.empty()) throw KernelError("input 0 (X) must have rank >= 1, got a scalar");
     const int64_t dim = shape.back();
     int64_t block_size = 1;
     const float* mix = nullptr;
-    if (block.has_value() && *block != nullptr) {
-      const std::vector<int64_t>& block_shape = (*block)->Shape();
+    if (block) {
+      const std::vector<int64_t>& block_shape = block->shape;
       if (block_shape.size() != 2 || block_shape[0] != block_shape[1] || block_shape[0] < 1) {
-        return InvalidArgument("HadamardTransform: `block` must be a square m x m matrix, got shape " +
-                               ShapeToString(block_shape));
+        throw KernelError("input 1 (block) must be a square m x m matrix with m >= 1, got shape " +
+                          ShapeToString(block_shape));
       }
       block_size = block_shape[0];
-      mix = (*block)->Data();
+      mix = block->data;
     }
     if (dim <= 0 || dim % block_size != 0 || !IsPowerOfTwo(dim / block_size)) {
-      return InvalidArgument("HadamardTransform: last dimension " + std::to_string(dim) +
-                             " is not m * 2^k for block size m = " + std::to_string(block_size) +
-                             "; supported sizes are powers of two, or m * 2^k with an m x m `block` input");
+      throw KernelError("last dimension " + std::to_string(dim) + " is not m * 2^k for block size m = " +
+                        std::to_string(block_size) +
+                        "; supported sizes are powers of two, or m * 2^k with an m x m `block` input");
     }
     const int64_t n = dim / block_size;
     const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
     const int64_t rows = ElementCount(shape) / dim;
-    const float* x = input.Data();
-    float* y = output.Allocate(shape);
+    float* y = io.Output<float>(0, shape);
+    if (rows == 0) return;
+    const float* x = input.data;
 
     int64_t log_n = 0;
     while ((int64_t{1} << log_n) < n) ++log_n;
     const int64_t work_per_row = dim * (log_n + block_size + 1);
-    ParallelRows(context, rows, work_per_row, 1 << 17, [&](int64_t begin, int64_t end) {
+    ParallelRows(io.context(), rows, work_per_row, 1 << 17, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(mix != nullptr ? static_cast<size_t>(dim) : 0);
       for (int64_t r = begin; r < end; ++r) {
         const float* src = x + r * dim;
@@ -136,14 +141,15 @@ struct HadamardTransform {
         MixBlocks(scratch.data(), mix, dst, block_size, n);
       }
     });
-    return Ort::Status{nullptr};
   }
 };
 
 }  // namespace
 
-Ort::Custom::OrtLiteCustomOp* MakeHadamardTransformOp() {
-  return Ort::Custom::CreateLiteCustomOp<HadamardTransform>("HadamardTransform", kCpuProvider);
+const OrtCustomOp* HadamardTransformOp() {
+  // never destroyed: sessions may outlive static teardown
+  static const auto* op = new OpDef<HadamardTransform>();
+  return op;
 }
 
 }  // namespace outlierquant

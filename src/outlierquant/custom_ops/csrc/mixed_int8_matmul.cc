@@ -31,18 +31,26 @@ void MaskRow(const float* __restrict row, const uint8_t* __restrict is_outlier, 
   for (int64_t i = 0; i < n; ++i) out[i] = is_outlier[i] ? 0.0f : row[i];
 }
 
-struct MixedInt8MatMul {
-  MixedInt8MatMul(const OrtApi*, const OrtKernelInfo* info)
+constexpr ArgSpec kInputs[] = {{"X", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false},
+                               {"W_q", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, false},
+                               {"w_scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false},
+                               {"outlier_channels", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, true},
+                               {"W_outlier", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true}};
+constexpr ArgSpec kOutputs[] = {{"Y", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false}};
+
+struct MixedInt8MatMul : GuardedKernel<MixedInt8MatMul> {
+  static constexpr OpSpec kSpec{"MixedInt8MatMul", kInputs, 5, kOutputs, 1};
+
+  explicit MixedInt8MatMul(const OrtKernelInfo* info)
       : memory_info_(Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault)),
         integer_matmul_(nullptr),
         unit_scale_(nullptr),
         zero_point_(nullptr) {
-    float threshold = 0.0f;
-    OrtStatus* missing = Ort::GetApi().KernelInfoGetAttribute_float(info, "threshold", &threshold);
-    if (missing == nullptr) {
-      threshold_ = threshold;
-    } else {
-      Ort::GetApi().ReleaseStatus(missing);  // absent: keep 0, no runtime outlier detection
+    // absent: 0, no runtime outlier detection
+    threshold_ = OptionalFloatAttribute(info, "threshold").value_or(0.0f);
+    if (!std::isfinite(threshold_) || threshold_ < 0.0f) {
+      throw KernelError("attribute 'threshold' must be a finite float >= 0 (0 turns runtime outliers off), got " +
+                        std::to_string(threshold_));
     }
 
     const char* type_names[] = {"T1", "T2", "T3"};
@@ -56,69 +64,76 @@ struct MixedInt8MatMul {
     zero_point_ = Ort::Value::CreateTensor<uint8_t>(memory_info_, &zero_point_value_, 1, nullptr, 0);
   }
 
-  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,
-                      const Ort::Custom::Tensor<int8_t>& weight_q,
-                      const Ort::Custom::Tensor<float>& weight_scale,
-                      std::optional<const Ort::Custom::Tensor<int64_t>*> outlier_channels,
-                      std::optional<const Ort::Custom::Tensor<float>*> outlier_weight,
-                      Ort::Custom::Tensor<float>& output) {
-    const std::vector<int64_t>& x_shape = input.Shape();
-    const std::vector<int64_t>& w_shape = weight_q.Shape();
-    if (x_shape.empty()) return InvalidArgument("MixedInt8MatMul: X must have rank >= 1");
+  void Compute(KernelIo& io) {
+    const TensorView<float> input = io.RequiredInput<float>(0);
+    const TensorView<int8_t> weight_q = io.RequiredInput<int8_t>(1);
+    const TensorView<float> weight_scale = io.RequiredInput<float>(2);
+    const std::optional<TensorView<int64_t>> outlier_channels = io.Input<int64_t>(3);
+    const std::optional<TensorView<float>> outlier_weight = io.Input<float>(4);
+
+    const std::vector<int64_t>& x_shape = input.shape;
+    const std::vector<int64_t>& w_shape = weight_q.shape;
+    if (x_shape.empty()) throw KernelError("input 0 (X) must have rank >= 1, got a scalar");
     if (w_shape.size() != 2 || w_shape[0] != x_shape.back()) {
-      return InvalidArgument("MixedInt8MatMul: W_q must be [K, N] with K = X.shape[-1] = " +
-                             std::to_string(x_shape.back()) + ", got " + ShapeToString(w_shape));
+      throw KernelError("input 1 (W_q) must be [K, N] with K = X.shape[-1] = " + std::to_string(x_shape.back()) +
+                        ", got " + ShapeToString(w_shape));
     }
     const int64_t k_dim = w_shape[0];
     const int64_t n_dim = w_shape[1];
-    if (weight_scale.Shape() != std::vector<int64_t>{n_dim}) {
-      return InvalidArgument("MixedInt8MatMul: w_scale must be [N] = [" + std::to_string(n_dim) + "], got " +
-                             ShapeToString(weight_scale.Shape()));
+    if (weight_scale.shape != std::vector<int64_t>{n_dim}) {
+      throw KernelError("input 2 (w_scale) must be [N] = [" + std::to_string(n_dim) + "], got " +
+                        ShapeToString(weight_scale.shape));
     }
 
     std::vector<int64_t> static_channels;
-    if (outlier_channels.has_value() && *outlier_channels != nullptr) {
-      const auto& idx_shape = (*outlier_channels)->Shape();
+    if (outlier_channels) {
+      const std::vector<int64_t>& idx_shape = outlier_channels->shape;
       if (idx_shape.size() != 1) {
-        return InvalidArgument("MixedInt8MatMul: outlier_channels must be 1-D, got " + ShapeToString(idx_shape));
+        throw KernelError("input 3 (outlier_channels) must be 1-D, got shape " + ShapeToString(idx_shape));
       }
-      const int64_t* idx = (*outlier_channels)->Data();
-      static_channels.assign(idx, idx + idx_shape[0]);
+      if (idx_shape[0] > k_dim) {
+        throw KernelError("input 3 (outlier_channels) lists " + std::to_string(idx_shape[0]) +
+                          " channels, more than K = " + std::to_string(k_dim));
+      }
+      if (idx_shape[0] > 0) static_channels.assign(outlier_channels->data, outlier_channels->data + idx_shape[0]);
     }
     const int64_t n_static = static_cast<int64_t>(static_channels.size());
     std::vector<uint8_t> is_outlier(static_cast<size_t>(k_dim), 0);
     for (int64_t channel : static_channels) {
       if (channel < 0 || channel >= k_dim) {
-        return InvalidArgument("MixedInt8MatMul: outlier channel " + std::to_string(channel) +
-                               " is out of range [0, " + std::to_string(k_dim) + ")");
+        throw KernelError("input 3 (outlier_channels): channel " + std::to_string(channel) +
+                          " is out of range [0, " + std::to_string(k_dim) + ")");
       }
       if (is_outlier[channel]) {
-        return InvalidArgument("MixedInt8MatMul: outlier channel " + std::to_string(channel) + " is listed twice");
+        throw KernelError("input 3 (outlier_channels): channel " + std::to_string(channel) + " is listed twice");
       }
       is_outlier[channel] = 1;
     }
     const float* w_outlier = nullptr;
-    if (n_static > 0) {
-      if (!outlier_weight.has_value() || *outlier_weight == nullptr ||
-          (*outlier_weight)->Shape() != std::vector<int64_t>{n_static, n_dim}) {
-        return InvalidArgument("MixedInt8MatMul: W_outlier must be [n_outliers, N] = [" + std::to_string(n_static) +
-                               ", " + std::to_string(n_dim) + "] when outlier_channels is not empty");
+    if (outlier_weight) {
+      if (outlier_weight->shape != std::vector<int64_t>{n_static, n_dim}) {
+        throw KernelError("input 4 (W_outlier) must be [n_outliers, N] = [" + std::to_string(n_static) + ", " +
+                          std::to_string(n_dim) + "] for the " + std::to_string(n_static) +
+                          " channels of input 3 (outlier_channels), got " + ShapeToString(outlier_weight->shape));
       }
-      w_outlier = (*outlier_weight)->Data();
+      w_outlier = outlier_weight->data;
+    } else if (n_static > 0) {
+      throw KernelError("input 4 (W_outlier) is required when input 3 (outlier_channels) is not empty");
     }
 
     std::vector<int64_t> y_shape = x_shape;
     y_shape.back() = n_dim;
-    float* y = output.Allocate(y_shape);
-    const int64_t rows = k_dim > 0 ? ElementCount(x_shape) / k_dim : ElementCount(y_shape) / (n_dim > 0 ? n_dim : 1);
-    if (rows == 0 || n_dim == 0) return Ort::Status{nullptr};
+    std::vector<int64_t> row_shape(x_shape.begin(), x_shape.end() - 1);
+    const int64_t rows = ElementCount(row_shape);
+    float* y = io.Output<float>(0, y_shape);
+    if (rows == 0 || n_dim == 0) return;
     if (k_dim == 0) {
       std::memset(y, 0, sizeof(float) * static_cast<size_t>(rows * n_dim));
-      return Ort::Status{nullptr};
+      return;
     }
-    const float* x = input.Data();
-    const int8_t* w_q = weight_q.Data();
-    const float* w_scale = weight_scale.Data();
+    const float* x = input.data;
+    const int8_t* w_q = weight_q.data;
+    const float* w_scale = weight_scale.data;
 
     // Runtime outliers: channels (not already static) whose |x| reaches the threshold in any row.
     std::vector<int64_t> dynamic_channels;
@@ -150,6 +165,7 @@ struct MixedInt8MatMul {
         std::min<int64_t>(rows, kChunkOutputBytes / static_cast<int64_t>(sizeof(float) * n_dim)), kMinChunkRows);
 
     // Scratch from the session's (arena) allocator: no page faults or zero-fill per call.
+    OrtKernelContext* context = io.context();
     Ort::KernelContext kernel_context(context);
     Ort::Allocator allocator = kernel_context.GetAllocator(*memory_info_);
     const int64_t scratch_rows = std::min(rows, chunk_rows);
@@ -202,7 +218,6 @@ struct MixedInt8MatMul {
         }
       });
     }
-    return Ort::Status{nullptr};
   }
 
   Ort::MemoryInfo memory_info_;
@@ -216,8 +231,10 @@ struct MixedInt8MatMul {
 
 }  // namespace
 
-Ort::Custom::OrtLiteCustomOp* MakeMixedInt8MatMulOp() {
-  return Ort::Custom::CreateLiteCustomOp<MixedInt8MatMul>("MixedInt8MatMul", kCpuProvider);
+const OrtCustomOp* MixedInt8MatMulOp() {
+  // never destroyed: sessions may outlive static teardown
+  static const auto* op = new OpDef<MixedInt8MatMul>();
+  return op;
 }
 
 }  // namespace outlierquant

@@ -2,6 +2,7 @@
 // The math and the rounding/clipping conventions are specified in reference.py.
 #include "common.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace outlierquant {
@@ -11,9 +12,11 @@ namespace {
 // integer, ties to even, in the default IEEE rounding mode (and vectorizes, unlike nearbyint).
 constexpr float kRoundMagic = 12582912.0f;
 
+// Written so that a NaN fails the first comparison and becomes 127: the result is then
+// always in range for the float-to-int conversion.
 inline float ClipRound(float value) {
-  value = value > 127.0f ? 127.0f : value;
-  value = value < -127.0f ? -127.0f : value;
+  value = value < 127.0f ? value : 127.0f;
+  value = value > -127.0f ? value : -127.0f;
   return (value + kRoundMagic) - kRoundMagic;
 }
 
@@ -56,41 +59,49 @@ void QuantizeRowUint8(const float* row, int64_t count, float scale, uint8_t* out
 
 namespace {
 
-struct DynamicQuantizePerToken {
-  DynamicQuantizePerToken(const OrtApi*, const OrtKernelInfo*) {}
+constexpr ArgSpec kInputs[] = {{"X", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false}};
+// Both outputs are optional: a node may ask for only the codes or only the scales.
+constexpr ArgSpec kOutputs[] = {{"Q", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, true},
+                                {"scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true}};
 
-  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,
-                      Ort::Custom::Tensor<int8_t>& quantized, Ort::Custom::Tensor<float>& scales) {
-    const std::vector<int64_t>& shape = input.Shape();
-    if (shape.empty()) {
-      return InvalidArgument("DynamicQuantizePerToken: input must have rank >= 1, got a scalar");
-    }
+struct DynamicQuantizePerToken : GuardedKernel<DynamicQuantizePerToken> {
+  static constexpr OpSpec kSpec{"DynamicQuantizePerToken", kInputs, 1, kOutputs, 2};
+
+  explicit DynamicQuantizePerToken(const OrtKernelInfo*) {}
+
+  void Compute(KernelIo& io) {
+    const TensorView<float> input = io.RequiredInput<float>(0);
+    const std::vector<int64_t>& shape = input.shape;
+    if (shape.empty()) throw KernelError("input 0 (X) must have rank >= 1, got a scalar");
     const int64_t row_size = shape.back();
     std::vector<int64_t> scale_shape = shape;
     scale_shape.back() = 1;
-    int8_t* q = quantized.Allocate(shape);
-    float* s = scales.Allocate(scale_shape);
-    const int64_t rows = row_size > 0 ? ElementCount(shape) / row_size : ElementCount(scale_shape);
-    const float* x = input.Data();
+    const int64_t rows = ElementCount(scale_shape);
+    int8_t* q = io.Output<int8_t>(0, shape);
+    float* s = io.Output<float>(1, scale_shape);
+    if (rows == 0 || (q == nullptr && s == nullptr)) return;
     if (row_size == 0) {
-      for (int64_t r = 0; r < rows; ++r) s[r] = 1.0f;
-      return Ort::Status{nullptr};
+      if (s != nullptr) std::fill(s, s + rows, 1.0f);
+      return;
     }
-    ParallelRows(context, rows, row_size, 1 << 16, [&](int64_t begin, int64_t end) {
+    const float* x = input.data;
+    ParallelRows(io.context(), rows, row_size, 1 << 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const float* row = x + r * row_size;
-        s[r] = RowScale(row, row_size);
-        QuantizeRowInt8(row, row_size, s[r], q + r * row_size);
+        const float scale = RowScale(row, row_size);
+        if (s != nullptr) s[r] = scale;
+        if (q != nullptr) QuantizeRowInt8(row, row_size, scale, q + r * row_size);
       }
     });
-    return Ort::Status{nullptr};
   }
 };
 
 }  // namespace
 
-Ort::Custom::OrtLiteCustomOp* MakeDynamicQuantizePerTokenOp() {
-  return Ort::Custom::CreateLiteCustomOp<DynamicQuantizePerToken>("DynamicQuantizePerToken", kCpuProvider);
+const OrtCustomOp* DynamicQuantizePerTokenOp() {
+  // never destroyed: sessions may outlive static teardown
+  static const auto* op = new OpDef<DynamicQuantizePerToken>();
+  return op;
 }
 
 }  // namespace outlierquant

@@ -15,7 +15,6 @@ namespace outlierquant {
 namespace {
 
 struct Registry {
-  std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> ops;
   // Each registration gets its own domain object; all of them must outlive every session.
   std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;
   std::mutex mutex;
@@ -47,19 +46,18 @@ extern "C" OUTLIERQUANT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSess
   try {
     Registry& registry = GetRegistry();
     std::lock_guard<std::mutex> lock(registry.mutex);
-    if (registry.ops.empty()) {
-      registry.ops.emplace_back(MakeHadamardTransformOp());
-      registry.ops.emplace_back(MakeDynamicQuantizePerTokenOp());
-      registry.ops.emplace_back(MakeMixedInt8MatMulOp());
-    }
     auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
-    for (auto& op : registry.ops) domain->Add(op.get());
+    for (const OrtCustomOp* op : {HadamardTransformOp(), DynamicQuantizePerTokenOp(), MixedInt8MatMulOp()}) {
+      domain->Add(op);
+    }
     Ort::UnownedSessionOptions(options).Add(*domain);
     registry.domains.push_back(std::move(domain));
   } catch (const Ort::Exception& error) {
     status = Ort::Status(error);
   } catch (const std::exception& error) {
     status = Ort::Status(error);
+  } catch (...) {
+    status = Ort::Status("outlierquant: registering the kernels failed", ORT_FAIL);
   }
   return status.release();
 }
