@@ -12,6 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+import kernel_cases
 from outlierquant import custom_ops
 from outlierquant.custom_ops import reference, standard_forms
 from outlierquant.numerics import hadamard
@@ -290,6 +291,29 @@ def test_kernels_are_thread_safe_on_one_session():
     for thread in threads:
         thread.join()
     assert not failures
+
+
+# --- malformed nodes and edge cases, in child processes --------------------------------
+
+
+@pytest.fixture(scope="module")
+def kernel_case_results() -> dict[str, kernel_cases.Result]:
+    return kernel_cases.run_isolated([case.name for case in kernel_cases.CASES])
+
+
+@requires_kernels
+@pytest.mark.parametrize("name", [case.name for case in kernel_cases.CASES])
+def test_kernel_case(name, kernel_case_results):
+    """Malformed cases raise an onnxruntime error (a crash fails only its case); valid edge
+    cases (optional inputs and outputs left out, empty dimensions) match the references."""
+    result = kernel_case_results[name]
+    assert result.passed, result.detail
+
+
+def test_kernel_case_table_covers_every_op():
+    malformed = {op: sum(case.op == op and case.error is not None for case in kernel_cases.CASES)
+                 for op in kernel_cases.OPS}
+    assert all(count >= 10 for count in malformed.values()), malformed
 
 
 # --- standard-op forms vs references ---------------------------------------------------
