@@ -2,23 +2,31 @@
 
 - :func:`load_model` turns every way a model file can be wrong into one clear
   :class:`~outlierquant.errors.OutlierQuantError` line, and checks the opset.
-- :func:`save_model` never leaves a half-written output: it writes into a temporary
-  folder beside the target and renames into place (the ``.onnx`` last), and switches to
-  external data when the weights pass protobuf's 2 GB limit.
+- :class:`OutputUnit` writes a model, its external data and its report so that they
+  appear together or not at all, and :func:`check_outputs` refuses an output that is one
+  of the inputs (through symlinks and hard links) before any work starts.
+- :func:`save_model` writes one model that way, switching to external data when the
+  weights pass protobuf's 2 GB limit.
 - Weights stay lazy: ``onnx_ir`` keeps external tensors memory-mapped until a pass reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import signal
+import stat
+import threading
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import onnx_ir as ir
 
-from outlierquant.errors import InputError, UnsupportedModelError
+from outlierquant.errors import InputError, OutputError, UnsupportedModelError, describe, first_line, translated
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +70,15 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
-    """Load an ONNX model into onnx-ir with a one-line error for every bad-input case."""
+    """Load an ONNX model into onnx-ir with a one-line error for every bad-input case.
+
+    Besides an unreadable or truncated file, :func:`check_model_proto` rejects what would
+    otherwise fail later, deep inside a pass or onnxruntime: tensors whose data does not
+    match their shape, external data that is missing, outside the model's folder, a hard
+    link or too short, tensors read before they are produced, cycles, unknown ONNX ops.
+    """
+    import onnx
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -72,18 +88,239 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
             path = candidate
         else:
             raise InputError(f"{path}: is a folder without a model.onnx")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
-    try:
-        model = ir.load(path)
-    except Exception as exc:  # protobuf's DecodeError, truncated external data, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a readable ONNX model ({first_line})") from exc
-    if len(model.graph) == 0:
-        raise InputError(f"{path}: the ONNX graph has no nodes (corrupt or not an ONNX model)")
+    with translated(path):
+        try:
+            # Weights stay on disk: onnx_ir memory-maps external data when a pass reads it.
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError, a truncated message, ...
+            raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
+        check_model_proto(proto, path)
+        try:
+            model = ir.serde.deserialize_model(proto)
+        except Exception as exc:
+            raise InputError(f"{path}: not a valid ONNX model ({first_line(exc)})") from exc
+        ir.external_data.set_base_dir(model.graph, str(path.parent))
     if check:
         check_opset(model, path)
     return model
+
+
+def check_model_proto(proto, path: str | os.PathLike = "model") -> None:
+    """Raise :class:`InputError` for a model that no pass or runtime could run (see :func:`load_model`)."""
+    graph = proto.graph
+    if len(graph.node) == 0:
+        raise InputError(f"{path}: the ONNX graph has no nodes (corrupt or not an ONNX model)")
+    folder = Path(path).parent
+    files: dict[str, int] = {}
+    for tensor in _iter_tensors(graph):
+        _check_tensor(tensor, path, folder, files)
+    _check_structure(graph, path)
+    for index, node in enumerate(_iter_nodes(graph)):
+        if node.domain in ("", "ai.onnx") and not onnx_defs_has(node.op_type):
+            raise InputError(f"{path}: node {_node_label(node, index)} uses {node.op_type!r}, which is not an ONNX operator")
+
+
+def onnx_defs_has(op_type: str) -> bool:
+    import onnx.defs
+
+    return bool(op_type) and onnx.defs.has(op_type, "")
+
+
+def _node_label(node, index: int) -> str:
+    return repr(node.name) if node.name else f"#{index} ({node.op_type})"
+
+
+def _iter_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                yield from _iter_nodes(sub)
+
+
+def _tensor_bytes(tensor, path) -> tuple[ir.DataType, int, int]:
+    """(dtype, element count, bytes) of a TensorProto from its declared type and shape."""
+    name = tensor.name or "(unnamed)"
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        raise InputError(f"{path}: tensor {name!r} has an unknown data type {tensor.data_type}") from None
+    if dtype == ir.DataType.UNDEFINED:
+        raise InputError(f"{path}: tensor {name!r} has no data type")
+    count = 1
+    for dim in tensor.dims:
+        if dim < 0:
+            raise InputError(f"{path}: tensor {name!r} has a negative dimension {dim}")
+        count *= dim
+    if dtype == ir.DataType.STRING:
+        return dtype, count, -1
+    return dtype, count, (count * dtype.bitwidth + 7) // 8
+
+
+def _check_tensor(tensor, path, folder: Path, files: dict[str, int]) -> None:
+    import onnx
+
+    name = tensor.name or "(unnamed)"
+    dtype, count, nbytes = _tensor_bytes(tensor, path)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        _check_external(tensor, name, nbytes, path, folder, files)
+        return
+    if tensor.HasField("raw_data"):
+        size = len(tensor.raw_data)
+        if nbytes >= 0 and size != nbytes:
+            raise InputError(f"{path}: tensor {name!r} holds {size} bytes of raw data, its shape "
+                             f"{list(tensor.dims)} needs {nbytes}")
+        return
+    typed = (len(tensor.float_data) + len(tensor.int32_data) + len(tensor.string_data) + len(tensor.int64_data)
+             + len(tensor.double_data) + len(tensor.uint64_data))
+    if dtype == ir.DataType.STRING or dtype.bitwidth >= 8:
+        wanted = 2 * count if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128) else count
+        if typed != wanted:
+            raise InputError(f"{path}: tensor {name!r} holds {typed} values, its shape {list(tensor.dims)} needs {wanted}")
+
+
+def _check_external(tensor, name: str, nbytes: int, path, folder: Path, files: dict[str, int]) -> None:
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    if not location:
+        raise InputError(f"{path}: tensor {name!r} is stored outside the model but names no file")
+    try:
+        offset = int(entries.get("offset") or 0)
+        length = int(entries["length"]) if entries.get("length") else None
+    except ValueError:
+        raise InputError(f"{path}: tensor {name!r} has a non-numeric external data offset or length") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise InputError(f"{path}: tensor {name!r} has a negative external data offset or length")
+    if location not in files:
+        files[location] = _external_file_size(location, name, path, folder)
+    size = files[location]
+    needed = nbytes if length is None else max(length, nbytes)
+    if length is not None and length < nbytes:
+        raise InputError(f"{path}: tensor {name!r} has {length} bytes of external data, its shape "
+                         f"{list(tensor.dims)} needs {nbytes}")
+    if offset + needed > size:
+        raise InputError(f"{path}: tensor {name!r} reads bytes {offset}..{offset + needed} of {location}, "
+                         f"which has {size} (truncated external data?)")
+
+
+def _external_file_size(location: str, name: str, path, folder: Path) -> int:
+    """The size of an external data file after the checks onnx_ir makes when it maps it."""
+    if os.path.isabs(location):
+        raise InputError(f"{path}: tensor {name!r} has an absolute external data location {location!r}")
+    base = os.path.realpath(folder)
+    target = os.path.realpath(folder / location)
+    if os.path.commonpath([base, target]) != base or os.path.normpath(location).split(os.sep)[0] == "..":
+        raise InputError(f"{path}: tensor {name!r} has external data {location!r} outside the model's folder")
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        raise InputError(f"{path}: external data file {location!r} (tensor {name!r}) does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{path}: external data {location!r} (tensor {name!r}) is not a regular file")
+    if info.st_nlink > 1:
+        # onnx_ir refuses hard-linked data: a link could bring any file into the folder
+        raise InputError(f"{path}: external data file {location!r} has {info.st_nlink} hard links; "
+                         "copy it (cp) instead of linking it")
+    return info.st_size
+
+
+def _check_structure(graph, path) -> None:
+    """Every tensor a node reads is produced once, before it, and the graph has no cycle."""
+    sources = {value.name for value in graph.input} | {init.name for init in graph.initializer}
+    sources |= {sparse.values.name for sparse in graph.sparse_initializer}
+    inputs = {value.name for value in graph.input}
+    producer: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            if not name:
+                continue
+            if name in producer or name in inputs:
+                raise InputError(f"{path}: tensor {name!r} is produced twice (node {_node_label(node, index)})")
+            producer[name] = index
+    waiting = [0] * len(graph.node)
+    consumers: dict[int, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        needs = set()
+        outer = _outer_names(node)
+        for name in list(node.input) + outer:
+            if not name or name in sources:
+                continue
+            if name not in producer:
+                if name in outer:
+                    continue  # a subgraph's own tensor, or one from further out: checked by onnxruntime
+                raise InputError(f"{path}: node {_node_label(node, index)} reads {name!r}, which no node, "
+                                 "graph input or initializer provides")
+            needs.add(producer[name])
+        waiting[index] = len(needs)
+        for source in needs:
+            consumers.setdefault(source, []).append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    done = 0
+    while ready:
+        index = ready.pop()
+        done += 1
+        for consumer in consumers.get(index, ()):
+            waiting[consumer] -= 1
+            if waiting[consumer] == 0:
+                ready.append(consumer)
+    if done < len(graph.node):
+        stuck = next(index for index, count in enumerate(waiting) if count > 0)
+        raise InputError(f"{path}: the graph has a cycle (node {_node_label(graph.node[stuck], stuck)} "
+                         "depends on its own output)")
+    for value in graph.output:
+        if value.name not in sources and value.name not in producer:
+            raise InputError(f"{path}: graph output {value.name!r} is never computed")
+
+
+def _outer_names(node) -> list[str]:
+    """Names a node's subgraphs read without defining them (If/Loop/Scan bodies)."""
+    names: list[str] = []
+    for attr in node.attribute:
+        for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            defined = {value.name for value in sub.input} | {init.name for init in sub.initializer}
+            defined |= {name for inner in _iter_nodes(sub) for name in inner.output}
+            names += [name for inner in _iter_nodes(sub) for name in inner.input if name and name not in defined]
+    return names
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """A model file and the external data files it references (those that exist)."""
+    import onnx
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    files = [path]
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not readable: load_model says why, and only the file itself is at stake
+        return files
+    seen = set()
+    for tensor in _iter_tensors(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                location = path.parent / entry.value
+                if location.exists():
+                    files.append(location)
+    return files
+
+def check_finite_weights(model: ir.Model, source: str | os.PathLike = "model") -> None:
+    """Raise if a float initializer holds NaN or Inf: no scale computed from it would mean anything."""
+    import numpy as np
+
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or not tensor.dtype.is_floating_point():
+                continue
+            array = tensor.numpy()
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise InputError(f"{source}: weight {name!r} holds NaN or Inf")
 
 
 def model_weight_bytes(model: ir.Model) -> int:
@@ -124,58 +361,350 @@ def _iter_tensors(graph):
                 yield from _iter_tensors(sub)
 
 
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived: raised like KeyboardInterrupt so that cleanups run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise :class:`Terminated` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            previous[signum] = signal.signal(signum, _raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _identity(path: Path) -> tuple[str, tuple[int, int] | None]:
+    real = os.path.realpath(path)
+    try:
+        info = os.stat(real)
+    except OSError:
+        return real, None
+    return real, (info.st_dev, info.st_ino)
+
+
+def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse outputs that would overwrite an input or cannot be written; before any work.
+
+    An output is the same file as an input when their real paths agree (symlinks) or
+    when they share an inode (hard links). An output must not be an existing folder, its
+    folder must be a folder (or not exist yet, under one), and writable.
+    """
+    known: dict[str, Path] = {}
+    inodes: dict[tuple[int, int], Path] = {}
+    for item in inputs:
+        real, inode = _identity(Path(item))
+        known.setdefault(real, Path(item))
+        if inode is not None:
+            inodes.setdefault(inode, Path(item))
+    for item in outputs:
+        output = Path(item)
+        real, inode = _identity(output)
+        clash = known.get(real) or (inodes.get(inode) if inode is not None else None)
+        if clash is not None:
+            same = "" if os.path.abspath(clash) == os.path.abspath(output) else f" {clash}"
+            raise OutputError(f"{output}: refusing to overwrite the input {_kind(clash)}{same}")
+        if output.is_dir():
+            raise OutputError(f"{output}: is a folder; give a file name")
+        _check_writable_folder(output.parent)
+
+
+def _kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "model"
+    if suffix == ".data":
+        return "model's external data"
+    if suffix in (".npz", ".txt"):
+        return "data"
+    if suffix in (".yaml", ".yml"):
+        return "recipe"
+    return "file"
+
+
+def _check_writable_folder(folder: Path) -> None:
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():
+            raise OutputError(f"{existing}: is a broken symbolic link")
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise OutputError(f"{existing}: is a file, not a folder")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{existing}: folder is not writable")
+
+
+_TEMP_PATTERN = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
+_JOURNAL = ".commit"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputUnit:
+    """Files that appear together or not at all: a model, its external data, its report.
+
+    Everything is written into a private folder beside the targets
+    (``.<primary>.tmp-<pid>-<random>``); :meth:`commit` fsyncs the files, notes in a
+    journal that they are complete, then renames each into place, the primary last, with
+    SIGINT/SIGTERM held back and the folder locked against a concurrent writer. On an
+    error or a signal the private folder is removed, and so are the folders the unit
+    created. A run killed outright (SIGKILL) leaves its private folder; the next unit in
+    that folder finishes the renames if the journal was written, and removes it otherwise.
+
+    Every file written into :attr:`staging` becomes ``folder/<its name>``; ``protect``
+    lists input files that no target may be (see :func:`check_outputs`).
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, primary: str, protect: Iterable[str | os.PathLike] = ()) -> None:
+        self.folder = Path(folder)
+        self.primary = primary
+        self.protect = [Path(p) for p in protect]
+        self.staging: Path | None = None
+        self._created: list[Path] = []
+        self._committed = False
+
+    def path(self, target: str | os.PathLike) -> Path:
+        """Where to write the file that becomes ``target`` (a name, or a path in :attr:`folder`)."""
+        assert self.staging is not None, "OutputUnit used outside its with block"
+        return self.staging / Path(target).name
+
+    def target(self, name: str | os.PathLike) -> Path:
+        return self.folder / Path(name).name
+
+    def staged_bytes(self, *names: str | os.PathLike) -> int:
+        return sum(self.path(name).stat().st_size for name in names if self.path(name).exists())
+
+    def __enter__(self) -> "OutputUnit":
+        self._terminate = terminate_as_exception()
+        self._terminate.__enter__()
+        try:
+            with self._as_output_error(self.folder):
+                self._make_folder()
+                with self._locked():
+                    recover_stale_outputs(self.folder, protect=self.protect)
+                self.staging = self.folder / f".{self.primary}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+                os.mkdir(self.staging, 0o700)
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try:
+            if exc is None:
+                with self._as_output_error(self.folder / self.primary):
+                    self.commit()
+            elif isinstance(exc, OSError) and not is_input_os_error(exc, self.staging):
+                raise OutputError(f"{self.folder / self.primary}: cannot write ({describe(exc)})") from exc
+        finally:
+            self._cleanup()
+        return False
+
+    def commit(self) -> None:
+        names = sorted(entry.name for entry in self.staging.iterdir() if entry.name != _JOURNAL)
+        if self.primary in names:
+            names.remove(self.primary)
+            names.append(self.primary)
+        check_outputs([self.folder / name for name in names], self.protect)
+        mode = 0o666 & ~_umask()
+        for name in names:
+            _fsync_file(self.staging / name, mode)
+        journal = self.staging / _JOURNAL
+        journal.write_text("\n".join(names) + "\n", encoding="utf-8")
+        _fsync_file(journal, 0o600)
+        _fsync_dir(self.staging)
+        with self._locked(), _signals_held():
+            for name in names:
+                os.replace(self.staging / name, self.folder / name)
+            _fsync_dir(self.folder)
+            self._committed = True
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl
+
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _as_output_error(self, target: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot write ({describe(exc)})") from exc
+
+    def _make_folder(self) -> None:
+        _check_writable_folder(self.folder)
+        missing = []
+        folder = self.folder
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            self._created.append(folder)
+
+    def _cleanup(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        if not self._committed:
+            for folder in reversed(self._created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        self._terminate.__exit__(None, None, None)
+
+
+def is_input_os_error(exc: OSError, staging: Path | None) -> bool:
+    """Whether an OSError inside an output unit is about a file other than the outputs."""
+    if exc.filename is None or staging is None:
+        return False
+    return not os.path.abspath(exc.filename).startswith(os.path.abspath(staging) + os.sep)
+
+
+def _fsync_file(path: Path, mode: int) -> None:
+    os.chmod(path, mode)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def recover_stale_outputs(folder: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> None:
+    """Finish or remove the private folders of output units whose process has died.
+
+    With a journal the files were complete: they are renamed into place (unless one would
+    overwrite a protected input). Without one the unit never committed: removed.
+    """
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    protect = list(protect)
+    for entry in entries:
+        match = _TEMP_PATTERN.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink() or _pid_alive(int(match.group(1))):
+            continue
+        journal = entry / _JOURNAL
+        if journal.is_file():
+            names = [name for name in journal.read_text(encoding="utf-8").split("\n") if name]
+            try:
+                check_outputs([folder / name for name in names if "/" not in name], protect)
+                for name in names:
+                    if "/" not in name and (entry / name).is_file():
+                        os.replace(entry / name, folder / name)
+                logger.warning("completed the outputs of an interrupted run: %s", ", ".join(names))
+            except OutputError:
+                pass
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def write_model(model: ir.Model, unit: OutputUnit, name: str, *, external_data: bool | None = None) -> bool:
+    """Write ``model`` into ``unit`` as ``name`` (+ ``name.data``); returns whether it used external data.
+
+    ``external_data=None`` chooses external data when the weights pass
+    :data:`EXTERNAL_DATA_THRESHOLD`.
+    """
+    if external_data is None:
+        external_data = model_weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    if external_data:
+        ir.save(model, unit.path(name), external_data=name + ".data")
+    else:
+        # Tensors still backed by the *input's* external data file would be written as
+        # references to a file that does not exist beside the output: inline them.
+        _inline_external_tensors(model)
+        ir.save(model, unit.path(name))
+    return external_data
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
     *,
     external_data: bool | None = None,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Save ``model`` to ``path`` atomically; returns the path written.
+    """Save ``model`` to ``path`` atomically (an :class:`OutputUnit`); returns the path written.
 
-    ``external_data=None`` chooses external data when the weights pass
-    :data:`EXTERNAL_DATA_THRESHOLD`. The data file is named ``<stem>.onnx.data``.
+    The data file, when there is one, is ``<name>.data``. A data file of that name left by
+    an earlier run is not deleted (nothing refers to it once the new model is inline).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if external_data is None:
-        external_data = model_weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    data_name = path.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp_model = tmpdir / path.name
-        if external_data:
-            ir.save(model, tmp_model, external_data=data_name)
-        else:
-            # Tensors still backed by the *input's* external data file would be written as
-            # references to a file that does not exist beside the output: inline them.
-            _inline_external_tensors(model)
-            ir.save(model, tmp_model)
-        # Data first, graph last: a reader never sees a graph whose data is not there yet.
-        if external_data:
-            os.replace(tmpdir / data_name, path.parent / data_name)
-        elif (path.parent / data_name).exists():
-            (path.parent / data_name).unlink()
-        os.replace(tmp_model, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    check_outputs([path, path.with_name(path.name + ".data")], protect)
+    with OutputUnit(path.parent, primary=path.name, protect=protect) as unit:
+        external_data = write_model(model, unit, path.name, external_data=external_data)
     logger.info("saved %s%s", path, " (+ external data)" if external_data else "")
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file through a temporary name and a rename."""
+def atomic_write_text(path: str | os.PathLike, text: str, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write a text file through a temporary name and a rename (see :class:`OutputUnit`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    check_outputs([path], protect)
+    with OutputUnit(path.parent, primary=path.name, protect=protect) as unit:
+        unit.path(path).write_text(text, encoding="utf-8")
     return path
-
 
 def _inline_external_tensors(model: ir.Model) -> None:
     """Replace initializers that live in an external file with in-memory copies."""
