@@ -5,8 +5,8 @@ smoothing pass changes the activations the quantizer later sees, so stats gather
 before it would be wrong. Consecutive passes that do not modify the model share one
 calibration when it covers the tensors each of them reads (a pass that calibrates only
 its own groups leaves the next one to collect again). The input model is never
-modified; the output and its report are written through temporary names and renamed, so
-a failure leaves no half-written file.
+modified; the output, its external data and its report are written into a private folder
+and renamed into place together, so a failure leaves no half-written file.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Iterable, Sequence
 
 import onnx_ir as ir
 
-from outlierquant.calibration.stats import ActivationStats
-from outlierquant.errors import CalibrationError, InputError
-from outlierquant.modelio import atomic_write_text, load_model, model_file_bytes, save_model
+from outlierquant.calibration.stats import ActivationStats, stats_files
+from outlierquant.errors import CalibrationError, InputError, translated
+from outlierquant.modelio import OutputUnit, check_finite_weights, check_outputs, load_model, model_file_bytes, model_files, write_model
 from outlierquant.recipes import Recipe, instantiate, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def run_recipe(
         pass_ = instantiate(spec)
         started = time.perf_counter()
         calibration_seconds = 0.0
-        if getattr(pass_, "needs_stats", False):
+        if "stats" in pass_.reads():
             targets = pass_.calibration_targets(model)
             covariance_for = pass_.covariance_targets(model)
             covered = _covers(stats, targets, covariance_for)
@@ -91,7 +91,7 @@ def run_recipe(
                 calibration_seconds = time.perf_counter() - t0
                 stale = False
             pass_.with_stats(stats)
-        if getattr(pass_, "needs_feeds", False):
+        if "feeds" in pass_.reads():
             if not feeds:
                 raise CalibrationError(f"pass {spec.name!r} runs the calibration data through the model itself "
                                        "(statistics alone are not enough) and none was given")
@@ -103,7 +103,7 @@ def run_recipe(
         if calibration_seconds:
             record["calibration_seconds"] = round(calibration_seconds, 3)
         records.append(record)
-        if result.modified and not getattr(pass_, "preserves_statistics", False):
+        if result.modified and not pass_.preserves_statistics:
             stale = True
         logger.info("pass %s: modified=%s (%.1fs)", spec.name, result.modified, record["seconds"])
     return records
@@ -117,14 +117,25 @@ def quantize_model(
     *,
     stats_path: str | os.PathLike | None = None,
     progress: bool | None = None,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> QuantizeResult:
-    """Quantize ``model_path`` with ``recipe`` into ``output_path`` (+ ``.report.json``)."""
+    """Quantize ``model_path`` with ``recipe`` into ``output_path`` (+ ``.report.json``).
+
+    The model, its external data (if any) and the report appear together or not at all
+    (:class:`~outlierquant.modelio.OutputUnit`). None of them may be an input file: the
+    model, its external data, the statistics, nor anything listed in ``protect`` (the
+    calibration data, the recipe file); that is checked before any work.
+    """
     model_path = Path(model_path)
     output_path = Path(output_path)
     if output_path.suffix != ".onnx":
         raise InputError(f"{output_path}: the output must be an .onnx file")
-    if output_path.resolve() == model_path.resolve():
-        raise InputError(f"{output_path}: refusing to overwrite the input model")
+    data_path = output_path.with_name(output_path.name + ".data")
+    report_path = report_path_for(output_path)
+    inputs = [*model_files(model_path), *protect]
+    if stats_path:
+        inputs += stats_files(stats_path)
+    check_outputs([output_path, data_path, report_path], inputs)
     if isinstance(recipe, str):
         recipe = load_recipe(recipe)
     feeds = list(calibration_feeds) if calibration_feeds is not None else None
@@ -134,29 +145,32 @@ def quantize_model(
 
     started = time.perf_counter()
     model = load_model(model_path)
-    records = run_recipe(model, recipe, feeds, stats=stats, progress=progress)
-    save_model(model, output_path)
-    seconds = time.perf_counter() - started
+    with translated(model_path):
+        check_finite_weights(model, model_path)
+        records = run_recipe(model, recipe, feeds, stats=stats, progress=progress)
 
     import onnxruntime
 
     from outlierquant import __version__
 
-    report = {
-        "outlierquant_version": __version__,
-        "onnxruntime_version": onnxruntime.__version__,
-        "model": str(model_path),
-        "output": str(output_path),
-        "recipe": recipe.to_dict(),
-        "calibration_samples": len(feeds) if feeds is not None else 0,
-        "passes": records,
-        "simulated": any(r.get("simulated") for r in records),
-        "float_channels": float_channel_summary(records),
-        "seconds": round(seconds, 3),
-        "size_bytes": {"input": model_file_bytes(model_path), "output": model_file_bytes(output_path)},
-    }
-    report_path = report_path_for(output_path)
-    atomic_write_text(report_path, json.dumps(report, indent=2, default=_json_default))
+    with OutputUnit(output_path.parent, primary=output_path.name, protect=inputs) as unit:
+        write_model(model, unit, output_path.name)
+        seconds = time.perf_counter() - started
+        report = {
+            "outlierquant_version": __version__,
+            "onnxruntime_version": onnxruntime.__version__,
+            "model": str(model_path),
+            "output": str(output_path),
+            "recipe": recipe.to_dict(),
+            "calibration_samples": len(feeds) if feeds is not None else 0,
+            "passes": records,
+            "simulated": any(r.get("simulated") for r in records),
+            "float_channels": float_channel_summary(records),
+            "seconds": round(seconds, 3),
+            "size_bytes": {"input": model_file_bytes(model_path),
+                           "output": unit.staged_bytes(output_path, data_path)},
+        }
+        unit.path(report_path).write_text(json.dumps(report, indent=2, default=_json_default), encoding="utf-8")
     return QuantizeResult(output_path, report_path, report)
 
 
