@@ -28,6 +28,7 @@ fixed-length perplexity protocol.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -168,24 +169,76 @@ def model_inputs(model_path: str | os.PathLike) -> dict[str, tuple[np.dtype, int
     Rank is ``None`` when the input declares no shape. Initializers listed as graph inputs
     (old exporters) are not inputs a feed has to provide and are left out.
     """
+    return dict(_model_header(resolve_model_file(model_path))[0])
+
+
+def index_limits(model_path: str | os.PathLike) -> dict[str, int]:
+    """``{input name: table size}`` for inputs that index an embedding table directly
+    (``Gather(initializer, input)``): token ids, token type ids, position ids."""
+    return dict(_model_header(resolve_model_file(model_path))[1])
+
+
+def _model_header(path: Path):
+    info = path.stat()
+    return _read_header(str(path), info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_header(path: str, _mtime_ns: int, _size: int):
     import onnx
 
-    path = resolve_model_file(model_path)
+    from outlierquant.errors import first_line
+
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(path, load_external_data=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a readable ONNX model ({first})") from exc
-    initializers = {init.name for init in proto.graph.initializer}
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
+    initializers = {init.name: init for init in proto.graph.initializer}
     inputs: dict[str, tuple[np.dtype, int | None]] = {}
     for value in proto.graph.input:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: input {value.name!r} has no tensor type numpy can hold") from None
         rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
         inputs[value.name] = (dtype, rank)
-    return inputs
+    limits: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        table, indices = node.input[0], node.input[1]
+        axis = next((attr.i for attr in node.attribute if attr.name == "axis"), 0)
+        if indices in inputs and table in initializers and axis == 0 and initializers[table].dims:
+            size = int(initializers[table].dims[0])
+            limits[indices] = min(size, limits.get(indices, size))
+    return tuple(inputs.items()), tuple(limits.items())
+
+
+def check_feeds(feeds: Sequence[Feed], *, source: str | os.PathLike, limits: Mapping[str, int] | None = None) -> None:
+    """Reject samples no model run can make sense of: empty arrays, NaN/Inf, ids outside a table.
+
+    ``limits``: :func:`index_limits` of the model (token ids must lie in ``[0, size)``).
+    """
+    limits = limits or {}
+    for index, feed in enumerate(feeds):
+        if not isinstance(feed, Mapping) or not feed:
+            raise InputError(f"{source}: sample {index} is not a mapping of input names to arrays")
+        for name, value in feed.items():
+            if not isinstance(value, np.ndarray):
+                raise InputError(f"{source}: sample {index}: {name} is a {type(value).__name__}, not a numpy array")
+            if value.size == 0:
+                raise InputError(f"{source}: sample {index}: {name} has no elements (shape {tuple(value.shape)})")
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise InputError(f"{source}: sample {index}: {name} contains NaN or Inf")
+            if name in limits and value.dtype.kind in "iu":
+                low, high = int(value.min()), int(value.max())
+                if low < 0 or high >= limits[name]:
+                    bad = low if low < 0 else high
+                    raise InputError(f"{source}: sample {index}: {name} holds {bad}, outside the model's "
+                                     f"table of {limits[name]} entries (0..{limits[name] - 1})")
 
 
 def _input_spec(input_names: InputSpec | Iterable[str]) -> dict[str, tuple[np.dtype, int | None]]:
@@ -303,6 +356,7 @@ def load_feeds(
     """
     if mode not in LOAD_MODES:
         raise InputError(f"unknown data mode {mode!r} (allowed: {', '.join(LOAD_MODES)})")
+    check_limit(limit)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -312,7 +366,9 @@ def load_feeds(
     spec = model_inputs(model_path)
     if suffix == ".npz":
         feeds = _npz_feeds(path, spec)
-        return feeds if limit is None else feeds[:limit]
+        feeds = feeds if limit is None else feeds[:limit]
+        check_feeds(feeds, source=path, limits=index_limits(model_path))
+        return feeds
 
     lines = read_lines(path)
     folder = Path(tokenizer_dir) if tokenizer_dir is not None else find_tokenizer_dir(model_path)
@@ -331,13 +387,73 @@ def load_feeds(
     return text_feeds(lines, tokenizer=tokenizer, input_names=spec, max_length=max_length)
 
 
-def _npz_feeds(path: Path, spec: Mapping[str, tuple[np.dtype, int | None]]) -> list[Feed]:
+def check_limit(limit) -> None:
+    """A sample limit is ``None`` (all) or a positive integer."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise InputError(f"limit must be a positive number of samples, got {limit!r}")
+
+
+#: the most bytes the arrays of one .npz may take unpacked (a zip bomb is refused unopened);
+#: the environment variable OUTLIERQUANT_NPZ_MAX_BYTES overrides it
+NPZ_MAX_BYTES = 2 << 30
+
+
+def read_npz(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``, refusing pickles and archives that unpack past ``max_bytes``.
+
+    Each member's declared size and its ``.npy`` header are checked before any array is
+    read, so a zip bomb or a header claiming a huge shape costs nothing.
+    """
+    import zipfile
+
+    from outlierquant.errors import first_line
+
+    path = Path(path)
+    if max_bytes is None:
+        try:
+            max_bytes = int(os.environ.get("OUTLIERQUANT_NPZ_MAX_BYTES", NPZ_MAX_BYTES))
+        except ValueError:
+            raise InputError("OUTLIERQUANT_NPZ_MAX_BYTES must be a number of bytes") from None
+    limit = max_bytes
+    arrays: dict[str, np.ndarray] = {}
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a readable .npz file ({first})") from exc
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            unpacked = sum(member.file_size for member in members)
+            if unpacked > limit:
+                raise InputError(f"{path}: unpacks to {unpacked} bytes, more than the {limit} allowed")
+            for member in members:
+                if not member.filename.endswith(".npy"):
+                    raise InputError(f"{path}: {member.filename!r} is not a .npy array")
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+                    else:
+                        raise InputError(f"{path}: {member.filename} has .npy format {version}, not 1.0 or 2.0")
+                    if dtype.hasobject:
+                        raise InputError(f"{path}: {member.filename} holds Python objects (pickles are not read)")
+                    count = 1
+                    for dim in shape:
+                        count *= dim
+                    if count * dtype.itemsize > member.file_size:
+                        raise InputError(f"{path}: {member.filename} declares shape {shape}, "
+                                         f"more than its {member.file_size} bytes hold")
+                with archive.open(member) as handle:
+                    arrays[member.filename[: -len(".npy")]] = np.lib.format.read_array(handle, allow_pickle=False)
+    except InputError:
+        raise
+    except Exception as exc:  # BadZipFile, a bad .npy header, a CRC mismatch, ...
+        raise InputError(f"{path}: not a readable .npz file ({first_line(exc)})") from exc
+    return arrays
+
+
+def _npz_feeds(path: Path, spec: Mapping[str, tuple[np.dtype, int | None]]) -> list[Feed]:
+    arrays = read_npz(path)
     if not arrays:
         raise InputError(f"{path}: file is empty (no arrays)")
     missing = sorted(set(spec) - set(arrays))
