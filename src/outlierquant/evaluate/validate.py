@@ -144,9 +144,19 @@ class ValidationReport:
                 data[key] = kind(**_json_floats(data[key], kind))
         return cls(**_json_floats(data, cls))
 
-    def save_json(self, path: str | os.PathLike) -> Path:
-        """Write the report as indented JSON, atomically."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+    def save_json(self, path: str | os.PathLike, *, protect: Sequence[str | os.PathLike] = ()) -> Path:
+        """Write the report as indented JSON, atomically; never over the models or the data.
+
+        ``protect`` adds files to the two models (and their external data), which the
+        report may not replace either.
+        """
+        from outlierquant.modelio import model_files
+
+        inputs = [*protect]
+        for model in (self.reference, self.candidate):
+            if Path(model).exists():
+                inputs += model_files(model)
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", protect=inputs)
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> ValidationReport:
@@ -327,6 +337,7 @@ def validate(
         outputs, embedding, ppl = _fidelity(
             ref_session, cand_session, feeds, fidelity_batches, ref_outputs, task,
             perplexity=task == "text-generation" and lm_feeds is None, tick=bar.update,
+            paths=(reference_path, candidate_path),
         )
         if lm_batches:
             ppl = _perplexity(ref_session, cand_session, lm_feeds, lm_batches, tick=bar.update)
@@ -432,11 +443,12 @@ def _session(path: Path, options, uses_kernels: bool):
         from outlierquant import custom_ops
 
         options = custom_ops.session_options(options)
+    from outlierquant.errors import dependency_message
+
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: onnxruntime cannot load this model ({first})") from exc
+        raise InputError(f"{path}: onnxruntime cannot load this model ({dependency_message(exc)})") from exc
 
 
 class _NoBar:
@@ -482,8 +494,15 @@ def _stack(feeds: Sequence[Feed], indices: Sequence[int]) -> Feed:
     return {name: np.concatenate([feeds[i][name] for i in indices]) for name in feeds[indices[0]]}
 
 
-def _run_pair(ref_session, cand_session, batch: Feed) -> tuple[list, list]:
-    return ref_session.run(None, batch), cand_session.run(None, batch)
+def _run_pair(ref_session, cand_session, batch: Feed, paths: Sequence[Path] = ()) -> tuple[list, list]:
+    from outlierquant.errors import translated
+
+    ref_path, cand_path = paths or (None, None)
+    with translated(ref_path):
+        ref = ref_session.run(None, batch)
+    with translated(cand_path):
+        cand = cand_session.run(None, batch)
+    return ref, cand
 
 
 @dataclass
@@ -516,7 +535,19 @@ class _Accumulator:
         )
 
 
-def _fidelity(ref_session, cand_session, feeds, batches, output_names, task, *, perplexity: bool, tick: Callable):
+def _check_finite(outputs, names: Sequence[str], path: Path, indices: Sequence[int]) -> None:
+    """A model whose outputs hold NaN/Inf has no fidelity to score: say so instead of scoring 0."""
+    for name, value in zip(names, outputs):
+        value = np.asarray(value)
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            samples = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+            raise InputError(f"{path}: output {name!r} holds NaN or Inf ({bad} of {np.size(value)} values, "
+                             f"held-out samples {samples})")
+
+
+def _fidelity(ref_session, cand_session, feeds, batches, output_names, task, *, perplexity: bool, tick: Callable,
+              paths: tuple[Path, Path] = (Path("reference"), Path("candidate"))):
     accumulators = {name: _Accumulator() for name in output_names}
     want_embedding = task == "feature-extraction"
     source = next((name for name in (SENTENCE_OUTPUT, *TOKEN_OUTPUTS) if name in output_names), None)
@@ -526,7 +557,9 @@ def _fidelity(ref_session, cand_session, feeds, batches, output_names, task, *, 
     tokens = 0
     for indices in batches:
         batch = _stack(feeds, indices)
-        ref_out, cand_out = _run_pair(ref_session, cand_session, batch)
+        ref_out, cand_out = _run_pair(ref_session, cand_session, batch, paths)
+        _check_finite(ref_out, output_names, paths[0], indices)
+        _check_finite(cand_out, output_names, paths[1], indices)
         for name, ref, cand in zip(output_names, ref_out, cand_out):
             accumulators[name].add(np.asarray(ref), np.asarray(cand))
         if want_embedding and source is not None:
