@@ -66,6 +66,7 @@ def export_model(
     if is_local:
         # Nothing local needs the hub; without this, transformers may wait on the network.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _check_source(source, str(model), output_dir, is_local)
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output_dir))
     try:
@@ -100,6 +101,28 @@ def export_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir / "model.onnx"
+
+
+def _check_source(source: Path, model: str, output_dir: Path, is_local: bool) -> None:
+    """What can be known wrong before anything is written: a bad GGUF, an uncached hub id
+    while offline, an output folder that is the model's own."""
+    if is_local and source.is_file() and source.suffix == ".gguf":
+        with open(source, "rb") as handle:
+            magic = handle.read(4)
+        if magic != b"GGUF":
+            raise InputError(f"{source}: not a GGUF file (it does not start with 'GGUF')")
+    if is_local and source.is_dir() and output_dir.exists() and os.path.samefile(source, output_dir):
+        raise InputError(f"{output_dir}: is the model's own folder; export into another one")
+    if not is_local and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # not a valid repo id
+            cached = None
+        if not isinstance(cached, str):
+            raise InputError(f"{model}: no such local folder or file, and no cached hub copy while offline "
+                             "(HF_HUB_OFFLINE=1)")
 
 
 #: architecture-name suffix -> optimum task, for local folders (optimum infers tasks only
