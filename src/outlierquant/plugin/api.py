@@ -18,6 +18,11 @@ built in code from the passes' typed options with :func:`make_recipe`::
 Calibration and evaluation data are a ``.txt`` (one sample per line) or ``.npz`` path, a
 list of strings (tokenized with the tokenizer beside the model; causal LMs get fixed
 128-token segments), or a list of feed dicts (input name -> array).
+
+Every method raises :class:`~outlierquant.errors.OutlierQuantError` subclasses for bad
+input, including what onnx, onnx_ir, onnxruntime or the operating system raise while
+reading the user's files (:func:`~outlierquant.errors.translated`), and never writes over
+one of its inputs.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
-from outlierquant.errors import InputError, RecipeError
+from outlierquant.errors import InputError, RecipeError, translated
 
 if TYPE_CHECKING:
     from outlierquant.evaluate.report import AnalysisReport
@@ -166,18 +171,27 @@ class OutlierQuantizer:
 
     def feeds(self, data: Data, *, limit: int | None = None, purpose: str = "calibration") -> list[dict]:
         """Feeds for this model from a path, texts or feed dicts."""
+        from outlierquant.export import data as data_mod
+
+        data_mod.check_limit(limit)
         if isinstance(data, (str, os.PathLike)):
             from outlierquant.plugin.cli import _feeds_for
 
-            return _feeds_for(self.model_path, Path(data), tokenizer=self.tokenizer, limit=limit, purpose=purpose)
+            with translated(data):
+                return _feeds_for(self.model_path, Path(data), tokenizer=self.tokenizer, limit=limit, purpose=purpose)
+        if isinstance(data, dict):
+            raise InputError(f"{purpose} data: a single feed dict; pass a list of them")
         items = list(data)
         if not items:
             raise InputError(f"the {purpose} data is empty")
         if all(isinstance(item, dict) for item in items):
-            return items[:limit] if limit is not None else items
+            items = items[:limit] if limit is not None else items
+            data_mod.check_feeds(items, source=f"{purpose} data", limits=data_mod.index_limits(self.model_path))
+            return items
         if not all(isinstance(item, str) for item in items):
             raise InputError(f"{purpose} data: expected a path, a list of strings or a list of feed dicts")
-        return self._text_feeds(items, limit=limit, purpose=purpose)
+        with translated(self.model_path):
+            return self._text_feeds(items, limit=limit, purpose=purpose)
 
     def _text_feeds(self, texts: list[str], *, limit: int | None, purpose: str) -> list[dict]:
         from outlierquant.export import data as data_mod
@@ -218,17 +232,20 @@ class OutlierQuantizer:
         from outlierquant.pipeline import quantize_model
         from outlierquant.recipes import Recipe, load_recipe
 
+        protect = [Path(recipe)] if isinstance(recipe, (str, os.PathLike)) and Path(recipe).is_file() else []
+        if isinstance(calibration_data, (str, os.PathLike)):
+            protect.append(Path(calibration_data))
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe)
         if calibration_data is None and stats is None:
             raise InputError("quantize needs calibration_data (or stats saved by `outlierquant calibrate`)")
         feeds = self.feeds(calibration_data, limit=limit) if calibration_data is not None else None
         save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
         result = quantize_model(
-            self.model_path, save_dir / file_name, recipe, feeds, stats_path=stats, progress=progress
+            self.model_path, save_dir / file_name, recipe, feeds, stats_path=stats, progress=progress, protect=protect
         )
-        self._copy_side_files(save_dir)
+        with translated(save_dir):
+            self._copy_side_files(save_dir)
         return QuantizationOutput(path=result.output, report=result.report, report_path=result.report_path)
 
     def _copy_side_files(self, save_dir: Path) -> None:
@@ -262,15 +279,16 @@ class OutlierQuantizer:
 
             if custom_ops.available():
                 options = custom_ops.session_options()
-        return validate(
-            self.model_path,
-            candidate,
-            self.feeds(data, limit=limit, purpose="evaluation"),
-            latency_batch=latency_batch,
-            latency_runs=latency_runs,
-            candidate_session_options=options,
-            progress=progress,
-        )
+        with translated(candidate):
+            return validate(
+                self.model_path,
+                candidate,
+                self.feeds(data, limit=limit, purpose="evaluation"),
+                latency_batch=latency_batch,
+                latency_runs=latency_runs,
+                candidate_session_options=options,
+                progress=progress,
+            )
 
     def analyze(
         self,
@@ -295,12 +313,16 @@ class OutlierQuantizer:
         probe = None
         if data is not None:
             probe = self.feeds(data, limit=options.get("probe_samples", 8), purpose="probe")
-        return analyze_model(
-            self.model_path,
-            self.feeds(calibration_data, limit=limit),
-            out_dir,
-            quantized=quantized,
-            eval_feeds=probe,
-            progress=progress,
-            **options,
-        )
+        protect = [Path(item) for item in (calibration_data, data) if isinstance(item, (str, os.PathLike))]
+        feeds = self.feeds(calibration_data, limit=limit)
+        with translated(self.model_path):
+            return analyze_model(
+                self.model_path,
+                feeds,
+                out_dir,
+                quantized=quantized,
+                eval_feeds=probe,
+                progress=progress,
+                protect=protect,
+                **options,
+            )
