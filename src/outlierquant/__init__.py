@@ -1,6 +1,6 @@
 """outlierquant: outlier-aware post-training quantization for ONNX models.
 
-The package is organised along the data flow of ``shared/DESIGN.md``::
+The package is organised along the data flow of ``docs/architecture.md``::
 
     export/       model -> fp32 ONNX, and the data readers (text, .npz)
     calibration/  per-channel activation statistics streamed through onnxruntime
