@@ -245,7 +245,7 @@ def test_mse_activation_scale_needs_feeds():
     model = _linear_model(8)
     feeds = _feeds(8, 2, seed=0)
     stats = collect_statistics(model, feeds, progress=False)
-    with pytest.raises(RuntimeError, match="feeds"):
+    with pytest.raises(ir.passes.PreconditionError, match="calibration samples"):
         OlivePass(activation_bits=8).with_stats(stats)(model)
 
 

@@ -330,7 +330,7 @@ def test_quantease_weight_rounding_after_quarot_beats_rtn_and_spares_the_lm_head
     apply(model, *_quarot())
     simulate = SimulateQuantizationPass(weight_bits=4, weight_group_size=16, activation_bits=8,
                                         weight_rounding="quantease", quantease_iterations=4)
-    assert simulate.needs_stats and simulate.covariance_targets(model) == simulate.calibration_targets(model)
+    assert "stats" in simulate.reads() and simulate.covariance_targets(model) == simulate.calibration_targets(model)
     without = collect_statistics(model, calibration, tensors=simulate.calibration_targets(model), progress=False)
     with pytest.raises(CalibrationError, match="covariance_for"):
         SimulateQuantizationPass(**dataclasses.asdict(simulate.options)).with_stats(without)(model)
@@ -459,7 +459,7 @@ def test_qk_rotation_records_the_outlier_profile(planted_llama):
     model = load(planted_llama)
     calibration = synthetic.random_feeds(planted_llama, 6, seed=1)
     rotate = RotateQueryKeyPass(kernels="standard", profile=True)
-    assert rotate.needs_stats and not RotateQueryKeyPass().needs_stats
+    assert "stats" in rotate.reads() and not RotateQueryKeyPass().reads()
     targets = rotate.calibration_targets(model)
     assert len(targets) == 4 and rotate.covariance_targets(model) == targets
     stats = collect_statistics(model, calibration, tensors=targets, covariance_for=targets, progress=False)
@@ -617,14 +617,14 @@ def test_split_rotation_options_are_validated():
         validate_pass_options("online-hadamard", {"outlier_ratio": 1.0})
     with pytest.raises(RecipeError, match="groups"):
         validate_pass_options("online-hadamard", {"groups": "ffn"})
-    assert OnlineHadamardPass(outlier_ratio=4.0).needs_stats
+    assert "stats" in OnlineHadamardPass(outlier_ratio=4.0).reads()
 
 
 def _gated_rotation(path, threshold):
     model = load(path)
     online = OnlineHadamardPass(kernels="standard", groups="activation", outlier_ratio=3.0,
                                 rotate_below_db=threshold)
-    assert online.needs_stats
+    assert "stats" in online.reads()
     online.with_stats(collect_statistics(model, synthetic.random_feeds(path, 6, seed=1),
                                          tensors=online.calibration_targets(model), progress=False))
     return model, online(model).record

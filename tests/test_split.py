@@ -41,7 +41,7 @@ def cosine(before, after) -> float:
 def rewrite(path: Path, calibration, pass_):
     model = load(path)
     ops_before = collections.Counter(node.op_type for node in model.graph)
-    if pass_.needs_stats:
+    if "stats" in pass_.reads():
         pass_.with_stats(collect_statistics(model, calibration, progress=False))
     result = pass_(model)
     onnx.checker.check_model(ir.serde.serialize_model(model))
@@ -326,7 +326,7 @@ def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, 
     planted_llama = _sharpened(planted_llama, tmp_path)
     calibration = synthetic.random_feeds(planted_llama, 4, seq_lens=(128, 100), seed=1)
     options = dict(activations="static", criterion="top_k", top_k=2, dynamic_matmuls=True, probs_residual="gated")
-    assert LlmInt8SplitPass(**options).needs_feeds and not LlmInt8SplitPass().needs_feeds
+    assert "feeds" in LlmInt8SplitPass(**options).reads() and "feeds" not in LlmInt8SplitPass().reads()
     # without calibration data the gate cannot measure: a clear error, not a silent skip
     model = load(planted_llama)
     gated = LlmInt8SplitPass(**options).with_stats(collect_statistics(model, calibration, progress=False))

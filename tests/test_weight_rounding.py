@@ -400,7 +400,7 @@ def test_sequential_equals_plain_with_nothing_upstream(bias_correction):
     for sequential in (False, True):
         model = one_linear_model(weight)
         pass_ = QuantEaseRoundPass(iterations=4, bias_correction=bias_correction, sequential=sequential)
-        assert pass_.needs_stats is not sequential and pass_.needs_feeds is sequential
+        assert pass_.reads() == ({"feeds"} if sequential else {"stats"})
         pass_ = pass_.with_feeds(feeds) if sequential else pass_.with_stats(stats_of(x))
         result = pass_(model)
         records[sequential] = result.record["layers"][0]
@@ -414,10 +414,10 @@ def test_sequential_equals_plain_with_nothing_upstream(bias_correction):
 def _llama_error(path, model_pass, calibration, evaluation) -> tuple[float, dict]:
     model = ir.load(str(path))
     CanonicalizePass()(model)
-    if model_pass.needs_stats:
+    if "stats" in model_pass.reads():
         model_pass.with_stats(collect_statistics(model, calibration, tensors=quantizable_targets(model, outputs=False),
                                                  covariance_for=model_pass.covariance_targets(model), progress=False))
-    if model_pass.needs_feeds:
+    if "feeds" in model_pass.reads():
         model_pass.with_feeds(calibration)
     record = model_pass(model).record
     proto = ir.serde.serialize_model(model)

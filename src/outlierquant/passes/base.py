@@ -1,11 +1,17 @@
-"""The pass contract (see ``shared/DESIGN.md``).
+"""The pass contract (``docs/architecture.md``).
 
 A pass is an ``onnx_ir`` pass: it takes the model in the IR and returns
 :class:`PassRecordResult` — the model, whether it changed, and a small JSON-serialisable
-``record`` of what it did (nodes touched, scales chosen, layers skipped and why). Passes
-that need calibration statistics declare ``needs_stats``; the pipeline collects them on
-the model *as it is when the pass runs* (an earlier rewrite changes activations) and
-hands them over through :attr:`OutlierPass.stats`.
+``record`` of what it did (nodes touched, scales chosen, layers skipped and why).
+
+What a pass reads is declared one way: the class attributes ``needs_stats`` and
+``needs_feeds`` say what the pass *may* read; :meth:`OutlierPass.reads` says what this
+instance, with its options, *does* read (by default, the class attributes). The pipeline
+collects statistics on the model *as it is when the pass runs* (an earlier rewrite
+changes activations) and hands them over through :attr:`OutlierPass.stats`; a pass that
+reads something it was not given fails its precondition (:meth:`OutlierPass.requires`)
+before it touches the model. ``preserves_statistics`` marks a pass whose rewrite leaves
+every activation the next pass reads unchanged (statistics stay valid).
 
 ``claims_equivalence`` marks a float rewrite that must leave the fp32 function unchanged;
 every such pass has an equivalence test on real and random inputs.
@@ -40,12 +46,14 @@ class OutlierPass(ir.passes.InPlacePass):
 
     #: name used in recipes and reports
     name: ClassVar[str] = ""
-    #: the pipeline must collect activation statistics before this pass
+    #: the pass may read activation statistics (collected by the pipeline before it runs)
     needs_stats: ClassVar[bool] = False
-    #: the pass reads the calibration samples themselves (e.g. to learn a transform on
+    #: the pass may read the calibration samples themselves (e.g. to learn a transform on
     #: captured activations), handed over through :attr:`OutlierPass.feeds`
     needs_feeds: ClassVar[bool] = False
-    #: the pass leaves the fp32 function unchanged (tested)
+    #: the rewrite leaves the activations later passes read unchanged: statistics stay valid
+    preserves_statistics: ClassVar[bool] = False
+    #: the pass leaves the fp32 function unchanged (tested for every pass of the catalog)
     claims_equivalence: ClassVar[bool] = False
     #: the frozen dataclass of the pass's options (recipes validate against its fields)
     options_type: ClassVar[type | None] = None
@@ -59,6 +67,19 @@ class OutlierPass(ir.passes.InPlacePass):
             self.options = options if options is not None else self.options_type(**kwargs)
         elif options is not None or kwargs:
             raise TypeError(f"{type(self).__name__} takes no options")
+
+    def reads(self) -> frozenset[str]:
+        """What this instance reads: ``"stats"``, ``"feeds"``. The class attributes, unless the
+        pass's options decide (then the pass overrides this, within its class attributes)."""
+        return frozenset(name for name, wanted in (("stats", self.needs_stats), ("feeds", self.needs_feeds))
+                         if wanted)
+
+    def requires(self, model: ir.Model) -> None:
+        reads = self.reads()
+        if "stats" in reads and self.stats is None:
+            raise ir.passes.PreconditionError(f"pass {self.name or type(self).__name__} needs activation statistics")
+        if "feeds" in reads and not self.feeds:
+            raise ir.passes.PreconditionError(f"pass {self.name or type(self).__name__} needs the calibration samples")
 
     def with_stats(self, stats: ActivationStats | None) -> "OutlierPass":
         self.stats = stats

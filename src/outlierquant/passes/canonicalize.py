@@ -30,9 +30,10 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import IdentityEliminationPass
+from onnx_ir.passes.common import IdentityEliminationPass, LiftConstantsToInitializersPass
 
 from outlierquant.graph.values import FLOAT_TYPES, unique_name
+from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ __all__ = ["CanonicalizePass"]
 
 
 
-class CanonicalizePass(ir.passes.InPlacePass):
+class CanonicalizePass(OutlierPass):
     """Identity elimination, Constant → initializer, and ``Transpose(const)`` folding.
 
     Options: ``fold_transposed_weights`` (default True) turns step 3 on or off.
@@ -50,44 +51,21 @@ class CanonicalizePass(ir.passes.InPlacePass):
     #: again on the same source: it is deterministic and changes no activation's value.
     preserves_statistics = True
 
+    name = "canonicalize"
+    claims_equivalence = True
+
     def __init__(self, *, fold_transposed_weights: bool = True) -> None:
         super().__init__()
         self.fold_transposed_weights = fold_transposed_weights
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def run(self, model: ir.Model) -> tuple[bool, dict]:
         modified = IdentityEliminationPass()(model).modified
         graph = model.graph
-        lifted = self._lift_float_constants(graph)
+        lifted = _LiftFloatConstantsPass()(model).modified
         folded = self._fold_transposed_constants(graph) if self.fold_transposed_weights else 0
         if lifted or folded:
-            logger.info("canonicalize: %d constants lifted to initializers, %d transposed weights folded",
-                        lifted, folded)
-        return ir.passes.PassResult(model, modified=modified or bool(lifted or folded))
-
-    @staticmethod
-    def _lift_float_constants(graph: ir.Graph) -> int:
-        count = 0
-        for node in list(graph):
-            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-                continue
-            output = node.outputs[0]
-            attribute = node.attributes.get("value")
-            if attribute is None or len(node.attributes) != 1 or output.is_graph_output():
-                continue
-            tensor = attribute.as_tensor()
-            if tensor.dtype not in FLOAT_TYPES or int(np.prod(tensor.shape.numpy())) < 2:
-                continue
-            initializer = ir.Value(
-                name=output.name,
-                shape=ir.Shape(tensor.shape.numpy()),
-                type=ir.TensorType(tensor.dtype),
-                const_value=tensor,
-            )
-            graph.register_initializer(initializer)
-            output.replace_all_uses_with(initializer)
-            graph.remove(node, safe=True)
-            count += 1
-        return count
+            logger.info("canonicalize: float constants lifted to initializers, %d transposed weights folded", folded)
+        return modified or bool(lifted or folded), {"constants_lifted": bool(lifted), "transposed_weights_folded": folded}
 
     @staticmethod
     def _fold_transposed_constants(graph: ir.Graph) -> int:
@@ -118,3 +96,16 @@ class CanonicalizePass(ir.passes.InPlacePass):
                 del graph.initializers[source.name]
             count += 1
         return count
+
+
+class _LiftFloatConstantsPass(LiftConstantsToInitializersPass):
+    """onnx_ir's lifting, restricted to float tensors of two or more elements (weights,
+    biases, γ, β): integer constants (shapes, axes) stay ``Constant`` nodes, so the graph
+    keeps the form the exporter wrote everywhere a pass does not need to write."""
+
+    def __init__(self) -> None:
+        super().__init__(lift_all_constants=False, size_limit=2)
+
+    def _constant_node_attribute_to_tensor(self, node, attr_name, attr_value, initializer_name):
+        tensor = super()._constant_node_attribute_to_tensor(node, attr_name, attr_value, initializer_name)
+        return tensor if tensor is not None and tensor.dtype in FLOAT_TYPES else None

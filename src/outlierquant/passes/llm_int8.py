@@ -175,10 +175,10 @@ class LlmInt8SplitPass(OutlierPass):
     claims_equivalence = False
     options_type = LlmInt8Options
 
-    @property
-    def needs_feeds(self) -> bool:  # type: ignore[override]
-        """The ``gated`` residual measures the probabilities on the calibration data."""
-        return self.options.probs_residual == "gated"
+    needs_feeds = True  # probs_residual: gated measures the probabilities on the calibration data
+
+    def reads(self) -> frozenset[str]:
+        return frozenset({"stats", "feeds"} if self.options.probs_residual == "gated" else {"stats"})
 
     def covariance_targets(self, model: ir.Model) -> list[str]:
         """Every linear input, when QuantEase rounds the int8 weights (it needs Σ)."""

@@ -270,13 +270,11 @@ class OlivePass(OutlierPass):
     name = "olive"
     options_type = OliveOptions
 
-    @property
-    def needs_stats(self) -> bool:  # type: ignore[override]
-        return self.options.activation_bits is not None
+    needs_stats = True  # activation_bits: the activation scale search
+    needs_feeds = True
 
-    @property
-    def needs_feeds(self) -> bool:  # type: ignore[override]
-        return self.options.activation_bits is not None
+    def reads(self) -> frozenset[str]:
+        return frozenset({"stats", "feeds"}) if self.options.activation_bits is not None else frozenset()
 
     def _select(self, model: ir.Model) -> tuple[list[Linear], dict[str, str]]:
         layers, skipped = [], {}

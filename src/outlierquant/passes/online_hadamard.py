@@ -143,10 +143,12 @@ class OnlineHadamardPass(OutlierPass):
     claims_equivalence = True
     options_type = OnlineHadamardOptions
 
-    @property
-    def needs_stats(self) -> bool:  # type: ignore[override]
-        return (self.options.smooth_alpha is not None or self.options.outlier_ratio is not None
-                or self.options.rotate_below_db is not None)
+    needs_stats = True  # smooth_alpha, outlier_ratio, rotate_below_db
+
+    def reads(self) -> frozenset[str]:
+        options = self.options
+        calibrated = (options.smooth_alpha, options.outlier_ratio, options.rotate_below_db)
+        return frozenset({"stats"}) if any(o is not None for o in calibrated) else frozenset()
 
     def use_kernel(self) -> bool:
         return use_kernel(self.options.kernels)
@@ -174,7 +176,7 @@ class OnlineHadamardPass(OutlierPass):
                 skipped.append({"group": label, "skipped": f"input dtype {group.input.dtype} is not float32"})
                 continue
             stats = self.stats.get(group.input.name) if self.stats is not None else None
-            if stats is None and self.needs_stats:
+            if stats is None and "stats" in self.reads():
                 skipped.append({"group": label, "skipped": "no calibration statistics for its input"})
                 continue
             sqnr = None

@@ -79,6 +79,12 @@ class QuantizeQDQPass(OutlierPass):
     def config(self) -> QuantConfig:
         return self.options
 
+    def reads(self) -> frozenset[str]:
+        """Static ranges and QuantEase's Σ come from calibration; per-token scales do not."""
+        config = self.config
+        return frozenset({"stats"}) if config.activations == "static" or config.weight_rounding == "quantease" \
+            else frozenset()
+
     def calibration_targets(self, model: ir.Model) -> list:
 
         targets = quantizable_targets(model, outputs=self.config.quantize_outputs)

@@ -76,9 +76,10 @@ class RotateQueryKeyPass(OutlierPass):
     claims_equivalence = True
     options_type = RotateQueryKeyOptions
 
-    @property
-    def needs_stats(self) -> bool:  # type: ignore[override]
-        return self.options.profile
+    needs_stats = True  # profile: the outlier profile before and after, for the record
+
+    def reads(self) -> frozenset[str]:
+        return frozenset({"stats"}) if self.options.profile else frozenset()
 
     def use_kernel(self) -> bool:
         if self.options.rotation != "hadamard":

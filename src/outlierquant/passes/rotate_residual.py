@@ -104,9 +104,10 @@ class RotateResidualPass(OutlierPass):
     claims_equivalence = True
     options_type = RotateResidualOptions
 
-    @property
-    def needs_stats(self) -> bool:  # type: ignore[override]
-        return self.options.rotation == "klt"
+    needs_stats = True  # rotation: klt
+
+    def reads(self) -> frozenset[str]:
+        return frozenset({"stats"}) if self.options.rotation == "klt" else frozenset()
 
     def calibration_targets(self, model: ir.Model) -> list:
         analysis = analyze_graph(model)

@@ -85,11 +85,12 @@ class SimulateQuantizationPass(OutlierPass):
     name = "simulate-quant"
     options_type = SimulateQuantizationOptions
 
-    @property
-    def needs_stats(self) -> bool:  # type: ignore[override]
-        if self.options.weight_rounding == "quantease":
-            return True
-        return self.options.activation_bits is not None and self.options.activations == "static"
+    needs_stats = True  # QuantEase rounding, static activations
+
+    def reads(self) -> frozenset[str]:
+        options = self.options
+        static = options.activation_bits is not None and options.activations == "static"
+        return frozenset({"stats"}) if options.weight_rounding == "quantease" or static else frozenset()
 
     def covariance_targets(self, model: ir.Model) -> list[str]:
         """Inputs whose covariance QuantEase rounding reads (none for round-to-nearest)."""

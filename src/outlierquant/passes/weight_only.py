@@ -119,15 +119,15 @@ class QuantizeWeightOnlyPass(OutlierPass):
     name = "weight_only"
     options_type = WeightOnlyQuantOptions
 
-    def __init__(self, options: WeightOnlyQuantOptions | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.options = options or WeightOnlyQuantOptions(**kwargs)
-        # the clip search reads E[x²]; plain RTN needs no calibration
-        self.needs_stats = len(self.options.clip_ratios) > 1 or self.options.clip_ratios[0] != 1.0
+    needs_stats = True  # the clip search reads E[x²]; plain RTN needs no calibration
+
+    def reads(self) -> frozenset[str]:
+        ratios = self.options.clip_ratios
+        return frozenset({"stats"}) if len(ratios) > 1 or ratios[0] != 1.0 else frozenset()
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         options = self.options
-        stats = self.stats if self.needs_stats else None
+        stats = self.stats if "stats" in self.reads() else None
         graph = model.graph
         layers: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []

@@ -269,13 +269,11 @@ class _WeightOnlyPass(OutlierPass):
         super().__init__()
         self.options = options or self.options_type(**kwargs)
 
-    @property
-    def needs_stats(self) -> bool:  # type: ignore[override]
-        return not self.options.sequential
+    needs_stats = True  # one-shot: the covariance of each linear's input
+    needs_feeds = True  # sequential: the calibration samples, run through the partly quantized model
 
-    @property
-    def needs_feeds(self) -> bool:  # type: ignore[override]
-        return self.options.sequential
+    def reads(self) -> frozenset[str]:
+        return frozenset({"feeds"} if self.options.sequential else {"stats"})
 
     def covariance_targets(self, model: ir.Model) -> list[str]:
         """Linear inputs whose covariance Σ this pass reads (for ``collect_statistics(covariance_for=)``)."""
