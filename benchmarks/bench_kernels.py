@@ -19,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -26,6 +27,10 @@ import onnxruntime as ort
 
 from outlierquant import custom_ops
 from outlierquant.custom_ops import reference, standard_forms
+from outlierquant.numerics.hadamard import default_hadamard_block, hadamard_rotation
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scaffold  # noqa: E402
 
 OPSET = 18
 
@@ -72,7 +77,7 @@ def _input() -> ir.Value:
 
 def bench_hadamard(shape: tuple[int, ...], repeat: int) -> list[tuple[str, float]]:
     dim = shape[-1]
-    block = reference.default_hadamard_block(dim)
+    block = default_hadamard_block(dim)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
     tape = ir.tape.Tape()
@@ -83,7 +88,7 @@ def bench_hadamard(shape: tuple[int, ...], repeat: int) -> list[tuple[str, float
     kronecker = _session(_model(tape, xv, standard_forms.hadamard_standard_form(tape, xv, dim, block)), False)
     tape = ir.tape.Tape()
     xv = _input()
-    rotation = reference.hadamard_rotation(dim, block).astype(np.float32)
+    rotation = hadamard_rotation(dim, block).astype(np.float32)
     dense_out = tape.op("MatMul", [xv, tape.initializer(ir.tensor(rotation, name="rotation"))])
     dense = _session(_model(tape, xv, dense_out), False)
 
@@ -159,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     threads = args.threads or "default"
     print(f"onnxruntime {ort.__version__}, {ort.get_device()}, intra-op threads: {threads}")
-    rows = [row for case in cases for row in case()]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value:10.2f}")
+    scaffold.print_table(("measure", "value"), [(name, f"{value:.2f}") for case in cases for name, value in case()])
     return 0
 
 

@@ -1,8 +1,8 @@
 """End-to-end cost of the ``llm-int8`` recipe: our kernel vs standard ops vs fp32.
 
 The same model is quantized twice with the shipped ``llm-int8`` recipe's options — once emitting
-``ai.outlierquant::MixedInt8MatMul`` (kernels: always), once the standard-op form
-(MatMulInteger, kernels: never) — and each is validated against fp32 on held-out data
+``ai.outlierquant::MixedInt8MatMul`` (kernels: custom), once the standard-op form
+(MatMulInteger, kernels: standard) — and each is validated against fp32 on held-out data
 in one run: accuracy, and latency ratio at batch 16 measured with interleaved runs.
 
 Usage: ``python benchmarks/bench_llm_int8.py [--smollm2] [--latency-runs 10]``.
@@ -12,12 +12,12 @@ Prints a table; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scaffold  # noqa: E402
 
 
 def llm_int8_recipe(kernels: str):
@@ -29,29 +29,30 @@ def llm_int8_recipe(kernels: str):
     passes = []
     for spec in shipped.passes:
         options = spec.options_dict()
-        if spec.name == "llm_int8":
+        if spec.name == "llm-int8":
             options["kernels"] = kernels
         passes.append((spec.name, options) if options else spec.name)
     return make_recipe(f"llm-int8-{kernels}", *passes)
 
 
-def run(label: str, fp32: Path, calibration, heldout, workdir: Path, runs: int) -> None:
-    from outlierquant import custom_ops
-    from outlierquant.evaluate.validate import comparison_table, validate
-    from outlierquant.pipeline import quantize_model
+def label_for(stem: str, report: dict) -> str:
+    share = next(r for r in report["passes"] if r["pass"].startswith("llm")).get("float_channel_share")
+    name = "llm-int8, MixedInt8MatMul kernel" if stem.endswith("-custom") else "llm-int8, standard ops"
+    return name + (f" ({100 * share:.2f}% ch. float)" if share is not None else "")
 
-    rows = []
-    for kernels in ("always", "never"):
-        if kernels == "always" and not custom_ops.available():
+
+def run(label: str, work: scaffold.Workload, workdir: Path, runs: int) -> None:
+    from outlierquant import custom_ops
+    from outlierquant.evaluate.validate import comparison_table
+
+    recipes = []
+    for kernels in ("custom", "standard"):
+        if kernels == "custom" and not custom_ops.available():
             print(f"kernels unavailable ({custom_ops.unavailable_reason()}): skipping the kernel row")
             continue
-        out = workdir / f"{label}-llm-int8-{kernels}.onnx"
-        result = quantize_model(fp32, out, llm_int8_recipe(kernels), calibration, progress=False)
-        share = next(r for r in result.report["passes"] if r["pass"].startswith("llm")).get("float_channel_share")
-        name = "llm-int8, MixedInt8MatMul kernel" if kernels == "always" else "llm-int8, standard ops"
-        if share is not None:
-            name += f" ({100 * share:.2f}% ch. float)"
-        rows.append((name, validate(fp32, out, heldout, latency_runs=runs, progress=False)))
+        recipes.append(llm_int8_recipe(kernels))
+    candidates = scaffold.run_recipes(work, recipes, workdir, prefix=f"{label}-", label=label_for)
+    rows = scaffold.validate_all(work, candidates, latency_runs=runs)
     print(f"\n{label}")
     print(comparison_table(rows))
 
@@ -63,33 +64,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench"))
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
-    from outlierquant.export import default_model_dir, export_model, smollm2_gguf
-    from outlierquant.export.data import bundled_sentences, lm_segments, model_inputs, read_lines, text_feeds, wikipedia_texts
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        fp32 = export_model(default_model_dir(), tmp / "minilm")
-        tokenizer = AutoTokenizer.from_pretrained(fp32.parent)
-        names = model_inputs(fp32)
-        calibration = text_feeds(read_lines(bundled_sentences("calibration")), tokenizer=tokenizer, input_names=names)
-        heldout = text_feeds(read_lines(bundled_sentences("heldout")), tokenizer=tokenizer, input_names=names)
-        run("all-MiniLM-L6-v2 (164 held-out sentences)", fp32, calibration, heldout, tmp, args.latency_runs)
-
+        run("all-MiniLM-L6-v2 (164 held-out sentences)", scaffold.minilm(tmp / "minilm"), tmp, args.latency_runs)
         if args.smollm2:
-            fp32 = args.workdir / "smollm2" / "fp32" / "model.onnx"
-            if not fp32.is_file():
-                export_model(smollm2_gguf(), fp32.parent)
-            tokenizer = AutoTokenizer.from_pretrained(fp32.parent)
-            names = model_inputs(fp32)
-
-            def segments(split, count):
-                texts = wikipedia_texts(split, limit=count * 4)
-                return lm_segments(texts, tokenizer=tokenizer, input_names=names, seq_len=128, max_segments=count)
-
-            run("SmolLM2-135M (24 held-out 128-token segments)", fp32, segments("calibration", 16),
-                segments("heldout", 24), tmp, args.latency_runs)
+            run("SmolLM2-135M (24 held-out 128-token segments)", scaffold.smollm2(args.workdir / "smollm2" / "fp32", 16, 24),
+                tmp, args.latency_runs)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import scaffold  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
@@ -31,22 +32,14 @@ def _peak_rss_mib() -> float:
 
 
 def run_case(case: str, workdir: Path) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from outlierquant.calibration.collect import collect_statistics
     from outlierquant.modelio import load_model, model_file_bytes, save_model
     from outlierquant.pipeline import run_recipe
     from outlierquant.recipes import load_recipe
 
     if case == "minilm":
-        from transformers import AutoTokenizer
-
-        from outlierquant.export import default_model_dir, export_model
-        from outlierquant.export.data import bundled_sentences, model_inputs, text_feeds
-
-        model_path = export_model(default_model_dir(), workdir / "minilm")
-        tokenizer = AutoTokenizer.from_pretrained(model_path.parent)
-        lines = [l for l in bundled_sentences("calibration").read_text().splitlines() if l.strip()]
-        feeds = text_feeds(lines, tokenizer=tokenizer, input_names=list(model_inputs(model_path)))
+        work = scaffold.minilm(workdir / "minilm")
+        model_path, feeds = work.model, work.calibration
     elif case == "large":
         sys.path.insert(0, str(ROOT / "tests"))
         from large_model import build_large_decoder, large_decoder_feeds
@@ -100,15 +93,11 @@ def main() -> None:
                 print(done.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"case {case} failed")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    header = f"{'case':<8} {'model MiB':>10} {'out MiB':>8} {'samples':>7} {'calib s':>8} {'quant s':>8} {'peak RSS MiB':>13} {'RSS/model':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['case']:<8} {r['model_mib']:>10.0f} {r['output_mib']:>8.0f} {r['samples']:>7d} "
-            f"{r['calibration_s']:>8.1f} {r['quantize_s']:>8.1f} {r['peak_rss_mib']:>13.0f} "
-            f"{r['peak_rss_mib'] / r['model_mib']:>9.2f}"
-        )
+    scaffold.print_table(
+        ("case", "model MiB", "out MiB", "samples", "calib s", "quant s", "peak RSS MiB", "RSS/model"),
+        [(r["case"], f"{r['model_mib']:.0f}", f"{r['output_mib']:.0f}", f"{r['samples']:d}", f"{r['calibration_s']:.1f}",
+          f"{r['quantize_s']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / r['model_mib']:.2f}") for r in rows],
+    )
 
 
 if __name__ == "__main__":

@@ -21,139 +21,97 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scaffold  # noqa: E402
 
 MINILM_RECIPES = ("w8a8", "quarot-w8a8", "quarot-w8a8-static", "mambaquant-w8a8", "quarot-w4a8", "quarot-w4a4")
 SMOLLM2_RECIPES = ("w8a8", "quarot-w8a8", "quarot-w8a8-static", "mambaquant-w8a8", "plain-w4a8",
                    "plain-w4a8-quantease", "quarot-w4a8", "quarot-w4a4")
 
 
-def _plain_w4a8(rounding: str) -> dict:
+def _plain_w4a8(rounding: str):
     """The simulated W4A8 without any rotation (int4 g64 weights, int8 per-token activations)."""
+    from outlierquant import make_recipe
+
     options = {"weight_bits": 4, "weight_group_size": 64, "activation_bits": 8, "activations": "per_token"}
     if rounding == "quantease":
         options.update(weight_rounding="quantease", quantease_iterations=4, quantease_damp=1.0)
-    return {"name": "plain-w4a8" + ("-quantease" if rounding == "quantease" else ""),
-            "description": f"simulated W4A8 without rotation ({rounding} int4 g64 weights, int8 per-token activations)",
-            "passes": ["canonicalize", {"simulate-quant": options}]}
+    return make_recipe("plain-w4a8" + ("-quantease" if rounding == "quantease" else ""),
+                       "canonicalize", ("simulate-quant", options),
+                       description=f"simulated W4A8 without rotation ({rounding} int4 g64 weights, "
+                                   "int8 per-token activations)")
 
 
-PLAIN = {"plain-w4a8": _plain_w4a8("rtn"), "plain-w4a8-quantease": _plain_w4a8("quantease")}
+def recipe(name: str):
+    """A shipped recipe by name, or one of the plain W4A8 comparisons."""
+    return {"plain-w4a8": _plain_w4a8("rtn"), "plain-w4a8-quantease": _plain_w4a8("quantease")}.get(name, name)
 
 
-def quantize(model_path: Path, output: Path, recipe_name: str, feeds) -> dict:
-    """The pipeline's recipe loop (it collects the covariances passes ask for)."""
-    from outlierquant.modelio import load_model, save_model
-    from outlierquant.pipeline import run_recipe
-    from outlierquant.recipes import Recipe, load_recipe
-
-    recipe = Recipe.from_dict(PLAIN[recipe_name]) if recipe_name in PLAIN else load_recipe(recipe_name)
-    model = load_model(model_path)
-    records = run_recipe(model, recipe, feeds, progress=False)
-    save_model(model, output)
-    return {"passes": records, "simulated": any(r.get("simulated") for r in records)}
+def measure(work: scaffold.Workload, quantize) -> tuple[scaffold.Candidate, object, str]:
+    """``quantize()`` (one candidate) and its validation without latency; the seconds of both."""
+    started = time.perf_counter()
+    [candidate] = quantize()
+    [(_, report)] = scaffold.validate_all(work, [candidate], latency_runs=0)
+    return candidate, report, f"{time.perf_counter() - started:.0f}"
 
 
-def _table(header, rows) -> str:
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+def _cached_or(workdir: Path, name: str) -> Path:
+    cache = os.environ.get("OUTLIERQUANT_TEST_CACHE")
+    return Path(cache) / name if cache else workdir / f"{name}-fp32"
 
 
 def bench_minilm(workdir: Path) -> None:
-    from outlierquant.evaluate.baselines import ort_quantize
-    from outlierquant.evaluate.validate import validate
-    from outlierquant.export import default_model_dir, export_model
-    from outlierquant.export.data import (
-        bundled_sentences,
-        load_tokenizer,
-        model_inputs,
-        read_lines,
-        text_feeds,
-    )
-
-    cache = os.environ.get("OUTLIERQUANT_TEST_CACHE")
-    model = Path(cache) / "minilm" / "model.onnx" if cache else workdir / "minilm-fp32" / "model.onnx"
-    if not model.is_file():
-        model = export_model(default_model_dir(), model.parent)
-    tokenizer = load_tokenizer(model.parent)
-    spec = model_inputs(model)
-    calibration = text_feeds(read_lines(bundled_sentences("calibration")), tokenizer=tokenizer, input_names=spec)
-    heldout = text_feeds(read_lines(bundled_sentences("heldout")), tokenizer=tokenizer, input_names=spec)
+    work = scaffold.minilm(_cached_or(workdir, "minilm"))
     rows = []
-    started = time.perf_counter()
-    ort_path = ort_quantize("ort-static-matmul", model, workdir / "minilm-ort-static-matmul.onnx", calibration)
-    report = validate(model, ort_path, heldout, latency_runs=0, progress=False)
-    rows.append(("onnxruntime static W8A8 (MatMul)", "no", f"{report.embedding.cosine_mean:.5f}",
-                 f"{report.embedding.cosine_min:.5f}", f"{time.perf_counter() - started:.0f}"))
-    for recipe in MINILM_RECIPES:
-        started = time.perf_counter()
-        output = workdir / f"minilm-{recipe}.onnx"
-        result = quantize(model, output, recipe, calibration)
-        report = validate(model, output, heldout, latency_runs=0, progress=False)
-        rows.append((recipe, "yes" if result["simulated"] else "no", f"{report.embedding.cosine_mean:.5f}",
-                     f"{report.embedding.cosine_min:.5f}", f"{time.perf_counter() - started:.0f}"))
-        print(f"  minilm {recipe}: {rows[-1][2]} / {rows[-1][3]}", flush=True)
-    print(f"\nMiniLM: {len(heldout)} held-out sentences, {len(calibration)} calibration sentences; "
+    candidate, report, seconds = measure(work, lambda: scaffold.run_baselines(
+        work, ["ort-static-matmul"], workdir, prefix="minilm-", label="onnxruntime static W8A8 (MatMul)"))
+    rows.append((candidate.label, "no", f"{report.embedding.cosine_mean:.5f}", f"{report.embedding.cosine_min:.5f}",
+                 seconds))
+    for name in MINILM_RECIPES:
+        candidate, report, seconds = measure(work, lambda: scaffold.run_recipes(work, [recipe(name)], workdir,
+                                                                                prefix="minilm-"))
+        rows.append((name, "yes" if candidate.report["simulated"] else "no", f"{report.embedding.cosine_mean:.5f}",
+                     f"{report.embedding.cosine_min:.5f}", seconds))
+        print(f"  minilm {name}: {rows[-1][2]} / {rows[-1][3]}", flush=True)
+    print(f"\nMiniLM: {len(work.heldout)} held-out sentences, {len(work.calibration)} calibration sentences; "
           "embedding cosine vs fp32")
-    print(_table(("model", "simulated", "cos mean", "cos min", "seconds"), rows))
+    print(scaffold.table(("model", "simulated", "cos mean", "cos min", "seconds"), rows))
 
 
 def bench_smollm2(workdir: Path, calibration_segments: int, eval_segments: int) -> None:
-    from transformers import AutoTokenizer
-
-    from outlierquant.evaluate.baselines import ort_quantize
-    from outlierquant.evaluate.validate import validate
-    from outlierquant.export import export_model, smollm2_gguf
-    from outlierquant.export.data import lm_segments, model_inputs, wikipedia_texts
-
-    cache = os.environ.get("OUTLIERQUANT_TEST_CACHE")
-    model = Path(cache) / "smollm2" / "model.onnx" if cache else workdir / "smollm2-fp32" / "model.onnx"
-    if not model.is_file():
-        model = export_model(smollm2_gguf(), model.parent)
-    tokenizer = AutoTokenizer.from_pretrained(model.parent)
-    names = list(model_inputs(model))
-
-    def segments(split: str, count: int):
-        return lm_segments(wikipedia_texts(split, limit=count * 4), tokenizer=tokenizer, input_names=names,
-                           seq_len=128, max_segments=count)
-
-    calibration = segments("calibration", calibration_segments)
-    heldout = segments("heldout", eval_segments)
+    work = scaffold.smollm2(_cached_or(workdir, "smollm2"), calibration_segments, eval_segments)
     rows = []
     profiles = []
-    started = time.perf_counter()
-    ort_path = ort_quantize("ort-dynamic", model, workdir / "smollm2-ort-dynamic.onnx", calibration)
-    report = validate(model, ort_path, heldout, latency_runs=0, progress=False)
+    candidate, report, seconds = measure(work, lambda: scaffold.run_baselines(
+        work, ["ort-dynamic"], workdir, prefix="smollm2-", label="onnxruntime dynamic W8A8"))
     fp32 = report.perplexity.reference
-    rows.append(("onnxruntime dynamic W8A8", "no", f"{report.perplexity.candidate:.3f}",
-                 f"{report.perplexity.delta:+.3f}", f"{time.perf_counter() - started:.0f}"))
-    for recipe in SMOLLM2_RECIPES:
-        started = time.perf_counter()
-        output = workdir / f"smollm2-{recipe}.onnx"
-        result = quantize(model, output, recipe, calibration)
-        report = validate(model, output, heldout, latency_runs=0, progress=False)
-        rows.append((recipe, "yes" if result["simulated"] else "no", f"{report.perplexity.candidate:.3f}",
-                     f"{report.perplexity.delta:+.3f}", f"{time.perf_counter() - started:.0f}"))
-        print(f"  smollm2 {recipe}: {rows[-1][2]} ({rows[-1][3]})", flush=True)
-        for record in result["passes"]:
-            for name, entry in (record.get("outliers") or {}).items():
+    rows.append((candidate.label, "no", f"{report.perplexity.candidate:.3f}", f"{report.perplexity.delta:+.3f}",
+                 seconds))
+    for name in SMOLLM2_RECIPES:
+        candidate, report, seconds = measure(work, lambda: scaffold.run_recipes(work, [recipe(name)], workdir,
+                                                                                prefix="smollm2-"))
+        rows.append((name, "yes" if candidate.report["simulated"] else "no", f"{report.perplexity.candidate:.3f}",
+                     f"{report.perplexity.delta:+.3f}", seconds))
+        print(f"  smollm2 {name}: {rows[-1][2]} ({rows[-1][3]})", flush=True)
+        for record in candidate.report["passes"]:
+            for tensor, entry in (record.get("outliers") or {}).items():
                 if "after_predicted" in entry:
-                    profiles.append((recipe, record["pass"], name, entry["before"].get("rms_max_median"),
+                    profiles.append((name, record["pass"], tensor, entry["before"].get("rms_max_median"),
                                      entry["after_predicted"].get("rms_max_median")))
-        os.remove(output)
-    print(f"\nSmolLM2-135M: {len(heldout)} held-out / {len(calibration)} calibration Wikipedia segments of 128 "
+        candidate.path.unlink()  # the simulated ones are fp32-sized
+        candidate.path.with_suffix(".report.json").unlink(missing_ok=True)
+    print(f"\nSmolLM2-135M: {len(work.heldout)} held-out / {len(work.calibration)} calibration Wikipedia segments of 128 "
           f"tokens; fp32 perplexity {fp32:.3f}")
-    print(_table(("model", "simulated", "perplexity", "delta vs fp32", "seconds"), rows))
+    print(scaffold.table(("model", "simulated", "perplexity", "delta vs fp32", "seconds"), rows))
     if profiles:
         print("\nper-channel RMS max/median of the residual readers' inputs (KLT run), before -> after:")
-        for recipe, pass_name, name, before, after in profiles[:8]:
-            print(f"  {recipe} {pass_name} {name}: {before} -> {after}")
+        for name, pass_name, tensor, before, after in profiles[:8]:
+            print(f"  {name} {pass_name} {tensor}: {before} -> {after}")
 
 
 def main() -> None:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
+import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scaffold  # noqa: E402
 
 
 def main() -> None:
@@ -41,51 +40,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
-    from outlierquant.evaluate.baselines import ort_matmul_nbits, ort_quantize
-    from outlierquant.evaluate.validate import comparison_table, validate
-    from outlierquant.export import export_model, smollm2_gguf
-    from outlierquant.export.data import lm_segments, model_inputs, wikipedia_texts
-    from outlierquant.pipeline import quantize_model
+    from outlierquant.evaluate.validate import comparison_table
 
     workdir = args.workdir / "smollm2"
-    fp32 = workdir / "fp32" / "model.onnx"
-    if not fp32.is_file():
-        export_model(smollm2_gguf(), fp32.parent)
-    tokenizer = AutoTokenizer.from_pretrained(fp32.parent)
-    names = list(model_inputs(fp32))
+    work = scaffold.smollm2(workdir / "fp32", args.calibration_segments, args.eval_segments, seq_len=args.seq_len)
+    print(f"SmolLM2-135M: {len(work.calibration)} calibration / {len(work.heldout)} held-out segments of {args.seq_len} tokens")
 
-    def segments(split: str, count: int):
-        return lm_segments(
-            wikipedia_texts(split, limit=count * 4), tokenizer=tokenizer, input_names=names,
-            seq_len=args.seq_len, max_segments=count,
-        )
+    def recipe_label(stem: str, report: dict) -> str:
+        return f"outlierquant {stem}" + (" (simulated)" if report["simulated"] else "")
 
-    calibration = segments("calibration", args.calibration_segments)
-    heldout = segments("heldout", args.eval_segments)
-    print(f"SmolLM2-135M: {len(calibration)} calibration / {len(heldout)} held-out segments of {args.seq_len} tokens")
-
-    rows = []
-    timings = {}
-    for preset in filter(None, args.baselines.split(",")):
-        out = workdir / f"{preset}.onnx"
-        t0 = time.perf_counter()
-        if preset == "ort-matmulnbits":  # weight-only int4, RTN, asymmetric, block 32
-            ort_matmul_nbits(fp32, out)
-        else:
-            ort_quantize(preset, fp32, out, calibration)
-        timings[preset] = time.perf_counter() - t0
-        rows.append((f"onnxruntime {preset}", validate(fp32, out, heldout, latency_runs=args.latency_runs, progress=False)))
-    for recipe in filter(None, args.recipes.split(",")):
-        out = workdir / f"{Path(recipe).stem}.onnx"
-        t0 = time.perf_counter()
-        result = quantize_model(fp32, out, recipe, calibration, progress=False)
-        timings[recipe] = time.perf_counter() - t0
-        label = f"outlierquant {Path(recipe).stem}" + (" (simulated)" if result.report["simulated"] else "")
-        rows.append((label, validate(fp32, out, heldout, latency_runs=args.latency_runs, progress=False)))
+    baselines = [name for name in args.baselines.split(",") if name]
+    recipes = [name for name in args.recipes.split(",") if name]
+    # ort-matmulnbits: weight-only int4, RTN, asymmetric, block 32
+    candidates = (scaffold.run_baselines(work, baselines, workdir, label="onnxruntime {}")
+                  + scaffold.run_recipes(work, recipes, workdir, label=recipe_label))
+    rows = scaffold.validate_all(work, candidates, latency_runs=args.latency_runs)
     print(comparison_table(rows))
-    print("quantize seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print("quantize seconds: " + ", ".join(f"{name} {c.seconds:.0f}" for name, c in zip(baselines + recipes, candidates)))
     if args.json:
         args.json.write_text(json.dumps([{"label": label, **report.to_dict()} for label, report in rows], indent=1))
 
