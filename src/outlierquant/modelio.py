@@ -114,6 +114,7 @@ def check_model_proto(proto, path: str | os.PathLike = "model") -> None:
     graph = proto.graph
     if len(graph.node) == 0:
         raise InputError(f"{path}: the ONNX graph has no nodes (corrupt or not an ONNX model)")
+    _check_names(proto, path)
     folder = Path(path).parent
     files: dict[str, int] = {}
     for tensor in _iter_tensors(graph):
@@ -122,6 +123,34 @@ def check_model_proto(proto, path: str | os.PathLike = "model") -> None:
     for index, node in enumerate(_iter_nodes(graph)):
         if node.domain in ("", "ai.onnx") and not onnx_defs_has(node.op_type):
             raise InputError(f"{path}: node {_node_label(node, index)} uses {node.op_type!r}, which is not an ONNX operator")
+
+
+def _check_names(proto, path) -> None:
+    """Every string field must be text: protobuf hands back bytes for invalid UTF-8."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    stack = [proto]
+    while stack:
+        message = stack.pop()
+        for field in message.DESCRIPTOR.fields:
+            if field.type == FieldDescriptor.TYPE_STRING:
+                values = getattr(message, field.name)
+                values = values if field.is_repeated else [values]
+                if not all(isinstance(value, str) for value in values):
+                    raise InputError(f"{path}: a {message.DESCRIPTOR.name} {field.name} is not valid UTF-8 text")
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                if field.is_repeated:
+                    stack.extend(getattr(message, field.name))
+                elif message.HasField(field.name):
+                    stack.append(getattr(message, field.name))
+
+
+def _iter_graphs(graph):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                yield from _iter_graphs(sub)
 
 
 def onnx_defs_has(op_type: str) -> bool:
@@ -198,8 +227,8 @@ def _check_external(tensor, name: str, nbytes: int, path, folder: Path, files: d
     if location not in files:
         files[location] = _external_file_size(location, name, path, folder)
     size = files[location]
-    needed = nbytes if length is None else max(length, nbytes)
-    if length is not None and length < nbytes:
+    needed = nbytes if length is None else length
+    if length is not None and nbytes >= 0 and length != nbytes:
         raise InputError(f"{path}: tensor {name!r} has {length} bytes of external data, its shape "
                          f"{list(tensor.dims)} needs {nbytes}")
     if offset + needed > size:
@@ -209,6 +238,8 @@ def _check_external(tensor, name: str, nbytes: int, path, folder: Path, files: d
 
 def _external_file_size(location: str, name: str, path, folder: Path) -> int:
     """The size of an external data file after the checks onnx_ir makes when it maps it."""
+    if "\0" in location:
+        raise InputError(f"{path}: tensor {name!r} has an external data location with a NUL character")
     if os.path.isabs(location):
         raise InputError(f"{path}: tensor {name!r} has an absolute external data location {location!r}")
     base = os.path.realpath(folder)
@@ -302,7 +333,8 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     seen = set()
     for tensor in _iter_tensors(proto.graph):
         for entry in tensor.external_data:
-            if entry.key == "location" and entry.value not in seen:
+            if entry.key == "location" and isinstance(entry.value, str) and "\0" not in entry.value \
+                    and entry.value not in seen:
                 seen.add(entry.value)
                 location = path.parent / entry.value
                 if location.exists():
