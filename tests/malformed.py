@@ -34,8 +34,12 @@ OPSET = 17
 
 
 def build_model(*, vocab: int = VOCAB, hidden: int = HIDDEN, opset: int = OPSET, seed: int = 0,
-                nan_weights: bool = False) -> onnx.ModelProto:
-    """The valid tiny model; ``nan_weights`` puts a NaN into w2 (valid ONNX, non-finite outputs)."""
+                nan_weights: bool = False, norm: bool = False) -> onnx.ModelProto:
+    """The valid tiny model; ``nan_weights`` puts a NaN into w2 (valid ONNX, non-finite outputs).
+
+    ``norm``: a LayerNormalization before fc1 and a residual Add after fc2, the pattern
+    the smoothing and rotation passes rewrite (the fuzzer's seed, so they run too).
+    """
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal((vocab, hidden)).astype(np.float32)
     w1 = rng.standard_normal((hidden, hidden)).astype(np.float32) / 4
@@ -50,12 +54,23 @@ def build_model(*, vocab: int = VOCAB, hidden: int = HIDDEN, opset: int = OPSET,
         helper.make_node("Relu", ["a1"], ["r"], name="act"),
         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
     ]
+    initializers = [numpy_helper.from_array(a, n) for a, n in ((emb, "emb"), (w1, "w1"), (b1, "b1"), (w2, "w2"))]
+    if norm:
+        gamma = (0.5 + rng.random(hidden)).astype(np.float32)
+        beta = (rng.standard_normal(hidden) / 10).astype(np.float32)
+        initializers += [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(beta, "beta")]
+        nodes[1:2] = [
+            helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], name="norm", axis=-1),
+            helper.make_node("MatMul", ["n", "w1"], ["a"], name="fc1"),
+        ]
+        nodes[-1] = helper.make_node("MatMul", ["r", "w2"], ["f"], name="fc2")
+        nodes.append(helper.make_node("Add", ["h", "f"], ["y"], name="residual"))
     graph = helper.make_graph(
         nodes,
         "tiny",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])],
-        [numpy_helper.from_array(a, n) for a, n in ((emb, "emb"), (w1, "w1"), (b1, "b1"), (w2, "w2"))],
+        initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="malformed")
     model.ir_version = 8
@@ -292,6 +307,28 @@ def _ext_outside_built(folder: Path) -> Path:
     return inner
 
 
+def _ext_nul_location(folder, model):
+    _set_location(model, "model.onnx\0.data")
+
+
+def _ext_length_mismatch(folder, model):
+    _initializer(model, "emb").external_data[2].value = "32"
+
+
+def _patched(old: bytes, new: bytes, *, external: bool = False) -> Callable[[Path], Path]:
+    """A byte-level edit of the serialized model (same length, so the framing stays valid)."""
+    assert len(old) == len(new)
+
+    def build(folder: Path) -> Path:
+        path = external_model(folder) if external else good_model(folder)
+        data = path.read_bytes()
+        assert old in data
+        path.write_bytes(data.replace(old, new, 1))
+        return path
+
+    return build
+
+
 def _opset(version: int) -> Callable[[Path], Path]:
     def build(folder: Path) -> Path:
         return good_model(folder, opset=version)
@@ -333,6 +370,11 @@ MODELS: dict[str, Callable[[Path], Path]] = {
     "ext-is-folder": _ext(_ext_is_folder),
     "ext-no-location": _ext(_ext_no_location),
     "ext-bad-offset": _ext(_ext_bad_offset),
+    # found by the fuzzer (fuzz/harness.py model), kept as cases
+    "op-type-not-utf8": _patched(b"Relu", b"R\xfflu"),
+    "ext-location-not-utf8": _patched(b"model.onnx.data", b"model.onnx.\xffata", external=True),
+    "ext-nul-location": _ext(_ext_nul_location),
+    "ext-length-mismatch": _ext(_ext_length_mismatch),
 }
 
 #: cases that only some commands refuse: NaN weights are valid ONNX, and calibrating or
