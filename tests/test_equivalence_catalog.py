@@ -29,7 +29,7 @@ FLOAT_OPTIONS: dict[str, dict] = {
     "rotate-qk": {"kernels": "standard"},
     "flatquant": {"steps": 5, "max_rows": 256},
     "splitquant": {},
-    "qllm_disassemble": {},
+    "qllm-disassemble": {},
 }
 RTOL = 1e-4
 

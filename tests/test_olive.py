@@ -13,7 +13,7 @@ from helpers import load_canonical, run_outputs
 from onnx import TensorProto, helper
 
 from outlierquant.calibration.collect import collect_statistics
-from outlierquant.errors import RecipeError
+from outlierquant.errors import CalibrationError, RecipeError
 from outlierquant.passes.olive import OlivePass, PairFormat, ovp_quantize, search_scale
 from outlierquant.recipes import load_recipe, validate_pass_options
 
@@ -245,7 +245,7 @@ def test_mse_activation_scale_needs_feeds():
     model = _linear_model(8)
     feeds = _feeds(8, 2, seed=0)
     stats = collect_statistics(model, feeds, progress=False)
-    with pytest.raises(ir.passes.PreconditionError, match="calibration samples"):
+    with pytest.raises(CalibrationError, match="olive reads the calibration samples"):
         OlivePass(activation_bits=8).with_stats(stats)(model)
 
 

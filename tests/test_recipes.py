@@ -75,10 +75,10 @@ def test_default_on_minilm_scales_norm_groups_splits_the_rest_and_rotates_nothin
     assert not gate["rotated"] and len(gate["skipped"]) == 6
     assert all(g["static_sqnr_db"] >= threshold for g in gate["skipped"])
     assert records["outliertune"]["per_channel_linears"] == 24  # q/k/v and FFN1 of 6 layers
-    assert len(records["llm_int8"]["layers"]) == 12  # attention output and FFN2
-    assert not records["llm_int8"]["skipped"]
+    assert len(records["llm-int8"]["layers"]) == 12  # attention output and FFN2
+    assert not records["llm-int8"]["skipped"]
     # MiniLM's attention rows are not peaked enough for the residual probabilities
-    probs = records["llm_int8"]["probs_residual"]
+    probs = records["llm-int8"]["probs_residual"]
     assert probs["residual_matmuls"] == 0 and len(probs["matmuls"]) == 6
     assert all(0 < entry["lost_mass"] < probs["lost_mass_gate"] for entry in probs["matmuls"])
     model = ir.load(tmp_path / "default.onnx")

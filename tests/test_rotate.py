@@ -695,9 +695,9 @@ def test_default_recipe_rotates_only_the_noisy_down_projections_and_quantizes_ev
     assert len(rotation["rotated"]) + len(rotation["skipped"]) == synthetic.TINY_LAYERS
     assert len(rotation["rotated"]) == (synthetic.TINY_LAYERS if gate == "raised" else 0)
     assert records["outliertune"]["per_channel_linears"] == 0  # RMSNorm groups are foldable
-    assert records["llm_int8"]["form"] == "qdq" and not result.report["simulated"]
-    assert not [s for s in records["llm_int8"]["skipped"] if "statistics" in s["reason"]]
-    probs = records["llm_int8"]["probs_residual"]
+    assert records["llm-int8"]["form"] == "qdq" and not result.report["simulated"]
+    assert not [s for s in records["llm-int8"]["skipped"] if "statistics" in s["reason"]]
+    probs = records["llm-int8"]["probs_residual"]
     assert len(probs["matmuls"]) == synthetic.TINY_LAYERS
     assert probs["residual_matmuls"] == sum(e["lost_mass"] >= probs["lost_mass_gate"] for e in probs["matmuls"])
     model = ir.load(tmp_path / "default.onnx")

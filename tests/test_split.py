@@ -91,7 +91,7 @@ def test_options_are_validated_with_the_field_name():
         SplitQuantOptions(method="gmm")
     with pytest.raises(RecipeError, match="threshhold"):
         validate_pass_options("llm_int8", {"threshhold": 6.0})
-    assert load_recipe("llm-int8").passes[1].name == "llm_int8"
+    assert load_recipe("llm-int8").passes[1].name == "llm-int8"
     assert load_recipe("splitquant-w8a8").passes[1].name == "splitquant"
 
 
@@ -142,14 +142,14 @@ def test_minilm_float_split_is_equivalent(minilm_onnx, minilm_feeds):
 def test_minilm_integer_form_runs_in_plain_onnxruntime(minilm_onnx, minilm_feeds):
     calibration, heldout = minilm_feeds
     reference = outputs(load(minilm_onnx), heldout)
-    model, result, _, after = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="never"))
+    model, result, _, after = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="standard"))
     assert result.record["form"] == "integer"
     assert all(node.domain in ("", "ai.onnx") for node in model.graph)
     assert after["MatMulInteger"] == len(result.record["layers"]) == 36
     quantized = outputs(model, heldout)  # plain session: nothing registered
     assert cosine(reference, quantized) > 0.999
     # without float channels the same int8 path is visibly worse
-    model, _, _, _ = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="never", threshold=1e9))
+    model, _, _, _ = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="standard", threshold=1e9))
     assert cosine(reference, outputs(model, heldout)) < cosine(reference, quantized)
 
 
@@ -158,7 +158,7 @@ def test_qdq_form_declares_per_token_activations(tiny_llama):
     evaluation = synthetic.random_feeds(tiny_llama, 2, seed=2)
     reference = outputs(load(tiny_llama), evaluation)
     model, result, before, after = rewrite(tiny_llama, calibration,
-                                           LlmInt8SplitPass(kernels="never", standard_form="qdq", threshold=1.0))
+                                           LlmInt8SplitPass(kernels="standard", standard_form="qdq", threshold=1.0))
     assert result.record["simulated"]
     assert after["DequantizeLinear"] == len(result.record["layers"])  # one int8 weight per layer
     # one per-token activation rounding per split input, shared by the linears reading it
@@ -190,7 +190,7 @@ def test_static_activations_quantize_only_the_inlier_channels(planted_llama):
             full_range = (max(st.tensor_max, 0.0) - min(st.tensor_min, 0.0)) / 255
             assert 0 < float(constant_array(node.inputs[1])) < full_range
     with pytest.raises(ValueError, match="static"):
-        LlmInt8SplitPass(activations="static", kernels="always")
+        LlmInt8SplitPass(activations="static", kernels="custom")
     with pytest.raises(ValueError, match="dynamic_matmuls"):
         LlmInt8SplitPass(dynamic_matmuls=True)
     # dynamic_matmuls: both operands of QK^T and probs x V get a static QDQ as well
@@ -330,7 +330,7 @@ def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, 
     # without calibration data the gate cannot measure: a clear error, not a silent skip
     model = load(planted_llama)
     gated = LlmInt8SplitPass(**options).with_stats(collect_statistics(model, calibration, progress=False))
-    with pytest.raises(CalibrationError, match="probs_residual 'gated'"):
+    with pytest.raises(CalibrationError, match="llm-int8 reads the calibration samples"):
         gated(model)
     shares = []
     for gate, chosen in ((0.005, synthetic.TINY_LAYERS), (0.999, 0)):
@@ -371,7 +371,7 @@ def test_quantease_rounding_keeps_the_float_channels_out_of_the_int8_weights(pla
     calibration = synthetic.random_feeds(planted_llama, 6, seed=1)
     evaluation = synthetic.random_feeds(planted_llama, 2, seed=2)
     reference = outputs(load(planted_llama), evaluation)
-    for form in ({"kernels": "never"}, {"activations": "static"}):
+    for form in ({"kernels": "standard"}, {"activations": "static"}):
         split = LlmInt8SplitPass(criterion="top_k", top_k=2, weight_rounding="quantease", **form)
         assert split.covariance_targets(load(planted_llama))
         model = load(planted_llama)
@@ -396,7 +396,7 @@ def test_kernel_form_matches_the_standard_form(tiny_llama):
         pytest.skip(custom_ops.unavailable_reason())
     calibration = synthetic.random_feeds(tiny_llama, 6, seed=1)
     evaluation = synthetic.random_feeds(tiny_llama, 2, seed=2)
-    standard, _, _, _ = rewrite(tiny_llama, calibration, LlmInt8SplitPass(kernels="never", threshold=1.0))
+    standard, _, _, _ = rewrite(tiny_llama, calibration, LlmInt8SplitPass(kernels="standard", threshold=1.0))
     kernel, result, _, after = rewrite(tiny_llama, calibration, LlmInt8SplitPass(kernels="auto", threshold=1.0))
     assert result.record["form"] == "kernel" and after["MixedInt8MatMul"] == len(result.record["layers"])
     got = outputs(kernel, evaluation, custom_ops.session_options())
@@ -441,8 +441,8 @@ def test_minilm_kernel_form_matches_the_standard_form(minilm_onnx, minilm_feeds)
         pytest.skip(custom_ops.unavailable_reason())
     calibration, heldout = minilm_feeds
     reference = outputs(load(minilm_onnx), heldout)
-    standard, _, _, _ = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="never"))
-    kernel, result, _, after = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="always"))
+    standard, _, _, _ = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="standard"))
+    kernel, result, _, after = rewrite(minilm_onnx, calibration, LlmInt8SplitPass(kernels="custom"))
     assert result.record["form"] == "kernel" and after["MixedInt8MatMul"] == 36
     got = outputs(kernel, heldout, custom_ops.session_options())
     want = outputs(standard, heldout)

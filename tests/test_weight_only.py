@@ -117,8 +117,8 @@ def test_rtn_matches_onnxruntimes_own_quantizer():
 def test_options_are_validated_with_the_field_name():
     with pytest.raises(RecipeError, match="bits"):
         validate_pass_options("weight_only", {"bits": 5})
-    with pytest.raises(RecipeError, match="block_size"):
-        validate_pass_options("weight_only", {"block_size": 24})
+    with pytest.raises(RecipeError, match="group_size"):
+        validate_pass_options("weight-only", {"group_size": 24})
     with pytest.raises(RecipeError, match="emit"):
         validate_pass_options("weight_only", {"emit": "qdq"})
 
@@ -156,7 +156,7 @@ def _graph_with_linears() -> ir.Model:
 def test_pass_rewrites_matmul_and_gemm_and_skips_small_k(emit):
     model, (w1, b1, w2, b2, w3) = _graph_with_linears()
     CanonicalizePass()(model)
-    result = QuantizeWeightOnlyPass(bits=4, block_size=16, emit=emit)(model)
+    result = QuantizeWeightOnlyPass(bits=4, group_size=16, emit=emit)(model)
     record = result.record
     assert record["quantized_linears"] == 2
     assert [s["linear"] for s in record["skipped"]] == ["tiny"]
@@ -183,7 +183,7 @@ def test_pass_rewrites_matmul_and_gemm_and_skips_small_k(emit):
 
 def test_recipes_load():
     rtn = load_recipe("rtn-w4a16")
-    assert [s.name for s in rtn.passes] == ["canonicalize", "weight_only"]
+    assert [s.name for s in rtn.passes] == ["canonicalize", "weight-only"]
     plus = load_recipe("smoothquant+-w4a16")
     assert [s.name for s in plus.passes] == ["canonicalize", "smoothquant", "quantease"]
     smooth = plus.passes[1].options_dict()

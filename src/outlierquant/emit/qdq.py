@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from outlierquant.errors import CalibrationError
 from outlierquant.graph.attention import is_attention_matmul, probs_step, quantized_source
+from outlierquant.graph.edit import name_excluded
 from outlierquant.graph.values import add_initializer, constant_array, is_constant, remove_if_unused, weight_input
 from outlierquant.numerics.grids import activation_scale_zero_point, quantize_weight
 
@@ -33,7 +34,10 @@ class QuantConfig:
     #: quantize activation × activation MatMuls (attention QK^T and probs·V)
     dynamic_matmuls: bool = True
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
-    #: node names left in float (e.g. a sensitive lm_head)
+    #: node-name patterns left in float (e.g. a sensitive lm_head): the ``exclude`` of every
+    #: pass (:func:`outlierquant.graph.edit.name_excluded`)
+    exclude: tuple[str, ...] = ()
+    #: exact node names left in float, for passes that handled those linears themselves
     exclude_nodes: tuple[str, ...] = ()
     #: leave linears whose output is a graph output (an lm_head) in float, as QuaRot and
     #: bitsandbytes' LLM.int8() integration do
@@ -97,7 +101,7 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> list[TensorQuant]
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in config.op_types:
             continue
-        if node.name in excluded:
+        if node.name in excluded or name_excluded(node.name, config.exclude):
             continue
         if config.skip_output_layers and node.outputs[0].is_graph_output():
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -87,9 +88,21 @@ def linear_label(linear: Linear, suffix: str) -> str:
     return f"{base}_{suffix}"
 
 
+def name_excluded(name: str, patterns: tuple[str, ...]) -> bool:
+    """The ``exclude`` option of every pass: a pattern with ``*``, ``?`` or ``[`` is matched
+    against the whole node name (fnmatch); a plain string matches any name containing it."""
+    for pattern in patterns:
+        if not pattern:
+            continue
+        if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
+            return True
+        if pattern in name:
+            return True
+    return False
+
+
 def is_excluded(linear: Linear, exclude: tuple[str, ...]) -> bool:
-    name = linear.node.name or ""
-    return any(pattern and pattern in name for pattern in exclude)
+    return name_excluded(linear.node.name or "", exclude)
 
 
 def write_linear_weight(graph: ir.Graph, linear, weight_kn, hint: str) -> None:

@@ -27,8 +27,13 @@ import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats
 from outlierquant.calibration.targets import quantizable_targets
+from outlierquant.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
+
+
+class MissingCalibrationError(CalibrationError, ir.passes.PreconditionError):
+    """A pass was run without the statistics or samples it reads (its precondition)."""
 
 
 @dataclasses.dataclass
@@ -76,10 +81,13 @@ class OutlierPass(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         reads = self.reads()
+        label = self.name or type(self).__name__
         if "stats" in reads and self.stats is None:
-            raise ir.passes.PreconditionError(f"pass {self.name or type(self).__name__} needs activation statistics")
+            raise MissingCalibrationError(f"pass {label} reads activation statistics (with these options) and "
+                                          "none were given")
         if "feeds" in reads and not self.feeds:
-            raise ir.passes.PreconditionError(f"pass {self.name or type(self).__name__} needs the calibration samples")
+            raise MissingCalibrationError(f"pass {label} reads the calibration samples (with these options) and "
+                                          "none were given")
 
     def with_stats(self, stats: ActivationStats | None) -> "OutlierPass":
         self.stats = stats

@@ -257,7 +257,7 @@ def _current_weight(linear: Linear) -> np.ndarray:
 class DisassembleChannelsPass(OutlierPass):
     """QLLM: outlier input channels split into sub-channels (exact); optional pair assembly."""
 
-    name = "qllm_disassemble"
+    name = "qllm-disassemble"
     needs_stats = True
     #: exact without assembly (tested to 1e-4); assembly is an approximation
     claims_equivalence = True

@@ -34,7 +34,7 @@ not record; ``runtime_threshold > 0`` adds bitsandbytes' dynamic form on top: ch
 
 Forms written (``kernels`` / ``standard_form``):
 
-- ``ai.outlierquant::MixedInt8MatMul`` (the custom kernel) when ``kernels`` is ``always``,
+- ``ai.outlierquant::MixedInt8MatMul`` (the custom kernel) when ``kernels`` is ``custom``,
   or ``auto`` and :func:`outlierquant.custom_ops.available`;
 - otherwise the standard-op form of that op (``standard_form: integer``): per-token
   quantization with Abs/ReduceMax/Div/Round/Clip, ``MatMulInteger`` (u8 with zero point
@@ -61,6 +61,7 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats
+from outlierquant.emit.kernels import use_kernel
 from outlierquant.emit.mixed_int8 import float_split_builder, mixed_int8_builder, without_channels
 from outlierquant.emit.qdq import QuantConfig, add_probs_residual, attention_matmul_declarations, insert_qdq
 from outlierquant.errors import CalibrationError
@@ -83,7 +84,7 @@ class LlmInt8Options:
     (``top_k`` widest channels per layer). ``max_share``: at most this share of a layer's
     input channels in float (largest first; 0 = no cap). ``quantize``: false writes the
     equivalent float split only. ``kernels``: ``auto`` (the custom kernel when it loads),
-    ``always``, ``never``. ``standard_form``: without the kernel, ``integer``
+    ``custom`` (the kernel or an error), ``standard`` (standard ops). ``standard_form``: without the kernel, ``integer``
     (MatMulInteger, real int8) or ``qdq`` (per-token Q/DQ, simulated). ``runtime_threshold``:
     > 0 adds the dynamic outlier detection at run time. ``exclude``: substrings of node
     names left untouched (e.g. ``lm_head``). ``reduce_range``: int8 weights in [-63, 63]
@@ -98,7 +99,7 @@ class LlmInt8Options:
     ratio: float = 4.0
     max_share: float = 0.0
     quantize: bool = True
-    kernels: Literal["auto", "always", "never"] = "auto"
+    kernels: Literal["auto", "standard", "custom"] = "auto"
     standard_form: Literal["integer", "qdq"] = "integer"
     runtime_threshold: float = 0.0
     exclude: tuple[str, ...] = ()
@@ -140,16 +141,16 @@ class LlmInt8Options:
             raise ValueError("top_k: criterion 'top_k' needs top_k >= 1")
         if not 0.0 <= self.max_share < 1.0:
             raise ValueError(f"max_share={self.max_share}: allowed [0, 1) (0: no cap)")
-        if self.kernels not in ("auto", "always", "never"):
-            raise ValueError(f"kernels={self.kernels!r}: allowed 'auto', 'always', 'never'")
+        if self.kernels not in ("auto", "standard", "custom"):
+            raise ValueError(f"kernels={self.kernels!r}: allowed 'auto', 'standard', 'custom'")
         if self.standard_form not in ("integer", "qdq"):
             raise ValueError(f"standard_form={self.standard_form!r}: allowed 'integer', 'qdq'")
         if self.runtime_threshold < 0:
             raise ValueError(f"runtime_threshold={self.runtime_threshold}: must be >= 0 (0: off)")
         if self.activations not in ("per_token", "static"):
             raise ValueError(f"activations={self.activations!r}: allowed 'per_token', 'static'")
-        if self.activations == "static" and (self.kernels == "always" or self.runtime_threshold > 0):
-            raise ValueError("activations='static' is written as QDQ: needs kernels auto/never and no runtime_threshold")
+        if self.activations == "static" and (self.kernels == "custom" or self.runtime_threshold > 0):
+            raise ValueError("activations='static' is written as QDQ: needs kernels auto/standard and no runtime_threshold")
         if self.weight_rounding not in ("rtn", "quantease"):
             raise ValueError(f"weight_rounding={self.weight_rounding!r}: allowed 'rtn', 'quantease'")
         if not float(self.quantease_damp) >= 0.0:
@@ -169,7 +170,7 @@ class LlmInt8Options:
 class LlmInt8SplitPass(OutlierPass):
     """LLM.int8(): outlier input channels in float, the rest vector-wise int8, summed."""
 
-    name = "llm_int8"
+    name = "llm-int8"
     needs_stats = True
     #: with ``quantize: false`` the pass is the equivalent float split (tested)
     claims_equivalence = False
@@ -193,15 +194,7 @@ class LlmInt8SplitPass(OutlierPass):
             return "float"
         if options.activations == "static":
             return "qdq"
-        if options.kernels == "always":
-            return "kernel"
-        if options.kernels == "auto":
-            from outlierquant import custom_ops
-
-            if custom_ops.available():
-                return "kernel"
-            custom_ops.warn_once_unavailable()
-        return options.standard_form
+        return "kernel" if use_kernel(options.kernels) else options.standard_form
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         stats = self.require_stats()

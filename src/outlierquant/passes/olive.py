@@ -58,7 +58,6 @@ with everything beyond the int range clipped, to show what the pairs buy.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 from typing import Any, Literal
 
@@ -66,7 +65,7 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.graph.analysis import analyze_graph
-from outlierquant.graph.edit import write_linear_weight
+from outlierquant.graph.edit import is_excluded, write_linear_weight
 from outlierquant.graph.records import Linear
 from outlierquant.graph.values import add_initializer, constant_array
 from outlierquant.passes.base import OutlierPass
@@ -225,7 +224,7 @@ class OliveOptions:
     ``weight_scale`` / ``activation_scale``: ``sigma`` (that scale) or ``mse`` (its
     multiplier searched for least squared error; for activations on rows captured from
     the calibration feeds). ``pairs: false``: the no-pair ablation (plain clipped int).
-    ``exclude``: node-name patterns (fnmatch) left in float. ``skip_output_layers``: leave
+    ``exclude``: node names left in float (substrings or fnmatch patterns). ``skip_output_layers``: leave
     linears whose output is a graph output (the lm_head) in float.
     ``activation_sample_rows``: at most this many rows per activation tensor are captured
     to search the scale and to measure the share of outlier pairs.
@@ -281,7 +280,7 @@ class OlivePass(OutlierPass):
         for linear in analyze_graph(model).linears:
             if linear.op_type == "Conv":
                 skipped[linear.name] = "Conv"
-            elif any(fnmatch.fnmatchcase(linear.name, p) for p in self.options.exclude):
+            elif is_excluded(linear, self.options.exclude):
                 skipped[linear.name] = "excluded"
             elif self.options.skip_output_layers and linear.output.is_graph_output():
                 skipped[linear.name] = "output layer (skip_output_layers)"

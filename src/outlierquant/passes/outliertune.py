@@ -42,7 +42,7 @@ import onnx_ir as ir
 from outlierquant.calibration.stats import ChannelStats
 from outlierquant.emit.qdq import QuantConfig, insert_qdq, plan_quantization
 from outlierquant.graph.analysis import analyze_graph
-from outlierquant.graph.edit import _bias_index, _scale_vector, check_group, group_weight_rows
+from outlierquant.graph.edit import _bias_index, _scale_vector, check_group, group_weight_rows, is_excluded
 from outlierquant.graph.records import LinearGroup
 from outlierquant.graph.tags import ONLINE_ROTATION_KEY
 from outlierquant.graph.values import add_initializer, first_in_graph, remove_if_unused
@@ -60,7 +60,7 @@ class OutlierTuneOptions:
     ``alpha``: share of the channel spread kept in the per-channel activation scales
     (1: fully per-channel), or ``"search"`` per group. ``relations``: producer relations
     whose groups get per-channel activations (the others get plain per-tensor QDQ).
-    ``dynamic_matmuls`` / ``exclude_nodes``: as in the ``quantize`` pass, for the rest.
+    ``dynamic_matmuls`` / ``exclude``: as in the ``quantize`` pass, for the rest.
     ``groups``: ``all``, or ``unfoldable``: only groups whose producer cannot absorb a
     scale (a post-norm LayerNorm that also feeds the residual, an activation) and whose
     input is not an online rotation's output — the groups where smoothing needs an op at
@@ -75,7 +75,7 @@ class OutlierTuneOptions:
     relations: tuple[str, ...] = ("norm", "linear", "v_to_o", "up_to_down", "none")
     zero_point: Literal["per_channel", "shared"] = "per_channel"
     dynamic_matmuls: bool = True
-    exclude_nodes: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     groups: Literal["all", "unfoldable"] = "all"
     rest: Literal["quantize", "leave"] = "quantize"
     version: int = 1
@@ -132,7 +132,6 @@ class QuantizeOutlierTunePass(OutlierPass):
         stats = self.require_stats()
         options = self.options
         graph = model.graph
-        excluded = set(options.exclude_nodes)
         analysis = analyze_graph(model)
         handled: list[str] = []
         inserted = 0
@@ -140,7 +139,7 @@ class QuantizeOutlierTunePass(OutlierPass):
         for group in analysis.groups:
             entry: dict[str, Any] = {"linears": [l.name for l in group.linears], "relation": group.producer.relation}
             reason = check_group(group, stats, allow_insert=True, relations=options.relations)
-            if not reason and any(l.name in excluded for l in group.linears):
+            if not reason and any(is_excluded(l, options.exclude) for l in group.linears):
                 reason = "a linear of the group is excluded"
             if not reason and options.groups == "unfoldable":
                 reason = _foldable_or_rotated(group)
@@ -177,7 +176,7 @@ class QuantizeOutlierTunePass(OutlierPass):
             logger.info("outliertune: %d linears left in float for a later pass (rest: leave)", left)
         else:
             config = QuantConfig(dynamic_matmuls=options.dynamic_matmuls,
-                                 exclude_nodes=tuple(sorted(excluded | set(handled))))
+                                 exclude=options.exclude, exclude_nodes=tuple(sorted(handled)))
             plan = plan_quantization(model, config)
             counts = insert_qdq(model, plan, stats, config)
         logger.info("outliertune: %d linears with per-channel activations, %d more per-tensor",

@@ -72,7 +72,7 @@ __all__ = [
 class WeightOnlyQuantOptions:
     """Options of :class:`QuantizeWeightOnlyPass`.
 
-    ``bits``: 3, 4 or 8. ``block_size``: rows of K per scale (a power of two >= 16, as
+    ``bits``: 3, 4 or 8. ``group_size``: rows of K per scale (a power of two >= 16, as
     MatMulNBits requires). ``symmetric``: onnxruntime's symmetric grid (no zero points)
     instead of asymmetric min/max. ``clip_ratios``: block range shrink factors searched
     with the calibrated ``E[x²]`` (``[1.0]``: plain RTN, no calibration needed).
@@ -83,7 +83,7 @@ class WeightOnlyQuantOptions:
     """
 
     bits: int = 4
-    block_size: int = 32
+    group_size: int = 32
     symmetric: bool = False
     clip_ratios: tuple[float, ...] = (1.0,)
     emit: Literal["matmul_nbits", "dequantize_linear"] = "matmul_nbits"
@@ -94,8 +94,8 @@ class WeightOnlyQuantOptions:
     def __post_init__(self) -> None:
         if self.bits not in (3, 4, 8):
             raise ValueError(f"bits={self.bits}: allowed 3, 4, 8")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size={self.block_size}: a power of two >= 16")
+        if self.group_size < 16 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size={self.group_size}: a power of two >= 16")
         if not self.clip_ratios or any(not 0.0 < r <= 1.0 for r in self.clip_ratios):
             raise ValueError("clip_ratios: a non-empty list of numbers in (0, 1]")
         if self.emit not in ("matmul_nbits", "dequantize_linear"):
@@ -116,7 +116,7 @@ class WeightOnlyQuantOptions:
 class QuantizeWeightOnlyPass(OutlierPass):
     """Round every MatMul/Gemm weight to ``bits`` in blocks along K; MatMulNBits or blocked DQ."""
 
-    name = "weight_only"
+    name = "weight-only"
     options_type = WeightOnlyQuantOptions
 
     needs_stats = True  # the clip search reads E[x²]; plain RTN needs no calibration
@@ -147,7 +147,7 @@ class QuantizeWeightOnlyPass(OutlierPass):
             if stats is not None and linear.input.name in stats and \
                     stats[linear.input.name].channels == linear.in_features:
                 row_weight = np.maximum(stats[linear.input.name].mean_sq, 0.0)
-            quantized = quantize_blockwise(weight, options.bits, options.block_size, symmetric=options.symmetric,
+            quantized = quantize_blockwise(weight, options.bits, options.group_size, symmetric=options.symmetric,
                                            clip_ratios=options.clip_ratios, row_weight=row_weight)
             delta = quantized.dequantize() - weight
             label = linear_label(linear, self.name)
@@ -159,10 +159,10 @@ class QuantizeWeightOnlyPass(OutlierPass):
 
             replace_linear(graph, linear, build, label)
             k, n = weight.shape
-            blocks = -(-k // options.block_size)
+            blocks = -(-k // options.group_size)
             container = 4 if options.bits == 3 else options.bits
             float_bytes += k * n * 4
-            packed_bytes += (blocks * options.block_size * n * container) // 8 + blocks * n * 4 + \
+            packed_bytes += (blocks * options.group_size * n * container) // 8 + blocks * n * 4 + \
                 (0 if options.symmetric and options.bits != 3 else n * -(-blocks * container // 8))
             relative = float(np.sum(delta**2 * (row_weight[:, None] if row_weight is not None else 1.0)))
             reference = float(np.sum(weight**2 * (row_weight[:, None] if row_weight is not None else 1.0))) or 1.0
@@ -173,7 +173,7 @@ class QuantizeWeightOnlyPass(OutlierPass):
             else:
                 require_opset(model, BLOCKED_DQ_OPSET)
         logger.info("%s: %d linears to %d bits (block %d, %s, %s), %d skipped", self.name, len(layers), options.bits,
-                    options.block_size, "symmetric" if options.symmetric else "asymmetric", options.emit, len(skipped))
+                    options.group_size, "symmetric" if options.symmetric else "asymmetric", options.emit, len(skipped))
         return bool(layers), {
             "options": dataclasses.asdict(options),
             "quantized_linears": len(layers),

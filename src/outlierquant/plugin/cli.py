@@ -176,7 +176,7 @@ def cmd_quantize(args) -> int:
             print(f"online Hadamard rotation on {rotated} linear groups"
                   + (f" ({gated} left unrotated: estimated static SQNR at or above the gate)" if gated else ""),
                   file=sys.stderr)
-        probs = record.get("probs_residual") if record.get("pass") == "llm_int8" else None
+        probs = record.get("probs_residual") if record.get("pass") == "llm-int8" else None
         if probs:  # also a per-layer decision when gated
             print(f"residual int8 attention probabilities in {probs['residual_matmuls']} of "
                   f"{len(probs['matmuls'])} probs x V MatMuls", file=sys.stderr)

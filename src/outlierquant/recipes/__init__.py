@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import types
 import typing
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,14 +43,34 @@ PASS_CATALOG: dict[str, str] = {
     "rotate-qk": "outlierquant.passes.rotate_qk:RotateQueryKeyPass",
     "simulate-quant": "outlierquant.passes.simulate:SimulateQuantizationPass",
     "flatquant": "outlierquant.passes.flatquant:FlatQuantPass",
-    "llm_int8": "outlierquant.passes.llm_int8:LlmInt8SplitPass",
+    "llm-int8": "outlierquant.passes.llm_int8:LlmInt8SplitPass",
     "splitquant": "outlierquant.passes.splitquant:SplitQuantPass",
-    "qllm_disassemble": "outlierquant.passes.disassemble:DisassembleChannelsPass",
+    "qllm-disassemble": "outlierquant.passes.disassemble:DisassembleChannelsPass",
     "adadim": "outlierquant.passes.weight_rounding:AdaDimQuantizePass",
     "quantease": "outlierquant.passes.weight_rounding:QuantEaseRoundPass",
-    "weight_only": "outlierquant.passes.weight_only:QuantizeWeightOnlyPass",
+    "weight-only": "outlierquant.passes.weight_only:QuantizeWeightOnlyPass",
     "olive": "outlierquant.passes.olive:OlivePass",
 }
+
+
+#: earlier spellings, still read (with a FutureWarning) so existing YAML keeps working.
+#: Pass keys are kebab-case; ``kernels`` is auto | standard | custom everywhere; a weight
+#: group is a ``group_size``; ``exclude`` takes node-name substrings or fnmatch patterns.
+PASS_ALIASES: dict[str, str] = {"llm_int8": "llm-int8", "qllm_disassemble": "qllm-disassemble",
+                                "weight_only": "weight-only"}
+OPTION_ALIASES: dict[str, str] = {"block_size": "group_size", "exclude_nodes": "exclude"}
+VALUE_ALIASES: dict[str, dict[Any, Any]] = {"kernels": {"always": "custom", "never": "standard"}}
+
+
+def _deprecated(source: str, old: str, new: str) -> None:
+    warnings.warn(f"{source}: {old} is deprecated, write {new}", FutureWarning, stacklevel=4)
+
+
+def canonical_pass_name(name: str, *, source: str = "recipe") -> str:
+    if name in PASS_ALIASES:
+        _deprecated(source, f"pass {name!r}", repr(PASS_ALIASES[name]))
+        return PASS_ALIASES[name]
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +125,7 @@ class Recipe:
                 raise RecipeError(f"{source}: passes[{i}] must be a pass name or a one-key mapping")
             if not isinstance(options, dict):
                 raise RecipeError(f"{source}: options of pass {name!r} must be a mapping")
-            specs.append(validate_pass_options(name, options, source=source))
+            specs.append(validate_pass_options(canonical_pass_name(name, source=source), options, source=source))
         return cls(
             name=str(data.get("name") or source),
             passes=tuple(specs),
@@ -113,6 +135,7 @@ class Recipe:
 
 
 def pass_class(name: str):
+    name = PASS_ALIASES.get(name, name)
     if name not in PASS_CATALOG:
         raise RecipeError(f"unknown pass {name!r} (allowed: {', '.join(sorted(PASS_CATALOG))})")
     module_name, class_name = PASS_CATALOG[name].split(":")
@@ -120,16 +143,54 @@ def pass_class(name: str):
 
 
 def _coerce(field: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
-    annotation = hints.get(field.name, field.type)
+    return _check_type(hints.get(field.name, field.type), value)
+
+
+def _check_type(annotation: Any, value: Any) -> Any:
+    """``value`` checked against a type hint, lists made tuples; ValueError names what is wanted.
+
+    The one validator for recipe options: Literal members, bool / int / float (an int is a
+    float; a bool is neither; NaN is no number), optional values, and typed tuples (a string
+    where a list is expected is an error, not a list of characters)."""
     origin = typing.get_origin(annotation)
-    if isinstance(value, str) and _wants_sequence(annotation):
-        raise ValueError(f"expects a list, got the string {value!r} (write [{value!r}] for one item)")
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(arg, value)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(" or ".join(errors) if errors else f"{value!r} is not allowed")
     if origin is typing.Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            raise ValueError(f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+        if value not in args:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list) or annotation in (tuple, list):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"expects a list, got {value!r}" + (f" (write [{value!r}] for one item)"
+                                                                 if isinstance(value, str) else ""))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_type(args[0], item) for item in value)
+        if args and len(args) != len(value):
+            raise ValueError(f"expects a list of {len(args)} items, got {len(value)}")
+        return tuple(_check_type(arg, item) for arg, item in zip(args, value)) if args else tuple(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expects true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expects an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"expects a number, got {value!r}")
+        return value
+    if annotation is str and not isinstance(value, str):
+        raise ValueError(f"expects a string, got {value!r}")
     return value
 
 
@@ -146,6 +207,7 @@ def _wants_sequence(annotation: Any) -> bool:
 
 def validate_pass_options(name: str, options: dict[str, Any], *, source: str = "recipe") -> PassSpec:
     """Check ``options`` against the pass's typed options; return a normalised spec."""
+    name = PASS_ALIASES.get(name, name)
     cls = pass_class(name)
     options_type = getattr(cls, "options_type", None)
     if options_type is None:
@@ -156,6 +218,12 @@ def validate_pass_options(name: str, options: dict[str, Any], *, source: str = "
     hints = typing.get_type_hints(options_type)
     normalised = {}
     for key, value in options.items():
+        if key not in fields and OPTION_ALIASES.get(key) in fields:
+            _deprecated(source, f"option {key!r} of pass {name!r}", repr(OPTION_ALIASES[key]))
+            key = OPTION_ALIASES[key]
+        if key in VALUE_ALIASES and value in VALUE_ALIASES[key]:
+            _deprecated(source, f"{key}: {value}", f"{key}: {VALUE_ALIASES[key][value]}")
+            value = VALUE_ALIASES[key][value]
         if key not in fields:
             raise RecipeError(
                 f"{source}: pass {name!r} has no option {key!r} (allowed: {', '.join(sorted(fields))})"
