@@ -489,6 +489,7 @@ RECIPES: dict[str, str | None] = {
     "unknown-pass": "name: r\npasses:\n  - frobnicate\n",
     "unknown-option": "name: r\npasses:\n  - quantize: {colour: blue}\n",
     "string-for-list": "name: r\npasses:\n  - quantize: {exclude_nodes: zzm}\n",
+    "string-for-exclude": "name: r\npasses:\n  - quantize: {exclude: zzm}\n",
     "string-for-op-types": "name: r\npasses:\n  - quantize: {op_types: MatMul}\n",
     "bad-literal": "name: r\npasses:\n  - quantize: {activations: sometimes}\n",
     "options-not-mapping": "name: r\npasses:\n  - quantize: 5\n",
