@@ -177,17 +177,17 @@ def quantize_model(
 def float_channel_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The input channels left in float by the split passes, over the linears they rewrote.
 
-    LLM.int8()'s split reports its float channels and the input channels it saw; a split
-    rotation's side paths (``online-hadamard`` with ``outlier_ratio``) add theirs on the
-    same linears. ``None`` when no pass splits channels.
+    LLM.int8()'s split reports its float channels and the input channels it saw
+    (``float_channels`` / ``input_channels``); a pass that adds float side paths to linears
+    another pass already counted (a split rotation) reports ``side_path_float_channels``.
+    ``None`` when no pass splits channels.
     """
     total = floating = side = 0
     for record in records:
         if "input_channels" in record:
             total += int(record["input_channels"])
             floating += int(record.get("float_channels", 0))
-        if record.get("pass") == "online-hadamard":
-            side += sum(int(group.get("float_channels", 0)) for group in record.get("rotated", []))
+        side += int(record.get("side_path_float_channels", 0))
     if not total:
         return None
     return {"float": floating + side, "of_inputs": total, "share": (floating + side) / total,

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Mixed-precision forms of a linear: LLM.int8()'s decomposition (the inlier channels int8,
+the outlier channels through a thin float MatMul) as our ``MixedInt8MatMul`` kernel, its
+standard-op form (``MatMulInteger``) or a float split with per-token Q/DQ declarations, and
+the float side path of a split rotation.
+"""
 
 from __future__ import annotations
 

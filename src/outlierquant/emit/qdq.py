@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""Q/DQ: the one place that writes QuantizeLinear / DequantizeLinear nodes.
+
+Two phases, as in onnxruntime's QDQ quantizer: :func:`plan_quantization` *declares* which
+tensors are quantized, how and along which axis (one :class:`TensorQuant` each);
+:func:`insert_qdq` writes the nodes. Passes add or change declarations, not nodes. Also
+here: the residual int8 MatMul on the attention probabilities' rounding residual.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ class QuantConfig:
     #: per-token activations: ``qdq`` fake-quantizes in float (simulated); ``integer``
     #: rewrites each linear as real int8 arithmetic with standard ops (per-row scales by
     #: Abs/ReduceMax, MatMulInteger u8 x s8, rescale: the LLM.int8() vector-wise form with
-    #: no float channels, ``passes/split.py``). Activation x activation MatMuls stay QDQ.
+    #: no float channels, ``passes/llm_int8.py``). Activation x activation MatMuls stay QDQ.
     per_token_form: Literal["qdq", "integer"] = "qdq"
     #: int8 weight rounding: ``rtn`` (round to nearest) or ``quantease`` (QuantEase
     #: coordinate descent on tr(ΔᵀΣΔ) against each linear's calibration covariance, on the

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Rotation forms: ``x ← x Q`` written as our ``HadamardTransform`` kernel or with standard ops
+(the Kronecker form, two small constant MatMuls with the constant on the *left*, so no
+quantizer mistakes them for a linear; or one dense MatMul), and the RMSNorm written with
+standard ops that replaces a LayerNorm on a centred, rotated stream.
+"""
 
 from __future__ import annotations
 

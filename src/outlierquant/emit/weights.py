@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Weight formats: int4/int8 blocks as onnxruntime's ``MatMulNBits`` (packed levels, scales,
+zero points) or as a blocked ``DequantizeLinear`` (opset 21) feeding a float MatMul, and
+group-quantized weights with float outlier rows and bias correction written back.
+"""
 
 from __future__ import annotations
 

@@ -567,3 +567,30 @@ def batch_feeds(feeds: Sequence[Feed], batch_size: int, *, pad_token_id: int = 0
             batch[name] = np.concatenate(parts)
         batches.append(batch)
     return batches
+
+
+def is_causal_lm(model_path: Path) -> bool:
+    return "position_ids" in model_inputs(model_path) or any(
+        name.startswith("past_key_values") for name in model_inputs(model_path)
+    )
+
+
+def feeds_for_model(model_path: Path, data: Path, *, tokenizer: Path | None, limit: int | None, purpose: str):
+    """Calibration or evaluation feeds: one unpadded sample each (LM text: fixed segments)."""
+    check_limit(limit)
+    data = Path(data)
+    if data.suffix == ".txt" and is_causal_lm(model_path):
+        tokenizer_dir = tokenizer or find_tokenizer_dir(model_path)
+        if tokenizer_dir is None:
+            raise InputError(f"{model_path}: no tokenizer files beside the model; pass --tokenizer DIR")
+        lines = read_lines(data)
+        tok = load_tokenizer(tokenizer_dir)
+        feeds = lm_segments(
+            lines, tokenizer=tok, input_names=model_inputs(model_path), seq_len=128, max_segments=limit
+        )
+    else:
+        feeds = load_feeds(data, model_path=model_path, tokenizer_dir=tokenizer, limit=limit)
+    if not feeds:
+        raise InputError(f"{data}: gives no {purpose} samples")
+    check_feeds(feeds, source=data, limits=index_limits(model_path))
+    return feeds

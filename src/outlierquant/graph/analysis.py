@@ -63,11 +63,6 @@ from outlierquant.graph.values import FLOAT_TYPES, SHAPE_ONLY_OPS, is_constant
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "GraphAnalysis",
-    "Linear",
-    "LinearGroup",
-    "Norm",
-    "Producer",
     "analyze_graph",
 ]
 

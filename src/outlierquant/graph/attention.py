@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Attention patterns: the score MatMul ``Q @ Kᵀ`` (its output reaches a Softmax, its right
+operand is a Transpose of the key), the probs·V MatMul and the Q/DQ around its
+probabilities, and the head size on a V → O path — found from data flow, not names.
+"""
 
 from __future__ import annotations
 

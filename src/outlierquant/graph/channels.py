@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Channel bookkeeping for the analysis' forward trace: which producer channel each tensor
+channel carries through Reshape / Transpose / Expand / Gather head splits and merges
+(the ``channel_map`` a V → O or up → down fold needs), and which ops block the trace.
+"""
 
 from __future__ import annotations
 

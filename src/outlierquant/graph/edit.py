@@ -1,4 +1,12 @@
-"""TODO docstring."""
+"""Edits of linear layers and norm→linear groups, shared by every rewrite.
+
+Weights are written back in each linear's own layout; a linear is replaced by the nodes a
+builder writes (``replace_linear``); per-channel scales (and shifts) are folded into a
+group's producer — norm γ/β or the producing linear's columns — and the inverse into the
+consumers' weight rows, or inserted as explicit ops where nothing can absorb them.
+``check_group`` is the one place that says why a group cannot be rewritten, and
+``name_excluded`` the one meaning of every pass's ``exclude`` option.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Pattern matchers for single structures: a linear and its following bias ``Add``, a fused
+norm op, and the decomposed LayerNorm / RMSNorm chains exporters write (with ``Cast``
+nodes anywhere along them). Found from op types, constants and data flow, never names.
+"""
 
 from __future__ import annotations
 

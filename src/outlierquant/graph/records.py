@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The records graph analysis hands to the passes: a linear (MatMul / Gemm / Conv with a
+constant weight, its bias and weight layout), a norm (fused or decomposed), the producer of
+a group's input channels, a norm→linear group, and the whole analysis of a graph.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The residual stream of a pre-norm transformer: the tensors added into it (embedding
+Gathers and the linears that write into residual ``Add``s) and the norms that read from it,
+traced back from the norms and checked forward, so QuaRot's R1 can rotate the whole stream.
+A post-norm encoder has no such stream and gets the reason.
+"""
 
 from __future__ import annotations
 

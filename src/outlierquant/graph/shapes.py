@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Ranks and small shape expressions: a static propagation of tensor ranks through the graph
+and an evaluator for the ``Shape → Gather → Concat → Reshape`` arithmetic exporters write,
+with unknown dimensions kept symbolic. Enough to tell whether a Reshape keeps the last
+axis or splits heads; never a full shape inference.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Metadata keys: every ``outlierquant.*`` key a pass writes on the nodes it inserts, and the
+finders that read them back (online rotations, query/key rotations, FlatQuant transforms).
+A tagged node is one of ours: the analysis does not report it as a linear.
+"""
 
 from __future__ import annotations
 

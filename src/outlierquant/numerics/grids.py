@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Quantization grids (numpy only): symmetric per-channel int8 weight scales, asymmetric
+per-tensor activation parameters, group grids along output or input channels with clip
+search, blockwise int4 levels and their packing, and fake quantization of weights. The
+rounding conventions are onnxruntime's (round half to even, int8 grid [−127, 127]).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Hadamard and orthogonal matrices (numpy only): Sylvester and Paley constructions, the
+Kronecker factorization ``d = m·2ᵏ`` with a small orthogonal block for the odd part,
+randomized Hadamard and Haar-random rotations. Shared by the rotation passes and the
+kernels' numpy reference.
+"""
 
 from __future__ import annotations
 

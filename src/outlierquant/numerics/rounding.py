@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Weight rounding beyond round-to-nearest (numpy only): QuantEase coordinate descent on the
+output error ``tr(ΔᵀΣΔ)`` (Behdin et al. 2023) against each linear's input second moment
+(or the GPTAQ target with fp32-output moments), scale refits, and the choice of outlier
+weights kept in float.
+"""
 
 from __future__ import annotations
 

@@ -68,11 +68,9 @@ from outlierquant.passes.base import OutlierPass
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FLATQUANT_KEY",
     "FlatQuantOptions",
     "FlatQuantPass",
     "LearnedTransform",
-    "kronecker_factors",
     "learn_transform",
 ]
 

@@ -41,14 +41,14 @@ Forms written (``kernels`` / ``standard_form``):
   128 × s8), rescale, plus ``Gather`` → float ``MatMul``. Real int8 arithmetic, runs on any
   onnxruntime with nothing registered;
 - or (``standard_form: qdq``) the float split with per-token Q/DQ declared through the
-  quantizer's :func:`~outlierquant.passes.quantize.insert_qdq` (simulated: float GEMM);
+  quantizer's :func:`~outlierquant.emit.qdq.insert_qdq` (simulated: float GEMM);
 - ``quantize: false`` writes only the float split ``Mul(x, m) @ W_I + Gather(x, O) @ W_O``,
   which is exactly equivalent to the original layer (tested to 1e-4).
 
 With ``activations: static`` and ``dynamic_matmuls`` the attention MatMuls get static QDQ
 too; ``probs_residual`` then adds a second int8 MatMul on the rounding residual of the
 softmax probabilities in probs·V, where their uint8 grid would drop a measured share of
-the attention mass (:func:`outlierquant.passes.quantize.add_probs_residual`).
+the attention mass (:func:`outlierquant.emit.qdq.add_probs_residual`).
 """
 
 from __future__ import annotations
@@ -287,6 +287,8 @@ class LlmInt8SplitPass(OutlierPass):
             "input_channels": total_in,
             "simulated": form == "qdq" and options.activations == "per_token",
             **({"probs_residual": probs} if probs is not None else {}),
+            **({"summary": [f"residual int8 attention probabilities in {probs['residual_matmuls']} of "
+                            f"{len(probs['matmuls'])} probs x V MatMuls"]} if probs else {}),
         }
 
     def _probs_residual(self, model: ir.Model, consumers: set[str]) -> dict[str, Any] | None:

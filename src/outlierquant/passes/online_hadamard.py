@@ -21,7 +21,7 @@ reaches ``outlier_ratio`` × the group's median channel max taken out first::
 
 (``m`` the 0/1 mask of the other channels, ``W_I`` = ``W`` with the rows of ``O`` zeroed,
 ``W_O`` = those rows): the mask is the rotation's prescale, and the thin float side path
-is tagged :data:`~outlierquant.passes.base.KEEP_FLOAT_KEY` so no quantizer touches it.
+is tagged :data:`~outlierquant.graph.tags.KEEP_FLOAT_KEY` so no quantizer touches it.
 On SmolLM2's down projections this takes the static per-tensor int8 output error of
 the inlier part 10-20× below the unrotated one (and below per-token int8 without the
 rotation).
@@ -29,7 +29,7 @@ rotation).
 *Gate* (``rotate_below_db``). The rotation costs run time, and per-channel activation
 scales already serve an input whose outlier channels are the same from token to token.
 A group is rotated only when the estimated SQNR of its output under static int8 with
-the best such scales (:func:`~outlierquant.passes.smooth.estimated_static_sqnr_db`, from
+the best such scales (:func:`~outlierquant.numerics.estimates.estimated_static_sqnr_db`, from
 the calibration statistics) is below the threshold. Measured: 23-30 dB on 28 of
 SmolLM2's 30 down projections (rare spikes that move from channel to channel), 31.9-39.9
 dB on MiniLM's FFN2.
@@ -87,7 +87,7 @@ class OnlineHadamardOptions:
     path (needs statistics); ``None``: rotate every channel.
     ``rotate_below_db``: rotate a group only when the estimated SQNR of its static int8
     output with the best per-channel activation scales
-    (:func:`~outlierquant.passes.smooth.estimated_static_sqnr_db`, from calibration
+    (:func:`~outlierquant.numerics.estimates.estimated_static_sqnr_db`, from calibration
     statistics) is below this many dB; the others are left to the quantizer as they are
     (needs statistics). ``None``: rotate every candidate.
     """
@@ -217,12 +217,17 @@ class OnlineHadamardPass(OutlierPass):
                     stats = without_channels(stats, outliers)
                 entry.update(_profile_entry(stats, hadamard_rotation(dim, block), prescale))
             rotated.append(entry)
+        gated = sum(1 for entry in skipped if "static_sqnr_db" in entry)
         record = {
             "form": "custom_kernel" if kernel else "standard_ops",
             "rotated": rotated,
             "skipped": skipped,
             "inserted_ops": len(rotated),
             "smooth_alpha": self.options.smooth_alpha,
+            "side_path_float_channels": sum(int(group.get("float_channels", 0)) for group in rotated),
+            # its gate decides per group: say what it did
+            "summary": [f"online Hadamard rotation on {len(rotated)} linear groups"
+                        + (f" ({gated} left unrotated: estimated static SQNR at or above the gate)" if gated else "")],
         }
         logger.info("online-hadamard: %d online rotations inserted (%s), %d skipped", len(rotated),
                     record["form"], len(skipped))

@@ -26,7 +26,7 @@ not a producer could absorb a scale (post-norm BERT, the FFN down projection aft
 Putting all of the per-channel spread into ``W`` makes the weights harder (SmoothQuant
 with α = 1); the per-channel scales are therefore ``d_j = Δ · t_j`` with
 ``t_j = smoothing_scales(α)`` of SmoothQuant and ``α`` searched per group with the same
-error estimate (:func:`outlierquant.passes.smooth.estimated_output_error`, per-channel
+error estimate (:func:`outlierquant.numerics.estimates.estimated_output_error`, per-channel
 zero points). α = 1 is pure per-channel activation quantization.
 """
 

@@ -36,7 +36,7 @@ encoder (BERT: a norm output feeds the next residual ``Add``) has no such stream
 reported as skipped with the reason.
 
 ``Q`` is a randomized Hadamard matrix ``diag(±1) · (M ⊗ H_n/√n)`` (the construction of
-:mod:`outlierquant.custom_ops.reference`; for a ``d`` whose odd part has no Hadamard
+`outlierquant.numerics.hadamard`; for a ``d`` whose odd part has no Hadamard
 matrix, e.g. 576 = 9·64, ``M`` is a seeded random orthogonal 9×9), a Haar-random
 orthogonal matrix, or the KLT below.
 

@@ -18,7 +18,7 @@ Scaling: ``s_j = max(1, max|x_j − z_j| / t)`` — channels above the threshold
 squeezed to it, the rest untouched. OS+ searches ``t`` to minimise the quantized layer's
 output error; here the candidates are quantiles of the shifted per-channel abs-max and
 the error is the statistics-only estimate of SmoothQuant's α search
-(:func:`outlierquant.passes.smooth.estimated_output_error`) on the shifted statistics.
+(:func:`outlierquant.numerics.estimates.estimated_output_error`) on the shifted statistics.
 """
 
 from __future__ import annotations

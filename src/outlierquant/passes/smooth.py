@@ -49,8 +49,9 @@ and ``clip_ratios`` lets the scored rounding shrink each block's range as the
 ``weight_only`` pass will (its ``E[(x/s)²]``-weighted clip search). Defaults keep the
 diagonal, unclipped estimate above.
 
-Shared helpers used by the shift and rescale passes live here too: the error model,
-:func:`fold_into_producer` / :func:`scale_consumers`.
+The error model lives in :mod:`outlierquant.numerics.estimates` and the folding edits
+(:func:`~outlierquant.graph.edit.fold_into_producer`, :func:`~outlierquant.graph.edit.scale_consumers`)
+in :mod:`outlierquant.graph.edit`, shared with the shift and rescale passes.
 """
 
 from __future__ import annotations
@@ -86,11 +87,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SmoothQuantOptions",
     "SmoothQuantPass",
-    "estimated_output_error",
-    "fold_into_producer",
-    "group_weight_rows",
-    "scale_consumers",
-    "smoothing_scales",
 ]
 
 

@@ -34,7 +34,7 @@ Efficient 4-bit Post-Training Weight Quantization for LLM"): activation outliers
 migrated into the weights by a SmoothQuant scale whose α is searched for the error of the
 4-bit group-wise layer (``smoothquant`` pass with ``weight_bits: 4, weight_block: 32,
 activation_bits: 0``), then the weights are rounded here. The block grid search and the
-levels reuse :func:`outlierquant.passes.weight_rounding.group_grid` /
+levels reuse :func:`outlierquant.numerics.rounding.group_grid` /
 :class:`~outlierquant.passes.weight_rounding.GroupGrid` (AdaDim/QuantEase work on the same
 grid); this module adds the symmetric grid, any bit width, the packing for every width
 and the ``DequantizeLinear`` emission. :func:`emit_matmul_nbits` is the project's one
@@ -62,9 +62,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "QuantizeWeightOnlyPass",
     "WeightOnlyQuantOptions",
-    "emit_blocked_dequantize",
-    "emit_matmul_nbits",
-    "quantize_blockwise",
 ]
 
 
@@ -150,7 +147,7 @@ class QuantizeWeightOnlyPass(OutlierPass):
             quantized = quantize_blockwise(weight, options.bits, options.group_size, symmetric=options.symmetric,
                                            clip_ratios=options.clip_ratios, row_weight=row_weight)
             delta = quantized.dequantize() - weight
-            label = linear_label(linear, self.name)
+            label = linear_label(linear, "weight_only")  # node names predate the kebab-case pass key
 
             def build(tape: ir.tape.Tape, x: ir.Value, quantized=quantized, label=label) -> ir.Value:
                 if options.emit == "matmul_nbits":

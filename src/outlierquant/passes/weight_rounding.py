@@ -112,13 +112,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AdaDimOptions",
     "AdaDimQuantizePass",
-    "InputMoments",
     "QuantEaseOptions",
     "QuantEaseRoundPass",
-    "group_grid",
-    "output_error",
-    "quantease_round",
-    "refit_scales",
 ]
 
 

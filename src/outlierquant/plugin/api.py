@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from outlierquant.errors import InputError, RecipeError, translated
+from outlierquant.export.data import feeds_for_model, is_causal_lm
 
 if TYPE_CHECKING:
     from outlierquant.evaluate.report import AnalysisReport
@@ -175,10 +176,8 @@ class OutlierQuantizer:
 
         data_mod.check_limit(limit)
         if isinstance(data, (str, os.PathLike)):
-            from outlierquant.plugin.cli import _feeds_for
-
             with translated(data):
-                return _feeds_for(self.model_path, Path(data), tokenizer=self.tokenizer, limit=limit, purpose=purpose)
+                return feeds_for_model(self.model_path, Path(data), tokenizer=self.tokenizer, limit=limit, purpose=purpose)
         if isinstance(data, dict):
             raise InputError(f"{purpose} data: a single feed dict; pass a list of them")
         items = list(data)
@@ -195,7 +194,6 @@ class OutlierQuantizer:
 
     def _text_feeds(self, texts: list[str], *, limit: int | None, purpose: str) -> list[dict]:
         from outlierquant.export import data as data_mod
-        from outlierquant.plugin.cli import _is_causal_lm
 
         folder = self.tokenizer or data_mod.find_tokenizer_dir(self.model_path)
         if folder is None:
@@ -203,7 +201,7 @@ class OutlierQuantizer:
         tokenizer = data_mod.load_tokenizer(folder)
         spec = data_mod.model_inputs(self.model_path)
         texts = [t for t in texts if t.strip()]
-        if _is_causal_lm(self.model_path):
+        if is_causal_lm(self.model_path):
             feeds = data_mod.lm_segments(texts, tokenizer=tokenizer, input_names=spec, seq_len=128, max_segments=limit)
         else:
             feeds = data_mod.text_feeds(texts[:limit] if limit else texts, tokenizer=tokenizer, input_names=spec)

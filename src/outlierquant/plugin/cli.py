@@ -29,43 +29,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from outlierquant.errors import InputError, OutlierQuantError, describe, is_dependency_error, translated
+from outlierquant.export.data import feeds_for_model
 
 logger = logging.getLogger("outlierquant")
 
 
 def _progress(args) -> bool | None:
     return False if getattr(args, "quiet", False) else None
-
-
-def _is_causal_lm(model_path: Path) -> bool:
-    from outlierquant.export.data import model_inputs
-
-    return "position_ids" in model_inputs(model_path) or any(
-        name.startswith("past_key_values") for name in model_inputs(model_path)
-    )
-
-
-def _feeds_for(model_path: Path, data: Path, *, tokenizer: Path | None, limit: int | None, purpose: str):
-    """Calibration or evaluation feeds: one unpadded sample each (LM text: fixed segments)."""
-    from outlierquant.export import data as data_mod
-
-    data_mod.check_limit(limit)
-    data = Path(data)
-    if data.suffix == ".txt" and _is_causal_lm(model_path):
-        tokenizer_dir = tokenizer or data_mod.find_tokenizer_dir(model_path)
-        if tokenizer_dir is None:
-            raise InputError(f"{model_path}: no tokenizer files beside the model; pass --tokenizer DIR")
-        lines = data_mod.read_lines(data)
-        tok = data_mod.load_tokenizer(tokenizer_dir)
-        feeds = data_mod.lm_segments(
-            lines, tokenizer=tok, input_names=data_mod.model_inputs(model_path), seq_len=128, max_segments=limit
-        )
-    else:
-        feeds = data_mod.load_feeds(data, model_path=model_path, tokenizer_dir=tokenizer, limit=limit)
-    if not feeds:
-        raise InputError(f"{data}: gives no {purpose} samples")
-    data_mod.check_feeds(feeds, source=data, limits=data_mod.index_limits(model_path))
-    return feeds
 
 
 def _inputs(*paths: Path | str | None, models: Sequence[Path | str | None] = ()) -> list[Path]:
@@ -131,7 +101,7 @@ def cmd_calibrate(args) -> int:
     inputs = _inputs(args.calibration_data, args.tokenizer, models=[model_path])
     check_outputs(stats_files(args.output), inputs)
     model = load_model(model_path)  # clear errors before tokenizing anything
-    feeds = _feeds_for(model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
+    feeds = feeds_for_model(model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
     # Collected on the canonical form, as `quantize` sees the model, so that the tensor
     # names match when the saved statistics are reused.
     with translated(model_path):
@@ -158,7 +128,7 @@ def cmd_quantize(args) -> int:
     load_model(model_path)
     feeds = None
     if args.calibration_data is not None:
-        feeds = _feeds_for(
+        feeds = feeds_for_model(
             model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration"
         )
     elif args.stats is None:
@@ -170,16 +140,8 @@ def cmd_quantize(args) -> int:
         print(f"{floating['share']:.2%} of the rewritten linears' input channels stay in float "
               f"({floating['float']} of {floating['of_inputs']})", file=sys.stderr)
     for record in result.report.get("passes", []):
-        if record.get("pass") == "online-hadamard":  # its gate decides per group: say what it did
-            rotated = len(record.get("rotated", []))
-            gated = sum(1 for entry in record.get("skipped", []) if "static_sqnr_db" in entry)
-            print(f"online Hadamard rotation on {rotated} linear groups"
-                  + (f" ({gated} left unrotated: estimated static SQNR at or above the gate)" if gated else ""),
-                  file=sys.stderr)
-        probs = record.get("probs_residual") if record.get("pass") == "llm-int8" else None
-        if probs:  # also a per-layer decision when gated
-            print(f"residual int8 attention probabilities in {probs['residual_matmuls']} of "
-                  f"{len(probs['matmuls'])} probs x V MatMuls", file=sys.stderr)
+        for line in record.get("summary", []):  # what a pass wants a person to read
+            print(line, file=sys.stderr)
     print(f"{result.output}\n{result.report_path}")
     return 0
 
@@ -194,7 +156,7 @@ def cmd_validate(args) -> int:
         check_outputs([args.json], inputs)
     for path in (reference, candidate):
         load_model(path, check=False)
-    feeds = _feeds_for(reference, args.data, tokenizer=args.tokenizer, limit=args.limit, purpose="evaluation")
+    feeds = feeds_for_model(reference, args.data, tokenizer=args.tokenizer, limit=args.limit, purpose="evaluation")
     session_options = None
     if args.kernels == "auto":
         from outlierquant import custom_ops
@@ -226,10 +188,10 @@ def cmd_analyze(args) -> int:
     load_model(model_path)
     if args.quantized is not None:
         load_model(args.quantized, check=False)
-    feeds = _feeds_for(model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
+    feeds = feeds_for_model(model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
     probe = None
     if args.data is not None:
-        probe = _feeds_for(model_path, args.data, tokenizer=args.tokenizer, limit=args.probe_samples, purpose="probe")
+        probe = feeds_for_model(model_path, args.data, tokenizer=args.tokenizer, limit=args.probe_samples, purpose="probe")
     with translated(model_path):
         report = analyze_model(
             model_path,
