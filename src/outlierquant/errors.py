@@ -48,7 +48,11 @@ class OutputError(OutlierQuantError):
 
 #: top-level packages whose exceptions, when raised from their own code, come from the
 #: user's files rather than from a bug of ours
-DEPENDENCIES = ("onnx", "onnx_ir", "onnxruntime", "onnxscript", "google", "numpy", "ml_dtypes", "yaml", "zipfile")
+DEPENDENCIES = ("onnx", "onnx_ir", "onnxruntime", "onnxscript", "google", "numpy", "ml_dtypes", "yaml", "zipfile",
+                "transformers", "optimum", "huggingface_hub", "tokenizers", "safetensors", "gguf")
+
+#: a dependency's message is cut to this many characters (transformers lists every model type)
+MAX_MESSAGE = 300
 
 _SUBJECT = "_outlierquant_subject"
 
@@ -134,6 +138,8 @@ def dependency_message(exc: BaseException) -> str:
         parts = message.split(" : ", 3)
         if len(parts) == 4 and parts[1].isdigit():
             message = parts[3]
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3].rstrip() + "..."
     return message
 
 

@@ -81,7 +81,8 @@ def cmd_export(args) -> int:
         missing.append(folder)
         folder = folder.parent
     try:
-        path = export_model(args.model, output, task=args.task, opset=args.opset)
+        with translated(args.model):
+            path = export_model(args.model, output, task=args.task, opset=args.opset)
     except BaseException:
         for created in missing:  # the folders this run made, if the export left them empty
             with contextlib.suppress(OSError):
