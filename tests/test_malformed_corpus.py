@@ -295,5 +295,48 @@ def test_corpus_counts():
         per_command[name.split("-")[0]] += 1
     for command in COMMANDS:
         per_command[command] += 2  # a full disk, a read-only folder
+    per_command["export"] = len(EXPORTS)
     print(per_command)
-    assert all(count > 40 for count in per_command.values())
+    assert all(count > 40 for command, count in per_command.items() if command != "export")
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _not_gguf(folder: Path) -> str:
+    (folder / "model.gguf").write_bytes(b"not a gguf file at all")
+    return str(folder / "model.gguf")
+
+
+def _config_without_model_type(folder: Path) -> str:
+    (folder / "hf").mkdir()
+    (folder / "hf" / "config.json").write_text("{}")
+    return str(folder / "hf")
+
+
+def _folder_without_config(folder: Path) -> str:
+    (folder / "empty-hf").mkdir()
+    return str(folder / "empty-hf")
+
+
+def _text_file(folder: Path) -> str:
+    (folder / "weights.bin").write_bytes(b"\x00" * 64)
+    return str(folder / "weights.bin")
+
+
+#: name -> builder(folder) -> the export source; none may leave the output folder behind
+EXPORTS = {
+    "not-a-gguf": _not_gguf,
+    "config-without-model-type": _config_without_model_type,
+    "folder-without-config": _folder_without_config,
+    "neither-folder-nor-gguf": _text_file,
+    "missing-gguf": lambda folder: str(folder / "absent.gguf"),
+    "offline-hub-id": lambda folder: "no-such-org/no-such-model",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_bad_export(capfd, tmp_path, monkeypatch, name):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = EXPORTS[name](tmp_path)
+    assert_refused(capfd, tmp_path, ["export", source, "-o", tmp_path / "out" / "deeper"])
