@@ -195,7 +195,7 @@ def test_minilm_equivalent_on_real_and_random_inputs(minilm_onnx, minilm_feeds):
         minilm_onnx, calibration, [heldout, random], SmoothQuantPass(alpha=0.5, insert_mul=True)
     )
     record = result.record
-    assert record["smoothed_groups"] == 24
+    assert record["rewritten_groups"] == 24
     # post-norm: the 12 norm groups also feed the residual; FFN2 (6) follows GELU; V->O (6) folds
     assert record["inserted_ops"] == 18
     assert after["Mul"] == before["Mul"] + 18
@@ -209,7 +209,7 @@ def test_minilm_ffn2_after_gelu_is_skipped_without_insert_mul(minilm_onnx, minil
     assert "Erf" in ffn2["skipped"] and "insert_mul is off" in ffn2["skipped"]
     qkv = by_name["/0/encoder/layer.0/attention/self/query/MatMul"]
     assert "residual" in qkv["skipped"]
-    assert result.record["smoothed_groups"] == 6  # V -> O only
+    assert result.record["rewritten_groups"] == 6  # V -> O only
     assert before == after
 
 

@@ -307,3 +307,18 @@ def check_group(group: LinearGroup, stats: ActivationStats, *, allow_insert: boo
 
 def group_label(group: LinearGroup) -> str:
     return ", ".join(linear.name for linear in group.linears)
+
+
+def transform_group_channels(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: np.ndarray | None = None, *,
+                             s_producer: np.ndarray | None = None) -> int:
+    """``x ← (x − shift) / s`` on the group's input channels and the inverse on its linears:
+    folded into the producer when it can absorb it (``s_producer``: ``s`` in the producer's
+    channel order, when a channel map lies between), else inserted as ops. Returns the ops
+    inserted (0 when folded)."""
+    if group.producer.foldable:
+        fold_into_producer(graph, group, s if s_producer is None else s_producer, shift)
+        inserted = 0
+    else:
+        inserted = insert_channel_ops(graph, group, s, shift)
+    scale_consumers(graph, group, s, shift)
+    return inserted

@@ -28,6 +28,8 @@ import onnx_ir as ir
 from outlierquant.calibration.stats import ActivationStats
 from outlierquant.calibration.targets import quantizable_targets
 from outlierquant.errors import CalibrationError
+from outlierquant.graph.analysis import analyze_graph
+from outlierquant.graph.edit import check_group, group_label
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +125,46 @@ class OutlierPass(ir.passes.InPlacePass):
 # -- small IR helpers shared by the passes ------------------------------------------------
 
 
+class GroupRewritePass(OutlierPass):
+    """The loop every per-channel group rewrite shares: find the norm→linear groups, check
+    each (a reason when it cannot be rewritten), rewrite it, record what happened.
+
+    A subclass says whether it may insert ops (:meth:`allow_insert`), may add reasons of its
+    own (:meth:`group_reason`), and rewrites one checked group (:meth:`rewrite_group`), which
+    fills the group's record entry and returns the ops it inserted — or ``None`` when it
+    decided to leave the group (with ``entry["skipped"]`` saying why).
+    """
+
+    needs_stats = True
+
+    def allow_insert(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def group_reason(self, group, stats) -> str | None:
+        return check_group(group, stats, allow_insert=self.allow_insert(), relations=self.options.relations)
+
+    def rewrite_group(self, graph: ir.Graph, group, st, entry: dict[str, Any]) -> int | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        stats = self.require_stats()
+        graph = model.graph
+        records: list[dict[str, Any]] = []
+        inserted = 0
+        for group in analyze_graph(model).groups:
+            entry: dict[str, Any] = {"linears": [linear.name for linear in group.linears],
+                                     "relation": group.producer.relation}
+            reason = self.group_reason(group, stats)
+            if reason:
+                entry["skipped"] = reason
+                logger.info("%s: skip [%s]: %s", self.name, group_label(group), reason)
+                records.append(entry)
+                continue
+            ops = self.rewrite_group(graph, group, stats[group.input.name], entry)
+            records.append(entry)
+            if ops is not None:
+                inserted += ops
+        rewritten = sum(1 for entry in records if "skipped" not in entry)
+        logger.info("%s: %d of %d groups rewritten, %d ops inserted", self.name, rewritten, len(records), inserted)
+        return rewritten > 0, {"options": dataclasses.asdict(self.options), "groups": records,
+                               "rewritten_groups": rewritten, "inserted_ops": inserted}

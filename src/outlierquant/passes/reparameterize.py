@@ -26,10 +26,12 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.graph.analysis import analyze_graph
-from outlierquant.graph.edit import check_group, fold_into_producer, group_label, insert_channel_ops, scale_consumers
+from outlierquant.graph.edit import (
+    transform_group_channels,
+)
+from outlierquant.graph.records import LinearGroup
 from outlierquant.numerics.estimates import max_median_ratio
-from outlierquant.passes.base import OutlierPass
+from outlierquant.passes.base import GroupRewritePass
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class ReparameterizeOptions:
     version: int = 1
 
 
-class ReparameterizeScalesPass(OutlierPass):
+class ReparameterizeScalesPass(GroupRewritePass):
     """Channel-wise → layer-wise activation scale reparameterization (RepQuant, DopQ-ViT)."""
 
     name = "reparameterize"
@@ -59,45 +61,29 @@ class ReparameterizeScalesPass(OutlierPass):
     claims_equivalence = True
     options_type = ReparameterizeOptions
 
-    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
-        stats = self.require_stats()
+    def allow_insert(self) -> bool:
+        return self.options.insert_ops
+
+    def group_reason(self, group: LinearGroup, stats) -> str | None:
+        reason = super().group_reason(group, stats)
+        cmap = group.producer.channel_map
+        if not reason and cmap is not None and not np.array_equal(cmap, np.arange(group.in_features)):
+            reason = "channels are remapped between producer and linears"
+        return reason
+
+    def rewrite_group(self, graph: ir.Graph, group: LinearGroup, st, entry: dict[str, Any]) -> int | None:
         options = self.options
-        graph = model.graph
-        records = []
-        inserted = 0
-        modified = False
-        for group in analyze_graph(model).groups:
-            entry: dict[str, Any] = {"linears": [l.name for l in group.linears], "relation": group.producer.relation}
-            reason = check_group(group, stats, allow_insert=options.insert_ops, relations=options.relations)
-            if not reason and group.producer.channel_map is not None and \
-                    not np.array_equal(group.producer.channel_map, np.arange(group.in_features)):
-                reason = "channels are remapped between producer and linears"
-            if reason:
-                entry["skipped"] = reason
-                logger.info("reparameterize: skip [%s]: %s", group_label(group), reason)
-                records.append(entry)
-                continue
-            st = stats[group.input.name]
-            lo, hi = np.minimum(st.minimum, 0.0), np.maximum(st.maximum, 0.0)
-            center = (st.minimum + st.maximum) / 2.0 if options.shift else np.zeros(group.in_features)
-            can_shift = options.shift and all(l.bias is not None for l in group.linears)
-            if options.shift and not can_shift:
-                entry["shift_skipped"] = "a linear of the group has no bias to absorb the shift"
-                center = np.zeros(group.in_features)
-            if options.shift and can_shift:
-                width = st.maximum - st.minimum
-            else:
-                width = hi - lo
-            channel_scale = np.maximum(width, 1e-8) / 255.0
-            target = np.median(channel_scale) if options.target == "median" else np.mean(channel_scale)
-            r = channel_scale / target
-            if group.producer.foldable:
-                fold_into_producer(graph, group, r, center if can_shift else None)
-            else:
-                inserted += insert_channel_ops(graph, group, r, center if can_shift else None)
-            scale_consumers(graph, group, r, center if can_shift else None)
-            modified = True
-            entry.update(target_scale=float(target), max_median_before=max_median_ratio(channel_scale),
-                         shifted=bool(can_shift))
-            records.append(entry)
-        return modified, {"options": dataclasses.asdict(options), "groups": records, "inserted_ops": inserted}
+        lo, hi = np.minimum(st.minimum, 0.0), np.maximum(st.maximum, 0.0)
+        center = (st.minimum + st.maximum) / 2.0 if options.shift else np.zeros(group.in_features)
+        can_shift = options.shift and all(l.bias is not None for l in group.linears)
+        if options.shift and not can_shift:
+            entry["shift_skipped"] = "a linear of the group has no bias to absorb the shift"
+            center = np.zeros(group.in_features)
+        width = st.maximum - st.minimum if options.shift and can_shift else hi - lo
+        channel_scale = np.maximum(width, 1e-8) / 255.0
+        target = np.median(channel_scale) if options.target == "median" else np.mean(channel_scale)
+        r = channel_scale / target
+        inserted = transform_group_channels(graph, group, r, center if can_shift else None)
+        entry.update(target_scale=float(target), max_median_before=max_median_ratio(channel_scale),
+                     shifted=bool(can_shift))
+        return inserted

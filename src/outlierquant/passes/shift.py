@@ -31,17 +31,13 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.stats import ChannelStats
-from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.edit import (
-    check_group,
-    fold_into_producer,
-    group_label,
     group_weight_rows,
-    insert_channel_ops,
-    scale_consumers,
+    transform_group_channels,
 )
+from outlierquant.graph.records import LinearGroup
 from outlierquant.numerics.estimates import estimated_output_error, max_median_ratio
-from outlierquant.passes.base import OutlierPass
+from outlierquant.passes.base import GroupRewritePass
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +78,7 @@ def shifted_stats(st: ChannelStats, shift: np.ndarray) -> ChannelStats:
     )
 
 
-class ShiftScaleOutliersPass(OutlierPass):
+class ShiftScaleOutliersPass(GroupRewritePass):
     """Outlier Suppression+ shift (into biases / β) and threshold scaling (module docstring)."""
 
     name = "os+"
@@ -90,67 +86,48 @@ class ShiftScaleOutliersPass(OutlierPass):
     claims_equivalence = True
     options_type = OutlierSuppressionOptions
 
-    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
-        stats = self.require_stats()
+    def allow_insert(self) -> bool:
+        return self.options.insert_ops
+
+    def group_reason(self, group: LinearGroup, stats) -> str | None:
+        cmap = group.producer.channel_map
+        if cmap is not None and not np.array_equal(cmap, np.arange(group.in_features)):
+            reason = "channels are remapped between producer and linears (shift needs a one-to-one path)"
+            return super().group_reason(group, stats) or reason
+        return super().group_reason(group, stats)
+
+    def rewrite_group(self, graph: ir.Graph, group: LinearGroup, st, entry: dict[str, Any]) -> int | None:
         options = self.options
-        graph = model.graph
-        records = []
-        inserted = 0
-        modified = False
-        for group in analyze_graph(model).groups:
-            producer = group.producer
-            entry: dict[str, Any] = {"linears": [l.name for l in group.linears], "relation": producer.relation}
-            reason = check_group(group, stats, allow_insert=options.insert_ops, relations=options.relations)
-            cmap = producer.channel_map
-            if not reason and cmap is not None and not np.array_equal(cmap, np.arange(group.in_features)):
-                reason = "channels are remapped between producer and linears (shift needs a one-to-one path)"
-            if reason:
-                entry["skipped"] = reason
-                logger.info("os+: skip [%s]: %s", group_label(group), reason)
-                records.append(entry)
-                continue
-            st = stats[group.input.name]
-            consumers_have_bias = all(l.bias is not None for l in group.linears)
-            if producer.foldable:
-                producer_has_bias = (producer.kind == "norm" and producer.norm.beta is not None) or (
-                    producer.kind == "linear" and producer.linear.bias is not None)
-            else:
-                producer_has_bias = True  # an inserted Sub carries the shift
-            can_shift = consumers_have_bias and producer_has_bias
-            shift = (st.minimum + st.maximum) / 2.0 if can_shift else np.zeros(group.in_features)
-            if not can_shift:
-                entry["shift_skipped"] = "no bias to absorb the shift (consumer or producer)"
-            shifted = shifted_stats(st, shift)
-            weights = group_weight_rows(group)
-            s = np.ones(group.in_features)
-            if options.scale:
-                best = (estimated_output_error(shifted, weights, s), 1.0, s)
-                for quantile in options.quantiles:
-                    threshold = float(np.quantile(shifted.absmax, quantile))
-                    if threshold <= 0:
-                        continue
-                    candidate = np.maximum(1.0, shifted.absmax / threshold)
-                    err = estimated_output_error(shifted, weights, candidate)
-                    if err < best[0]:
-                        best = (err, quantile, candidate)
-                _, entry["threshold_quantile"], s = best
-            if not can_shift and np.all(s == 1.0):
-                entry["skipped"] = "nothing to do: no shift possible and scaling does not reduce the error"
-                records.append(entry)
-                continue
-            z = shift if can_shift else None
-            if producer.foldable:
-                fold_into_producer(graph, group, s, z)
-                entry["folded_into"] = producer.describe()
-            else:
-                inserted += insert_channel_ops(graph, group, s, z)
-                entry["folded_into"] = "inserted Sub/Mul"
-            scale_consumers(graph, group, s, z)
-            modified = True
-            entry.update(shifted=bool(can_shift), max_median_before=max_median_ratio(st.absmax),
-                         max_median_after=max_median_ratio(shifted.absmax / s))
-            records.append(entry)
-        done = sum(1 for r in records if "skipped" not in r)
-        logger.info("os+: %d of %d groups shifted/scaled, %d ops inserted", done, len(records), inserted)
-        return modified, {"options": dataclasses.asdict(options), "groups": records, "rewritten_groups": done,
-                          "inserted_ops": inserted}
+        producer = group.producer
+        consumers_have_bias = all(l.bias is not None for l in group.linears)
+        if producer.foldable:
+            producer_has_bias = (producer.kind == "norm" and producer.norm.beta is not None) or (
+                producer.kind == "linear" and producer.linear.bias is not None)
+        else:
+            producer_has_bias = True  # an inserted Sub carries the shift
+        can_shift = consumers_have_bias and producer_has_bias
+        shift = (st.minimum + st.maximum) / 2.0 if can_shift else np.zeros(group.in_features)
+        if not can_shift:
+            entry["shift_skipped"] = "no bias to absorb the shift (consumer or producer)"
+        shifted = shifted_stats(st, shift)
+        weights = group_weight_rows(group)
+        s = np.ones(group.in_features)
+        if options.scale:
+            best = (estimated_output_error(shifted, weights, s), 1.0, s)
+            for quantile in options.quantiles:
+                threshold = float(np.quantile(shifted.absmax, quantile))
+                if threshold <= 0:
+                    continue
+                candidate = np.maximum(1.0, shifted.absmax / threshold)
+                err = estimated_output_error(shifted, weights, candidate)
+                if err < best[0]:
+                    best = (err, quantile, candidate)
+            _, entry["threshold_quantile"], s = best
+        if not can_shift and np.all(s == 1.0):
+            entry["skipped"] = "nothing to do: no shift possible and scaling does not reduce the error"
+            return None
+        inserted = transform_group_channels(graph, group, s, shift if can_shift else None)
+        entry["folded_into"] = producer.describe() if producer.foldable else "inserted Sub/Mul"
+        entry.update(shifted=bool(can_shift), max_median_before=max_median_ratio(st.absmax),
+                     max_median_after=max_median_ratio(shifted.absmax / s))
+        return inserted

@@ -65,14 +65,11 @@ import onnx_ir as ir
 
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.edit import (
-    check_group,
-    fold_into_producer,
-    group_label,
     group_weight_rows,
-    insert_channel_ops,
     producer_channels,
-    scale_consumers,
+    transform_group_channels,
 )
+from outlierquant.graph.records import LinearGroup
 from outlierquant.numerics.estimates import (
     DEFAULT_ALPHA_GRID,
     estimated_output_error,
@@ -80,7 +77,7 @@ from outlierquant.numerics.estimates import (
     search_alpha,
     smoothing_scales,
 )
-from outlierquant.passes.base import OutlierPass
+from outlierquant.passes.base import GroupRewritePass
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +149,7 @@ class SmoothQuantOptions:
 # -- the pass ----------------------------------------------------------------------------------
 
 
-class SmoothQuantPass(OutlierPass):
+class SmoothQuantPass(GroupRewritePass):
     """SmoothQuant α migration, folded into norms / producing linears (module docstring)."""
 
     name = "smoothquant"
@@ -166,72 +163,45 @@ class SmoothQuantPass(OutlierPass):
             return []
         return analyze_graph(model).input_names(groups=True)
 
-    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
-        stats = self.require_stats()
+    def allow_insert(self) -> bool:
+        return self.options.insert_mul
+
+    def rewrite_group(self, graph: ir.Graph, group: LinearGroup, st, entry: dict[str, Any]) -> int | None:
         options = self.options
-        graph = model.graph
-        analysis = analyze_graph(model)
-        groups_record: list[dict[str, Any]] = []
-        inserted = 0
-        modified = False
-        for group in analysis.groups:
-            entry: dict[str, Any] = {"linears": [l.name for l in group.linears], "relation": group.producer.relation}
-            reason = check_group(group, stats, allow_insert=options.insert_mul, relations=options.relations)
-            if reason:
-                entry["skipped"] = reason
-                logger.info("smoothquant: skip [%s]: %s", group_label(group), reason)
-                groups_record.append(entry)
-                continue
-            st = stats[group.input.name]
-            weights = group_weight_rows(group)
-            absmax, cmap = producer_channels(group, np.asarray(st.absmax, dtype=np.float64))
+        weights = group_weight_rows(group)
+        absmax, cmap = producer_channels(group, np.asarray(st.absmax, dtype=np.float64))
 
-            def scales(alpha: float) -> np.ndarray:
-                w_rows = [np.abs(w).max(axis=1) for w in weights]
-                w_absmax = np.max(w_rows, axis=0)
-                w_prod, _ = producer_channels(group, w_absmax)
-                s_prod = smoothing_scales(absmax, [w_prod[:, None]], alpha)
-                return s_prod[cmap] if cmap is not None else s_prod
+        def scales(alpha: float) -> np.ndarray:
+            w_rows = [np.abs(w).max(axis=1) for w in weights]
+            w_absmax = np.max(w_rows, axis=0)
+            w_prod, _ = producer_channels(group, w_absmax)
+            s_prod = smoothing_scales(absmax, [w_prod[:, None]], alpha)
+            return s_prod[cmap] if cmap is not None else s_prod
 
-            error_options = dict(activation_bits=options.activation_bits, weight_bits=options.weight_bits,
-                                 weight_block=options.weight_block)
-            if tuple(options.clip_ratios) != (1.0,):
-                error_options["clip_ratios"] = tuple(options.clip_ratios)
-            if options.full_covariance:
-                if st.covariance is None:
-                    entry["covariance"] = "not collected: diagonal E[x²] used"
-                else:
-                    error_options["sigma"] = st.covariance + np.outer(st.mean, st.mean)
-            if options.alpha == "search":
-                alpha, s, errors = search_alpha(st, weights, options.alpha_grid, scale_fn=scales, **error_options)
-                unsmoothed = estimated_output_error(st, weights, np.ones(group.in_features), **error_options)
-                entry["estimated_error_ratio"] = float(errors[alpha] / unsmoothed) if unsmoothed > 0 else None
-                if unsmoothed <= errors[alpha]:
-                    entry["alpha"] = None
-                    entry["skipped"] = "α search: no α on the grid beats leaving the group unsmoothed"
-                    groups_record.append(entry)
-                    continue
+        error_options = dict(activation_bits=options.activation_bits, weight_bits=options.weight_bits,
+                             weight_block=options.weight_block)
+        if tuple(options.clip_ratios) != (1.0,):
+            error_options["clip_ratios"] = tuple(options.clip_ratios)
+        if options.full_covariance:
+            if st.covariance is None:
+                entry["covariance"] = "not collected: diagonal E[x²] used"
             else:
-                alpha = float(options.alpha)
-                s = scales(alpha)
-            entry["alpha"] = alpha
-            entry["max_median_before"] = max_median_ratio(st.absmax)
-            entry["max_median_after"] = max_median_ratio(st.absmax / s)
-            if group.producer.foldable:
-                s_prod = s if cmap is None else producer_channels(group, s, reduce=lambda a, b: a)[0]
-                fold_into_producer(graph, group, s_prod)
-                entry["folded_into"] = group.producer.describe()
-            else:
-                inserted += insert_channel_ops(graph, group, s)
-                entry["folded_into"] = "inserted Mul"
-            scale_consumers(graph, group, s)
-            modified = True
-            groups_record.append(entry)
-        smoothed = [g for g in groups_record if "skipped" not in g]
-        logger.info("smoothquant: %d of %d groups smoothed, %d Mul inserted", len(smoothed), len(groups_record), inserted)
-        return modified, {
-            "options": dataclasses.asdict(self.options),
-            "groups": groups_record,
-            "smoothed_groups": len(smoothed),
-            "inserted_ops": inserted,
-        }
+                error_options["sigma"] = st.covariance + np.outer(st.mean, st.mean)
+        if options.alpha == "search":
+            alpha, s, errors = search_alpha(st, weights, options.alpha_grid, scale_fn=scales, **error_options)
+            unsmoothed = estimated_output_error(st, weights, np.ones(group.in_features), **error_options)
+            entry["estimated_error_ratio"] = float(errors[alpha] / unsmoothed) if unsmoothed > 0 else None
+            if unsmoothed <= errors[alpha]:
+                entry["alpha"] = None
+                entry["skipped"] = "α search: no α on the grid beats leaving the group unsmoothed"
+                return None
+        else:
+            alpha = float(options.alpha)
+            s = scales(alpha)
+        entry["alpha"] = alpha
+        entry["max_median_before"] = max_median_ratio(st.absmax)
+        entry["max_median_after"] = max_median_ratio(st.absmax / s)
+        s_prod = s if cmap is None else producer_channels(group, s, reduce=lambda a, b: a)[0]
+        inserted = transform_group_channels(graph, group, s, s_producer=s_prod)
+        entry["folded_into"] = group.producer.describe() if group.producer.foldable else "inserted Mul"
+        return inserted
