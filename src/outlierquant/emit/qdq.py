@@ -346,3 +346,30 @@ def insert_qdq(model: ir.Model, plan: list[TensorQuant], stats: ActivationStats 
 
 
 ActivationMode = Literal["static", "per_token", "none"]
+
+
+def quantize_dequantize_nodes(x: ir.Value, scale: ir.Value, zero_point: ir.Value, base: str, *,
+                              like: ir.Value) -> tuple[ir.Node, ir.Node]:
+    """``DequantizeLinear(QuantizeLinear(x, scale, zero_point))``, named after ``base``; the
+    caller inserts the two nodes (OutlierTune's per-channel levels on a unit grid)."""
+    q = ir.node("QuantizeLinear", inputs=[x, scale, zero_point], name=f"{base}_QuantizeLinear")
+    q.outputs[0].name = f"{base}_channel_quantized"
+    dq = ir.node("DequantizeLinear", inputs=[q.outputs[0], scale, zero_point], name=f"{base}_DequantizeLinear")
+    dq.outputs[0].name = f"{base}_channel_levels"
+    dq.outputs[0].type = like.type
+    dq.outputs[0].shape = like.shape
+    return q, dq
+
+
+def per_channel_weight_dequantize(graph: ir.Graph, levels: np.ndarray, scales: np.ndarray, axis: int,
+                                  name: str) -> ir.Node:
+    """A ``DequantizeLinear`` of symmetric int8 weight ``levels`` with per-channel ``scales``
+    along ``axis`` (its initializers registered; the node for the caller to insert)."""
+    qv = add_initializer(graph, f"{name}_channel_quantized", levels)
+    sv = add_initializer(graph, f"{name}_channel_scale", scales)
+    zv = add_initializer(graph, f"{name}_channel_zero_point", np.zeros_like(scales, dtype=np.int8))
+    node = ir.node("DequantizeLinear", inputs=[qv, sv, zv], attributes={"axis": axis}, name=f"{name}_DequantizeLinear")
+    node.outputs[0].name = f"{name}_dequantized"
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    node.outputs[0].shape = ir.Shape(levels.shape)
+    return node

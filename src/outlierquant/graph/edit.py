@@ -163,7 +163,7 @@ def group_weight_rows(group: LinearGroup) -> list[np.ndarray]:
     return [np.asarray(linear.weight_array(), dtype=np.float64) for linear in group.linears]
 
 
-def _scale_vector(node: ir.Node, index: int, factor: np.ndarray, graph: ir.Graph, hint: str,
+def scale_input_vector(node: ir.Node, index: int, factor: np.ndarray, graph: ir.Graph, hint: str,
                   shift: np.ndarray | None = None) -> None:
     """``v ← (v − shift) · factor`` for a constant vector input broadcast along the last axis."""
     value = node.inputs[index]
@@ -204,9 +204,9 @@ def fold_into_producer(graph: ir.Graph, group: LinearGroup, s_producer: np.ndarr
         gamma, beta = _norm_affine_nodes(norm)
         if gamma is None:
             raise ValueError(f"norm {norm.name} has no γ to fold into")
-        _scale_vector(gamma[0], gamma[1], inverse, graph, f"{norm.name}_gamma_folded")
+        scale_input_vector(gamma[0], gamma[1], inverse, graph, f"{norm.name}_gamma_folded")
         if beta is not None:
-            _scale_vector(beta[0], beta[1], inverse, graph, f"{norm.name}_beta_folded", shift_producer)
+            scale_input_vector(beta[0], beta[1], inverse, graph, f"{norm.name}_beta_folded", shift_producer)
         elif shift_producer is not None and np.any(shift_producer):
             raise ValueError(f"norm {norm.name} has no β to absorb a shift")
         return
@@ -215,8 +215,8 @@ def fold_into_producer(graph: ir.Graph, group: LinearGroup, s_producer: np.ndarr
         weight = np.asarray(linear.weight_array(), dtype=np.float64) * inverse[None, :]
         write_linear_weight(graph, linear, weight, f"{linear.name}_weight_folded")
         if linear.bias is not None:
-            index = _bias_index(linear)
-            _scale_vector(linear.bias_node or linear.node, index, inverse, graph, f"{linear.name}_bias_folded",
+            index = bias_input_index(linear)
+            scale_input_vector(linear.bias_node or linear.node, index, inverse, graph, f"{linear.name}_bias_folded",
                           shift_producer)
         elif shift_producer is not None and np.any(shift_producer):
             raise ValueError(f"linear {linear.name} has no bias to absorb a shift")
@@ -224,7 +224,7 @@ def fold_into_producer(graph: ir.Graph, group: LinearGroup, s_producer: np.ndarr
     raise ValueError(f"group producer {producer.kind!r} cannot absorb a scale")
 
 
-def _bias_index(linear: Linear) -> int:
+def bias_input_index(linear: Linear) -> int:
     if linear.bias_node is not None:
         return next(i for i, v in enumerate(linear.bias_node.inputs) if v is linear.bias)
     return 2  # Gemm C / Conv B
@@ -238,7 +238,7 @@ def scale_consumers(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: n
             if linear.bias is None:
                 raise ValueError(f"linear {linear.name} has no bias to absorb a shift")
             correction = shift @ weight
-            _scale_vector(linear.bias_node or linear.node, _bias_index(linear), np.ones_like(correction), graph,
+            scale_input_vector(linear.bias_node or linear.node, bias_input_index(linear), np.ones_like(correction), graph,
                           f"{linear.name}_bias_shifted", -correction)
         write_linear_weight(graph, linear, weight * s[:, None], f"{linear.name}_weight_smoothed")
 

@@ -40,9 +40,15 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.stats import ChannelStats
-from outlierquant.emit.qdq import QuantConfig, insert_qdq, plan_quantization
+from outlierquant.emit.qdq import (
+    QuantConfig,
+    insert_qdq,
+    per_channel_weight_dequantize,
+    plan_quantization,
+    quantize_dequantize_nodes,
+)
 from outlierquant.graph.analysis import analyze_graph
-from outlierquant.graph.edit import _bias_index, _scale_vector, check_group, group_weight_rows, is_excluded
+from outlierquant.graph.edit import bias_input_index, check_group, group_weight_rows, is_excluded, scale_input_vector
 from outlierquant.graph.records import LinearGroup
 from outlierquant.graph.tags import ONLINE_ROTATION_KEY
 from outlierquant.graph.values import add_initializer, first_in_graph, remove_if_unused
@@ -215,12 +221,7 @@ class QuantizeOutlierTunePass(OutlierPass):
             node_.outputs[0].type = x.type
             node_.outputs[0].shape = x.shape
         zero0 = add_initializer(graph, f"{base}_shared_zero_point", shared_zero)
-        q = ir.node("QuantizeLinear", inputs=[levels, one, zero0], name=f"{base}_QuantizeLinear")
-        q.outputs[0].name = f"{base}_channel_quantized"
-        dq = ir.node("DequantizeLinear", inputs=[q.outputs[0], one, zero0], name=f"{base}_DequantizeLinear")
-        dq.outputs[0].name = f"{base}_channel_levels"
-        dq.outputs[0].type = x.type
-        dq.outputs[0].shape = x.shape
+        q, dq = quantize_dequantize_nodes(levels, one, zero0, base, like=x)
         nodes += [q, dq]
         graph.insert_before(first, nodes)
         for linear in group.linears:
@@ -232,17 +233,10 @@ class QuantizeOutlierTunePass(OutlierPass):
             deq_kn = deq if axis == 1 else deq.T
             if per_channel_zp:
                 correction = zero.astype(np.float64) @ deq_kn
-                _scale_vector(linear.bias_node or linear.node, _bias_index(linear), np.ones_like(correction),
+                scale_input_vector(linear.bias_node or linear.node, bias_input_index(linear), np.ones_like(correction),
                               graph, f"{linear.name}_bias_outliertune", correction)
             wname = linear.weight.name or f"{linear.name}_weight"
-            qv = add_initializer(graph, f"{wname}_channel_quantized", qw)
-            sv = add_initializer(graph, f"{wname}_channel_scale", ws)
-            zv = add_initializer(graph, f"{wname}_channel_zero_point", np.zeros_like(ws, dtype=np.int8))
-            wdq = ir.node("DequantizeLinear", inputs=[qv, sv, zv], attributes={"axis": axis},
-                          name=f"{wname}_DequantizeLinear")
-            wdq.outputs[0].name = f"{wname}_dequantized"
-            wdq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-            wdq.outputs[0].shape = ir.Shape(qw.shape)
+            wdq = per_channel_weight_dequantize(graph, qw, ws, axis, wname)
             graph.insert_before(linear.node, [wdq])
             old = linear.weight
             linear.node.replace_input_with(1, wdq.outputs[0])
