@@ -15,7 +15,7 @@ from helpers import max_relative_error, run_outputs
 
 from outlierquant.calibration.collect import capture_activations, collect_statistics
 from outlierquant.emit.rotation import kronecker_left_form
-from outlierquant.errors import RecipeError
+from outlierquant.errors import CalibrationError, RecipeError
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.tags import FLATQUANT_KEY, flatquant_nodes
 from outlierquant.numerics.hadamard import kronecker_factors
@@ -141,7 +141,7 @@ def test_capture_activations_rows_match_the_statistics_and_are_capped(tiny_llama
 
 
 def test_pass_without_feeds_says_so(tiny_llama):
-    with pytest.raises(ValueError, match="feeds"):
+    with pytest.raises(CalibrationError, match="flatquant reads the calibration samples"):
         FlatQuantPass()(load(tiny_llama))
 
 

@@ -17,7 +17,7 @@ from outlierquant.calibration.collect import collect_statistics
 from outlierquant.calibration.stats import ActivationStats, ChannelStats
 from outlierquant.calibration.targets import quantizable_targets
 from outlierquant.emit.weights import matmul_nbits_tensors
-from outlierquant.errors import RecipeError
+from outlierquant.errors import CalibrationError, RecipeError
 from outlierquant.numerics.grids import (
     BlockwiseWeight,
     GroupGrid,
@@ -457,5 +457,5 @@ def test_sequential_options_are_validated():
         AdaDimOptions(sequential=True, activation_bits=8)
     with pytest.raises(RecipeError, match="sequential_target"):
         validate_pass_options("quantease", {"sequential": True, "sequential_target": "gptq"})
-    with pytest.raises(RuntimeError, match="feeds"):
+    with pytest.raises(CalibrationError, match="quantease reads the calibration samples"):
         QuantEaseRoundPass(sequential=True)(one_linear_model(np.ones((K, N), np.float32)))

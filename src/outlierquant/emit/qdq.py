@@ -20,6 +20,7 @@ from outlierquant.graph.attention import is_attention_matmul, probs_step, quanti
 from outlierquant.graph.edit import name_excluded
 from outlierquant.graph.values import add_initializer, constant_array, is_constant, remove_if_unused, weight_input
 from outlierquant.numerics.grids import activation_scale_zero_point, quantize_weight
+from outlierquant.options import check_fields
 
 if TYPE_CHECKING:  # statistics are read, never built, here
     from outlierquant.calibration.stats import ActivationStats
@@ -66,20 +67,15 @@ class QuantConfig:
     qdq_all_consumers: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.weight_bits != 8:
             raise ValueError(f"weight_bits={self.weight_bits}: the QDQ quantizer writes 8-bit weights")
-        if self.activations not in ("static", "per_token", "none"):
-            raise ValueError(f"activations={self.activations!r}: allowed 'static', 'per_token', 'none'")
         if self.activation_type not in ("uint8", "int8"):
             raise ValueError(f"activation_type={self.activation_type!r}: allowed 'uint8', 'int8'")
-        if self.weight_rounding not in ("rtn", "quantease"):
-            raise ValueError(f"weight_rounding={self.weight_rounding!r}: allowed 'rtn', 'quantease'")
         if not isinstance(self.quantease_iterations, int) or self.quantease_iterations < 1:
             raise ValueError(f"quantease_iterations={self.quantease_iterations!r}: an integer >= 1")
         if not float(self.quantease_damp) >= 0.0:
             raise ValueError(f"quantease_damp={self.quantease_damp!r}: must be >= 0")
-        if self.per_token_form not in ("qdq", "integer"):
-            raise ValueError(f"per_token_form={self.per_token_form!r}: allowed 'qdq', 'integer'")
         if self.per_token_form == "integer" and self.activations != "per_token":
             raise ValueError("per_token_form='integer' needs activations: per_token")
         unknown = set(self.op_types) - {"MatMul", "Gemm"}

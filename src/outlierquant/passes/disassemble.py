@@ -64,6 +64,7 @@ from outlierquant.graph.edit import (
 )
 from outlierquant.graph.records import Linear, LinearGroup
 from outlierquant.graph.values import add_initializer, constant_array, first_in_graph
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class DisassembleOptions:
     version: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.threshold < 0:
             raise ValueError(f"threshold={self.threshold}: must be >= 0 (0: from max_added_share)")
         if not 0.0 < self.max_added_share <= 1.0:

@@ -63,6 +63,7 @@ from outlierquant.graph.values import constant_array, first_in_graph
 from outlierquant.numerics.estimates import outlier_profile
 from outlierquant.numerics.grids import as_f64
 from outlierquant.numerics.hadamard import kronecker_factors
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class FlatQuantOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.weight_bits is not None and self.weight_bits not in (2, 3, 4, 5, 6, 7, 8):
             raise ValueError(f"weight_bits={self.weight_bits!r}: allowed 2..8 or null")
         if not isinstance(self.weight_group_size, int) or self.weight_group_size < 0:

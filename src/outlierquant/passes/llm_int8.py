@@ -71,6 +71,7 @@ from outlierquant.graph.edit import is_excluded, linear_label, replace_linear, s
 from outlierquant.numerics.estimates import lost_mass
 from outlierquant.numerics.outliers import select_outlier_channels
 from outlierquant.numerics.rounding import quantease_int8_weight, second_moment
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -129,8 +130,7 @@ class LlmInt8Options:
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.criterion not in ("threshold", "top_k", "relative"):
-            raise ValueError(f"criterion={self.criterion!r}: allowed 'threshold', 'top_k', 'relative'")
+        check_fields(self)
         if not self.ratio > 1.0:
             raise ValueError(f"ratio={self.ratio}: must be > 1")
         if not self.threshold > 0:
@@ -141,24 +141,16 @@ class LlmInt8Options:
             raise ValueError("top_k: criterion 'top_k' needs top_k >= 1")
         if not 0.0 <= self.max_share < 1.0:
             raise ValueError(f"max_share={self.max_share}: allowed [0, 1) (0: no cap)")
-        if self.kernels not in ("auto", "standard", "custom"):
-            raise ValueError(f"kernels={self.kernels!r}: allowed 'auto', 'standard', 'custom'")
         if self.standard_form not in ("integer", "qdq"):
             raise ValueError(f"standard_form={self.standard_form!r}: allowed 'integer', 'qdq'")
         if self.runtime_threshold < 0:
             raise ValueError(f"runtime_threshold={self.runtime_threshold}: must be >= 0 (0: off)")
-        if self.activations not in ("per_token", "static"):
-            raise ValueError(f"activations={self.activations!r}: allowed 'per_token', 'static'")
         if self.activations == "static" and (self.kernels == "custom" or self.runtime_threshold > 0):
             raise ValueError("activations='static' is written as QDQ: needs kernels auto/standard and no runtime_threshold")
-        if self.weight_rounding not in ("rtn", "quantease"):
-            raise ValueError(f"weight_rounding={self.weight_rounding!r}: allowed 'rtn', 'quantease'")
         if not float(self.quantease_damp) >= 0.0:
             raise ValueError(f"quantease_damp={self.quantease_damp!r}: must be >= 0")
         if self.dynamic_matmuls and self.activations != "static":
             raise ValueError("dynamic_matmuls: needs activations 'static' (the per-token forms leave QK^T in float)")
-        if self.probs_residual not in ("none", "gated", "all"):
-            raise ValueError(f"probs_residual={self.probs_residual!r}: allowed 'none', 'gated', 'all'")
         if self.probs_residual != "none" and not self.dynamic_matmuls:
             raise ValueError("probs_residual: needs dynamic_matmuls (the probabilities are quantized only then)")
         if not 0.0 <= float(self.probs_lost_mass) < 1.0:

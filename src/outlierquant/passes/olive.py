@@ -68,6 +68,7 @@ from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.edit import is_excluded, write_linear_weight
 from outlierquant.graph.records import Linear
 from outlierquant.graph.values import add_initializer, constant_array
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ class OliveOptions:
     activation_sample_rows: int = 2048
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.weight_bits not in (4, 8) or isinstance(self.weight_bits, bool):
             raise ValueError(f"weight_bits={self.weight_bits!r}: allowed 4, 8")
         if self.activation_bits is not None and (self.activation_bits not in (4, 8)

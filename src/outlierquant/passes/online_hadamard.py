@@ -63,6 +63,7 @@ from outlierquant.numerics.estimates import _profile_entry, estimated_static_sqn
 from outlierquant.numerics.grids import as_f64
 from outlierquant.numerics.hadamard import hadamard_block, hadamard_rotation
 from outlierquant.numerics.outliers import select_outlier_channels
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,7 @@ class OnlineHadamardOptions:
     rotate_below_db: float | None = None
 
     def __post_init__(self) -> None:
-        if self.groups not in ("unfoldable", "all", "activation"):
-            raise ValueError(f"groups={self.groups!r}: allowed 'unfoldable', 'all', 'activation'")
+        check_fields(self)
         if self.outlier_ratio is not None and not (
                 isinstance(self.outlier_ratio, (int, float)) and self.outlier_ratio > 1.0):
             raise ValueError(f"outlier_ratio={self.outlier_ratio!r}: a number > 1 or null")
@@ -109,8 +109,6 @@ class OnlineHadamardOptions:
                 isinstance(self.rotate_below_db, (int, float)) and not isinstance(self.rotate_below_db, bool)
                 and np.isfinite(self.rotate_below_db)):
             raise ValueError(f"rotate_below_db={self.rotate_below_db!r}: a number of dB or null")
-        if self.kernels not in ("auto", "standard", "custom"):
-            raise ValueError(f"kernels={self.kernels!r}: allowed 'auto', 'standard', 'custom'")
         if self.smooth_alpha is not None and not (
                 isinstance(self.smooth_alpha, (int, float)) and 0.0 <= self.smooth_alpha <= 1.0):
             raise ValueError(f"smooth_alpha={self.smooth_alpha!r}: a number in [0, 1] or null")

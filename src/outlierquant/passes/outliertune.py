@@ -54,6 +54,7 @@ from outlierquant.graph.tags import ONLINE_ROTATION_KEY
 from outlierquant.graph.values import add_initializer, first_in_graph, remove_if_unused
 from outlierquant.numerics.estimates import DEFAULT_ALPHA_GRID, max_median_ratio, search_alpha, smoothing_scales
 from outlierquant.numerics.grids import quantize_weight
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -87,12 +88,9 @@ class OutlierTuneOptions:
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.groups not in ("all", "unfoldable"):
-            raise ValueError(f"groups={self.groups!r}: allowed 'all', 'unfoldable'")
+        check_fields(self)
         if self.rest not in ("quantize", "leave"):
             raise ValueError(f"rest={self.rest!r}: allowed 'quantize', 'leave'")
-        if self.zero_point not in ("per_channel", "shared"):
-            raise ValueError(f"zero_point={self.zero_point!r}: allowed 'per_channel', 'shared'")
         if isinstance(self.alpha, str):
             if self.alpha != "search":
                 raise ValueError(f"alpha={self.alpha!r}: allowed a number in [0, 1] or 'search'")

@@ -31,6 +31,7 @@ from outlierquant.graph.edit import (
 )
 from outlierquant.graph.records import LinearGroup
 from outlierquant.numerics.estimates import max_median_ratio
+from outlierquant.options import check_fields
 from outlierquant.passes.base import GroupRewritePass
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class ReparameterizeOptions:
     insert_ops: bool = False
     relations: tuple[str, ...] = ("norm",)
     version: int = 1
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 class ReparameterizeScalesPass(GroupRewritePass):

@@ -26,6 +26,7 @@ from outlierquant.graph.shapes import propagate_ranks
 from outlierquant.numerics.estimates import _profile_entry
 from outlierquant.numerics.grids import as_f64
 from outlierquant.numerics.hadamard import hadamard_block, hadamard_rotation
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class RotateHeadsOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r}: must be an integer")
 

@@ -34,6 +34,7 @@ from outlierquant.graph.attention import find_score_matmuls
 from outlierquant.graph.tags import QK_ROTATION_KEY
 from outlierquant.numerics.estimates import _profile_entry
 from outlierquant.numerics.hadamard import hadamard_block, hadamard_rotation, random_orthogonal
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,7 @@ class RotateQueryKeyOptions:
     profile: bool = False
 
     def __post_init__(self) -> None:
-        if self.rotation not in ("hadamard", "random"):
-            raise ValueError(f"rotation={self.rotation!r}: allowed 'hadamard', 'random'")
+        check_fields(self)
         if self.kernels not in ("auto", "standard", "custom"):
             raise ValueError(f"kernels={self.kernels!r}: allowed 'auto', 'standard', 'custom'")
         if self.rotation == "random" and self.kernels == "custom":

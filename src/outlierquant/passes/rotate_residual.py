@@ -70,6 +70,7 @@ from outlierquant.graph.values import constant_array, set_input_constant
 from outlierquant.numerics.estimates import _profile_entry
 from outlierquant.numerics.grids import as_f64
 from outlierquant.numerics.hadamard import orthogonal_matrix
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ class RotateResidualOptions:
     center: bool = True
 
     def __post_init__(self) -> None:
-        if self.rotation not in ("hadamard", "random", "klt"):
-            raise ValueError(f"rotation={self.rotation!r}: allowed 'hadamard', 'random', 'klt'")
+        check_fields(self)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r}: must be an integer")
 

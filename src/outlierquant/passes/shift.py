@@ -37,6 +37,7 @@ from outlierquant.graph.edit import (
 )
 from outlierquant.graph.records import LinearGroup
 from outlierquant.numerics.estimates import estimated_output_error, max_median_ratio
+from outlierquant.options import check_fields
 from outlierquant.passes.base import GroupRewritePass
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class OutlierSuppressionOptions:
     version: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.quantiles or any(not 0.0 < q <= 1.0 for q in self.quantiles):
             raise ValueError("quantiles: a non-empty list of numbers in (0, 1]")
 

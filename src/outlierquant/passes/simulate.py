@@ -24,6 +24,7 @@ from outlierquant.graph.records import Linear
 from outlierquant.graph.values import constant_array
 from outlierquant.numerics.grids import as_f64, dequantize_levels, fake_quantize_weight, group_grid
 from outlierquant.numerics.rounding import DEFAULT_CLIP_RATIOS, output_error, quantease_round, second_moment
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class SimulateQuantizationOptions:
     linears whose output is a graph output (the lm_head) in float, as QuaRot does.
     """
 
-    weight_bits: int = 4
+    weight_bits: Literal[2, 3, 4, 5, 6, 7, 8] = 4
     weight_group_size: int = 0
     #: search the weight clipping ratio per group in [0.5, 1] (minimum squared error)
     weight_clip_search: bool = True
@@ -59,22 +60,17 @@ class SimulateQuantizationOptions:
     quantease_damp: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.weight_rounding not in ("rtn", "quantease"):
-            raise ValueError(f"weight_rounding={self.weight_rounding!r}: allowed 'rtn', 'quantease'")
+        check_fields(self)
         if self.weight_rounding == "quantease" and not self.weight_group_size:
             raise ValueError("weight_rounding='quantease' needs weight_group_size > 0 (groups of input rows)")
         if not isinstance(self.quantease_iterations, int) or self.quantease_iterations < 1:
             raise ValueError(f"quantease_iterations={self.quantease_iterations!r}: an integer >= 1")
         if not float(self.quantease_damp) >= 0.0:
             raise ValueError(f"quantease_damp={self.quantease_damp!r}: must be >= 0")
-        if self.weight_bits not in (2, 3, 4, 5, 6, 7, 8):
-            raise ValueError(f"weight_bits={self.weight_bits!r}: allowed 2..8")
         if not isinstance(self.weight_group_size, int) or self.weight_group_size < 0:
             raise ValueError(f"weight_group_size={self.weight_group_size!r}: a non-negative integer")
         if self.activation_bits is not None and self.activation_bits not in (4, 6, 8):
             raise ValueError(f"activation_bits={self.activation_bits!r}: allowed 4, 6, 8 or null")
-        if self.activations not in ("per_token", "static"):
-            raise ValueError(f"activations={self.activations!r}: allowed 'per_token', 'static'")
         if not 0.0 < float(self.activation_clip) <= 1.0:
             raise ValueError(f"activation_clip={self.activation_clip!r}: in (0, 1]")
 

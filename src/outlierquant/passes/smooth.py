@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -77,6 +77,7 @@ from outlierquant.numerics.estimates import (
     search_alpha,
     smoothing_scales,
 )
+from outlierquant.options import check_fields
 from outlierquant.passes.base import GroupRewritePass
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class SmoothQuantOptions:
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
     insert_mul: bool = False
     relations: tuple[str, ...] = ("norm", "linear", "v_to_o", "up_to_down", "none")
-    weight_bits: int = 8
+    weight_bits: Literal[4, 8] = 8
     weight_block: int = 0
     activation_bits: int = 8
     full_covariance: bool = False
@@ -115,6 +116,7 @@ class SmoothQuantOptions:
     version: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if isinstance(self.alpha, str):
             if self.alpha != "search":
                 raise ValueError(f"alpha={self.alpha!r}: allowed a number in [0, 1] or 'search'")
@@ -126,8 +128,6 @@ class SmoothQuantOptions:
         unknown = set(self.relations) - allowed
         if unknown:
             raise ValueError(f"relations {sorted(unknown)}: allowed {', '.join(sorted(allowed))}")
-        if self.weight_bits not in (4, 8):
-            raise ValueError(f"weight_bits={self.weight_bits}: allowed 4, 8")
         if self.activation_bits not in (0, 8):
             raise ValueError(f"activation_bits={self.activation_bits}: allowed 0 (float), 8")
         if self.weight_block < 0:

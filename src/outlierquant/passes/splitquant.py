@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.edit import is_excluded, linear_label, replace_linear, splittable
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ class SplitQuantOptions:
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.method not in ("kmeans", "quantile"):
-            raise ValueError(f"method={self.method!r}: allowed 'kmeans', 'quantile'")
+        check_fields(self)
         if len(self.quantiles) != 2 or not 0.0 < self.quantiles[0] < self.quantiles[1] < 1.0:
             raise ValueError(f"quantiles={self.quantiles}: two increasing numbers in (0, 1)")
         if self.iterations < 1:

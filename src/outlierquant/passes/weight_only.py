@@ -55,6 +55,7 @@ from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.edit import is_excluded, linear_label, replace_linear, splittable
 from outlierquant.graph.values import MS_DOMAIN
 from outlierquant.numerics.grids import quantize_blockwise
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class WeightOnlyQuantOptions:
     substrings of node names left in float.
     """
 
-    bits: int = 4
+    bits: Literal[3, 4, 8] = 4
     group_size: int = 32
     symmetric: bool = False
     clip_ratios: tuple[float, ...] = (1.0,)
@@ -89,14 +90,11 @@ class WeightOnlyQuantOptions:
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.bits not in (3, 4, 8):
-            raise ValueError(f"bits={self.bits}: allowed 3, 4, 8")
+        check_fields(self)
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size={self.group_size}: a power of two >= 16")
         if not self.clip_ratios or any(not 0.0 < r <= 1.0 for r in self.clip_ratios):
             raise ValueError("clip_ratios: a non-empty list of numbers in (0, 1]")
-        if self.emit not in ("matmul_nbits", "dequantize_linear"):
-            raise ValueError(f"emit={self.emit!r}: allowed 'matmul_nbits', 'dequantize_linear'")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level={self.accuracy_level}: allowed 0, 1, 2, 3, 4")
 

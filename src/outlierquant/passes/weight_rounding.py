@@ -105,6 +105,7 @@ from outlierquant.numerics.rounding import (
     refit_scales,
     select_outlier_weights,
 )
+from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class WeightOnlyOptions:
     bias_correction: bool = False
     #: None: float activations (weight-only). 8: each quantized linear's input is
     #: fake-quantized to int8 symmetric per token (SIMULATED; for W4A8 accuracy studies)
-    activation_bits: int | None = None
+    activation_bits: Literal[4, 8] | None = None
     #: round each stage of linears against the inputs of the partially quantized model
     #: (captured from the calibration feeds) instead of the fp32 statistics
     sequential: bool = False
@@ -154,14 +155,10 @@ class WeightOnlyOptions:
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.activation_bits not in (None, 4, 8):
-            raise ValueError(f"activation_bits={self.activation_bits!r}: allowed null, 4, 8")
         if self.bits not in (3, 4):
             raise ValueError(f"bits={self.bits}: allowed 3, 4")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size={self.group_size}: a power of two >= 16")
-        if self.dimension not in ("adaptive", "per_oc", "per_ic"):
-            raise ValueError(f"dimension={self.dimension!r}: allowed 'adaptive', 'per_oc', 'per_ic'")
         if not self.clip_ratios or any(not 0.0 < r <= 1.0 for r in self.clip_ratios):
             raise ValueError("clip_ratios: a non-empty list of numbers in (0, 1]")
         if self.damp < 0:
@@ -170,8 +167,6 @@ class WeightOnlyOptions:
             raise ValueError(f"scale_refits={self.scale_refits}: must be >= 0")
         if not isinstance(self.sequential, bool):
             raise ValueError(f"sequential={self.sequential!r}: must be true or false")
-        if self.sequential_target not in ("fp32_output", "weight"):
-            raise ValueError(f"sequential_target={self.sequential_target!r}: allowed 'fp32_output', 'weight'")
         if isinstance(self.sequential_rows, bool) or not isinstance(self.sequential_rows, int) \
                 or self.sequential_rows < 16:
             raise ValueError(f"sequential_rows={self.sequential_rows!r}: an integer >= 16")
@@ -188,9 +183,8 @@ class AdaDimOptions(WeightOnlyOptions):
     iterations: int = 10
 
     def __post_init__(self) -> None:
+        check_fields(self)
         super().__post_init__()
-        if self.rounding not in ("rtn", "quantease"):
-            raise ValueError(f"rounding={self.rounding!r}: allowed 'rtn', 'quantease'")
         if self.scale_refits and self.rounding != "quantease":
             raise ValueError(f"scale_refits={self.scale_refits}: needs rounding 'quantease'")
         if self.iterations < 1:
@@ -208,6 +202,7 @@ class QuantEaseOptions(WeightOnlyOptions):
     outlier_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        check_fields(self)
         super().__post_init__()
         if self.iterations < 1:
             raise ValueError(f"iterations={self.iterations}: must be >= 1")

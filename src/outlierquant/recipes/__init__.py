@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import types
 import typing
 import warnings
@@ -28,6 +27,7 @@ from typing import Any
 import yaml
 
 from outlierquant.errors import RecipeError
+from outlierquant.options import check_value
 
 #: pass name -> "module:Class". Static, so the CLI does not import every pass.
 PASS_CATALOG: dict[str, str] = {
@@ -50,6 +50,7 @@ PASS_CATALOG: dict[str, str] = {
     "quantease": "outlierquant.passes.weight_rounding:QuantEaseRoundPass",
     "weight-only": "outlierquant.passes.weight_only:QuantizeWeightOnlyPass",
     "olive": "outlierquant.passes.olive:OlivePass",
+    "format-quantize": "outlierquant.passes.formats:QuantizeFormatPass",
 }
 
 
@@ -143,55 +144,7 @@ def pass_class(name: str):
 
 
 def _coerce(field: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
-    return _check_type(hints.get(field.name, field.type), value)
-
-
-def _check_type(annotation: Any, value: Any) -> Any:
-    """``value`` checked against a type hint, lists made tuples; ValueError names what is wanted.
-
-    The one validator for recipe options: Literal members, bool / int / float (an int is a
-    float; a bool is neither; NaN is no number), optional values, and typed tuples (a string
-    where a list is expected is an error, not a list of characters)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check_type(arg, value)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(" or ".join(errors) if errors else f"{value!r} is not allowed")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ValueError(f"{value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin in (tuple, list) or annotation in (tuple, list):
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ValueError(f"expects a list, got {value!r}" + (f" (write [{value!r}] for one item)"
-                                                                 if isinstance(value, str) else ""))
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check_type(args[0], item) for item in value)
-        if args and len(args) != len(value):
-            raise ValueError(f"expects a list of {len(args)} items, got {len(value)}")
-        return tuple(_check_type(arg, item) for arg, item in zip(args, value)) if args else tuple(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"expects true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expects an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"expects a number, got {value!r}")
-        return value
-    if annotation is str and not isinstance(value, str):
-        raise ValueError(f"expects a string, got {value!r}")
-    return value
+    return check_value(hints.get(field.name, field.type), value)
 
 
 def _wants_sequence(annotation: Any) -> bool:
