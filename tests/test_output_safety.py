@@ -109,6 +109,7 @@ def test_sigterm_removes_the_temporaries(tmp_path, point):
     if point == "before-commit":  # nothing was renamed: nothing is there, not even the folder
         assert not out.exists()
     else:  # the signal waited for the renames
+        assert sorted(p.name for p in out.iterdir()) == ["q.onnx", "q.report.json"], done.stderr
         _consistent(out)
 
 

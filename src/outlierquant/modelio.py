@@ -651,15 +651,26 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
+    """Defer SIGINT, SIGTERM and SIGHUP until the block is done, then act on the first one.
+
+    The handlers are swapped rather than the signals masked: a process-directed signal may
+    be delivered to any thread (onnxruntime's pool), and Python runs its handlers in the
+    main thread whichever thread received it.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, lambda number, frame: pending.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def recover_stale_outputs(folder: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> None:
