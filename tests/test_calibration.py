@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
-from outlierquant.calibration import collect as collect_module
+from outlierquant.calibration import session as session_module
 from outlierquant.calibration.collect import collect_statistics
 from outlierquant.calibration.stats import ActivationStats
 from outlierquant.calibration.targets import CalibrationTarget, quantizable_targets
@@ -335,10 +335,10 @@ def test_oversized_in_memory_model_staged_as_external_data(monkeypatch, caplog, 
     assert isinstance(loaded.graph.initializers["w1"].const_value, ir.ExternalTensor)
     in_memory = ir.Tensor(W2.copy(), name="w2")  # as a pass would leave it
     loaded.graph.initializers["w2"].const_value = in_memory
-    monkeypatch.setattr(collect_module, "EXTERNAL_DATA_THRESHOLD", 0)
-    monkeypatch.setattr(collect_module, "_OFFLOAD_MIN_BYTES", 0)
+    monkeypatch.setattr(session_module, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(session_module, "_OFFLOAD_MIN_BYTES", 0)
     samples = [_sample(n, 50 + i) for i, n in enumerate([3, 4])]
-    with caplog.at_level(logging.INFO, logger="outlierquant.calibration.collect"):
+    with caplog.at_level(logging.INFO, logger="outlierquant.calibration.session"):
         staged = collect_statistics(loaded, samples, progress=False)
     assert "staging its weights" in caplog.text
     assert loaded.graph.initializers["w2"].const_value is in_memory  # the caller's model is restored

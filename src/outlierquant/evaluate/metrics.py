@@ -18,7 +18,7 @@ All reductions run in float64 whatever the input dtype.
 - **perplexity** (:func:`perplexity_from_logits`): the summed next-token negative
   log-likelihood ``−Σ log softmax(logits[t])[ids[t+1]]`` and the number of predicted tokens;
   perplexity is ``exp(nll_sum / token_count)`` over a whole data set.
-- **kurtosis** (:func:`kurtosis`): ``E[(x−μ)⁴] / σ⁴`` (3 for a Gaussian; ``excess=True``
+- **kurtosis** (:func:`outlierquant.numerics.estimates.kurtosis`): ``E[(x−μ)⁴] / σ⁴`` (3 for a Gaussian; ``excess=True``
   subtracts 3). Heavy-tailed, outlier-ridden activations and weights have large kurtosis.
 """
 
