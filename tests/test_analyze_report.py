@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from outlierquant.evaluate.metrics import sqnr_db
-from outlierquant.evaluate.report import InputStats, _AlignedError, _Labeller, _Moments, _recurring_channels
+from outlierquant.evaluate.probes import Labeller, _AlignedError, _Moments, recurring_channels
+from outlierquant.evaluate.report_data import InputStats
 from outlierquant.numerics.estimates import kurtosis
 from outlierquant.plugin.cli import main
 
@@ -36,9 +37,9 @@ def test_recurring_channels_follow_the_llm_int8_criterion():
             a[11] = 50.0  # once only: large but not systematic
         layers.append(a)
     layers.append(np.full(4, 20.0))  # the only input of its width: never recurring
-    recurring = _recurring_channels(_inputs(layers), threshold=6.0, fraction=0.25)
+    recurring = recurring_channels(_inputs(layers), threshold=6.0, fraction=0.25)
     assert recurring == {16: [3, 7]}
-    assert _recurring_channels(_inputs(layers), threshold=6.0, fraction=0.5) == {16: [3]}
+    assert recurring_channels(_inputs(layers), threshold=6.0, fraction=0.5) == {16: [3]}
 
 
 def test_streamed_kurtosis_matches_the_metric():
@@ -67,7 +68,7 @@ def test_sqnr_is_aligned_only_through_a_per_channel_affine_map():
 
 
 def test_layer_labels_drop_the_common_prefix_and_op_suffix():
-    labels = _Labeller([
+    labels = Labeller([
         "/0/encoder/layer.0/attention/self/query/MatMul",
         "/0/encoder/layer.0/attention/self/key/MatMul",
         "/0/encoder/layer.1/output/dense/MatMul",

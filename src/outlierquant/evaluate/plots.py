@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from outlierquant.evaluate.report import AnalysisReport
+    from outlierquant.evaluate.report_data import AnalysisReport
 
 logger = logging.getLogger(__name__)
 

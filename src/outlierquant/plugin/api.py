@@ -39,7 +39,7 @@ from outlierquant.errors import InputError, RecipeError, translated
 from outlierquant.export.data import feeds_for_model, is_causal_lm
 
 if TYPE_CHECKING:
-    from outlierquant.evaluate.report import AnalysisReport
+    from outlierquant.evaluate.report_data import AnalysisReport
     from outlierquant.evaluate.validate import ValidationReport
     from outlierquant.recipes import Recipe
 
@@ -150,11 +150,13 @@ class OutlierQuantizer:
         task: str | None = None,
         opset: int | None = None,
         tokenizer: str | os.PathLike | None = None,
+        past: bool = True,
     ) -> "OutlierQuantizer":
         """From an ``.onnx`` file, a folder holding ``model.onnx``, or a model to export.
 
         A Hugging Face folder or a ``.gguf`` file is exported first (optimum-onnx) into
-        ``export_dir`` (default: a new temporary folder, logged).
+        ``export_dir`` (default: a new temporary folder, logged); a causal LM with its KV
+        cache unless ``past=False`` or ``task`` says otherwise.
         """
         source = Path(model)
         if source.suffix == ".onnx" or (source.is_dir() and (source / "model.onnx").is_file()):
@@ -166,7 +168,7 @@ class OutlierQuantizer:
         if export_dir is None:
             export_dir = tempfile.mkdtemp(prefix="outlierquant-export-")
             logger.info("exporting %s into %s", source, export_dir)
-        return cls(export_model(source, export_dir, task=task, opset=opset), tokenizer=tokenizer)
+        return cls(export_model(source, export_dir, task=task, opset=opset, past=past), tokenizer=tokenizer)
 
     # -- data ------------------------------------------------------------------------
 
@@ -201,10 +203,13 @@ class OutlierQuantizer:
         tokenizer = data_mod.load_tokenizer(folder)
         spec = data_mod.model_inputs(self.model_path)
         texts = [t for t in texts if t.strip()]
+        text_spec = data_mod.text_inputs(spec)  # a with-past decoder's cache is filled below
         if is_causal_lm(self.model_path):
-            feeds = data_mod.lm_segments(texts, tokenizer=tokenizer, input_names=spec, seq_len=128, max_segments=limit)
+            feeds = data_mod.lm_segments(texts, tokenizer=tokenizer, input_names=text_spec, seq_len=128,
+                                         max_segments=limit)
         else:
-            feeds = data_mod.text_feeds(texts[:limit] if limit else texts, tokenizer=tokenizer, input_names=spec)
+            feeds = data_mod.text_feeds(texts[:limit] if limit else texts, tokenizer=tokenizer, input_names=text_spec)
+        feeds = data_mod.fill_past(self.model_path, spec, feeds)
         if not feeds:
             raise InputError(f"the {purpose} texts give no samples")
         return feeds
