@@ -16,20 +16,19 @@ from pathlib import Path
 
 import onnx
 import pytest
-
 from malformed import digest_tree, external_model, good_feeds, good_model
 
 from outlierquant.errors import InputError, OutlierQuantError
-from outlierquant.modelio import OutputUnit, recover_stale_outputs
+from outlierquant.outputs import OutputUnit, recover_stale_outputs, save_model
 from outlierquant.plugin.cli import main
 
 DRIVER = r"""
 import os, signal, sys
-from outlierquant import modelio
+from outlierquant import outputs
 from outlierquant.plugin.cli import main
 
 point, signum = sys.argv[1], int(sys.argv[2])
-commit = modelio.OutputUnit.commit
+commit = outputs.OutputUnit.commit
 
 def patched(self):
     if point == "before-commit":
@@ -47,7 +46,7 @@ def patched(self):
     finally:
         os.replace = replace
 
-modelio.OutputUnit.commit = patched
+outputs.OutputUnit.commit = patched
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -177,7 +176,6 @@ def test_external_data_output_is_one_unit(tmp_path):
     """Model and data file renamed together; an old data file of another name is not touched."""
     import onnx_ir as ir
 
-    from outlierquant.modelio import save_model
 
     model = ir.load(external_model(tmp_path / "in"))
     out = tmp_path / "out" / "m.onnx"

@@ -23,7 +23,8 @@ import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats, stats_files
 from outlierquant.errors import CalibrationError, InputError, translated
-from outlierquant.modelio import OutputUnit, check_finite_weights, check_outputs, load_model, model_file_bytes, model_files, write_model
+from outlierquant.modelio import check_finite_weights, load_model, model_file_bytes, model_files
+from outlierquant.outputs import OutputUnit, check_outputs, write_model
 from outlierquant.recipes import Recipe, instantiate, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def quantize_model(
     """Quantize ``model_path`` with ``recipe`` into ``output_path`` (+ ``.report.json``).
 
     The model, its external data (if any) and the report appear together or not at all
-    (:class:`~outlierquant.modelio.OutputUnit`). None of them may be an input file: the
+    (:class:`~outlierquant.outputs.OutputUnit`). None of them may be an input file: the
     model, its external data, the statistics, nor anything listed in ``protect`` (the
     calibration data, the recipe file); that is checked before any work.
     """

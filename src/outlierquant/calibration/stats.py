@@ -29,6 +29,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 
 from outlierquant.errors import CalibrationError, InputError
+from outlierquant.outputs import OutputUnit, check_outputs
 
 FORMAT_VERSION = 1
 
@@ -156,10 +157,9 @@ class ActivationStats(Mapping[str, ChannelStats]):
     def save(self, path: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
         """Write ``path.npz`` and ``path.json`` together (``path`` may carry either suffix or none).
 
-        Both appear at once or neither does (an :class:`~outlierquant.modelio.OutputUnit`);
+        Both appear at once or neither does (an :class:`~outlierquant.outputs.OutputUnit`);
         neither may be one of the files in ``protect`` (the model, the calibration data).
         """
-        from outlierquant.modelio import OutputUnit, check_outputs
 
         npz_path, json_path = stats_files(path)
         check_outputs([npz_path, json_path], protect)

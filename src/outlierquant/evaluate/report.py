@@ -69,6 +69,7 @@ from outlierquant.evaluate.report_data import (
     json_default,
 )
 from outlierquant.evaluate.report_html import write_html
+from outlierquant.outputs import OutputUnit, check_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def analyze_model(
     max/median ratio first (``None``: all).
 
     The report's files appear in ``out_dir`` together, once everything is computed (an
-    :class:`~outlierquant.modelio.OutputUnit`); none may replace one of the input files,
+    :class:`~outlierquant.outputs.OutputUnit`); none may replace one of the input files,
     the models or those in ``protect``.
     """
     from outlierquant.calibration.collect import collect_statistics
@@ -176,7 +177,6 @@ def analyze_model(
             probe_sensitivity(report, model, stats, probe, reference, labels, sensitivity_limit, progress)
 
     from outlierquant.evaluate import plots
-    from outlierquant.modelio import OutputUnit
 
     with OutputUnit(out_dir, primary="index.html", protect=protect) as unit:
         report.plots = plots.write_plots(report, unit.staging)
@@ -197,7 +197,6 @@ REPORT_FILES = ("index.html", "analysis.json", "ratio.png", "kurtosis.png", "sqn
 def check_report_folder(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
     """Before any work: ``out_dir`` is (or can become) a folder, and no report file is an input."""
     from outlierquant.errors import OutputError
-    from outlierquant.modelio import check_outputs
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -36,7 +36,8 @@ import numpy as np
 
 from outlierquant.errors import InputError
 from outlierquant.evaluate import metrics
-from outlierquant.modelio import atomic_write_text, model_file_bytes, resolve_model_file
+from outlierquant.modelio import model_file_bytes, resolve_model_file
+from outlierquant.outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,14 @@ from outlierquant.graph.values import constant_array, is_constant, is_scalar_con
 
 
 def group_head_dim(group: LinearGroup, ranks: dict) -> int | None:
-    """The head size of a V → O path: the last axis of the first head-splitting Reshape."""
+    """The head size of a V → O path: the last axis of the first head-splitting Reshape.
+
+    A Reshape splits heads when its last axis divides V's width. With several V heads the
+    last axis is smaller than the width; with a single one (multi-query attention, e.g.
+    Gemma 3 1B: one KV head of 256 channels) it equals the width, and the Reshape is a head
+    split only when it adds a heads axis of size 1 just before the last (``[B, S, 1, d]``
+    or ``[B, S, -1, d]``) — a ``[B·S, d] → [B, S, d]`` Reshape around a Gemm is not one.
+    """
 
     producer = group.producer
     width = producer.linear.out_features
@@ -25,6 +32,7 @@ def group_head_dim(group: LinearGroup, ranks: dict) -> int | None:
         if node.op_type != "Reshape":
             continue
         shape = node.outputs[0].shape
+        target = None
         if shape is not None and len(shape) and is_int(shape[-1]):
             last = int(shape[-1])
         else:
@@ -34,7 +42,22 @@ def group_head_dim(group: LinearGroup, ranks: dict) -> int | None:
             last = int(target[-1])
         if 1 < last < width and width % last == 0:
             return last
+        if last == width > 1 and _adds_single_head_axis(node, shape, target, ranks):
+            return last
     return None
+
+
+def _adds_single_head_axis(node: ir.Node, shape, target, ranks: dict) -> bool:
+    """Whether Reshape ``node`` appends an axis of size 1 (or -1 over a whole last axis)
+    before an unchanged last axis: ``[..., d] → [..., 1, d]``."""
+    rank_in = ranks.get(node.inputs[0])
+    if shape is not None and len(shape) >= 2:
+        return rank_in is not None and len(shape) == rank_in + 1 and is_int(shape[-2]) and int(shape[-2]) == 1
+    if target is None:
+        target = evaluate_shape(node.inputs[1], {}, ranks)
+    if target is None or target.ndim != 1 or len(target) < 2 or rank_in is None or len(target) != rank_in + 1:
+        return False
+    return is_int(target[-2]) and int(target[-2]) in (1, -1)
 
 
 #: ops between the score MatMul and its Softmax (mask, scale, soft-capping, casts)
@@ -151,12 +174,84 @@ def _last_axis_size(value: ir.Value, ranks: dict, depth: int = 12) -> int | None
                     following.append(node.inputs[0])
             elif op == "Where":
                 following.extend(node.inputs[1:])
+            elif op == "Concat":
+                source = _complementary_split_source(node, ranks)
+                if source is not None:
+                    following.append(source)  # Concat(f(X[..., :r]), X[..., r:]) keeps X's last axis
+                elif node.attributes.get_int("axis", 0) not in (-1, (ranks.get(current) or 0) - 1):
+                    following.extend(node.inputs)  # joined along another axis (a KV cache's past)
             elif op in ("Expand", "Unsqueeze", "Squeeze"):
                 following.append(node.inputs[0])
             elif op in _LAST_AXIS_KEEPING_OPS:
                 following.extend(node.inputs)
         frontier = following
     return None
+
+
+def _last_axis_slice(value: ir.Value | None, ranks: dict) -> ir.Node | None:
+    """The Slice over the last axis behind ``value`` through ops that keep the last axis."""
+    frontier, seen = [value], set()
+    for _ in range(4):
+        following = []
+        for current in frontier:
+            node = current.producer() if current is not None else None
+            if node is None or node.domain != "" or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type == "Slice":
+                axes = constant_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+                rank = ranks.get(node.inputs[0])
+                steps = constant_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+                if (axes is not None and axes.size == 1 and rank is not None
+                        and int(axes.reshape(-1)[0]) % rank == rank - 1
+                        and (steps is None or int(steps.reshape(-1)[0]) == 1)):
+                    return node
+                continue
+            if node.op_type in _LAST_AXIS_KEEPING_OPS:
+                following.extend(v for v in node.inputs if v is not None and not is_constant(v))
+        frontier = following
+    return None
+
+
+def _same_expression(a: ir.Value | None, b: ir.Value | None, depth: int = 4) -> bool:
+    """Whether two small int expressions are the same: one value, equal constants, or the
+    same op with the same attributes over the same inputs (exporters recompute a bound)."""
+    if a is b:
+        return True
+    if a is None or b is None or depth == 0:
+        return False
+    ca, cb = constant_array(a), constant_array(b)
+    if ca is not None or cb is not None:
+        return ca is not None and cb is not None and ca.shape == cb.shape and bool(np.all(ca == cb))
+    na, nb = a.producer(), b.producer()
+    if na is None or nb is None or na.op_type != nb.op_type or na.domain != nb.domain:
+        return False
+    if len(na.inputs) != len(nb.inputs) or {k: str(v.value) for k, v in na.attributes.items()} != \
+            {k: str(v.value) for k, v in nb.attributes.items()}:
+        return False
+    return all(_same_expression(x, y, depth - 1) for x, y in zip(na.inputs, nb.inputs))
+
+
+def _complementary_split_source(node: ir.Node, ranks: dict) -> ir.Value | None:
+    """``X`` when last-axis Concat ``node`` joins ``f(X[..., :r])`` and ``X[..., r:]``, the
+    partial rotary embedding (Phi-3, GPT-NeoX): its output's last axis is ``X``'s."""
+    if len(node.inputs) != 2:
+        return None
+    head = _last_axis_slice(node.inputs[0], ranks)
+    tail = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if head is None or tail is None or _last_axis_slice(node.inputs[1], ranks) is not tail:
+        return None
+    if head.inputs[0] is not tail.inputs[0]:
+        return None
+    start = constant_array(head.inputs[1])
+    end = constant_array(tail.inputs[2])
+    if start is None or start.size != 1 or int(start.reshape(-1)[0]) != 0:
+        return None
+    if end is None or end.size != 1 or int(end.reshape(-1)[0]) < 2**31:
+        return None
+    if not _same_expression(head.inputs[2], tail.inputs[1]):
+        return None
+    return head.inputs[0]
 
 
 def find_score_matmuls(model: ir.Model) -> list[ScoreMatMul]:

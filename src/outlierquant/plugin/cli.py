@@ -13,7 +13,7 @@ only one. Anything else raised by our own code is a bug and keeps its traceback.
 
 No command writes over one of its inputs: every output path is checked against the input
 files (through symlinks and hard links) before any work, and outputs are written through
-:class:`~outlierquant.modelio.OutputUnit`, so a failure or a signal leaves nothing behind.
+:class:`~outlierquant.outputs.OutputUnit`, so a failure or a signal leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Sequence
 
 from outlierquant.errors import InputError, OutlierQuantError, describe, is_dependency_error, translated
 from outlierquant.export.data import feeds_for_model
+from outlierquant.outputs import Terminated, check_outputs, terminate_as_exception
 
 logger = logging.getLogger("outlierquant")
 
@@ -75,6 +76,8 @@ def cmd_export(args) -> int:
     from outlierquant.export import export_model
 
     output = Path(args.output)
+    if getattr(args, "no_past", False) and (args.task or "").endswith("-with-past"):
+        raise InputError(f"--no-past contradicts --task {args.task}")
     missing = []
     folder = output
     while not folder.exists() and folder.parent != folder:
@@ -82,7 +85,8 @@ def cmd_export(args) -> int:
         folder = folder.parent
     try:
         with translated(args.model):
-            path = export_model(args.model, output, task=args.task, opset=args.opset)
+            path = export_model(args.model, output, task=args.task, opset=args.opset,
+                                past=not getattr(args, "no_past", False))
     except BaseException:
         for created in missing:  # the folders this run made, if the export left them empty
             with contextlib.suppress(OSError):
@@ -95,7 +99,7 @@ def cmd_export(args) -> int:
 def cmd_calibrate(args) -> int:
     from outlierquant.calibration.collect import collect_statistics
     from outlierquant.calibration.stats import stats_files
-    from outlierquant.modelio import check_outputs, load_model
+    from outlierquant.modelio import load_model
     from outlierquant.passes.canonicalize import CanonicalizePass
 
     model_path = Path(args.model)
@@ -116,7 +120,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_quantize(args) -> int:
     from outlierquant.calibration.stats import stats_files
-    from outlierquant.modelio import check_outputs, load_model
+    from outlierquant.modelio import load_model
     from outlierquant.pipeline import quantize_model, report_path_for
 
     model_path = Path(args.model)
@@ -149,7 +153,7 @@ def cmd_quantize(args) -> int:
 
 def cmd_validate(args) -> int:
     from outlierquant.evaluate.validate import validate
-    from outlierquant.modelio import check_outputs, load_model
+    from outlierquant.modelio import load_model
 
     reference, candidate = Path(args.reference), Path(args.candidate)
     inputs = _inputs(args.data, models=[reference, candidate])
@@ -261,7 +265,10 @@ class _Parser(argparse.ArgumentParser):
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a local Hugging Face model folder, a .gguf file, or a hub id (online only)")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    p.add_argument("--task", help="optimum task (default: from the model's config)")
+    p.add_argument("--task", help="optimum task (default: from the model's config; a causal LM: "
+                   "text-generation-with-past)")
+    p.add_argument("--no-past", action="store_true",
+                   help="export a causal LM without its KV cache (text-generation)")
     p.add_argument("--opset", type=positive_int, help="ONNX opset (default: optimum's choice)")
 
 
@@ -417,7 +424,6 @@ def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
     becomes one stderr line and exit code 2; SIGINT gives 130, SIGTERM 143, each after
     the outputs in progress were removed. ``--debug`` re-raises instead.
     """
-    from outlierquant.modelio import Terminated, terminate_as_exception
 
     debug = getattr(args, "debug", False)
     try:

@@ -1,0 +1,398 @@
+"""Writing outputs safely: all of a command's files appear together or not at all.
+
+- :func:`check_outputs` refuses an output that is one of the inputs (through symlinks and
+  hard links), an existing folder, or a path under a file, before any work starts.
+- :class:`OutputUnit` writes a model, its external data and its report into a temporary
+  folder beside the targets (the user's umask, fsync), then renames them into place under
+  a journal, holding signals back; on failure or a signal the temporaries are removed,
+  and the next write into that folder finishes or removes a killed run's leftovers.
+- :func:`save_model` writes one model that way, switching to external data when the
+  weights pass protobuf's 2 GB limit; :func:`atomic_write_text` writes one text file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import onnx_ir as ir
+
+from outlierquant.errors import OutputError, describe
+from outlierquant.modelio import EXTERNAL_DATA_THRESHOLD, model_weight_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived: raised like KeyboardInterrupt so that cleanups run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise :class:`Terminated` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            previous[signum] = signal.signal(signum, _raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _identity(path: Path) -> tuple[str, tuple[int, int] | None]:
+    real = os.path.realpath(path)
+    try:
+        info = os.stat(real)
+    except OSError:
+        return real, None
+    return real, (info.st_dev, info.st_ino)
+
+
+def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse outputs that would overwrite an input or cannot be written; before any work.
+
+    An output is the same file as an input when their real paths agree (symlinks) or
+    when they share an inode (hard links). An output must not be an existing folder, its
+    folder must be a folder (or not exist yet, under one), and writable.
+    """
+    known: dict[str, Path] = {}
+    inodes: dict[tuple[int, int], Path] = {}
+    for item in inputs:
+        real, inode = _identity(Path(item))
+        known.setdefault(real, Path(item))
+        if inode is not None:
+            inodes.setdefault(inode, Path(item))
+    for item in outputs:
+        output = Path(item)
+        real, inode = _identity(output)
+        clash = known.get(real) or (inodes.get(inode) if inode is not None else None)
+        if clash is not None:
+            same = "" if os.path.abspath(clash) == os.path.abspath(output) else f" {clash}"
+            raise OutputError(f"{output}: refusing to overwrite the input {_kind(clash)}{same}")
+        if output.is_dir():
+            raise OutputError(f"{output}: is a folder; give a file name")
+        _check_writable_folder(output.parent)
+
+
+def _kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "model"
+    if suffix == ".data":
+        return "model's external data"
+    if suffix in (".npz", ".txt"):
+        return "data"
+    if suffix in (".yaml", ".yml"):
+        return "recipe"
+    return "file"
+
+
+def _check_writable_folder(folder: Path) -> None:
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():
+            raise OutputError(f"{existing}: is a broken symbolic link")
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise OutputError(f"{existing}: is a file, not a folder")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{existing}: folder is not writable")
+
+
+_TEMP_PATTERN = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
+
+
+_JOURNAL = ".commit"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputUnit:
+    """Files that appear together or not at all: a model, its external data, its report.
+
+    Everything is written into a private folder beside the targets
+    (``.<primary>.tmp-<pid>-<random>``); :meth:`commit` fsyncs the files, notes in a
+    journal that they are complete, then renames each into place, the primary last, with
+    SIGINT/SIGTERM held back and the folder locked against a concurrent writer. On an
+    error or a signal the private folder is removed, and so are the folders the unit
+    created. A run killed outright (SIGKILL) leaves its private folder; the next unit in
+    that folder finishes the renames if the journal was written, and removes it otherwise.
+
+    Every file written into :attr:`staging` becomes ``folder/<its name>``; ``protect``
+    lists input files that no target may be (see :func:`check_outputs`).
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, primary: str, protect: Iterable[str | os.PathLike] = ()) -> None:
+        self.folder = Path(folder)
+        self.primary = primary
+        self.protect = [Path(p) for p in protect]
+        self.staging: Path | None = None
+        self._created: list[Path] = []
+        self._committed = False
+
+    def path(self, target: str | os.PathLike) -> Path:
+        """Where to write the file that becomes ``target`` (a name, or a path in :attr:`folder`)."""
+        assert self.staging is not None, "OutputUnit used outside its with block"
+        return self.staging / Path(target).name
+
+    def target(self, name: str | os.PathLike) -> Path:
+        return self.folder / Path(name).name
+
+    def staged_bytes(self, *names: str | os.PathLike) -> int:
+        return sum(self.path(name).stat().st_size for name in names if self.path(name).exists())
+
+    def __enter__(self) -> "OutputUnit":
+        self._terminate = terminate_as_exception()
+        self._terminate.__enter__()
+        try:
+            with self._as_output_error(self.folder):
+                self._make_folder()
+                with self._locked():
+                    recover_stale_outputs(self.folder, protect=self.protect)
+                self.staging = self.folder / f".{self.primary}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+                os.mkdir(self.staging, 0o700)
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try:
+            if exc is None:
+                with self._as_output_error(self.folder / self.primary):
+                    self.commit()
+            elif isinstance(exc, OSError) and not is_input_os_error(exc, self.staging):
+                raise OutputError(f"{self.folder / self.primary}: cannot write ({describe(exc)})") from exc
+        finally:
+            self._cleanup()
+        return False
+
+    def commit(self) -> None:
+        names = sorted(entry.name for entry in self.staging.iterdir() if entry.name != _JOURNAL)
+        if self.primary in names:
+            names.remove(self.primary)
+            names.append(self.primary)
+        check_outputs([self.folder / name for name in names], self.protect)
+        mode = 0o666 & ~_umask()
+        for name in names:
+            _fsync_file(self.staging / name, mode)
+        journal = self.staging / _JOURNAL
+        journal.write_text("\n".join(names) + "\n", encoding="utf-8")
+        _fsync_file(journal, 0o600)
+        _fsync_dir(self.staging)
+        with self._locked(), _signals_held():
+            for name in names:
+                os.replace(self.staging / name, self.folder / name)
+            _fsync_dir(self.folder)
+            self._committed = True
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl
+
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _as_output_error(self, target: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot write ({describe(exc)})") from exc
+
+    def _make_folder(self) -> None:
+        _check_writable_folder(self.folder)
+        missing = []
+        folder = self.folder
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            self._created.append(folder)
+
+    def _cleanup(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        if not self._committed:
+            for folder in reversed(self._created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        self._terminate.__exit__(None, None, None)
+
+
+def is_input_os_error(exc: OSError, staging: Path | None) -> bool:
+    """Whether an OSError inside an output unit is about a file other than the outputs."""
+    if exc.filename is None or staging is None:
+        return False
+    return not os.path.abspath(exc.filename).startswith(os.path.abspath(staging) + os.sep)
+
+
+def _fsync_file(path: Path, mode: int) -> None:
+    os.chmod(path, mode)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer SIGINT, SIGTERM and SIGHUP until the block is done, then act on the first one.
+
+    The handlers are swapped rather than the signals masked: a process-directed signal may
+    be delivered to any thread (onnxruntime's pool), and Python runs its handlers in the
+    main thread whichever thread received it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, lambda number, frame: pending.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def recover_stale_outputs(folder: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> None:
+    """Finish or remove the private folders of output units whose process has died.
+
+    With a journal the files were complete: they are renamed into place (unless one would
+    overwrite a protected input). Without one the unit never committed: removed.
+    """
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    protect = list(protect)
+    for entry in entries:
+        match = _TEMP_PATTERN.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink() or _pid_alive(int(match.group(1))):
+            continue
+        journal = entry / _JOURNAL
+        if journal.is_file():
+            names = [name for name in journal.read_text(encoding="utf-8").split("\n") if name]
+            try:
+                check_outputs([folder / name for name in names if "/" not in name], protect)
+                for name in names:
+                    if "/" not in name and (entry / name).is_file():
+                        os.replace(entry / name, folder / name)
+                logger.warning("completed the outputs of an interrupted run: %s", ", ".join(names))
+            except OutputError:
+                pass
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def write_model(model: ir.Model, unit: OutputUnit, name: str, *, external_data: bool | None = None) -> bool:
+    """Write ``model`` into ``unit`` as ``name`` (+ ``name.data``); returns whether it used external data.
+
+    ``external_data=None`` chooses external data when the weights pass
+    :data:`EXTERNAL_DATA_THRESHOLD`.
+    """
+    if external_data is None:
+        external_data = model_weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    if external_data:
+        ir.save(model, unit.path(name), external_data=name + ".data")
+    else:
+        # Tensors still backed by the *input's* external data file would be written as
+        # references to a file that does not exist beside the output: inline them.
+        _inline_external_tensors(model)
+        ir.save(model, unit.path(name))
+    return external_data
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Save ``model`` to ``path`` atomically (an :class:`OutputUnit`); returns the path written.
+
+    The data file, when there is one, is ``<name>.data``. A data file of that name left by
+    an earlier run is not deleted (nothing refers to it once the new model is inline).
+    """
+    path = Path(path)
+    check_outputs([path, path.with_name(path.name + ".data")], protect)
+    with OutputUnit(path.parent, primary=path.name, protect=protect) as unit:
+        external_data = write_model(model, unit, path.name, external_data=external_data)
+    logger.info("saved %s%s", path, " (+ external data)" if external_data else "")
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write a text file through a temporary name and a rename (see :class:`OutputUnit`)."""
+    path = Path(path)
+    check_outputs([path], protect)
+    with OutputUnit(path.parent, primary=path.name, protect=protect) as unit:
+        unit.path(path).write_text(text, encoding="utf-8")
+    return path
+
+
+def _inline_external_tensors(model: ir.Model) -> None:
+    """Replace initializers that live in an external file with in-memory copies."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
