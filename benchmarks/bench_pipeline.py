@@ -33,7 +33,8 @@ def _peak_rss_mib() -> float:
 
 def run_case(case: str, workdir: Path) -> dict:
     from outlierquant.calibration.collect import collect_statistics
-    from outlierquant.modelio import load_model, model_file_bytes, save_model
+    from outlierquant.modelio import load_model, model_file_bytes
+    from outlierquant.outputs import save_model
     from outlierquant.pipeline import run_recipe
     from outlierquant.recipes import load_recipe
 

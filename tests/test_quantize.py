@@ -15,6 +15,7 @@ from outlierquant.emit.qdq import QuantConfig, plan_quantization
 from outlierquant.graph.values import is_constant
 from outlierquant.numerics.grids import activation_scale_zero_point, quantize_weight
 from outlierquant.numerics.rounding import output_error, quantease_int8_weight
+from outlierquant.outputs import save_model
 from outlierquant.passes.quantize import QuantizeQDQPass
 
 RNG = np.random.default_rng(0)
@@ -256,7 +257,7 @@ def test_w8a8_with_onnxruntime_layout_reproduces_onnxruntime_static_qdq(minilm_o
     from outlierquant.calibration.collect import collect_statistics
     from outlierquant.evaluate.baselines import ort_quantize
     from outlierquant.export.data import bundled_sentences, model_inputs, text_feeds
-    from outlierquant.modelio import load_model, save_model
+    from outlierquant.modelio import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_onnx.parent)
     lines = bundled_sentences("calibration").read_text(encoding="utf-8").splitlines()[:24]
