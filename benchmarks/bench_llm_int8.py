@@ -19,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scaffold  # noqa: E402
 
+from outlierquant.evaluate.validation_report import comparison_table
+
 
 def llm_int8_recipe(kernels: str):
     """The shipped ``llm-int8`` recipe with only ``kernels`` overridden (kernel vs standard form)."""
@@ -43,7 +45,6 @@ def label_for(stem: str, report: dict) -> str:
 
 def run(label: str, work: scaffold.Workload, workdir: Path, runs: int) -> None:
     from outlierquant import custom_ops
-    from outlierquant.evaluate.validate import comparison_table
 
     recipes = []
     for kernels in ("custom", "standard"):

@@ -27,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scaffold  # noqa: E402
 
+from outlierquant.evaluate.validation_report import comparison_table
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,7 +42,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
 
-    from outlierquant.evaluate.validate import comparison_table
 
     workdir = args.workdir / "smollm2"
     work = scaffold.smollm2(workdir / "fp32", args.calibration_segments, args.eval_segments, seq_len=args.seq_len)

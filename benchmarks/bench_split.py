@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scaffold  # noqa: E402
 
+from outlierquant.evaluate.validation_report import comparison_table
+
 OURS = ("w8a8", "llm-int8", "splitquant-w8a8", "adadim-w4a16", "quantease-w4a16", "quantease-w3a16", "qllm-w4a8")
 BASELINES = ("ort-static-matmul", "ort-dynamic", "ort-int4-rtn")
 
@@ -58,7 +60,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from outlierquant import custom_ops
-    from outlierquant.evaluate.validate import comparison_table
 
     kernel_options = custom_ops.session_options() if custom_ops.available() else None
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-split-"))

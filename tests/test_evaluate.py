@@ -12,7 +12,8 @@ from onnx import numpy_helper
 
 from outlierquant.errors import InputError
 from outlierquant.evaluate import metrics
-from outlierquant.evaluate.validate import ValidationReport, comparison_table, detect_task, validate
+from outlierquant.evaluate.validate import detect_task, validate
+from outlierquant.evaluate.validation_report import ValidationReport, comparison_table
 from outlierquant.export import data
 
 RNG = np.random.default_rng(1234)

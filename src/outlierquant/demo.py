@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from outlierquant.evaluate.validation_report import comparison_table
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,7 +24,7 @@ def run_demo(workdir: Path, *, progress: bool | None = None, recipe: str = "defa
     from transformers import AutoTokenizer
 
     from outlierquant.evaluate.baselines import ort_quantize
-    from outlierquant.evaluate.validate import comparison_table, validate
+    from outlierquant.evaluate.validate import validate
     from outlierquant.export import default_model_dir, export_model
     from outlierquant.export.data import bundled_sentences, model_inputs, text_feeds
     from outlierquant.pipeline import quantize_model

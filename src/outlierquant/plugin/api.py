@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from outlierquant.errors import InputError, RecipeError, translated
+from outlierquant.evaluate.validation_report import ValidationReport
 from outlierquant.export.data import feeds_for_model, is_causal_lm
 
 if TYPE_CHECKING:
     from outlierquant.evaluate.report_data import AnalysisReport
-    from outlierquant.evaluate.validate import ValidationReport
     from outlierquant.recipes import Recipe
 
 logger = logging.getLogger(__name__)
