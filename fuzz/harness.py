@@ -35,10 +35,9 @@ import malformed  # noqa: E402
 # Dependencies first, uninstrumented: coverage is measured on our code only.
 import numpy as np  # noqa: E402,F401
 import onnx  # noqa: E402,F401
+import onnx_ir as ir  # noqa: E402,F401
 import onnxruntime  # noqa: E402
 import yaml  # noqa: E402,F401
-
-from outlierquant.outputs import OutputUnit, write_model
 
 with atheris.instrument_imports(include=["outlierquant"]):
     import importlib
@@ -47,6 +46,7 @@ with atheris.instrument_imports(include=["outlierquant"]):
     from outlierquant.errors import OutlierQuantError, translated
     from outlierquant.export.data import check_feeds, index_limits, load_feeds
     from outlierquant.modelio import load_model
+    from outlierquant.outputs import OutputUnit, write_model
     from outlierquant.pipeline import run_recipe
     from outlierquant.recipes import PASS_CATALOG, builtin_recipes, load_recipe
 
