@@ -179,6 +179,16 @@ def test_ragged_feeds_batched_match_numpy_and_per_sample():
     _assert_same(batched, small_batches)
 
 
+def test_a_byte_budget_bounds_the_batches_and_keeps_the_numbers():
+    samples = [_sample(64, i) for i in range(24)]  # one shape: 1536 tokens
+    free = collect_statistics(_seq_ir(), samples, progress=False)
+    assert free.meta["runs"] == 2  # 512 tokens first (it measures a token), then the other 1024
+    # a budget below one sample's activations: after the first run, one sample per run
+    budgeted = collect_statistics(_seq_ir(), samples, progress=False, batch_bytes=1)
+    assert budgeted.meta["runs"] == 1 + 16
+    _assert_same(free, budgeted)
+
+
 def _padded(samples, *, left=False):
     length = max(s["x"].shape[1] for s in samples)
     x = np.full((len(samples), length, 4), 1e4, np.float32)  # padding that would dominate a range

@@ -92,6 +92,14 @@ from outlierquant.modelio import load_model
 
 logger = logging.getLogger(__name__)
 
+#: tokens in the first calibration run, before the cost of a token is known
+_FIRST_RUN_TOKENS = 512
+
+#: The one memory budget for activations held at once: a calibration batch, the rows a
+#: pass captures to learn on, the attention probabilities a gate fetches. Bounded by this,
+#: peak memory does not grow with the calibration set or the vocabulary.
+MEMORY_BUDGET_BYTES = 512 * 2**20
+
 
 # ---------------------------------------------------------------------------------------
 # Targets
@@ -260,6 +268,7 @@ def collect_statistics(
     tensors: Iterable[str | CalibrationTarget] | None = None,
     covariance_for: Iterable[str] = (),
     batch_tokens: int | None = 4096,
+    batch_bytes: int | None = MEMORY_BUDGET_BYTES,
     progress: bool | None = None,
     session_options: Any = None,
     providers: Sequence[Any] | None = None,
@@ -273,7 +282,10 @@ def collect_statistics(
     a bare name takes the channel axis its consumer implies, else the last axis).
     ``covariance_for``: names whose statistics keep a covariance matrix.
     ``batch_tokens``: consecutive feeds of identical shapes are run together up to about
-    this many tokens (``None`` or ``0``: one run per feed).
+    this many tokens (``None`` or ``0``: one run per feed), and while the fetched
+    activations stay within ``batch_bytes`` (their cost per token is measured on the first
+    run, which holds at most 512 tokens): a large model's batches shrink, a small one's
+    do not.
     ``session_options``: default ``ORT_ENABLE_BASIC``; a given object gets the
     external-data folder option added when the model has external data.
     ``total``: the number of feeds, for the progress bar when ``feeds`` has no ``len``.
@@ -316,11 +328,22 @@ def collect_statistics(
         pending: list[tuple[int, dict[str, np.ndarray]]] = []
         pending_key: Any = None
         pending_tokens = 0
+        bytes_per_token: float | None = None
+
+        def token_limit() -> int:
+            """The tokens one run may hold: ``batch_tokens``, lowered to fit ``batch_bytes``."""
+            limit = int(batch_tokens or 0)
+            if bytes_per_token is None:  # the first run measures what a token costs
+                return min(limit, _FIRST_RUN_TOKENS)
+            if batch_bytes:
+                limit = min(limit, int(batch_bytes // max(bytes_per_token, 1.0)))
+            return limit
 
         def flush() -> None:
-            nonlocal pending, pending_tokens
+            nonlocal pending, pending_tokens, bytes_per_token
             if not pending:
                 return
+            tokens_in_run = max(pending_tokens, 1)
             samples = [index for index, _ in pending]
             if len(pending) == 1:
                 batch = pending[0][1]
@@ -334,6 +357,8 @@ def collect_statistics(
                 mask = None
             results = session.run(fetched, batch) if fetched else []
             counters["runs"] += 1
+            per_token = sum(array.nbytes for array in results) / tokens_in_run
+            bytes_per_token = per_token if bytes_per_token is None else max(bytes_per_token, per_token)
             for name, array in zip(fetched, results):
                 collector.fold(name, array, mask, samples, rows_per_sample)
             for name in from_feed:
@@ -359,7 +384,7 @@ def collect_statistics(
                 key = tuple((name, a.shape, a.dtype.str) for name, a in sorted(piece.items()))
                 tokens = feed_tokens(piece)
                 if pending and (
-                    not can_batch or key != pending_key or pending_tokens + tokens > int(batch_tokens or 0)
+                    not can_batch or key != pending_key or pending_tokens + tokens > token_limit()
                 ):
                     flush()
                 pending.append((index, piece))

@@ -52,6 +52,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from outlierquant.calibration.collect import MEMORY_BUDGET_BYTES
 from outlierquant.emit.rotation import kronecker_left_form
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.attention import group_head_dim
@@ -76,7 +77,8 @@ __all__ = [
 ]
 
 #: tensors captured per session run, bounded by this many bytes of kept rows
-_CAPTURE_BYTES = 256 * 2**20
+#: half the shared budget: the transform's learning holds a second copy of the rows
+_CAPTURE_BYTES = MEMORY_BUDGET_BYTES // 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,6 +60,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from outlierquant.calibration.collect import MEMORY_BUDGET_BYTES
 from outlierquant.calibration.stats import ActivationStats
 from outlierquant.emit.kernels import use_kernel
 from outlierquant.emit.mixed_int8 import float_split_builder, mixed_int8_builder, without_channels
@@ -354,7 +355,7 @@ class LlmInt8SplitPass(OutlierPass):
 
 
 #: memory for the attention probabilities the ``gated`` residual fetches per sample
-_PROBS_FETCH_BYTES = 512 << 20
+_PROBS_FETCH_BYTES = MEMORY_BUDGET_BYTES
 
 
 def _feed_elements(feed: dict) -> int:

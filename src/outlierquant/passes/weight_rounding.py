@@ -90,6 +90,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from outlierquant.calibration.collect import MEMORY_BUDGET_BYTES
 from outlierquant.emit.fake_quant import fake_quantize_activation
 from outlierquant.emit.weights import correct_bias, emit_grouped_weight
 from outlierquant.graph.analysis import analyze_graph
@@ -227,7 +228,7 @@ class _ReferenceRows:
     """
 
     def __init__(self, model: ir.Model, feeds, order: list[str], max_rows: int, channels: dict[str, int],
-                 budget: int = 512 * 2**20) -> None:
+                 budget: int = MEMORY_BUDGET_BYTES) -> None:
         self.model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
         self.feeds = feeds
         self.order = order
