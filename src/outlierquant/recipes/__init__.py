@@ -50,6 +50,7 @@ PASS_CATALOG: dict[str, str] = {
     "quantease": "outlierquant.passes.weight_rounding:QuantEaseRoundPass",
     "weight-only": "outlierquant.passes.weight_only:QuantizeWeightOnlyPass",
     "olive": "outlierquant.passes.olive:OlivePass",
+    "quantize-embeddings": "outlierquant.passes.embeddings:QuantizeEmbeddingsPass",
     "format-quantize": "outlierquant.passes.formats:QuantizeFormatPass",
 }
 

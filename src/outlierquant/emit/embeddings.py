@@ -1,0 +1,45 @@
+"""Int8 embedding tables: a row lookup on int8 levels, dequantized after the lookup.
+
+``E[ids]`` with ``E ≈ diag(s) · Q`` (``Q`` int8, one symmetric scale per row ``s_r =
+max_j |E_rj| / 127``) is written ``Cast(Gather(Q, ids)) · Gather(s, ids)``: only the rows a
+batch reads are dequantized, so the table stays int8 in memory and on disk (a
+``DequantizeLinear`` of the whole table before the ``Gather`` would rebuild the float table
+on every run). Standard ops only, so any runtime runs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from outlierquant.graph.values import add_initializer
+
+
+def quantize_rows(table: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row levels and scales of a ``[rows, width]`` table (round half to even)."""
+    qmax = 2 ** (bits - 1) - 1
+    absmax = np.abs(table).max(axis=1).astype(np.float32)
+    scale = np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+    levels = np.clip(np.rint(table / scale[:, None]), -qmax, qmax).astype(np.int8)
+    return levels, scale
+
+
+def int8_gather_nodes(graph: ir.Graph, node: ir.Node, levels: np.ndarray, scale: np.ndarray,
+                      name: str) -> list[ir.Node]:
+    """The nodes that replace ``node`` (``Gather(table, ids)``, axis 0); its output keeps its name."""
+    ids = node.inputs[1]
+    out = node.outputs[0]
+    q = add_initializer(graph, f"{name}_int8", levels)
+    s = add_initializer(graph, f"{name}_row_scale", scale.reshape(-1, 1))
+
+    def make(op_type: str, inputs: list, suffix: str, **attributes) -> ir.Node:
+        made = ir.node(op_type, inputs=inputs, attributes=attributes or None, name=f"{name}/{suffix}")
+        made.outputs[0].name = f"{name}/{suffix}_output"
+        return made
+
+    rows = make("Gather", [q, ids], "GatherInt8", axis=0)
+    as_float = make("Cast", [rows.outputs[0]], "Cast", to=ir.DataType.FLOAT)
+    scales = make("Gather", [s, ids], "GatherScale", axis=0)
+    product = make("Mul", [as_float.outputs[0], scales.outputs[0]], "Dequantize")
+    product.outputs[0].type, product.outputs[0].shape = out.type, out.shape
+    return [rows, as_float, scales, product]
