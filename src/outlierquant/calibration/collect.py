@@ -9,25 +9,8 @@ for one (``covariance_for``). The channel axis is the reduction axis of the cons
 the last axis of a MatMul input, axis 1 of a Gemm input (0 with ``transA``) and of a
 Conv input. Outputs use the output-feature axis.
 
-How: the target tensors are added as extra outputs on a *serialized copy* of the graph
-(the caller's model and file are never modified) and one
-:class:`onnxruntime.InferenceSession` is created from bytes — no temporary model on disk.
-Models whose weights live in external data files keep them there: the serialized graph
-only *references* the data (onnx-ir keeps external tensors lazy, they are never read into
-Python), and the session is pointed at the data folder with the session option
-``session.model_external_initializers_file_folder_path``. onnxruntime (>= 1.2x) refuses
-absolute external-data locations and symlinks that leave the model folder, so neither a
-temporary model with links nor rewritten absolute paths work; the folder option does.
-Only an *in-memory* model above protobuf's 2 GB limit (weights produced by a pass, not
-backed by a file) has its large in-memory tensors written once into a
-``tempfile.TemporaryDirectory`` as external data, because protobuf cannot serialize it.
-
-Graph optimization: ``ORT_ENABLE_BASIC`` by default. onnxruntime never fuses away a node
-whose output is a graph output, so every requested tensor survives, and the basic level
-only folds constants and removes redundant nodes, which does not change the numerics of
-the tensors we read (the extended/all levels may swap in fused kernels such as
-SkipLayerNorm/Attention for the *rest* of the graph, whose float rounding differs from
-the fp32 graph the passes reason about).
+How: one onnxruntime session over a serialized copy of the model with the targets as
+extra outputs, external data kept in place (:mod:`outlierquant.calibration.session`).
 
 Batching without padding: consecutive feeds whose inputs all have identical shapes and
 dtypes are concatenated along axis 0 into one run, up to about ``batch_tokens`` tokens

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats
@@ -136,12 +137,20 @@ class GroupRewritePass(OutlierPass):
     """
 
     needs_stats = True
+    #: the rewrite needs producer channel ``j`` to be consumer channel ``j`` (a shift or a
+    #: reparameterization cannot follow a head split's channel map)
+    one_to_one_channels: ClassVar[bool] = False
 
     def allow_insert(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def group_reason(self, group, stats) -> str | None:
-        return check_group(group, stats, allow_insert=self.allow_insert(), relations=self.options.relations)
+        reason = check_group(group, stats, allow_insert=self.allow_insert(), relations=self.options.relations)
+        cmap = group.producer.channel_map
+        if not reason and self.one_to_one_channels and cmap is not None \
+                and not np.array_equal(cmap, np.arange(group.in_features)):
+            reason = "channels are remapped between producer and linears (the rewrite needs a one-to-one path)"
+        return reason
 
     def rewrite_group(self, graph: ir.Graph, group, st, entry: dict[str, Any]) -> int | None:  # pragma: no cover
         raise NotImplementedError

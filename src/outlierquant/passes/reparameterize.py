@@ -64,16 +64,11 @@ class ReparameterizeScalesPass(GroupRewritePass):
     needs_stats = True
     claims_equivalence = True
     options_type = ReparameterizeOptions
+    one_to_one_channels = True
 
     def allow_insert(self) -> bool:
         return self.options.insert_ops
 
-    def group_reason(self, group: LinearGroup, stats) -> str | None:
-        reason = super().group_reason(group, stats)
-        cmap = group.producer.channel_map
-        if not reason and cmap is not None and not np.array_equal(cmap, np.arange(group.in_features)):
-            reason = "channels are remapped between producer and linears"
-        return reason
 
     def rewrite_group(self, graph: ir.Graph, group: LinearGroup, st, entry: dict[str, Any]) -> int | None:
         options = self.options

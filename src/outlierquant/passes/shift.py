@@ -87,16 +87,11 @@ class ShiftScaleOutliersPass(GroupRewritePass):
     needs_stats = True
     claims_equivalence = True
     options_type = OutlierSuppressionOptions
+    one_to_one_channels = True
 
     def allow_insert(self) -> bool:
         return self.options.insert_ops
 
-    def group_reason(self, group: LinearGroup, stats) -> str | None:
-        cmap = group.producer.channel_map
-        if cmap is not None and not np.array_equal(cmap, np.arange(group.in_features)):
-            reason = "channels are remapped between producer and linears (shift needs a one-to-one path)"
-            return super().group_reason(group, stats) or reason
-        return super().group_reason(group, stats)
 
     def rewrite_group(self, graph: ir.Graph, group: LinearGroup, st, entry: dict[str, Any]) -> int | None:
         options = self.options
