@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import synthetic
 from helpers import load_canonical as load
+from helpers import max_relative_error, run_outputs
 
 from outlierquant.calibration.collect import collect_statistics
 from outlierquant.emit.rotation import hadamard_left_form
@@ -42,18 +43,17 @@ RTOL = 1e-4
 
 
 def outputs(model: ir.Model, feeds, *, kernels: bool = False) -> list[np.ndarray]:
-    options = ort.SessionOptions()
+    """The first output for every feed (helpers.run_outputs), our kernels registered on request."""
+    options = None
     if kernels:
         from outlierquant import custom_ops
 
-        options = custom_ops.session_options(options)
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return [session.run(None, feed)[0] for feed in feeds]
+        options = custom_ops.session_options()
+    return [sample[0] for sample in run_outputs(model, feeds, options)]
 
 
 def relative_error(before, after) -> float:
-    return max(float(np.abs(a - b).max() / (np.abs(a).max() or 1.0)) for a, b in zip(before, after))
+    return max_relative_error([[a] for a in before], [[b] for b in after])
 
 
 def apply(model: ir.Model, *passes):
