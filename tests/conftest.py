@@ -42,6 +42,17 @@ def smollm2_onnx(tmp_path_factory) -> Path:
 
     out = _cache_dir(tmp_path_factory, "smollm2")
     if not (out / "model.onnx").is_file():
+        export_model(smollm2_gguf(), out, past=False)
+    return out / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def smollm2_past_onnx(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct exported with its KV cache (text-generation-with-past, the default)."""
+    from outlierquant.export import export_model, smollm2_gguf
+
+    out = _cache_dir(tmp_path_factory, "smollm2-past")
+    if not (out / "model.onnx").is_file():
         export_model(smollm2_gguf(), out)
     return out / "model.onnx"
 
@@ -61,6 +72,14 @@ def tiny_llama(tmp_path_factory) -> Path:
     import synthetic
 
     return _built(tmp_path_factory, "tiny-llama", synthetic.build_tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_past(tmp_path_factory) -> Path:
+    """The tiny Llama with its KV cache and a tiny trained tokenizer beside it."""
+    import synthetic
+
+    return _built(tmp_path_factory, "tiny-llama-past", synthetic.build_tiny_llama_past)
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def _save_and_export(model, out_dir: str | Path) -> Path:
     model.eval()
     with tempfile.TemporaryDirectory(prefix="synthetic-hf-") as scratch:
         model.save_pretrained(scratch)
-        return export_model(scratch, out_dir)
+        return export_model(scratch, out_dir, past=False)
 
 
 def tiny_llama_model(seed: int = 0, **overrides: Any):
@@ -99,6 +99,43 @@ def tiny_llama_model(seed: int = 0, **overrides: Any):
 def build_tiny_llama(out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """Export a synthetic tiny Llama (GQA 4/2 heads, SwiGLU, RMSNorm); returns ``model.onnx``."""
     return _save_and_export(tiny_llama_model(seed, **overrides), out_dir)
+
+
+def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
+    """A byte-level BPE tokenizer of ``vocab_size`` entries trained on the bundled sentences
+    (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, Llama's special ids), as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from outlierquant.export.data import bundled_sentences, read_lines
+
+    texts = read_lines(bundled_sentences("calibration")) + read_lines(bundled_sentences("heldout"))
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def build_tiny_llama_past(out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """The synthetic tiny Llama of :func:`build_tiny_llama` exported **with its KV cache**
+    (``text-generation-with-past``: ``past_key_values.{0,1}.key/.value`` [batch, 2, past, 16]
+    in, ``present.*`` out), with :func:`tiny_tokenizer` saved beside it so that text
+    calibration and optimum's ``ORTModelForCausalLM`` work on the folder. Synthetic weights."""
+    from outlierquant.export import export_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = tiny_llama_model(seed, **overrides)
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="synthetic-hf-") as scratch:
+        model.save_pretrained(scratch)
+        path = export_model(scratch, out_dir, task="text-generation-with-past")
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(out_dir)
+    return path
 
 
 def build_tiny_opt(out_dir: str | Path, seed: int = 0) -> Path:

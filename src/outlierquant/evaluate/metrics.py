@@ -136,14 +136,20 @@ def perplexity_from_logits(logits, input_ids, attention_mask=None) -> tuple[floa
     """Next-token NLL sum and token count: position t predicts ``input_ids[t+1]``.
 
     ``logits`` is ``[B, S, V]`` (or ``[S, V]``); the first token is never predicted. With an
-    ``attention_mask``, padded targets are not counted. Log-softmax in float64, row by row
-    so a 50k vocabulary does not blow up memory.
+    ``attention_mask``, padded targets are not counted; a with-past call's mask covers the
+    cached positions too (``[B, P + S]``), and its last ``S`` columns are the new tokens'.
+    Log-softmax in float64, row by row so a 50k vocabulary does not blow up memory.
     """
     logits = np.asarray(logits)
     ids = np.asarray(input_ids)
     if logits.ndim == 2:
         logits, ids = logits[np.newaxis], ids.reshape(1, -1)
-    mask = None if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+    mask = None
+    if attention_mask is not None:
+        mask = np.asarray(attention_mask)
+        if mask.ndim == 2 and ids.ndim == 2 and mask.shape[0] == ids.shape[0] and mask.shape[1] > ids.shape[1]:
+            mask = mask[:, mask.shape[1] - ids.shape[1]:]  # the cached positions come first
+        mask = mask.reshape(ids.shape)
     if logits.shape[:2] != ids.shape:
         raise ValueError(f"perplexity_from_logits: logits {logits.shape} do not match input_ids {ids.shape}")
     nll_sum = 0.0

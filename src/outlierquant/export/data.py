@@ -20,7 +20,9 @@ Sources
 Shapes for language-model perplexity come from :func:`lm_segments`: the texts are
 tokenized, joined with the tokenizer's end-of-text token, and cut into non-overlapping
 windows of ``seq_len`` tokens (the last, partial window is dropped), the usual
-fixed-length perplexity protocol.
+fixed-length perplexity protocol. A decoder exported with its KV cache
+(``past_key_values.*`` inputs) gets every text sample as a prefill feed with an empty
+past plus a decode-shaped feed (:func:`fill_past`, ``export/past.py``).
 
 :class:`FeedReader` wraps feeds in onnxruntime's ``CalibrationDataReader`` protocol
 (``get_next() -> dict | None``) so the same data drives onnxruntime's own quantizer.
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from outlierquant.errors import InputError
+from outlierquant.export.past import has_past, is_past_input, with_past_feeds
 from outlierquant.modelio import resolve_model_file
 
 logger = logging.getLogger(__name__)
@@ -229,7 +232,7 @@ def check_feeds(feeds: Sequence[Feed], *, source: str | os.PathLike, limits: Map
         for name, value in feed.items():
             if not isinstance(value, np.ndarray):
                 raise InputError(f"{source}: sample {index}: {name} is a {type(value).__name__}, not a numpy array")
-            if value.size == 0:
+            if value.size == 0 and not (is_past_input(name) and value.ndim == 4 and value.shape[2] == 0):
                 raise InputError(f"{source}: sample {index}: {name} has no elements (shape {tuple(value.shape)})")
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise InputError(f"{source}: sample {index}: {name} contains NaN or Inf")
@@ -378,13 +381,30 @@ def load_feeds(
         raise InputError(f"{folder}: tokenizer folder does not exist")
     tokenizer = load_tokenizer(folder)
     if mode == "lm":
-        feeds = lm_segments(lines, tokenizer=tokenizer, input_names=spec, seq_len=max_length, max_segments=limit)
+        feeds = lm_segments(lines, tokenizer=tokenizer, input_names=text_inputs(spec), seq_len=max_length,
+                            max_segments=limit)
         if not feeds:
             raise InputError(f"{path}: too little text for one {max_length}-token segment")
-        return feeds
+        return fill_past(model_path, spec, feeds)
     if limit is not None:
         lines = lines[:limit]
-    return text_feeds(lines, tokenizer=tokenizer, input_names=spec, max_length=max_length)
+    feeds = text_feeds(lines, tokenizer=tokenizer, input_names=text_inputs(spec), max_length=max_length)
+    return fill_past(model_path, spec, feeds)
+
+
+def text_inputs(spec: Mapping[str, tuple[np.dtype, int | None]]) -> dict[str, tuple[np.dtype, int | None]]:
+    """``spec`` without the KV-cache inputs (``past_key_values.*``), which :func:`fill_past` adds."""
+    return {name: value for name, value in spec.items() if not is_past_input(name)}
+
+
+def fill_past(model_path: str | os.PathLike, spec: Mapping[str, object], feeds: list[Feed]) -> list[Feed]:
+    """``feeds`` unchanged for a model without a KV cache. For a with-past decoder: every
+    feed as a prefill sample (empty past), then one decode-shaped sample per feed (the fp32
+    model's cache of its first tokens, then its last 1-4 tokens), so ``n`` text samples
+    give ``2n`` feeds (:func:`outlierquant.export.past.with_past_feeds`)."""
+    if not has_past(spec) or not feeds:
+        return feeds
+    return with_past_feeds(model_path, feeds)
 
 
 def check_limit(limit) -> None:
@@ -576,7 +596,9 @@ def is_causal_lm(model_path: Path) -> bool:
 
 
 def feeds_for_model(model_path: Path, data: Path, *, tokenizer: Path | None, limit: int | None, purpose: str):
-    """Calibration or evaluation feeds: one unpadded sample each (LM text: fixed segments)."""
+    """Calibration or evaluation feeds: one unpadded sample each (LM text: fixed segments;
+    a with-past decoder gets each segment with an empty past, then a decode-shaped sample
+    per segment: ``limit`` counts segments)."""
     check_limit(limit)
     data = Path(data)
     if data.suffix == ".txt" and is_causal_lm(model_path):
@@ -585,9 +607,9 @@ def feeds_for_model(model_path: Path, data: Path, *, tokenizer: Path | None, lim
             raise InputError(f"{model_path}: no tokenizer files beside the model; pass --tokenizer DIR")
         lines = read_lines(data)
         tok = load_tokenizer(tokenizer_dir)
-        feeds = lm_segments(
-            lines, tokenizer=tok, input_names=model_inputs(model_path), seq_len=128, max_segments=limit
-        )
+        spec = model_inputs(model_path)
+        feeds = lm_segments(lines, tokenizer=tok, input_names=text_inputs(spec), seq_len=128, max_segments=limit)
+        feeds = fill_past(model_path, spec, feeds)
     else:
         feeds = load_feeds(data, model_path=model_path, tokenizer_dir=tokenizer, limit=limit)
     if not feeds:

@@ -5,6 +5,13 @@ Hugging Face folders and hub ids go through ``optimum.exporters.onnx.main_export
 dequantizes it into an ordinary model) and then exported with
 ``onnx_export_from_model``. The export is written into a temporary folder beside the
 output and moved into place, so a failed export leaves nothing behind.
+
+A causal LM is exported **with its KV cache** unless told otherwise: when the task is not
+given, a ``*ForCausalLM`` folder or a ``.gguf`` becomes ``text-generation-with-past``
+(inputs ``past_key_values.{i}.key/.value``, outputs ``present.{i}.key/.value``), the graph
+``ORTModelForCausalLM(use_cache=True)`` runs, one token per decoding step instead of the
+whole sequence again. ``past=False`` (the CLI's ``--no-past``) exports ``text-generation``;
+an explicit task is used as given.
 """
 
 from __future__ import annotations
@@ -53,10 +60,13 @@ def export_model(
     *,
     task: str | None = None,
     opset: int | None = None,
+    past: bool = True,
 ) -> Path:
     """Export ``model`` (HF folder, ``.gguf`` file, or hub id) to ``output_dir/model.onnx``.
 
     Tokenizer files are written beside the model. Returns the path of ``model.onnx``.
+    ``past``: when ``task`` is not given, a causal LM is exported with its KV cache
+    (``text-generation-with-past``); ``False`` exports it without (``text-generation``).
     """
     source = Path(model)
     output_dir = Path(output_dir)
@@ -71,7 +81,7 @@ def export_model(
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output_dir))
     try:
         if is_local and source.is_file() and source.suffix == ".gguf":
-            _export_gguf(source, staging, task=task or "text-generation", opset=opset)
+            _export_gguf(source, staging, task=task, opset=opset, past=past)
         elif is_local and source.is_file():
             raise InputError(f"{source}: expected a Hugging Face model folder or a .gguf file")
         else:
@@ -81,7 +91,9 @@ def export_model(
 
             logger.info("exporting %s with optimum-onnx (task %s)", model, task or "auto")
             if task is None and is_local:
-                task = infer_task(source)
+                task = with_past(infer_task(source), _model_type(source), past)
+            elif task is None and not past:  # optimum's "auto" adds -with-past to a causal LM
+                task = _hub_task(str(model))
             kwargs = {"task": task or "auto", "do_validation": False}
             if opset is not None:
                 kwargs["opset"] = opset
@@ -176,7 +188,43 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
 
 
-def _export_gguf(path: Path, output: Path, *, task: str, opset: int | None) -> None:
+def with_past(task: str, model_type: str | None, past: bool) -> str:
+    """``text-generation`` -> ``text-generation-with-past`` when ``past`` and optimum can
+    export the cache of ``model_type``; any other task as it is."""
+    if not past or task != "text-generation":
+        return task
+    if model_type:
+        try:
+            import optimum.exporters.onnx  # noqa: F401  (registers the ONNX export configs)
+            from optimum.exporters.tasks import TasksManager
+
+            supported = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx",
+                                                                        library_name="transformers")
+        except Exception:  # an architecture optimum does not know: its export will say so
+            return task + "-with-past"
+        if task + "-with-past" not in supported:
+            logger.info("optimum-onnx cannot export a KV cache for %s: exporting %s", model_type, task)
+            return task
+    return task + "-with-past"
+
+
+def _model_type(folder: Path) -> str | None:
+    import json
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
+def _hub_task(model: str) -> str:
+    from optimum.exporters.tasks import TasksManager
+
+    return TasksManager.infer_task_from_model(model)
+
+
+def _export_gguf(path: Path, output: Path, *, task: str | None, opset: int | None, past: bool = True) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,6 +236,8 @@ def _export_gguf(path: Path, output: Path, *, task: str, opset: int | None) -> N
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: transformers could not read this GGUF file ({first})") from exc
     hf_model.eval()
+    if task is None:
+        task = with_past("text-generation", getattr(hf_model.config, "model_type", None), past)
     kwargs = {"task": task, "do_validation": False}
     if opset is not None:
         kwargs["opset"] = opset
