@@ -218,13 +218,18 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return Recipe.from_dict(data, source=source)
 
 
+def spec_options(spec: PassSpec) -> Any:
+    """The pass's options dataclass for a validated spec (defaults filled in), or ``None``."""
+    options_type = getattr(pass_class(spec.name), "options_type", None)
+    if options_type is None:
+        return None
+    hints = typing.get_type_hints(options_type)
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
+    return options_type(**{k: _coerce(fields[k], v, hints) for k, v in spec.options})
+
+
 def instantiate(spec: PassSpec):
     """Build the pass object for a validated spec."""
     cls = pass_class(spec.name)
-    options_type = getattr(cls, "options_type", None)
-    if options_type is None:
-        return cls()
-    hints = typing.get_type_hints(options_type)
-    fields = {f.name: f for f in dataclasses.fields(options_type)}
-    options = {k: _coerce(fields[k], v, hints) for k, v in spec.options}
-    return cls(options_type(**options))
+    options = spec_options(spec)
+    return cls() if options is None else cls(options)
