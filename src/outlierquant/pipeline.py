@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import onnx_ir as ir
 
@@ -59,12 +59,21 @@ def run_recipe(
     stats: ActivationStats | None = None,
     progress: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Apply ``recipe`` to ``model`` in place; returns one record per pass."""
+    """Apply ``recipe`` to ``model`` in place; returns one record per pass.
+
+    ``progress`` shows the pass-level display (:class:`~outlierquant.progress.PassProgress`:
+    pass i/N, its name, elapsed time, ETA) and the calibration bars; with INFO logging
+    (``-v``) each pass is followed by its detail (modified, seconds, calibration, summary).
+    """
     from outlierquant.calibration.collect import collect_statistics
+    from outlierquant.progress import PassProgress
 
     records: list[dict[str, Any]] = []
     stale = stats is None
-    for spec in recipe.passes:
+    display = PassProgress(len(recipe.passes), progress=progress)
+    verbose = logger.isEnabledFor(logging.INFO)
+    for index, spec in enumerate(recipe.passes):
+        display.start(index, spec.name)
         # a saved statistics file describes the input model: valid until a pass modifies it
         pass_ = instantiate(spec)
         started = time.perf_counter()
@@ -106,8 +115,23 @@ def run_recipe(
         records.append(record)
         if result.modified and not pass_.preserves_statistics:
             stale = True
-        logger.info("pass %s: modified=%s (%.1fs)", spec.name, result.modified, record["seconds"])
+        detail = pass_detail(record)
+        if display.enabled:
+            display.end(detail if verbose else ())
+        else:
+            logger.info("pass %s: %s", spec.name, "; ".join(detail))
+    display.done()
     return records
+
+
+def pass_detail(record: dict[str, Any]) -> list[str]:
+    """What ``-v`` shows after a pass: modified, time (calibration), its summary lines."""
+    head = f"{'modified' if record.get('modified') else 'unchanged'} in {record.get('seconds', 0):.1f}s"
+    if record.get("calibration_seconds"):
+        head += f" (calibration {record['calibration_seconds']:.1f}s)"
+    if record.get("simulated"):
+        head += ", simulated"
+    return [head, *[str(line) for line in record.get("summary", [])]]
 
 
 def quantize_model(
@@ -119,6 +143,7 @@ def quantize_model(
     stats_path: str | os.PathLike | None = None,
     progress: bool | None = None,
     protect: Iterable[str | os.PathLike] = (),
+    extra_files: Callable[[dict[str, Any], Callable[[str], Path]], None] | None = None,
 ) -> QuantizeResult:
     """Quantize ``model_path`` with ``recipe`` into ``output_path`` (+ ``.report.json``).
 
@@ -126,6 +151,11 @@ def quantize_model(
     (:class:`~outlierquant.outputs.OutputUnit`). None of them may be an input file: the
     model, its external data, the statistics, nor anything listed in ``protect`` (the
     calibration data, the recipe file); that is checked before any work.
+
+    ``extra_files(report, staged)``: writes more files into the same unit (``staged(name)``
+    is where to write the file that becomes ``output_path.parent / name``) and may add to
+    the report before it is written; the plugin's output folders use it for the config,
+    tokenizer and ``ort_config.json``.
     """
     model_path = Path(model_path)
     output_path = Path(output_path)
@@ -171,6 +201,8 @@ def quantize_model(
             "size_bytes": {"input": model_file_bytes(model_path),
                            "output": unit.staged_bytes(output_path, data_path)},
         }
+        if extra_files is not None:
+            extra_files(report, unit.path)
         unit.path(report_path).write_text(json.dumps(report, indent=2, default=_json_default), encoding="utf-8")
     return QuantizeResult(output_path, report_path, report)
 

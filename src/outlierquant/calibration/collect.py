@@ -304,10 +304,16 @@ def collect_statistics(
     from tqdm import tqdm
 
     with contextlib.ExitStack() as stack:
-        session = create_session(model, fetched, session_options, providers, stack)
+        # the bar is up while the session is built (a large model takes a while) and
+        # advances as samples are *run*, not as they are queued for a batch
         bar = stack.enter_context(
-            tqdm(total=total, desc="calibrating", unit="sample", disable=not _show_progress(progress), leave=False)
+            tqdm(total=total, desc="calibrating (building the session)", unit="sample",
+                 disable=not _show_progress(progress), leave=False)
         )
+        session = create_session(model, fetched, session_options, providers, stack)
+        bar.set_description("calibrating", refresh=True)
+        done = 0  # feeds whose every piece has been run
+        reading: int | None = None  # the feed whose pieces are being queued
         pending: list[tuple[int, dict[str, np.ndarray]]] = []
         pending_key: Any = None
         pending_tokens = 0
@@ -323,9 +329,13 @@ def collect_statistics(
             return limit
 
         def flush() -> None:
-            nonlocal pending, pending_tokens, bytes_per_token
+            nonlocal pending, pending_tokens, bytes_per_token, done
             if not pending:
                 return
+            # after this run every feed before the last one queued is done, and the last
+            # one too unless its remaining pieces are still being queued
+            top = max(index for index, _ in pending)
+            completed = top if top == reading else top + 1
             tokens_in_run = max(pending_tokens, 1)
             samples = [index for index, _ in pending]
             if len(pending) == 1:
@@ -347,6 +357,9 @@ def collect_statistics(
             for name in from_feed:
                 collector.fold(name, batch[name], mask, samples, rows_per_sample)
             del results, batch
+            if completed > done:
+                bar.update(completed - done)
+                done = completed
 
         for index, raw in enumerate(iterate_feeds(feeds)):
             feed = check_feed(index, raw, specs)
@@ -361,6 +374,7 @@ def collect_statistics(
                         index,
                     )
                 pieces = [feed]
+            reading = index
             for piece in pieces:
                 counters["samples"] += batch_rows(piece)
                 counters["tokens"] += real_tokens(piece)
@@ -373,7 +387,7 @@ def collect_statistics(
                 pending.append((index, piece))
                 pending_key = key
                 pending_tokens += tokens
-            bar.update(1)
+        reading = None
         flush()
 
     if counters["feeds"] == 0 or not collector.stats:
