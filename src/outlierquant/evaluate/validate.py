@@ -75,12 +75,15 @@ def validate(
     candidate_session_options=None,
     progress: bool | None = None,
     lm_feeds: Sequence[Feed] | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> ValidationReport:
     """Compare ``candidate`` with the fp32 ``reference`` on held-out ``feeds``.
 
     ``latency_runs=0`` skips the latency measurement. ``candidate_session_options`` (for
     custom-op libraries) defaults to ``session_options``; both default to onnxruntime's
-    defaults with all graph optimizations on.
+    defaults with all graph optimizations on. ``providers``: onnxruntime's execution
+    providers for both sessions (``("CUDAExecutionProvider", "CPUExecutionProvider")``
+    with onnxruntime-gpu, the ``[gpu]`` extra).
     """
     if task not in TASKS:
         raise InputError(f"unknown task {task!r} (allowed: {', '.join(TASKS)})")
@@ -109,8 +112,9 @@ def validate(
     primary = _primary_output(task, ref_outputs)
     logger.info("validating %s against %s (task %s, %d samples)", candidate_path, reference_path, task, len(feeds))
 
-    ref_session = _session(reference_path, session_options, ref_header.uses_kernels)
-    cand_session = _session(candidate_path, candidate_session_options or session_options, cand_header.uses_kernels)
+    ref_session = _session(reference_path, session_options, ref_header.uses_kernels, providers)
+    cand_session = _session(candidate_path, candidate_session_options or session_options, cand_header.uses_kernels,
+                            providers)
 
     fidelity_batches = _shape_batches(feeds)
     lm_batches = _shape_batches(lm_feeds) if (task == "text-generation" and lm_feeds is not None) else []
@@ -214,7 +218,7 @@ def _check_feeds(feeds: list[Feed], inputs: Sequence[str], what: str) -> None:
             )
 
 
-def _session(path: Path, options, uses_kernels: bool):
+def _session(path: Path, options, uses_kernels: bool, providers: Sequence[str] = ("CPUExecutionProvider",)):
     import onnxruntime as ort
 
     if options is None:
@@ -228,7 +232,7 @@ def _session(path: Path, options, uses_kernels: bool):
     from outlierquant.errors import dependency_message
 
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:
         raise InputError(f"{path}: onnxruntime cannot load this model ({dependency_message(exc)})") from exc
 

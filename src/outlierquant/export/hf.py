@@ -61,12 +61,18 @@ def export_model(
     task: str | None = None,
     opset: int | None = None,
     past: bool = True,
+    library_name: str | None = None,
 ) -> Path:
     """Export ``model`` (HF folder, ``.gguf`` file, or hub id) to ``output_dir/model.onnx``.
 
     Tokenizer files are written beside the model. Returns the path of ``model.onnx``.
     ``past``: when ``task`` is not given, a causal LM is exported with its KV cache
     (``text-generation-with-past``); ``False`` exports it without (``text-generation``).
+    ``library_name``: the library optimum exports through (``None``: optimum's choice,
+    which for a sentence-transformers folder gives ``token_embeddings`` /
+    ``sentence_embedding``; ``"transformers"``, the CLI's default, gives
+    ``last_hidden_state``, what ``ORTModelForFeatureExtraction`` reads, and copies the
+    folder's sentence-transformers module files so its ONNX backend loads the export).
     """
     source = Path(model)
     output_dir = Path(output_dir)
@@ -97,8 +103,12 @@ def export_model(
             kwargs = {"task": task or "auto", "do_validation": False}
             if opset is not None:
                 kwargs["opset"] = opset
+            if library_name is not None:
+                kwargs["library_name"] = library_name
             with _quiet_tracing():
                 main_export(str(model), output=staging, **kwargs)
+            if is_local and library_name == "transformers":
+                _copy_sentence_transformers_files(source, staging)
         produced = staging / "model.onnx"
         if not produced.is_file():
             raise InputError(f"{model}: optimum-onnx produced no model.onnx (did the task need several files?)")
@@ -181,6 +191,28 @@ def _quiet_tracing():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*torch_dtype.*")
         yield
+
+
+def _copy_sentence_transformers_files(source: Path, staging: Path) -> None:
+    """A sentence-transformers folder's module list and module folders (pooling, normalize)
+    beside a transformers-library export, so ``SentenceTransformer(folder, backend="onnx")``
+    loads it and pools as the original does."""
+    import json
+
+    if not (source / "modules.json").is_file():
+        return
+    for name in ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json"):
+        if (source / name).is_file() and not (staging / name).exists():
+            shutil.copyfile(source / name, staging / name)
+    try:
+        modules = json.loads((source / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for module in modules if isinstance(modules, list) else []:
+        sub = module.get("path") if isinstance(module, dict) else None
+        if isinstance(sub, str) and sub and ".." not in Path(sub).parts and not os.path.isabs(sub) \
+                and (source / sub).is_dir() and not (staging / sub).exists():
+            shutil.copytree(source / sub, staging / sub)
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
@@ -50,22 +49,6 @@ __all__ = ["OutlierQuantizer", "QuantizationOutput", "make_recipe"]
 #: a path to .txt/.npz, texts, or feed dicts
 Data = Union[str, os.PathLike, Sequence[str], Sequence[dict]]
 
-#: files copied beside a quantized model so tokenizers and ORTModel classes find them
-_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 @dataclasses.dataclass
@@ -151,24 +134,31 @@ class OutlierQuantizer:
         opset: int | None = None,
         tokenizer: str | os.PathLike | None = None,
         past: bool = True,
+        library_name: str | None = "transformers",
     ) -> "OutlierQuantizer":
         """From an ``.onnx`` file, a folder holding ``model.onnx``, or a model to export.
 
-        A Hugging Face folder or a ``.gguf`` file is exported first (optimum-onnx) into
-        ``export_dir`` (default: a new temporary folder, logged); a causal LM with its KV
-        cache unless ``past=False`` or ``task`` says otherwise.
+        A Hugging Face folder, a ``.gguf`` file or (online) a hub id is exported first
+        (optimum-onnx, the ``[export]`` extra) into ``export_dir`` (default: a new temporary
+        folder, logged); a causal LM with its KV cache unless ``past=False`` or ``task``
+        says otherwise; through ``library_name`` (default ``transformers``: a
+        sentence-transformers folder gets ``last_hidden_state``; ``None``: optimum's choice).
         """
-        source = Path(model)
-        if source.suffix == ".onnx" or (source.is_dir() and (source / "model.onnx").is_file()):
-            return cls(source, tokenizer=tokenizer)
-        if not source.exists():
-            raise InputError(f"{source}: no such file or folder")
+        from outlierquant.plugin.folders import resolve_source
+
+        source = resolve_source(model)
+        if not source.needs_export:
+            return cls(source.onnx, tokenizer=tokenizer)
+        source.check_export_extras()
         from outlierquant.export import export_model
 
         if export_dir is None:
             export_dir = tempfile.mkdtemp(prefix="outlierquant-export-")
-            logger.info("exporting %s into %s", source, export_dir)
-        return cls(export_model(source, export_dir, task=task, opset=opset, past=past), tokenizer=tokenizer)
+            logger.info("exporting %s into %s", source.text, export_dir)
+        with translated(source.text):
+            exported = export_model(source.text, export_dir, task=task, opset=opset, past=past,
+                                    library_name=library_name)
+        return cls(exported, tokenizer=tokenizer)
 
     # -- data ------------------------------------------------------------------------
 
@@ -229,10 +219,14 @@ class OutlierQuantizer:
     ) -> QuantizationOutput:
         """Apply ``recipe`` and write ``save_dir/file_name`` with its ``.report.json``.
 
-        The model's config and tokenizer files are copied beside the output, so the
-        folder loads like the exported one (tokenizers, optimum's ORTModel classes).
+        The model's config, generation config and tokenizer files (and a
+        sentence-transformers folder's module files) are copied beside the output with an
+        ``ort_config.json`` recording the quantization, so the folder loads like the
+        exported one (tokenizers, optimum's ``ORTModelFor*`` classes); the report's
+        ``deployment`` entry names the class and the graph's outputs.
         """
         from outlierquant.pipeline import quantize_model
+        from outlierquant.plugin import folders
         from outlierquant.recipes import Recipe, load_recipe
 
         protect = [Path(recipe)] if isinstance(recipe, (str, os.PathLike)) and Path(recipe).is_file() else []
@@ -244,20 +238,17 @@ class OutlierQuantizer:
             raise InputError("quantize needs calibration_data (or stats saved by `outlierquant calibrate`)")
         feeds = self.feeds(calibration_data, limit=limit) if calibration_data is not None else None
         save_dir = Path(save_dir)
+        source = self.model_path.parent
+        same = save_dir.exists() and source.resolve() == save_dir.resolve()
+        side = None if same else source
+        protect += folders.folder_inputs(side)
         result = quantize_model(
-            self.model_path, save_dir / file_name, recipe, feeds, stats_path=stats, progress=progress, protect=protect
+            self.model_path, save_dir / file_name, recipe, feeds, stats_path=stats, progress=progress, protect=protect,
+            extra_files=folders.folder_files_hook(side, recipe),
         )
         with translated(save_dir):
-            self._copy_side_files(save_dir)
+            folders.copy_module_folders(side, save_dir)
         return QuantizationOutput(path=result.output, report=result.report, report_path=result.report_path)
-
-    def _copy_side_files(self, save_dir: Path) -> None:
-        source = self.model_path.parent
-        if source.resolve() == save_dir.resolve():
-            return
-        for name in _SIDE_FILES:
-            if (source / name).is_file() and not (save_dir / name).exists():
-                shutil.copy2(source / name, save_dir / name)
 
     def validate(
         self,
@@ -307,8 +298,12 @@ class OutlierQuantizer:
         """Write the outlier report (``out_dir/index.html``); see :func:`analyze_model`.
 
         ``data``: held-out probe samples; ``options``: ``probe_samples``, ``threshold``,
-        ``recurring_fraction``, ``sensitivity``, ``sensitivity_limit``.
+        ``recurring_fraction``, ``sensitivity``, ``sensitivity_limit``. Needs the
+        ``[report]`` extra (matplotlib).
         """
+        from outlierquant.errors import require_extra
+
+        require_extra("analyze", "report")
         from outlierquant.evaluate.report import analyze_model
 
         if quantized is not None and Path(quantized).is_dir():
