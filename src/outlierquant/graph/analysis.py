@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Mapping
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -57,8 +58,8 @@ import onnx_ir as ir
 from outlierquant.graph.channels import ChannelState, Trace
 from outlierquant.graph.matchers import _is_constant_derived, match_linear, match_norm, norm_channels
 from outlierquant.graph.records import GraphAnalysis, Linear, LinearGroup, Norm, Producer
-from outlierquant.graph.shapes import axes_of, cast_target, evaluate_shape, propagate_ranks
-from outlierquant.graph.values import FLOAT_TYPES, SHAPE_ONLY_OPS, is_constant
+from outlierquant.graph.shapes import axes_of, cast_target, evaluate_shape, is_int, propagate_ranks
+from outlierquant.graph.values import FLOAT_TYPES, MS_DOMAIN, SHAPE_ONLY_OPS, constant_array, is_constant
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ _ACTIVATION_NAMES = {
     "QuickGelu": "QuickGELU",
 }
 _MAX_PATH_NODES = 64
+#: named in the reason when a linear's input is a block cut from one fused projection
+_FUSED_NOTE = "a fused projection such as q/k/v or gate/up"
 
 
 # --------------------------------------------------------------------------------------
@@ -117,6 +120,7 @@ class _Analyzer:
         self.linear_by_output: dict[ir.Value, Linear] = {}
         self.norms: list[Norm] = []
         self.norm_by_output: dict[ir.Value, Norm] = {}
+        self._last_sizes: dict[ir.Value, int] | None = None
 
     def run(self) -> GraphAnalysis:
         for node in self.nodes:
@@ -235,14 +239,19 @@ class _Analyzer:
 
     def _resolve_product(self, node: ir.Node, operands: Sequence[ir.Value], depth: int):
         """For ``a ⊙ b``: the operand whose producer the other operand does not depend on."""
+        fused = []
         for operand in operands:
             root = self._find_root(operand, depth + 1)
             if isinstance(root, str):
+                if _FUSED_NOTE in root:
+                    fused.append(root)
                 continue
             produced = root[1].output
             others = [v for v in node.inputs[:2] if v is not operand]
             if not any(self._depends_on(other, produced) for other in others):
                 return root
+        if fused:  # act(gate) ⊙ up with gate and up cut from one gate_up projection
+            return f"input comes from {node.op_type} {node.name}: {fused[0]}"
         activations = self._activations_above(node)
         if activations:
             return (f"input comes through a nonlinear activation ({', '.join(activations)}) at "
@@ -252,6 +261,18 @@ class _Analyzer:
 
     def _no_producer_reason(self, node: ir.Node) -> str:
         op = node.op_type
+        if node.domain == "" and op in ("Split", "Slice"):
+            fused = self._sliced_linear(node.inputs[0])
+            if fused is not None:
+                return (f"input is one block of the output of the fused linear {fused.name} ({op} {node.name}: "
+                        f"{_FUSED_NOTE}): a scale or rotation would have to fold into that block of its "
+                        "columns, which the folding edits do not do")
+        if node.domain == "" and op == "Concat":
+            cache = next((v for v in node.inputs if v is not None and v.is_graph_input()), None)
+            if cache is not None:
+                return (f"input comes from Concat {node.name} of the KV cache (graph input {cache.name!r}) with "
+                        "the new values: folding into V would change the cache the model reads and returns "
+                        "(its present outputs)")
         if op in _ACTIVATION_NAMES:
             reason = f"input comes from {op} {node.name} ({_ACTIVATION_NAMES[op]}): no per-channel linear producer"
             if op in ("Relu", "LeakyRelu"):
@@ -266,6 +287,61 @@ class _Analyzer:
         if op == "Gather":
             return f"input comes from Gather {node.name} (embedding lookup): no per-channel producer"
         return f"input comes from {op} {node.name}: not a norm, linear, or channel-preserving op"
+
+    def _last_axis_sizes(self) -> dict[ir.Value, int]:
+        """Static last-axis sizes of tensors whose shape the model does not record, in one
+        sweep: embedding Gathers, linears, norms, casts and broadcasts of known sizes."""
+        if self._last_sizes is not None:
+            return self._last_sizes
+        sizes: dict[ir.Value, int] = {}
+
+        def size(value: ir.Value | None) -> int | None:
+            if value is None:
+                return None
+            if value in sizes:
+                return sizes[value]
+            if value.shape is not None and len(value.shape) and is_int(value.shape[-1]):
+                return int(value.shape[-1])
+            array = constant_array(value) if is_constant(value) else None
+            return int(array.shape[-1]) if array is not None and array.ndim else None
+
+        for node in self.nodes:
+            if node.domain not in ("", MS_DOMAIN) or not node.outputs:
+                continue
+            op, result = node.op_type, None
+            linear = self.linear_by_node.get(node)
+            if linear is not None and node.op_type in ("MatMul", "Gemm"):
+                result = linear.out_features
+            elif op == "Gather" and node.attributes.get_int("axis", 0) == 0 and is_constant(node.inputs[0]):
+                table = constant_array(node.inputs[0])
+                result = int(table.shape[-1]) if table is not None and table.ndim >= 2 else None
+            elif op in _LAST_AXIS_UNARY_OPS:
+                result = size(node.inputs[0])
+            elif op in ("Add", "Sub", "Mul", "Div"):
+                operands = [v for v in node.inputs if v is not None and self.ranks.get(v) != 0
+                            and not (is_constant(v) and constant_array(v) is not None and constant_array(v).ndim == 0)]
+                known = [size(v) for v in operands]
+                if operands and all(k is not None for k in known) and len(set(known) - {1}) <= 1:
+                    result = max(known)
+            if result is not None:
+                sizes[node.outputs[0]] = result
+        self._last_sizes = sizes
+        return sizes
+
+    def _sliced_linear(self, value: ir.Value | None) -> Linear | None:
+        """The linear whose output ``value`` is, through layout ops (the input of a Split/Slice)."""
+        current = value
+        for _ in range(6):
+            if current is None:
+                return None
+            if current in self.linear_by_output:
+                return self.linear_by_output[current]
+            node = current.producer()
+            if node is None or node.domain != "" or node.op_type not in ("Reshape", "Transpose", "Cast", "Identity",
+                                                                          "Squeeze", "Unsqueeze"):
+                return None
+            current = node.inputs[0]
+        return None
 
     def _activations_above(self, node: ir.Node, limit: int = 12) -> list[str]:
         """Activation op types among the few nodes just above ``node``."""
@@ -390,13 +466,21 @@ class _Analyzer:
             new = state.unsqueeze(axes) if op == "Unsqueeze" else state.squeeze(axes)
             return (node.outputs[0], new, "layout") if new is not None else blocked
         if op in ("Reshape", "Expand") and index == 0:
-            target = evaluate_shape(node.inputs[1], trace.states, self.ranks)
+            new = target = None
+            # second try: also read static last-axis sizes of untracked tensors (GPT-2 reshapes its final
+            # norm's output to ``(-1, S) + (embeddings.size(-1),)``, a Shape of the embedding sum)
+            for tracked in (trace.states, _ShapeHints(trace.states, self._last_axis_sizes(), self.ranks)):
+                target = evaluate_shape(node.inputs[1], tracked, self.ranks)
+                if target is None:
+                    continue
+                if op == "Reshape":
+                    new = state.reshape(list(target), allow_zero=bool(node.attributes.get_int("allowzero", 0)))
+                else:
+                    new = state.expand(list(target))
+                if new is not None:
+                    break
             if target is None:
                 return f"cannot evaluate the target shape of {op} {node.name}: channel mapping unknown"
-            if op == "Reshape":
-                new = state.reshape(list(target), allow_zero=bool(node.attributes.get_int("allowzero", 0)))
-            else:
-                new = state.expand(list(target))
             if new is None:
                 return f"{op} {node.name} mixes channel and non-channel axes: channel mapping unknown"
             return node.outputs[0], new, "layout"
@@ -426,6 +510,36 @@ class _Analyzer:
             tag = "scale" if is_constant(other) else "gate"
             return node.outputs[0], new, tag
         return blocked
+
+
+#: ops whose output has their first input's last axis
+_LAST_AXIS_UNARY_OPS = {"Cast", "Identity", "Dropout", "Neg", "Relu", "Erf", "Tanh", "Sigmoid", "Gelu",
+                        "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+
+
+class _ShapeHints(Mapping):
+    """The traced channel states, and for any other tensor of known rank whose last-axis
+    size is known statically, a state with just that size (what ``Shape`` reads)."""
+
+    def __init__(self, states: dict, sizes: dict, ranks: dict) -> None:
+        self.states, self.sizes, self.ranks = states, sizes, ranks
+
+    def __getitem__(self, value):
+        if value in self.states:
+            return self.states[value]
+        rank, size = self.ranks.get(value), self.sizes.get(value)
+        if not rank or size is None:
+            raise KeyError(value)
+        return ChannelState([None] * (rank - 1) + [size], np.arange(size))
+
+    def __contains__(self, value) -> bool:
+        return value in self.states or (bool(self.ranks.get(value)) and value in self.sizes)
+
+    def __iter__(self):
+        return iter(self.states)
+
+    def __len__(self) -> int:
+        return len(self.states)
 
 
 # --------------------------------------------------------------------------------------

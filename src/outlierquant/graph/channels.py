@@ -112,8 +112,15 @@ class ChannelState:
                 j += 1
                 continue
             if dim == -1 and source[i] is None:
-                while i < len(source) and source[i] is None:
-                    i += 1
+                # -1 takes the non-channel axes here, less one for each unknown target dim that
+                # follows it before the next channel run ([B, S, d] -> [-1, S', d] keeps d)
+                run = 0
+                while i + run < len(source) and source[i + run] is None:
+                    run += 1
+                following = 0
+                while j + 1 + following < len(resolved) and not is_int(resolved[j + 1 + following]):
+                    following += 1
+                i += max(1, run - following)
                 out.append(None)
                 j += 1
                 continue

@@ -1,7 +1,20 @@
 """The residual stream of a pre-norm transformer: the tensors added into it (embedding
 Gathers and the linears that write into residual ``Add``s) and the norms that read from it,
 traced back from the norms and checked forward, so QuaRot's R1 can rotate the whole stream.
-A post-norm encoder has no such stream and gets the reason.
+A model without such a stream gets the reason:
+
+- **post-norm** (BERT, RoBERTa, DistilBERT): the norm sits on the residual path itself, so
+  the stream is a norm's output and a rotation cannot pass the norm;
+- **sandwich norms** (Gemma 2/3: an RMSNorm on each branch output, before the residual
+  ``Add``): every writer is a *post-branch* norm ``x / rms(x) · γ``. Rotating the stream
+  needs ``(x / rms(x)) · diag(γ) · Q``, and ``diag(γ) Q`` is no longer diagonal, so the
+  rotation cannot be folded into the writers' weights (``rms(x W Q) = rms(x W)``, but γ
+  still acts in the unrotated basis). The reason says so and names the exact alternative:
+  an *online* rotation, ``x ← x · Q`` as an inserted op after each post-branch norm;
+- a constant added to the stream (ViT's position embedding) or a Conv writer.
+
+Norms that read a linear's output but never reach a residual sum (Gemma 3's q/k norms over
+the head size) are not part of the stream and are left out of it.
 """
 
 from __future__ import annotations
@@ -57,7 +70,20 @@ def find_residual_stream(analysis: GraphAnalysis) -> ResidualStream | str:
     if others:
         return f"norm {others[0].name} is a {others[0].kind} (fused skip-norms are not supported)"
     linear_by_output = {id(linear.output): linear for linear in analysis.linears}
+    post_branch: dict[int, tuple[Norm, Linear]] = {}  # id(norm output) -> (norm, the linear it normalizes)
+    on_branch = []
+    for norm in norms:
+        writer = _branch_linear(norm.input, linear_by_output)
+        if writer is None:
+            continue
+        on_branch.append(norm)
+        if _reaches_sum(norm.output):
+            post_branch[id(norm.output)] = (norm, writer)
+    norms = [n for n in norms if n not in on_branch]  # q/k norms and post-branch norms read no stream
+    if not norms:
+        return "every norm normalizes a linear's output: no norm reads a residual stream"
     norm_nodes = {id(node) for norm in norms for node in norm.nodes}
+    post_branch_hits: list[tuple[Norm, Linear]] = []
     values: dict[int, ir.Value] = {}
     writers: list[Linear] = []
     embeddings: list[ir.Node] = []
@@ -71,6 +97,9 @@ def find_residual_stream(analysis: GraphAnalysis) -> ResidualStream | str:
         linear = linear_by_output.get(id(value))
         if linear is not None:
             writers.append(linear)
+            continue
+        if id(value) in post_branch:
+            post_branch_hits.append(post_branch[id(value)])
             continue
         node = value.producer()
         if node is None:
@@ -95,8 +124,15 @@ def find_residual_stream(analysis: GraphAnalysis) -> ResidualStream | str:
         if node.domain == "" and op == "Mul" and is_scalar_constant(node.inputs[0]):
             queue.append(node.inputs[1])
             continue
+        if node.domain == "" and op in ("Add", "Sum") and any(is_constant(v) for v in node.inputs):
+            return (f"residual value {value.name!r} comes from {op} {node.name} with a constant operand "
+                    "(a position embedding or bias added to the stream): R1 does not rotate constants "
+                    "added to the stream")
+        if any(value is norm.output or node in norm.nodes for norm in analysis.norms):
+            return (f"residual value {value.name!r} comes from {op} {node.name}: not a linear, an embedding, "
+                    "or a residual sum (post-norm models have no rotatable residual stream)")
         return (f"residual value {value.name!r} comes from {op} {node.name}: not a linear, an embedding, "
-                "or a residual sum (post-norm models have no rotatable residual stream)")
+                "or a residual sum")
     if not writers and not embeddings:
         return "the residual stream has no writers"
     width = width or writers[0].out_features
@@ -146,7 +182,47 @@ def find_residual_stream(analysis: GraphAnalysis) -> ResidualStream | str:
             return f"norm {norm.name} normalizes axis {norm.axis}, not the last"
         if norm.gamma is not None and constant_array(norm.gamma).size != width:
             return f"norm {norm.name}: γ has {constant_array(norm.gamma).size} channels, the stream {width}"
+    if post_branch_hits:
+        first_norm, first_linear = post_branch_hits[0]
+        return (f"the residual stream is written by {len(post_branch_hits)} post-branch norms (sandwich norms, "
+                f"e.g. {first_norm.kind} {first_norm.name} after {first_linear.name}): a post-branch norm's "
+                "1/rms and γ act on the stream's channels after the last linear, so R1 cannot be folded into "
+                "the weights exactly; exact alternative: an online rotation (x·Q as an inserted op) after each "
+                "post-branch norm, with Qᵀ folded into the readers as usual")
     return ResidualStream(width, set(values), writers, embeddings, norms, readers)
+
+
+_BRANCH_OPS = {"Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+
+
+def _branch_linear(value: ir.Value, linear_by_output: dict) -> Linear | None:
+    """The linear whose output ``value`` is, through layout ops (a norm on a branch output)."""
+    current = value
+    for _ in range(8):
+        linear = linear_by_output.get(id(current))
+        if linear is not None:
+            return linear
+        node = current.producer()
+        if node is None or node.domain != "" or node.op_type not in _BRANCH_OPS:
+            return None
+        current = node.inputs[0]
+    return None
+
+
+def _reaches_sum(value: ir.Value, depth: int = 4) -> bool:
+    """Whether ``value`` is added to another activation (through casts, layout ops and
+    scalar scales): a norm output that writes into a residual sum."""
+    for use in value.uses():
+        node = use.node
+        if node.domain != "":
+            continue
+        if node.op_type in ("Add", "Sum") and not any(is_constant(v) for v in node.inputs):
+            return True
+        if depth > 0 and (node.op_type in _BRANCH_OPS or (node.op_type in ("Mul", "Div") and any(
+                is_scalar_constant(v) for v in node.inputs if v is not value))):
+            if _reaches_sum(node.outputs[0], depth - 1):
+                return True
+    return False
 
 
 def norm_epsilon(norm: Norm) -> float:
