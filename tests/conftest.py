@@ -103,6 +103,35 @@ def planted_llama(tmp_path_factory) -> Path:
     return _built(tmp_path_factory, "planted-llama", synthetic.build_planted_llama)
 
 
+#: bump when synthetic.build_tiny_family changes what it builds (cached exports are keyed by it)
+ARCH_CACHE_VERSION = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """The architecture matrix's models: ``tiny_family(family, with_past=False)`` is the
+    ``model.onnx`` of :func:`synthetic.build_tiny_family` (synthetic, planted outliers),
+    exported once per session or cached. An export that the installed optimum-onnx cannot
+    do skips the tests that need it, naming the failure."""
+    import functools
+
+    import synthetic
+
+    failures: dict[str, str] = {}
+
+    def get(family: str, with_past: bool = False) -> Path:
+        name = f"arch-v{ARCH_CACHE_VERSION}-{family}{'-past' if with_past else ''}"
+        if name not in failures:
+            try:
+                return _built(tmp_path_factory, name,
+                              functools.partial(synthetic.build_tiny_family, family, with_past=with_past))
+            except Exception as exc:  # optimum-onnx has no exporter (or a broken one) for it
+                failures[name] = f"{type(exc).__name__}: {exc}".strip()[:300]
+        pytest.skip(f"optimum-onnx cannot export {family}{' with past' if with_past else ''}: {failures[name]}")
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def minilm_feeds(minilm_onnx):
     """(24 calibration, 12 held-out) unpadded MiniLM feeds from the bundled sentences."""
