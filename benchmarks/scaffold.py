@@ -65,7 +65,7 @@ def _fp32(out_dir: str | os.PathLike, model: str | os.PathLike | None, source: C
         return path
     from outlierquant.export import export_model
 
-    return export_model(source(), out_dir)
+    return export_model(source(), out_dir, past=False)  # the perplexity workloads read no KV cache
 
 
 def minilm(out_dir: str | os.PathLike, model: str | os.PathLike | None = None) -> Workload:
