@@ -140,12 +140,15 @@ def _greedy(session, past, prompt, new_tokens: int):
 def smollm2(out_dir: Path, recipes, runs: int, new_tokens: int, calibration: int, heldout: int) -> None:
     import numpy as np
 
+    from outlierquant.export import export_model, smollm2_gguf
     from outlierquant.export.past import past_inputs, with_past_feeds
 
-    work = scaffold.smollm2(out_dir / "smollm2", calibration, heldout)
+    folder = out_dir / "smollm2-past"
+    model = folder / "model.onnx"
+    if not model.is_file():
+        model = export_model(smollm2_gguf(), folder, past=True)  # what generation with a KV cache runs
+    work = scaffold.smollm2(folder, calibration, heldout, model=model)
     past = past_inputs(work.model)
-    if not past:
-        raise SystemExit(f"{work.model}: exported without past; remove it to export again with the KV cache")
     segments = work.heldout
     work.calibration = with_past_feeds(work.model, work.calibration)
     work.heldout = with_past_feeds(work.model, work.heldout, decode=False)
