@@ -226,13 +226,7 @@ FULL_FAMILIES = ("llama", "gemma2", "gpt2")
 #: ... except these, which learn for 10-35 s per model on two shared cores: on one family
 ONE_FAMILY = {"flatquant-w4a8": "llama"}
 #: (family, recipe) -> why it fails today
-RECIPE_XFAIL = {
-    ("gemma2", "mambaquant-w8a8"): (
-        "rotate-residual with rotation: klt reads covariances of the stream's norm outputs; with no residual "
-        "stream its calibration_targets() is [] and run_recipe still calls collect_statistics(tensors=[]), "
-        "which raises CalibrationError 'the model has no tensors to calibrate' instead of the pass recording "
-        "its skip (pipeline.run_recipe / passes/rotate_residual.py; the same on every model without a stream)"),
-}
+RECIPE_XFAIL: dict = {}
 
 
 def _recipe_cases():
@@ -298,12 +292,7 @@ def test_recipe_quantizes_and_runs(tiny_family, family, past, recipe):
 
 RTOL = 1e-4
 #: (family, pass) -> why the rewrite fails today
-EQUIVALENCE_XFAIL = {
-    ("qwen2", "reparameterize"): (
-        "reparameterize shifts each channel's center into β and the next bias, checking only that the "
-        "linears have a bias (Qwen2's q/k/v do); the RMSNorm producer has no β, so fold_into_producer raises "
-        "'norm ... has no β to absorb a shift' (passes/reparameterize.py: can_shift must also need a β)"),
-}
+EQUIVALENCE_XFAIL: dict = {}
 
 
 #: float rewrites checked on one with-past export only (FlatQuant's learning costs 2-4 s a model;

@@ -90,16 +90,20 @@ def run_recipe(
                 # it changed nothing, may not cover this pass's tensors: collect again
                 if not feeds:
                     raise CalibrationError(f"pass {spec.name!r} needs calibration data and none was given")
-                t0 = time.perf_counter()
-                stats = collect_statistics(
-                    model,
-                    feeds,
-                    tensors=targets,
-                    covariance_for=covariance_for,
-                    progress=progress,
-                )
-                calibration_seconds = time.perf_counter() - t0
-                stale = False
+                if targets:
+                    t0 = time.perf_counter()
+                    stats = collect_statistics(
+                        model,
+                        feeds,
+                        tensors=targets,
+                        covariance_for=covariance_for,
+                        progress=progress,
+                    )
+                    calibration_seconds = time.perf_counter() - t0
+                    stale = False
+                else:  # nothing this pass could rewrite: it records why, with empty statistics
+                    stats = ActivationStats(tensors={}, meta={"tensors": 0})
+                    stale = True
             pass_.with_stats(stats)
         if "feeds" in pass_.reads():
             if not feeds:

@@ -74,9 +74,14 @@ class ReparameterizeScalesPass(GroupRewritePass):
         options = self.options
         lo, hi = np.minimum(st.minimum, 0.0), np.maximum(st.maximum, 0.0)
         center = (st.minimum + st.maximum) / 2.0 if options.shift else np.zeros(group.in_features)
-        can_shift = options.shift and all(l.bias is not None for l in group.linears)
+        producer = group.producer
+        producer_takes_shift = not producer.foldable or (
+            producer.kind == "norm" and producer.norm.beta is not None) or (
+            producer.kind == "linear" and producer.linear.bias is not None)
+        can_shift = options.shift and producer_takes_shift and all(l.bias is not None for l in group.linears)
         if options.shift and not can_shift:
-            entry["shift_skipped"] = "a linear of the group has no bias to absorb the shift"
+            entry["shift_skipped"] = ("a linear of the group has no bias to absorb the shift" if producer_takes_shift
+                                      else f"the producer ({producer.describe()}) has no bias or β to absorb it")
             center = np.zeros(group.in_features)
         width = st.maximum - st.minimum if options.shift and can_shift else hi - lo
         channel_scale = np.maximum(width, 1e-8) / 255.0
