@@ -141,17 +141,25 @@ def smollm2(out_dir: Path, recipes, runs: int, new_tokens: int, calibration: int
     import numpy as np
 
     from outlierquant.export import export_model, smollm2_gguf
-    from outlierquant.export.past import past_inputs, with_past_feeds
+    from outlierquant.export.data import lm_segments, load_tokenizer, model_inputs, wikipedia_texts
+    from outlierquant.export.past import is_past_input, past_inputs, with_past_feeds
 
     folder = out_dir / "smollm2-past"
     model = folder / "model.onnx"
     if not model.is_file():
         model = export_model(smollm2_gguf(), folder, past=True)  # what generation with a KV cache runs
-    work = scaffold.smollm2(folder, calibration, heldout, model=model)
-    past = past_inputs(work.model)
-    segments = work.heldout
-    work.calibration = with_past_feeds(work.model, work.calibration)
-    work.heldout = with_past_feeds(work.model, work.heldout, decode=False)
+    tokenizer = load_tokenizer(folder)
+    text_inputs = {k: v for k, v in model_inputs(model).items() if not is_past_input(k)}
+
+    def segments_of(split: str, count: int) -> list[dict]:
+        return lm_segments(wikipedia_texts(split, limit=count * 4), tokenizer=tokenizer, input_names=text_inputs,
+                           seq_len=128, max_segments=count)
+
+    segments = segments_of("heldout", heldout)
+    work = scaffold.Workload("SmolLM2-135M", model, tokenizer, with_past_feeds(model, segments_of("calibration", calibration)),
+                             with_past_feeds(model, segments, decode=False),
+                             f"{calibration} calibration / {len(segments)} held-out Wikipedia segments of 128 tokens")
+    past = past_inputs(model)
     candidates = _candidates(work, recipes, out_dir / "smollm2", "smollm2-")
     reports = dict(scaffold.validate_all(work, candidates, latency_runs=0))
     fp32 = _session(work.model)
