@@ -289,3 +289,36 @@ def test_batch_feeds_stacks_equal_and_pads_ragged():
     assert ragged[0]["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     with pytest.raises(InputError, match="without an attention_mask"):
         data.batch_feeds([{"input_ids": np.ones((1, 2))}, {"input_ids": np.ones((1, 3))}], 2)
+
+
+def test_jsonl_text_reads_the_text_field_or_the_only_string(tmp_path):
+    from outlierquant.errors import InputError
+    from outlierquant.export.data import read_lines
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text('{"text": " first sample ", "id": 1}\n\n{"id": 2, "text": "second"}\n', encoding="utf-8")
+    assert read_lines(data) == ["first sample", "second"]
+    only = tmp_path / "only.jsonl"
+    only.write_text('{"sentence": "one string field", "label": 3}\n', encoding="utf-8")
+    assert read_lines(only) == ["one string field"]
+    for body, message in (('{"a": "x", "b": "y"}\n', "no 'text' field"), ("[1, 2]\n", "not a JSON object"),
+                          ("{oops\n", "line 1 is not JSON"), ('{"text": 5}\n', "int, not text")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(body, encoding="utf-8")
+        with pytest.raises(InputError, match=message):
+            read_lines(bad)
+
+
+def test_jsonl_calibrates_like_the_same_text_file(minilm_onnx, tmp_path):
+    import json
+
+    from outlierquant.export.data import load_feeds
+
+    lines = ["The cat sat on the mat.", "Quantization keeps the outliers in float."]
+    (tmp_path / "c.txt").write_text("\n".join(lines), encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in lines), encoding="utf-8")
+    from_txt = load_feeds(tmp_path / "c.txt", model_path=minilm_onnx)
+    from_jsonl = load_feeds(tmp_path / "c.jsonl", model_path=minilm_onnx)
+    assert len(from_txt) == len(from_jsonl) == 2
+    for a, b in zip(from_txt, from_jsonl):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

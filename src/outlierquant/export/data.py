@@ -126,8 +126,17 @@ def wikipedia_texts(split: str, *, limit: int | None = None) -> list[str]:
     return texts
 
 
-def read_lines(path: str | os.PathLike) -> list[str]:
-    """Non-blank lines of a UTF-8 text file, stripped; InputError if none."""
+#: text data files: one sample per line, or one JSON object per line with a text field
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def read_lines(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
+    """The samples of a UTF-8 text file, stripped; InputError if none.
+
+    ``.txt``: each non-blank line. ``.jsonl``: each non-blank line is a JSON object whose
+    ``text_field`` (or, without that key, its only string value) is the sample — the
+    layout of most text datasets exported with ``to_json(lines=True)``.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -135,10 +144,33 @@ def read_lines(path: str | os.PathLike) -> list[str]:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: unreadable as UTF-8 text ({exc})") from exc
+    if path.suffix.lower() == ".jsonl":
+        lines = [_jsonl_text(line, number, path, text_field) for number, line in enumerate(lines, 1) if line]
     lines = [line for line in lines if line]
     if not lines:
         raise InputError(f"{path}: file is empty (no non-blank lines)")
     return lines
+
+
+def _jsonl_text(line: str, number: int, path: Path, field: str) -> str:
+    import json
+
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise InputError(f"{path}: line {number} is not JSON ({exc.args[0]})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: line {number} is not a JSON object")
+    if field in record:
+        value = record[field]
+    else:
+        strings = [key for key, value in record.items() if isinstance(value, str)]
+        if len(strings) != 1:
+            raise InputError(f"{path}: line {number} has no {field!r} field (keys: {', '.join(map(str, record))})")
+        value = record[strings[0]]
+    if not isinstance(value, str):
+        raise InputError(f"{path}: line {number}: {field!r} is {type(value).__name__}, not text")
+    return value.strip()
 
 
 # --------------------------------------------------------------------------- model side
@@ -364,8 +396,8 @@ def load_feeds(
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix not in (".txt", ".npz"):
-        raise InputError(f"{path}: unknown data file type {path.suffix or '(none)'!r} (expected .txt or .npz)")
+    if suffix not in (*TEXT_SUFFIXES, ".npz"):
+        raise InputError(f"{path}: unknown data file type {path.suffix or '(none)'!r} (expected .txt, .jsonl or .npz)")
     spec = model_inputs(model_path)
     if suffix == ".npz":
         feeds = _npz_feeds(path, spec)
@@ -601,7 +633,7 @@ def feeds_for_model(model_path: Path, data: Path, *, tokenizer: Path | None, lim
     per segment: ``limit`` counts segments)."""
     check_limit(limit)
     data = Path(data)
-    if data.suffix == ".txt" and is_causal_lm(model_path):
+    if data.suffix.lower() in TEXT_SUFFIXES and is_causal_lm(model_path):
         tokenizer_dir = tokenizer or find_tokenizer_dir(model_path)
         if tokenizer_dir is None:
             raise InputError(f"{model_path}: no tokenizer files beside the model; pass --tokenizer DIR")

@@ -181,7 +181,7 @@ def cmd_quantize(args) -> int:
     calibration starts.
     """
     from outlierquant.calibration.stats import stats_files
-    from outlierquant.export.data import TOKENIZER_FILES, find_tokenizer_dir
+    from outlierquant.export.data import TEXT_SUFFIXES, TOKENIZER_FILES, find_tokenizer_dir
     from outlierquant.modelio import load_model
     from outlierquant.pipeline import report_path_for
     from outlierquant.plugin import folders
@@ -222,7 +222,7 @@ def cmd_quantize(args) -> int:
     source.check_export_extras()
     if source.onnx is not None:
         load_model(source.onnx)  # a corrupt model fails before tokenizing anything
-    text_data = args.calibration_data is not None and Path(args.calibration_data).suffix.lower() == ".txt"
+    text_data = args.calibration_data is not None and Path(args.calibration_data).suffix.lower() in TEXT_SUFFIXES
     if text_data and args.tokenizer is None:
         if source.onnx is not None and find_tokenizer_dir(source.onnx) is None:
             raise InputError(f"{source.onnx}: no tokenizer files beside the model ({', '.join(TOKENIZER_FILES[:3])}, "
@@ -477,7 +477,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="the fp32 model: an .onnx file or an exported folder")
     p.add_argument("--calibration-data", required=True, type=Path, metavar="FILE",
-                   help="required: .txt (one sample per line) or .npz feeds")
+                   help="required: .txt (one sample per line), .jsonl (a \"text\" field per line) or .npz feeds")
     p.add_argument("-o", "--output", required=True, type=Path, help="statistics path (writes PATH.npz and PATH.json)")
     p.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: beside the model)")
     p.add_argument("--limit", type=positive_int, help="use at most this many samples")
@@ -495,7 +495,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="default", metavar="R",
                    help="a built-in recipe name (see `outlierquant recipes`) or a YAML file (default: default)")
     p.add_argument("--calibration-data", type=Path, metavar="FILE",
-                   help="required unless --stats: .txt (one sample per line) or .npz feeds")
+                   help="required unless --stats: .txt (one sample per line), .jsonl (a \"text\" field per line) or .npz feeds")
     p.add_argument("--stats", type=Path, metavar="PATH", help="statistics saved by `outlierquant calibrate` (fp32 model), "
                    "instead of --calibration-data")
     p.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: beside the model)")
@@ -516,7 +516,7 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", type=Path, help="the fp32 model (.onnx file or exported folder)")
     p.add_argument("candidate", type=Path, help="the quantized model (.onnx file or the quantize output folder)")
     p.add_argument("--data", required=True, type=Path, metavar="FILE",
-                   help="required: .txt or .npz held-out data (not the calibration data)")
+                   help="required: .txt, .jsonl or .npz held-out data (not the calibration data)")
     p.add_argument("--json", type=Path, help="also write the report as JSON")
     p.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: beside the reference model)")
     p.add_argument("--limit", type=positive_int, help="use at most this many samples")
@@ -535,7 +535,7 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="the fp32 model (.onnx file or exported folder)")
     p.add_argument("--calibration-data", required=True, type=Path, metavar="FILE",
-                   help="required: .txt (one sample per line) or .npz feeds")
+                   help="required: .txt (one sample per line), .jsonl (a \"text\" field per line) or .npz feeds")
     p.add_argument("-o", "--output", required=True, type=Path, help="report folder (writes index.html + PNGs)")
     p.add_argument("--quantized", type=Path, help="a quantized version of the model: per-layer SQNR + sensitivity")
     p.add_argument("--data", type=Path, help="held-out probe data (default: the first calibration samples)")
