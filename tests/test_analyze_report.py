@@ -152,3 +152,95 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     assert pixels.std() > 0.05  # not a blank page
     # the heatmap's dark colours are on screen: the images rendered, not only the text
     assert (pixels.mean(axis=2) < 0.15).mean() > 0.01
+
+
+# -- coverage, end-to-end and advice on a synthetic model with a planted outlier ------------
+
+
+def _planted_model(path: Path) -> Path:
+    """Synthetic: /l1 reads x, /l2 reads Relu(x), /l3 reads their sum; 16 channels. The
+    feeds plant channel 3 of x at ~500 (the others ~1), so channel 3 recurs in the inputs
+    of /l1 and /l2; a small weight row behind it keeps it out of their outputs, whose error
+    is then set by the per-tensor activation scale the outlier forces. /l3's input is clean."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2, w3 = (rng.normal(scale=0.25, size=(16, 16)).astype(np.float32) for _ in range(3))
+    w1[3, :] *= 1e-3
+    w2[3, :] *= 1e-3
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="/l1/MatMul"),
+        helper.make_node("Relu", ["x"], ["r"], name="/relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["h2"], name="/l2/MatMul"),
+        helper.make_node("Add", ["h1", "h2"], ["h"], name="/add"),
+        helper.make_node("MatMul", ["h", "w3"], ["y"], name="/l3/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "planted",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])],
+        [numpy_helper.from_array(w, name) for w, name in ((w1, "w1"), (w2, "w2"), (w3, "w3"))],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_advice_names_the_layer_behind_a_planted_outlier(tmp_path):
+    from outlierquant.evaluate.report import analyze_model
+    from outlierquant.pipeline import quantize_model
+
+    model = _planted_model(tmp_path / "planted.onnx")
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.normal(size=(1, 12, 16)).astype(np.float32)} for _ in range(6)]
+    for feed in feeds:
+        feed["x"][..., 3] = 500.0 + rng.normal(size=(1, 12))  # the planted outlier channel
+    quantize_model(model, tmp_path / "q.onnx", "w8a8", feeds, progress=False)
+    report = analyze_model(model, feeds, tmp_path / "report", quantized=tmp_path / "q.onnx", probe_samples=3,
+                           progress=False)
+    assert report.recipe == "w8a8"  # read from q.report.json beside the model
+    assert len(report.fidelity) == 3 and not report.unmatched_layers
+    sqnr = {f.node: f.sqnr_db for f in report.fidelity}
+    assert max(sqnr["/l1/MatMul"], sqnr["/l2/MatMul"]) < 20
+    # /l3 reads the sum of both: its output SQNR inherits their error, it adds little of its own
+    assert report.upstream["/l3/MatMul"] == ["/l1/MatMul", "/l2/MatMul"]
+    assert sqnr["/l3/MatMul"] > min(sqnr["/l1/MatMul"], sqnr["/l2/MatMul"]) - 3
+    keep = next(a for a in report.advice if a["rule"] == "keep-float")
+    assert set(keep["exclude"]) == {"/l1/MatMul", "/l2/MatMul"}  # the planted layers, not /l3
+    assert report.end_to_end["metric"] == "cosine of y" and report.end_to_end["cosine_mean"] < 0.99
+    assert report.recurring == {16: [3]}
+    outlier = next(a for a in report.advice if a["rule"] == "outlier-method")
+    assert "llm-int8" in outlier["recipes"] and 3 in outlier["channels"]
+    data = json.loads((tmp_path / "report" / "analysis.json").read_text(encoding="utf-8"))
+    assert [a["rule"] for a in data["advice"]] == [a["rule"] for a in report.advice]
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    assert "What to do next" in page and "/l2/MatMul" in page and "plain w8a8" in page
+
+
+def test_rewritten_linears_are_matched_through_the_consumers_of_their_output():
+    import onnx_ir as ir
+
+    from outlierquant.evaluate.probes import match_linears, rewritten_linears
+
+    def graph(names):
+        x = ir.Value(name="x")
+        nodes, value = [], x
+        for op, name, out in names:
+            w = ir.Value(name=f"w_{len(nodes)}", const_value=ir.tensor(np.ones((2, 2), np.float32)))
+            inputs = [value, w] if op == "MatMul" else [w, value]
+            node = ir.Node("", op, inputs, name=name, num_outputs=1)
+            node.outputs[0].name = out
+            nodes.append(node)
+            value = node.outputs[0]
+        return ir.Model(ir.Graph([x], [value], nodes=nodes, opset_imports={"": 17}), ir_version=9)
+
+    fp32 = graph([("MatMul", "/a/MatMul", "a_out"), ("Add", "/a/Add", "add_out")])
+    quant = graph([("Mul", "/a/MatMul_llm_int8/Mul", "int8_out"), ("Add", "/a/Add", "add_out")])
+    records = [{"pass": "llm-int8", "layers": [{"linear": "/a/MatMul"}], "skipped": [{"linear": "/b", "skipped": "x"}]}]
+    rewritten = rewritten_linears(records, ["/a/MatMul", "/b"])
+    assert rewritten == {"/a/MatMul": ["llm-int8"]}
+    matched, unmatched, _ = match_linears([("/a/MatMul", "a_out", -1)], quant, fp32, rewritten)
+    assert matched == [("a_out", "int8_out", -1, "/a/MatMul")] and not unmatched
+    alone = graph([("Mul", "/other", "o")])
+    matched, unmatched, reasons = match_linears([("/a/MatMul", "a_out", -1)], alone, fp32, rewritten)
+    assert unmatched == ["/a/MatMul"] and "rewritten by llm-int8" in reasons["/a/MatMul"]

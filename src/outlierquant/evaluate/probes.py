@@ -50,22 +50,122 @@ def layer_inputs(model) -> dict[str, list[tuple[str, tuple[str, int]]]]:
     return found
 
 
-def match_linears(linears, quant_model) -> tuple[list[tuple[str, str, int, str]], list[str]]:
-    """(fp32 output, quantized output, axis, node) for each linear found in both models."""
+def match_linears(
+    linears, quant_model, reference_model=None, rewritten: dict[str, list[str]] | None = None
+) -> tuple[list[tuple[str, str, int, str]], list[str], dict[str, str]]:
+    """(fp32 output, quantized output, axis, node) for each linear found in both models.
+
+    A linear is matched by its node name, then by its output tensor's name, then — for a
+    linear a pass rewrote into several nodes (``llm-int8``'s int8 part + float outlier
+    channels, ``online-hadamard``'s rotation) — through the consumers of its output: the
+    node that read the fp32 output (its bias ``Add``, say) usually keeps its name, and the
+    tensor it reads at the same input position is the rewritten linear's output.
+    ``rewritten``: node -> the passes whose records name it (from the quantized model's
+    report). Returns the matches, the unmatched nodes and, for those, why.
+    """
+    rewritten = rewritten or {}
     by_node = {n.name: n for n in quant_model.graph if n.name}
     produced = {out.name for n in quant_model.graph for out in n.outputs}
-    matched, unmatched = [], []
+    consumers: dict[str, list[tuple[str, int]]] = {}
+    if reference_model is not None:
+        for n in reference_model.graph:
+            for index, value in enumerate(n.inputs):
+                if value is not None and value.name and n.name:
+                    consumers.setdefault(value.name, []).append((n.name, index))
+    matched, unmatched, reasons = [], [], {}
     for node_name, output, axis in linears:
         node = by_node.get(node_name)
         if node is not None and node.outputs and node.outputs[0].name:
             matched.append((output, node.outputs[0].name, axis, node_name))
-        elif output in produced:
+            continue
+        if output in produced:
             matched.append((output, output, axis, node_name))
-        else:
-            unmatched.append(node_name)
+            continue
+        found = None
+        for consumer, index in consumers.get(output, []):
+            twin = by_node.get(consumer)
+            if twin is None or twin.op_type in _LINEAR_OPS or index >= len(twin.inputs):
+                continue
+            value = twin.inputs[index]
+            if value is not None and value.name and value.name in produced:
+                found = value.name
+                break
+        if found is not None:
+            matched.append((output, found, axis, node_name))
+            continue
+        unmatched.append(node_name)
+        passes = rewritten.get(node_name)
+        reasons[node_name] = (
+            f"rewritten by {', '.join(passes)}; neither it, its output nor a consumer of its output keeps its name"
+            if passes else "no node, output or consumer of that name in the quantized model"
+        )
     if unmatched:
         logger.info("%d linears have no counterpart in the quantized model", len(unmatched))
-    return matched, unmatched
+    return matched, unmatched, reasons
+
+
+def upstream_linears(model, linears: Iterable[str]) -> dict[str, list[str]]:
+    """linear node -> the nearest linears upstream of its activation input (through any
+    non-linear nodes), in the fp32 graph: whose error a layer's output SQNR inherits."""
+    names = set(linears)
+    memo: dict[int, frozenset[str]] = {}
+
+    def above(value) -> frozenset[str]:
+        if value is None or is_constant(value):
+            return frozenset()
+        key = id(value)
+        if key in memo:
+            return memo[key]
+        memo[key] = frozenset()  # cycles cannot occur in a valid graph; guard anyway
+        producer = value.producer()
+        if producer is None:
+            found: frozenset[str] = frozenset()
+        elif producer.name in names:
+            found = frozenset([producer.name])
+        else:
+            found = frozenset().union(*[above(v) for v in producer.inputs]) if producer.inputs else frozenset()
+        memo[key] = found
+        return found
+
+    result: dict[str, list[str]] = {}
+    for node in model.graph:
+        if node.name in names and node.inputs:
+            found = frozenset().union(*[above(v) for v in node.inputs if v is not None and not is_constant(v)])
+            result[node.name] = sorted(found)
+    return result
+
+
+def rewritten_linears(records: Sequence[dict], names: Iterable[str]) -> dict[str, list[str]]:
+    """node -> passes whose record names it as done (not skipped), from a quantization report.
+
+    Reads the entries passes write per linear or group — ``llm-int8``'s ``layers``
+    (``linear``), ``online-hadamard``'s ``rotated`` and ``outliertune``'s ``groups``
+    (``linears``), ``quantize-embeddings``' ``tables`` (``node``) — in any nesting, and
+    keeps those without a ``skipped`` reason.
+    """
+    known = set(names)
+    found: dict[str, list[str]] = {}
+
+    def walk(value, pass_name: str) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("skipped"), str):  # a reason: this entry was left alone
+                return
+            for key in ("linear", "linears", "node", "nodes"):
+                entry = value.get(key)
+                for name in [entry] if isinstance(entry, str) else entry if isinstance(entry, list) else []:
+                    if isinstance(name, str) and name in known and pass_name not in found.get(name, []):
+                        found.setdefault(name, []).append(pass_name)
+            for key, item in value.items():
+                if key not in ("options", "skipped", "summary"):
+                    walk(item, pass_name)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, pass_name)
+
+    for record in records:
+        if isinstance(record, dict):
+            walk(record, str(record.get("pass", "?")))
+    return found
 
 
 class Labeller:
@@ -250,6 +350,7 @@ def probe_fidelity(report, reference, quant_runner, fidelity_targets, feeds, lab
         error = errors[node]
         if error.sums is None:
             report.unmatched_layers.append(node)
+            report.unmatched_reasons[node] = "its counterpart's output has another shape on the probe samples"
             continue
         raw, aligned = error.sqnr()
         use_aligned = aligned > raw + 3.0

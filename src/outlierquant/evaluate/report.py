@@ -21,8 +21,12 @@ weight; Q, K and V reading one norm output are one input — the report shows:
 With a quantized model as well, on the probe samples:
 
 - per-layer **SQNR** ``10·log10(Σ y² / Σ (y − ŷ)²)`` of every linear's output ``ŷ`` in the
-  quantized model against the fp32 output ``y``, matching layers by node name (then by
-  output name). An equivalence rewrite may have folded a per-channel scale or shift into
+  quantized model against the fp32 output ``y``, matching layers by node name, then by
+  output name, then — for a linear a pass rewrote into several nodes, as the passes'
+  records in the quantization report beside the model (``OUT.report.json``) say — through
+  the nodes that read its output, which keep their names; what stays unmatched is listed
+  with the reason. The SQNR is cumulative: a layer inherits the error of those before it,
+  so the advice counts only what a layer loses itself. An equivalence rewrite may have folded a per-channel scale or shift into
   a layer (SmoothQuant's ``1/s`` into V, OS+'s shift into a bias), so its output lives in
   a rescaled basis; the SQNR is then taken after the per-channel least-squares affine
   fit ``y ≈ α_j ŷ_j + β_j`` and the layer is flagged "aligned". A rotation of the
@@ -31,7 +35,13 @@ With a quantized model as well, on the probe samples:
 - the **sensitivity ranking**: the fp32 model with *one* linear quantized at a time by
   the ``w8a8`` machinery (:class:`~outlierquant.passes.quantize.QuantizeQDQPass`: int8
   per-channel weights, uint8 per-tensor static activations, every other node excluded),
-  ranked by ``1 − cos`` of the model's first output against fp32.
+  ranked by ``1 − cos`` of the model's first output against fp32. This is plain w8a8,
+  not the quantized model's recipe, and the page says so;
+- the **end-to-end result** on the probe samples
+  (:func:`~outlierquant.evaluate.validate.validate`): sentence-embedding cosine for an
+  encoder, perplexity and its delta for a causal LM, else the primary output's cosine;
+- **advice**: which layers to keep in float (the recipe's ``exclude``) and which recipe to
+  try next, by the few stated rules of :data:`~outlierquant.evaluate.report_data.ADVICE_RULES`.
 
 Probe samples are the held-out feeds when given, else the first calibration feeds (the
 page says which). Everything is written to ``out_dir``: ``index.html`` (plots inlined as
@@ -59,12 +69,15 @@ from outlierquant.evaluate.probes import (
     probe_fidelity,
     probe_sensitivity,
     recurring_channels,
+    rewritten_linears,
+    upstream_linears,
 )
 from outlierquant.evaluate.report_data import (
     DEFAULT_RECURRING_FRACTION,
     DEFAULT_THRESHOLD,
     AnalysisReport,
     InputStats,
+    derive_advice,
     finite_for_json,
     json_default,
 )
@@ -171,10 +184,22 @@ def analyze_model(
         if quantized is not None:
             quant_model = load_model(quantized, check=False)
             quant_runner = Runner(quant_model, stack, custom_ops=True)
-            fidelity_targets, report.unmatched_layers = match_linears(linears, quant_model)
+            records, report.recipe = quantization_records(quantized)
+            report.rewritten = rewritten_linears(records, [node for node, _, _ in linears])
+            fidelity_targets, report.unmatched_layers, report.unmatched_reasons = match_linears(
+                linears, quant_model, model, report.rewritten
+            )
         probe_fidelity(report, reference, quant_runner, fidelity_targets, probe, labels, progress)
         if quant_runner is not None and sensitivity:
             probe_sensitivity(report, model, stats, probe, reference, labels, sensitivity_limit, progress)
+    if quantized is not None:
+        report.end_to_end = end_to_end_summary(model_path, quantized, probe, progress)
+    if report.fidelity:
+        try:
+            report.upstream = upstream_linears(model, [node for node, _, _ in linears])
+        except RecursionError:  # a graph too deep to walk: every low SQNR counts as the layer's own
+            report.upstream = {}
+    report.advice = derive_advice(report)
 
     from outlierquant.evaluate import plots
 
@@ -188,6 +213,62 @@ def analyze_model(
     report.html_path = out_dir / "index.html"
     logger.info("analysis report written to %s", report.html_path)
     return report
+
+
+def quantization_records(quantized: str | os.PathLike) -> tuple[list[dict], str | None]:
+    """The pass records and recipe name of the report ``quantize`` wrote beside ``quantized``.
+
+    ``OUT.onnx`` → ``OUT.report.json``; a folder → its ``model.report.json`` (or the one
+    ``<stem>.report.json`` beside its model file). No report, or one that is not valid
+    JSON: no records (the layers are then matched by name only).
+    """
+    path = Path(quantized)
+    if path.is_dir():
+        candidates = [path / "model.report.json", *sorted(path.glob("*.report.json"))]
+    else:
+        candidates = [path.with_name(path.stem + ".report.json"), path.with_name("model.report.json")]
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            data = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            logger.warning("%s: not read (%s)", candidate, exc)
+            continue
+        if not isinstance(data, dict):
+            continue
+        recipe = data.get("recipe")
+        name = recipe.get("name") if isinstance(recipe, dict) else recipe if isinstance(recipe, str) else None
+        passes = data.get("passes")
+        return (passes if isinstance(passes, list) else []), name
+    return [], None
+
+
+def end_to_end_summary(model_path, quantized, probe, progress) -> dict | None:
+    """The model-level result on the probe samples, by :func:`~outlierquant.evaluate.validate.validate`:
+    sentence-embedding cosine (mean, min) for an encoder, perplexity and its delta for a
+    causal LM, else the primary output's cosine. None (with a warning) when it cannot run."""
+    from outlierquant.errors import OutlierQuantError
+    from outlierquant.evaluate.validate import validate
+
+    try:
+        result = validate(model_path, quantized, probe, latency_runs=0, progress=False)
+    except (OutlierQuantError, ValueError, RuntimeError) as exc:
+        logger.warning("end-to-end comparison skipped: %s", exc)
+        return None
+    summary: dict = {"task": result.task, "samples": result.samples, "primary_output": result.primary_output}
+    primary = next((o for o in result.outputs if o.name == result.primary_output), None)
+    if result.embedding is not None:
+        summary.update(metric="sentence-embedding cosine", cosine_mean=result.embedding.cosine_mean,
+                       cosine_min=result.embedding.cosine_min, spearman=result.embedding.spearman)
+    elif primary is not None:
+        summary.update(metric=f"cosine of {primary.name}", cosine_mean=primary.cosine_mean,
+                       cosine_min=primary.cosine_min)
+    if result.perplexity is not None:
+        summary.update(metric="perplexity", perplexity_reference=result.perplexity.reference,
+                       perplexity_candidate=result.perplexity.candidate, perplexity_delta=result.perplexity.delta,
+                       tokens=result.perplexity.tokens)
+    return summary
 
 
 #: the files every report has (heatmaps are named after the widths found)

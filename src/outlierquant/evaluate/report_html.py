@@ -50,6 +50,45 @@ def _card(value: str, key: str, tone: str = "") -> str:
     return f'<div class="card {tone}"><div class="v">{html.escape(value)}</div><div class="k">{html.escape(key)}</div></div>'
 
 
+def _end_to_end_cards(report: AnalysisReport) -> list[str]:
+    summary = report.end_to_end
+    if not summary:
+        return []
+    from outlierquant.evaluate.report_data import end_to_end_ok
+
+    tone = {True: "good", False: "bad", None: ""}[end_to_end_ok(summary)]
+    cards = []
+    if summary.get("perplexity_delta") is not None:
+        cards.append(_card(f"{summary['perplexity_delta']:+.3f}", "perplexity Δ vs fp32 "
+                           f"({_num(summary['perplexity_reference'], 2)} → {_num(summary['perplexity_candidate'], 2)})",
+                           tone))
+    if summary.get("cosine_mean") is not None:
+        cards.append(_card(f"{summary['cosine_mean']:.4f}", f"end-to-end {summary.get('metric', 'cosine')} (mean)",
+                           tone if summary.get("perplexity_delta") is None else ""))
+        if summary.get("cosine_min") is not None:
+            cards.append(_card(f"{summary['cosine_min']:.4f}", "end-to-end cosine (worst sample)"))
+    return cards
+
+
+def _advice_section(report: AnalysisReport) -> str:
+    from outlierquant.evaluate.report_data import ADVICE_RULES
+
+    e = html.escape
+    items = []
+    for item in report.advice:
+        text = e(item["text"])
+        if item.get("exclude"):
+            yaml = "exclude: [" + ", ".join(f'"{n}"' for n in item["exclude"]) + "]"
+            text += f"<br><code>{e(yaml)}</code>"
+        items.append(f"<li><b>{e(item['rule'])}</b>: {text}</li>")
+    rules = "".join(f"<li>{e(rule)}</li>" for rule in ADVICE_RULES)
+    return (
+        "<section id='advice'><h2>What to do next</h2><ul>" + "".join(items) + "</ul>"
+        "<p class='note'>Derived from the measurements above by these rules (the recipe's <code>exclude</code> "
+        f"option takes node-name substrings):</p><ol class='note'>{rules}</ol></section>"
+    )
+
+
 def write_html(report: AnalysisReport, out_dir: Path) -> Path:
     e = html.escape
     t = report.threshold
@@ -63,12 +102,13 @@ def write_html(report: AnalysisReport, out_dir: Path) -> Path:
         f"<p>model <code style='background:#2c3e50;color:#fff'>{e(report.model)}</code></p>",
     ]
     if report.quantized:
-        parts.append(f"<p>quantized <code style='background:#2c3e50;color:#fff'>{e(report.quantized)}</code></p>")
+        recipe = f" · recipe <b>{e(report.recipe)}</b>" if report.recipe else " · no quantization report beside it"
+        parts.append(f"<p>quantized <code style='background:#2c3e50;color:#fff'>{e(report.quantized)}</code>{recipe}</p>")
     parts.append(
         f"<p>{report.calibration_samples} calibration samples · {report.probe_samples} probe samples from "
         f"{e(report.probe_source)} · outlier threshold |x| ≥ {t:g} (LLM.int8())</p></header><main>"
     )
-    cards = [
+    cards = _end_to_end_cards(report) + [
         _card(str(len(report.inputs)), "layer inputs analysed"),
         _card(f"{len(with_outliers)}", f"inputs with |x| ≥ {t:g}", "bad" if with_outliers else "good"),
         _card(str(recurring_total), "recurring outlier channels", "bad" if recurring_total else "good"),
@@ -133,18 +173,36 @@ def write_html(report: AnalysisReport, out_dir: Path) -> Path:
         )
         if "sqnr" in report.plots:
             parts.append(_img(report.plots["sqnr"], "per-layer SQNR"))
+        total = len(report.fidelity) + len(report.unmatched_layers)
+        rewritten = [f for f in report.fidelity if f.node in report.rewritten]
+        parts.append(
+            f"<p class='note'>{len(report.fidelity)} of {total} linears of the fp32 model compared"
+            + (f", {len(rewritten)} of them rewritten by the recipe (matched through the quantization report and the "
+               "nodes that read their output)" if rewritten else "") + ".</p>"
+        )
+        if rewritten:
+            parts.append("<table><tr><th class='l'>rewritten linear</th><th class='l'>by</th><th>SQNR dB</th></tr>")
+            for f in sorted(rewritten, key=lambda f: f.sqnr_db)[:12]:
+                parts.append(f"<tr class='{'hot' if f.sqnr_db < 20 else ''}'><td class='l'>{e(f.label)}</td>"
+                             f"<td class='l'>{e(', '.join(report.rewritten[f.node]))}</td><td>{_num(f.sqnr_db)}</td></tr>")
+            parts.append("</table>")
         if report.unmatched_layers:
-            parts.append(
-                f"<p class='note'>{len(report.unmatched_layers)} linears have no counterpart in the quantized "
-                f"model: {e(', '.join(report.unmatched_layers[:6]))}{' …' if len(report.unmatched_layers) > 6 else ''}</p>"
-            )
+            parts.append(f"<p class='note'>{len(report.unmatched_layers)} linears have no counterpart in the quantized "
+                         "model:</p><table><tr><th class='l'>linear</th><th class='l'>why</th></tr>")
+            for node in report.unmatched_layers[:20]:
+                parts.append(f"<tr><td class='l'>{e(node)}</td>"
+                             f"<td class='l'>{e(report.unmatched_reasons.get(node, 'no counterpart'))}</td></tr>")
+            parts.append("</table>")
         parts.append("</section>")
         if report.sensitivity:
-            parts.append("<section><h2>Sensitivity ranking: one layer quantized at a time (w8a8)</h2>")
+            parts.append("<section><h2>Sensitivity ranking: one layer quantized at a time (plain w8a8)</h2>")
             parts.append(
-                "<p class='note'>The fp32 model with only this linear quantized (int8 per-channel weights, uint8 "
-                "per-tensor static activations); 1 − cosine of the model output against fp32. The layers at the "
-                f"top are where an outlier method pays off. {e(report.sensitivity_note)}</p>"
+                f"<p class='note'>The fp32 model with only this linear quantized by {e(report.sensitivity_method)}; "
+                "1 − cosine of the model output against fp32. The layers at the top are where an outlier method "
+                "pays off. "
+                + (f"<b>The ranking uses plain w8a8, not the recipe {e(report.recipe)!s}</b>: it says which layers "
+                   "int8 hurts, not what the recipe leaves of that. " if report.recipe else "")
+                + f"{e(report.sensitivity_note)}</p>"
             )
             parts.append("<div class='row'><div>" + _img(report.plots["sensitivity"], "sensitivity ranking") + "</div>")
             parts.append("<div><table><tr><th>#</th><th class='l'>layer</th><th>cosine</th><th>1 − cos</th></tr>")
@@ -154,6 +212,8 @@ def write_html(report: AnalysisReport, out_dir: Path) -> Path:
                     f"<td>{s.loss:.2e}</td></tr>"
                 )
             parts.append("</table></div></div></section>")
+
+    parts.append(_advice_section(report))
 
     from outlierquant import __version__
 

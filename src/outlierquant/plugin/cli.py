@@ -381,6 +381,15 @@ def cmd_analyze(args) -> int:
             progress=_progress(args),
             protect=inputs,
         )
+    e2e = report.end_to_end or {}
+    if e2e.get("perplexity_delta") is not None:
+        print(f"end-to-end: perplexity {e2e['perplexity_reference']:.3f} -> {e2e['perplexity_candidate']:.3f} "
+              f"({e2e['perplexity_delta']:+.3f}) on {e2e['samples']} probe samples")
+    elif e2e.get("cosine_mean") is not None:
+        print(f"end-to-end: {e2e['metric']} mean {e2e['cosine_mean']:.4f}, min {e2e['cosine_min']:.4f} "
+              f"on {e2e['samples']} probe samples")
+    for item in report.advice:
+        print(f"advice ({item['rule']}): {item['text']}")
     print(report.html_path)
     return 0
 
