@@ -214,7 +214,21 @@ def test_advice_names_the_layer_behind_a_planted_outlier(tmp_path):
     data = json.loads((tmp_path / "report" / "analysis.json").read_text(encoding="utf-8"))
     assert [a["rule"] for a in data["advice"]] == [a["rule"] for a in report.advice]
     page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
-    assert "What to do next" in page and "/l2/MatMul" in page and "plain w8a8" in page
+    assert "What to do next" in page and "/l2/MatMul" in page
+    # the ranking quantized each layer with the recipe's quantize settings, and says so
+    assert report.sensitivity_method.startswith("the quantize settings of the recipe 'w8a8'")
+    assert "the quantize settings of the recipe" in page
+
+
+def test_sensitivity_uses_the_recipe_quantize_settings_or_says_plain_w8a8():
+    from outlierquant.evaluate.report import sensitivity_config
+
+    config, method = sensitivity_config("w8a8-per-token")
+    assert config is not None and config.activations != "static" and "w8a8-per-token" in method
+    config, method = sensitivity_config("default")  # its quantizer is llm-int8, not the quantize pass
+    assert config is None and method.startswith("plain w8a8") and "no quantize pass" in method
+    assert sensitivity_config(None) == (None, sensitivity_config(None)[1])
+    assert sensitivity_config("my-own")[0] is None and "not a built-in" in sensitivity_config("my-own")[1]
 
 
 def test_rewritten_linears_are_matched_through_the_consumers_of_their_output():

@@ -359,8 +359,13 @@ def probe_fidelity(report, reference, quant_runner, fidelity_targets, feeds, lab
         )
 
 
-def probe_sensitivity(report, model, stats, feeds, reference, labels, limit, progress) -> None:
-    """Quantize one linear at a time (w8a8 static) and measure the first output's cosine."""
+def probe_sensitivity(report, model, stats, feeds, reference, labels, limit, progress, config=None) -> None:
+    """Quantize one linear at a time and measure the first output's cosine.
+
+    ``config``: the :class:`~outlierquant.emit.qdq.QuantConfig` to quantize each layer with
+    (its ``exclude_nodes`` replaced by every other linear); default plain w8a8 static."""
+    import dataclasses
+
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -380,16 +385,22 @@ def probe_sensitivity(report, model, stats, feeds, reference, labels, limit, pro
     for node in track(nodes, desc="sensitivity", unit="layer", progress=progress):
         candidate = ir.from_proto(proto)
         copy_external_base(model, candidate)
-        config = QuantConfig(
-            activations="static",
-            activation_type="uint8",
-            dynamic_matmuls=False,
-            exclude_nodes=tuple(n for n in all_linears if n != node),
-        )
-        QuantizeQDQPass(config).with_stats(stats)(candidate)
+        others = tuple(n for n in all_linears if n != node)
+        if config is None:
+            layer_config = QuantConfig(
+                activations="static", activation_type="uint8", dynamic_matmuls=False, exclude_nodes=others
+            )
+        else:
+            layer_config = dataclasses.replace(config, dynamic_matmuls=False, exclude_nodes=others)
+        QuantizeQDQPass(layer_config).with_stats(stats)(candidate)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.log_severity_level = 3
+        if config is not None:
+            from outlierquant import custom_ops
+
+            if custom_ops.available():
+                options = custom_ops.session_options(options)
         with contextlib.ExitStack() as stack:
             session = create_session(candidate, [], options, None, stack)
             cosines = [

@@ -106,6 +106,7 @@ def analyze_model(
     sensitivity_limit: int | None = 48,
     progress: bool | None = None,
     protect: Sequence[str | os.PathLike] = (),
+    sensitivity_recipe: str | os.PathLike | None = None,
 ) -> AnalysisReport:
     """Analyse ``model_path`` on ``calibration_feeds`` and write the report into ``out_dir``.
 
@@ -113,7 +114,10 @@ def analyze_model(
     ``eval_feeds``: held-out probe samples (default: the first calibration feeds).
     ``sensitivity``: with ``quantized``, also rank layers by the cost of quantizing each
     alone; at most ``sensitivity_limit`` layers, those with the largest input
-    max/median ratio first (``None``: all).
+    max/median ratio first (``None``: all). Each layer is quantized with the ``quantize``
+    pass settings of ``sensitivity_recipe`` (a built-in name or a YAML file; default: the
+    recipe named in the quantized model's report, when it is a built-in one), or plain
+    w8a8 where the recipe has no ``quantize`` pass (the report says which).
 
     The report's files appear in ``out_dir`` together, once everything is computed (an
     :class:`~outlierquant.outputs.OutputUnit`); none may replace one of the input files,
@@ -191,7 +195,8 @@ def analyze_model(
             )
         probe_fidelity(report, reference, quant_runner, fidelity_targets, probe, labels, progress)
         if quant_runner is not None and sensitivity:
-            probe_sensitivity(report, model, stats, probe, reference, labels, sensitivity_limit, progress)
+            config, report.sensitivity_method = sensitivity_config(sensitivity_recipe or report.recipe)
+            probe_sensitivity(report, model, stats, probe, reference, labels, sensitivity_limit, progress, config)
     if quantized is not None:
         report.end_to_end = end_to_end_summary(model_path, quantized, probe, progress)
     if report.fidelity:
@@ -242,6 +247,41 @@ def quantization_records(quantized: str | os.PathLike) -> tuple[list[dict], str 
         passes = data.get("passes")
         return (passes if isinstance(passes, list) else []), name
     return [], None
+
+
+def sensitivity_config(recipe: str | os.PathLike | None):
+    """(QuantConfig or None for plain w8a8, how the ranking quantizes) for ``recipe``.
+
+    The recipe's last ``quantize`` pass gives the settings; its rewrites (smoothing,
+    rotations) are not applied, and QuantEase rounding (which needs covariances) becomes
+    round-to-nearest. A recipe by name that is not built in, or one without a ``quantize``
+    pass, falls back to plain w8a8 and says why.
+    """
+    import dataclasses
+
+    from outlierquant.errors import RecipeError
+    from outlierquant.recipes import builtin_recipes, load_recipe, spec_options
+
+    plain = "plain w8a8 (int8 per-channel weights, uint8 per-tensor static activations)"
+    if recipe is None:
+        return None, plain
+    if not (Path(str(recipe)).suffix in (".yaml", ".yml") or str(recipe) in builtin_recipes()):
+        return None, f"{plain}: the recipe {str(recipe)!r} is not a built-in one (pass it as a YAML file)"
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as exc:
+        return None, f"{plain}: the recipe could not be read ({exc})"
+    specs = [spec for spec in loaded.passes if spec.name == "quantize"]
+    if not specs:
+        others = ", ".join(spec.name for spec in loaded.passes if spec.name != "canonicalize")
+        return None, f"{plain}: the recipe {loaded.name!r} has no quantize pass ({others})"
+    config = spec_options(specs[-1])
+    note = ""
+    if getattr(config, "weight_rounding", "rtn") != "rtn":
+        config = dataclasses.replace(config, weight_rounding="rtn")
+        note = ", round-to-nearest weights instead of its QuantEase rounding"
+    return config, (f"the quantize settings of the recipe {loaded.name!r} (activations {config.activations}, "
+                    f"{config.weight_bits}-bit weights{note}), without its rewrites")
 
 
 def end_to_end_summary(model_path, quantized, probe, progress) -> dict | None:

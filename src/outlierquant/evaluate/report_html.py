@@ -195,13 +195,15 @@ def write_html(report: AnalysisReport, out_dir: Path) -> Path:
             parts.append("</table>")
         parts.append("</section>")
         if report.sensitivity:
-            parts.append("<section><h2>Sensitivity ranking: one layer quantized at a time (plain w8a8)</h2>")
+            plain = report.sensitivity_method.startswith("plain")
+            parts.append("<section><h2>Sensitivity ranking: one layer quantized at a time "
+                         f"({'plain w8a8' if plain else 'the recipe'})</h2>")
             parts.append(
-                f"<p class='note'>The fp32 model with only this linear quantized by {e(report.sensitivity_method)}; "
-                "1 − cosine of the model output against fp32. The layers at the top are where an outlier method "
-                "pays off. "
-                + (f"<b>The ranking uses plain w8a8, not the recipe {e(report.recipe)!s}</b>: it says which layers "
-                   "int8 hurts, not what the recipe leaves of that. " if report.recipe else "")
+                f"<p class='note'>The fp32 model with only this linear quantized by <b>{e(report.sensitivity_method)}"
+                "</b>; 1 − cosine of the model output against fp32. The layers at the top are where an outlier "
+                "method pays off. "
+                + (f"The ranking uses plain w8a8, not the recipe {e(report.recipe)}: it says which layers int8 "
+                   "hurts, not what the recipe leaves of that. " if plain and report.recipe else "")
                 + f"{e(report.sensitivity_note)}</p>"
             )
             parts.append("<div class='row'><div>" + _img(report.plots["sensitivity"], "sensitivity ranking") + "</div>")

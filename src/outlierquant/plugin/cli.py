@@ -380,6 +380,7 @@ def cmd_analyze(args) -> int:
             sensitivity_limit=args.sensitivity_layers or None,
             progress=_progress(args),
             protect=inputs,
+            sensitivity_recipe=args.recipe,
         )
     e2e = report.end_to_end or {}
     if e2e.get("perplexity_delta") is not None:
@@ -555,6 +556,9 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=positive_float, default=6.0, help="outlier magnitude (default: 6, LLM.int8())")
     p.add_argument("--sensitivity-layers", type=nonnegative_int, default=48,
                    help="rank at most this many layers, quantized one at a time (default: 48; 0: skip)")
+    p.add_argument("--recipe", metavar="R", help="rank sensitivity with this recipe's quantize settings (a built-in "
+                   "name or a .yaml file; default: the recipe in the quantized model's report; plain w8a8 where the "
+                   "recipe has no quantize pass)")
     _examples(p, "outlierquant analyze exported/model.onnx --calibration-data calib.txt -o report/",
               "outlierquant analyze exported/ --calibration-data calib.txt --quantized quantized/ -o report/",
               'needs the [report] extra: pip install "outlierquant[report]"')
