@@ -122,6 +122,13 @@ def test_report_files_and_numbers(report_dir):
     cosines = [s["cosine"] for s in data["sensitivity"]]
     assert len(cosines) == 4 and cosines == sorted(cosines) and all(0.9 < c < 1 for c in cosines)
     assert "4 of 36 linears measured" in data["sensitivity_note"]
+    # the model-level result, the recipe read from q.report.json, and advice at the end
+    assert data["recipe"] == "w8a8" and data["sensitivity_method"].startswith("the quantize settings of the recipe")
+    e2e = data["end_to_end"]
+    assert e2e["metric"] == "sentence-embedding cosine" and 0.9 < e2e["cosine_min"] <= e2e["cosine_mean"] < 1
+    assert data["advice"] and all(a["rule"] and a["text"] for a in data["advice"])
+    page = (report_dir / "index.html").read_text(encoding="utf-8")
+    assert "end-to-end sentence-embedding cosine (mean)" in page and page.index("What to do next") > page.index("Sensitivity")
 
 
 @pytest.mark.slow

@@ -299,10 +299,10 @@ def end_to_end_summary(model_path, quantized, probe, progress) -> dict | None:
     summary: dict = {"task": result.task, "samples": result.samples, "primary_output": result.primary_output}
     primary = next((o for o in result.outputs if o.name == result.primary_output), None)
     if result.embedding is not None:
-        summary.update(metric="sentence-embedding cosine", cosine_mean=result.embedding.cosine_mean,
+        summary.update(metric="sentence-embedding cosine", cosine_metric="sentence-embedding cosine", cosine_mean=result.embedding.cosine_mean,
                        cosine_min=result.embedding.cosine_min, spearman=result.embedding.spearman)
     elif primary is not None:
-        summary.update(metric=f"cosine of {primary.name}", cosine_mean=primary.cosine_mean,
+        summary.update(metric=f"cosine of {primary.name}", cosine_metric=f"cosine of {primary.name}", cosine_mean=primary.cosine_mean,
                        cosine_min=primary.cosine_min)
     if result.perplexity is not None:
         summary.update(metric="perplexity", perplexity_reference=result.perplexity.reference,

@@ -63,7 +63,7 @@ def _end_to_end_cards(report: AnalysisReport) -> list[str]:
                            f"({_num(summary['perplexity_reference'], 2)} → {_num(summary['perplexity_candidate'], 2)})",
                            tone))
     if summary.get("cosine_mean") is not None:
-        cards.append(_card(f"{summary['cosine_mean']:.4f}", f"end-to-end {summary.get('metric', 'cosine')} (mean)",
+        cards.append(_card(f"{summary['cosine_mean']:.4f}", f"end-to-end {summary.get('cosine_metric', 'cosine')} (mean)",
                            tone if summary.get("perplexity_delta") is None else ""))
         if summary.get("cosine_min") is not None:
             cards.append(_card(f"{summary['cosine_min']:.4f}", "end-to-end cosine (worst sample)"))
