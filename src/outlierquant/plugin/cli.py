@@ -181,7 +181,7 @@ def cmd_quantize(args) -> int:
     calibration starts.
     """
     from outlierquant.calibration.stats import stats_files
-    from outlierquant.export.data import TEXT_SUFFIXES, TOKENIZER_FILES, find_tokenizer_dir
+    from outlierquant.export.data import TEXT_SUFFIXES, TOKENIZER_FILES, find_tokenizer_dir, read_lines
     from outlierquant.modelio import load_model
     from outlierquant.pipeline import report_path_for
     from outlierquant.plugin import folders
@@ -200,6 +200,8 @@ def cmd_quantize(args) -> int:
     folder_form = output.suffix.lower() != ".onnx"
     if folder_form and output.exists() and not output.is_dir():
         raise InputError(f"{output}: exists and is not a folder; give OUTPUT_DIR, or -o FILE.onnx for one file")
+    if folder_form and not output.exists() and output.suffix:
+        raise InputError(f"{output}: the output is a folder or an .onnx file, not a {output.suffix} file")
     out_model = output / "model.onnx" if folder_form else output
     side_folder = (source.onnx.parent if source.onnx is not None else source.path if source.kind == "hf-folder"
                    else None)
@@ -223,6 +225,8 @@ def cmd_quantize(args) -> int:
     if source.onnx is not None:
         load_model(source.onnx)  # a corrupt model fails before tokenizing anything
     text_data = args.calibration_data is not None and Path(args.calibration_data).suffix.lower() in TEXT_SUFFIXES
+    if text_data:
+        read_lines(args.calibration_data)  # empty or unreadable text fails first, naming the file
     if text_data and args.tokenizer is None:
         if source.onnx is not None and find_tokenizer_dir(source.onnx) is None:
             raise InputError(f"{source.onnx}: no tokenizer files beside the model ({', '.join(TOKENIZER_FILES[:3])}, "
