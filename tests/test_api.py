@@ -122,3 +122,33 @@ def test_feeds_accept_paths_texts_and_feed_dicts(tmp_path, minilm_onnx, texts):
         quantizer.feeds([1, 2])
     with pytest.raises(InputError, match="needs calibration_data"):
         quantizer.quantize("w8a8", None, tmp_path / "q")
+
+
+def test_feeds_from_a_calibration_data_reader_and_a_dataset_like_object(minilm_onnx):
+    from outlierquant import OutlierQuantizer
+    from outlierquant.errors import InputError
+
+    quantizer = OutlierQuantizer.from_pretrained(minilm_onnx)
+    texts = ["The cat sat on the mat.", "Quantization keeps the outliers in float."]
+    expected = quantizer.feeds(texts)
+
+    class Reader:  # onnxruntime's CalibrationDataReader protocol
+        def __init__(self, items):
+            self.items = iter(items)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    from_reader = quantizer.feeds(Reader(expected))
+    assert len(from_reader) == 2 and all((a[k] == b[k]).all() for a, b in zip(expected, from_reader) for k in a)
+
+    class Columns:  # what a datasets.Dataset offers: column names, a column by name
+        column_names = ["sentence", "label"]
+
+        def __getitem__(self, name):
+            return {"sentence": texts, "label": [0, 1]}[name]
+
+    from_columns = quantizer.feeds(Columns(), text_column="sentence")
+    assert all((a[k] == b[k]).all() for a, b in zip(expected, from_columns) for k in a)
+    with pytest.raises(InputError, match="no column 'text'"):
+        quantizer.feeds(Columns())

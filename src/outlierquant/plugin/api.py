@@ -162,11 +162,21 @@ class OutlierQuantizer:
 
     # -- data ------------------------------------------------------------------------
 
-    def feeds(self, data: Data, *, limit: int | None = None, purpose: str = "calibration") -> list[dict]:
-        """Feeds for this model from a path, texts or feed dicts."""
+    def feeds(self, data: Data, *, limit: int | None = None, purpose: str = "calibration",
+              text_column: str = "text") -> list[dict]:
+        """Feeds for this model from a path (.txt, .jsonl, .npz), texts, feed dicts, an
+        onnxruntime-style ``CalibrationDataReader`` (``get_next()`` until ``None``), or a
+        Hugging Face ``datasets.Dataset`` (its ``text_column``)."""
         from outlierquant.export import data as data_mod
 
         data_mod.check_limit(limit)
+        if hasattr(data, "get_next") and callable(data.get_next):
+            data = list(iter(data.get_next, None))
+        elif hasattr(data, "column_names") and not isinstance(data, (str, os.PathLike, dict)):
+            columns = list(data.column_names)
+            if text_column not in columns:
+                raise InputError(f"{purpose} dataset has no column {text_column!r} (columns: {', '.join(columns)})")
+            data = list(data[text_column])
         if isinstance(data, (str, os.PathLike)):
             with translated(data):
                 return feeds_for_model(self.model_path, Path(data), tokenizer=self.tokenizer, limit=limit, purpose=purpose)
