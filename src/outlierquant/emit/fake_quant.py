@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.graph.values import add_initializer, opset_version
+from outlierquant.graph.values import NodeWriter, add_initializer, opset_version
 
 
 def fake_quantize_activation(model: ir.Model, x: ir.Value, anchor: ir.Node, bits: int, mode: str, *,
@@ -19,16 +19,12 @@ def fake_quantize_activation(model: ir.Model, x: ir.Value, anchor: ir.Node, bits
     """
     graph = model.graph
     base = f"{x.name}_a{bits}"
-    nodes: list[ir.Node] = []
 
     def const(tag, array):
         return add_initializer(graph, f"{base}_{tag}", np.asarray(array, dtype=np.float32))
 
-    def op(op_type, *inputs, **attributes):
-        node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None, name=f"{base}/{op_type}_{len(nodes)}")
-        node.outputs[0].name = f"{base}/{op_type}_{len(nodes)}_output"
-        nodes.append(node)
-        return node.outputs[0]
+    writer = NodeWriter(base)
+    nodes, op = writer.nodes, writer.op
 
     if mode == "per_token":
         qmax = 2 ** (bits - 1) - 1

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.graph.tags import ONLINE_ROTATION_KEY
-from outlierquant.graph.values import add_initializer, opset_version
+from outlierquant.graph.values import NodeWriter, add_initializer, opset_version
 from outlierquant.numerics.hadamard import kronecker_split, sylvester_hadamard
 
 
@@ -18,13 +18,8 @@ def rms_norm_nodes(model: ir.Model, x: ir.Value, epsilon: float, name: str) -> t
     """``x / sqrt(mean(x², last axis) + ε)`` with standard ops."""
     graph = model.graph
     eps = add_initializer(graph, f"{name}_epsilon", np.array(epsilon, dtype=np.float32))
-    nodes = []
-
-    def op(op_type, *inputs, **attributes):
-        node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None, name=f"{name}/{op_type}_{len(nodes)}")
-        node.outputs[0].name = f"{name}/{op_type}_{len(nodes)}_output"
-        nodes.append(node)
-        return node.outputs[0]
+    writer = NodeWriter(name)
+    nodes, op = writer.nodes, writer.op
 
     square = op("Mul", x, x)
     if opset_version(model) >= 18:
@@ -53,14 +48,8 @@ def kronecker_left_form(model: ir.Model, x: ir.Value, p1: np.ndarray, p2: np.nda
         p1, p2 = np.eye(1), p2 * float(p1[0, 0])
     elif k2 == 1:
         p1, p2 = p1 * float(p2[0, 0]), np.eye(1)
-    nodes: list[ir.Node] = []
-
-    def op(op_type, *inputs, **attributes):
-        node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None,
-                       name=f"{name}/{op_type}_{len(nodes)}", metadata_props={metadata_key: x.name or ""})
-        node.outputs[0].name = f"{name}/{op_type}_{len(nodes)}_output"
-        nodes.append(node)
-        return node.outputs[0]
+    writer = NodeWriter(name, {metadata_key: x.name or ""})
+    nodes, op = writer.nodes, writer.op
 
     current = x
     if prescale is not None:
@@ -134,14 +123,8 @@ def dense_left_form(model: ir.Model, x: ir.Value, rotation: np.ndarray, name: st
     is the left operand, so no quantizer reads it as a linear layer's weight."""
     graph = model.graph
     dim = rotation.shape[0]
-    nodes: list[ir.Node] = []
-
-    def op(op_type, *inputs, **attributes):
-        node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None,
-                       name=f"{name}/{op_type}_{len(nodes)}", metadata_props={ONLINE_ROTATION_KEY: x.name or ""})
-        node.outputs[0].name = f"{name}/{op_type}_{len(nodes)}_output"
-        nodes.append(node)
-        return node.outputs[0]
+    writer = NodeWriter(name, {ONLINE_ROTATION_KEY: x.name or ""})
+    nodes, op = writer.nodes, writer.op
 
     shape = op("Shape", x)
     rows = op("Reshape", x, add_initializer(graph, f"{name}_rows", np.array([-1, dim], dtype=np.int64)))

@@ -140,3 +140,24 @@ def weight_input(node: ir.Node) -> tuple[int, int] | None:
 def is_scalar_constant(value: ir.Value | None) -> bool:
     array = constant_array(value) if value is not None else None
     return array is not None and array.size == 1
+
+
+class NodeWriter:
+    """A small chain of ops a form writes: nodes named ``{prefix}/{Op}_{i}`` (outputs
+    ``…_output``), kept in order in :attr:`nodes` for the caller to insert; ``metadata``
+    (a tag of :mod:`outlierquant.graph.tags`) goes on every node."""
+
+    def __init__(self, prefix: str, metadata: dict[str, str] | None = None) -> None:
+        self.prefix = prefix
+        self.metadata = metadata
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
+        index = len(self.nodes)
+        node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None,
+                       name=f"{self.prefix}/{op_type}_{index}",
+                       metadata_props=dict(self.metadata) if self.metadata is not None else None)
+        node.outputs[0].name = f"{self.prefix}/{op_type}_{index}_output"
+        self.nodes.append(node)
+        return node.outputs[0]
+

@@ -67,7 +67,7 @@ import onnx_ir as ir
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.edit import is_excluded, write_linear_weight
 from outlierquant.graph.records import Linear
-from outlierquant.graph.values import add_initializer, constant_array
+from outlierquant.graph.values import NodeWriter, add_initializer, constant_array
 from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
@@ -398,17 +398,12 @@ class OlivePass(OutlierPass):
         bits = int(self.options.activation_bits)
         fmt = PairFormat(bits)
         base = f"{x.name}_olive_a{bits}"
-        nodes: list[ir.Node] = []
 
         def const(tag, array, dtype=np.float32):
             return add_initializer(graph, f"{base}_{tag}", np.asarray(array, dtype=dtype))
 
-        def op(op_type, *inputs, **attributes):
-            node = ir.node(op_type, inputs=list(inputs), attributes=attributes or None,
-                           name=f"{base}/{op_type}_{len(nodes)}")
-            node.outputs[0].name = f"{base}/{op_type}_{len(nodes)}_output"
-            nodes.append(node)
-            return node.outputs[0]
+        writer = NodeWriter(base)
+        nodes, op = writer.nodes, writer.op
 
         s = const("scale", scale)
         q = fmt.int_max
