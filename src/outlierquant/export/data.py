@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from outlierquant.errors import InputError
+from outlierquant.export.hf_datasets import DatasetSource, dataset_texts, is_saved_dataset
 from outlierquant.export.past import has_past, is_past_input, with_past_feeds
 from outlierquant.modelio import resolve_model_file
 
@@ -392,7 +393,10 @@ def load_feeds(
     if mode not in LOAD_MODES:
         raise InputError(f"unknown data mode {mode!r} (allowed: {', '.join(LOAD_MODES)})")
     check_limit(limit)
-    path = Path(path)
+    path = as_data_source(path)
+    if isinstance(path, DatasetSource):
+        return _text_source_feeds(source_lines(path), source=path, model_path=model_path,
+                                  tokenizer_dir=tokenizer_dir, max_length=max_length, limit=limit, mode=mode)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -405,7 +409,13 @@ def load_feeds(
         check_feeds(feeds, source=path, limits=index_limits(model_path))
         return feeds
 
-    lines = read_lines(path)
+    return _text_source_feeds(read_lines(path), source=path, model_path=model_path, tokenizer_dir=tokenizer_dir,
+                              max_length=max_length, limit=limit, mode=mode)
+
+
+def _text_source_feeds(lines: list[str], *, source, model_path, tokenizer_dir, max_length: int,
+                       limit: int | None, mode: str) -> list[Feed]:
+    spec = model_inputs(model_path)
     folder = Path(tokenizer_dir) if tokenizer_dir is not None else find_tokenizer_dir(model_path)
     if folder is None:
         raise InputError(f"{model_path}: no tokenizer files beside the model; pass --tokenizer DIR")
@@ -416,7 +426,7 @@ def load_feeds(
         feeds = lm_segments(lines, tokenizer=tokenizer, input_names=text_inputs(spec), seq_len=max_length,
                             max_segments=limit)
         if not feeds:
-            raise InputError(f"{path}: too little text for one {max_length}-token segment")
+            raise InputError(f"{source}: too little text for one {max_length}-token segment")
         return fill_past(model_path, spec, feeds)
     if limit is not None:
         lines = lines[:limit]
@@ -627,17 +637,40 @@ def is_causal_lm(model_path: Path) -> bool:
     )
 
 
+def as_data_source(data, *, split: str = "train", text_column: str = "text") -> Path | DatasetSource:
+    """``data`` as a file path, or as a :class:`DatasetSource` when it is one or is a
+    folder written by ``save_to_disk``."""
+    if isinstance(data, DatasetSource):
+        return data
+    data = Path(data)
+    if is_saved_dataset(data):
+        return DatasetSource(str(data), split=split, text_column=text_column)
+    return data
+
+
+def is_text_source(data: Path | DatasetSource) -> bool:
+    """Text samples to tokenize: a ``.txt`` / ``.jsonl`` file or a dataset (not ``.npz`` feeds)."""
+    return isinstance(data, DatasetSource) or Path(data).suffix.lower() in TEXT_SUFFIXES
+
+
+def source_lines(data: Path | DatasetSource, *, limit: int | None = None) -> list[str]:
+    """The text samples of a text file or a dataset; InputError naming the source if none."""
+    if isinstance(data, DatasetSource):
+        return dataset_texts(data, limit=limit)
+    return read_lines(data)
+
+
 def feeds_for_model(model_path: Path, data: Path, *, tokenizer: Path | None, limit: int | None, purpose: str):
     """Calibration or evaluation feeds: one unpadded sample each (LM text: fixed segments;
     a with-past decoder gets each segment with an empty past, then a decode-shaped sample
     per segment: ``limit`` counts segments)."""
     check_limit(limit)
-    data = Path(data)
-    if data.suffix.lower() in TEXT_SUFFIXES and is_causal_lm(model_path):
+    data = as_data_source(data)
+    if is_text_source(data) and is_causal_lm(model_path):
         tokenizer_dir = tokenizer or find_tokenizer_dir(model_path)
         if tokenizer_dir is None:
             raise InputError(f"{model_path}: no tokenizer files beside the model; pass --tokenizer DIR")
-        lines = read_lines(data)
+        lines = source_lines(data)
         tok = load_tokenizer(tokenizer_dir)
         spec = model_inputs(model_path)
         feeds = lm_segments(lines, tokenizer=tok, input_names=text_inputs(spec), seq_len=128, max_segments=limit)

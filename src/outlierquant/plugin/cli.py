@@ -117,6 +117,26 @@ def _library_name(args) -> str | None:
     return None if name == "auto" else name
 
 
+def _calibration_source(args, *, required: str | None = None):
+    """``--calibration-data FILE`` (a ``save_to_disk`` folder becomes a dataset) or
+    ``--dataset NAME`` as a data source; None when neither is given (``required`` names the
+    command that then fails)."""
+    from outlierquant.export.hf_datasets import DatasetSource, is_saved_dataset
+
+    data = getattr(args, "calibration_data", None)
+    name = getattr(args, "dataset", None)
+    options = dict(split=getattr(args, "dataset_split", "train"), text_column=getattr(args, "text_column", "text"))
+    if name is not None:
+        if data is not None:
+            raise InputError(f"give --calibration-data FILE or --dataset NAME, not both ({data} and {name})")
+        return DatasetSource(name, config=getattr(args, "dataset_config", None), **options)
+    if data is not None and is_saved_dataset(data):
+        return DatasetSource(str(data), **options)
+    if data is None and required is not None:
+        raise InputError(f"{required} needs --calibration-data FILE or --dataset NAME")
+    return data
+
+
 # -- handlers ----------------------------------------------------------------------------
 
 
@@ -159,8 +179,9 @@ def cmd_calibrate(args) -> int:
     model_path = Path(args.model)
     inputs = _inputs(args.calibration_data, args.tokenizer, models=[model_path])
     check_outputs(stats_files(args.output), inputs)
+    data = _calibration_source(args, required="calibrate")
     model = load_model(model_path)  # clear errors before tokenizing anything
-    feeds = feeds_for_model(model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
+    feeds = feeds_for_model(model_path, data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
     # Collected on the canonical form, as `quantize` sees the model, so that the tensor
     # names match when the saved statistics are reused.
     with translated(model_path):
@@ -181,7 +202,7 @@ def cmd_quantize(args) -> int:
     calibration starts.
     """
     from outlierquant.calibration.stats import stats_files
-    from outlierquant.export.data import TEXT_SUFFIXES, TOKENIZER_FILES, find_tokenizer_dir, read_lines
+    from outlierquant.export.data import TOKENIZER_FILES, find_tokenizer_dir, is_text_source, source_lines
     from outlierquant.modelio import load_model
     from outlierquant.pipeline import report_path_for
     from outlierquant.plugin import folders
@@ -192,8 +213,10 @@ def cmd_quantize(args) -> int:
     no_past = getattr(args, "no_past", False)
     folders.check_export_options(source, task=args.task, library_name=args.library_name, no_past=no_past,
                                  opset=args.opset)
-    if args.calibration_data is None and args.stats is None:
-        raise InputError("quantize needs --calibration-data FILE (or --stats from `outlierquant calibrate`)")
+    data = _calibration_source(args)
+    if data is None and args.stats is None:
+        raise InputError("quantize needs --calibration-data FILE or --dataset NAME (or --stats from "
+                         "`outlierquant calibrate`)")
     for given in (args.calibration_data, args.stats and stats_files(args.stats)[0], args.tokenizer):
         if given is not None and not Path(given).exists():
             raise InputError(f"{given}: no such file")
@@ -224,9 +247,9 @@ def cmd_quantize(args) -> int:
     source.check_export_extras()
     if source.onnx is not None:
         load_model(source.onnx)  # a corrupt model fails before tokenizing anything
-    text_data = args.calibration_data is not None and Path(args.calibration_data).suffix.lower() in TEXT_SUFFIXES
+    text_data = data is not None and is_text_source(data)
     if text_data:
-        read_lines(args.calibration_data)  # empty or unreadable text fails first, naming the file
+        source_lines(data)  # empty or unreadable text, or a dataset not there, fails first, naming it
     if text_data and args.tokenizer is None:
         if source.onnx is not None and find_tokenizer_dir(source.onnx) is None:
             raise InputError(f"{source.onnx}: no tokenizer files beside the model ({', '.join(TOKENIZER_FILES[:3])}, "
@@ -242,11 +265,10 @@ def cmd_quantize(args) -> int:
             side_folder = model_path.parent
             load_model(model_path)
         feeds = None
-        if args.calibration_data is not None:
-            _status(args, f"reading {args.calibration_data}")
-            feeds = feeds_for_model(
-                model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration"
-            )
+        if data is not None:
+            _status(args, f"reading {data}")
+            feeds = feeds_for_model(model_path, data, tokenizer=args.tokenizer, limit=args.limit,
+                                    purpose="calibration")
         _status(args, f"quantizing with recipe {recipe.name} ({len(recipe.passes)} passes)")
         result = _quantize(model_path, out_model, recipe, feeds, args, protect=protect,
                            side_folder=side_folder if folder_form else None)
@@ -367,7 +389,8 @@ def cmd_analyze(args) -> int:
     load_model(model_path)
     if args.quantized is not None:
         load_model(args.quantized, check=False)
-    feeds = feeds_for_model(model_path, args.calibration_data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
+    data = _calibration_source(args, required="analyze")
+    feeds = feeds_for_model(model_path, data, tokenizer=args.tokenizer, limit=args.limit, purpose="calibration")
     probe = None
     if args.data is not None:
         probe = feeds_for_model(model_path, args.data, tokenizer=args.tokenizer, limit=args.probe_samples, purpose="probe")
@@ -488,10 +511,22 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
               usage="%(prog)s -m MODEL OUTPUT_DIR [options]   (or: %(prog)s MODEL -o OUTPUT_DIR)")
 
 
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Hugging Face datasets (the [datasets] extra; nothing is downloaded)")
+    g.add_argument("--dataset", metavar="NAME", help="calibration text from a datasets dataset instead of "
+                   "--calibration-data: a name in the local Hugging Face cache, or a local folder of data files "
+                   "(a save_to_disk folder can also be given as --calibration-data)")
+    g.add_argument("--dataset-config", metavar="CONFIG", help="the dataset's configuration name, if it has several")
+    g.add_argument("--dataset-split", default="train", metavar="SPLIT", help="the split to read (default: train)")
+    g.add_argument("--text-column", default="text", metavar="COLUMN", help="the column holding the text (default: text)")
+
+
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="the fp32 model: an .onnx file or an exported folder")
-    p.add_argument("--calibration-data", required=True, type=Path, metavar="FILE",
-                   help="required: .txt (one sample per line), .jsonl (a \"text\" field per line) or .npz feeds")
+    p.add_argument("--calibration-data", type=Path, metavar="FILE",
+                   help="required unless --dataset: .txt (one sample per line), .jsonl (a \"text\" field per line), "
+                   ".npz feeds, or a datasets save_to_disk folder")
+    _add_dataset_options(p)
     p.add_argument("-o", "--output", required=True, type=Path, help="statistics path (writes PATH.npz and PATH.json)")
     p.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: beside the model)")
     p.add_argument("--limit", type=positive_int, help="use at most this many samples")
@@ -509,7 +544,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="default", metavar="R",
                    help="a built-in recipe name (see `outlierquant recipes`) or a YAML file (default: default)")
     p.add_argument("--calibration-data", type=Path, metavar="FILE",
-                   help="required unless --stats: .txt (one sample per line), .jsonl (a \"text\" field per line) or .npz feeds")
+                   help="required unless --dataset or --stats: .txt (one sample per line), .jsonl (a \"text\" field "
+                   "per line), .npz feeds, or a datasets save_to_disk folder")
+    _add_dataset_options(p)
     p.add_argument("--stats", type=Path, metavar="PATH", help="statistics saved by `outlierquant calibrate` (fp32 model), "
                    "instead of --calibration-data")
     p.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: beside the model)")
@@ -521,6 +558,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
               "outlierquant quantize -m SmolLM2.gguf smollm2-int8/ --recipe w8a8 --calibration-data wiki.txt "
               "--export-dir smollm2-fp32/",
               "outlierquant quantize exported/model.onnx -o quantized.onnx --recipe w8a8 --calibration-data calib.txt",
+              "outlierquant quantize -m ./all-MiniLM-L6-v2 out/ --dataset ./my_saved_dataset --text-column sentence",
               "optimum-cli outlierquant quantize --onnx_model exported/ -o quantized/ --calibration-data calib.txt",
               usage="%(prog)s -m MODEL OUTPUT_DIR --recipe R --calibration-data FILE [options]\n"
                     "       %(prog)s MODEL.onnx -o OUT.onnx --recipe R --calibration-data FILE [options]")
@@ -548,8 +586,10 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="the fp32 model (.onnx file or exported folder)")
-    p.add_argument("--calibration-data", required=True, type=Path, metavar="FILE",
-                   help="required: .txt (one sample per line), .jsonl (a \"text\" field per line) or .npz feeds")
+    p.add_argument("--calibration-data", type=Path, metavar="FILE",
+                   help="required unless --dataset: .txt (one sample per line), .jsonl (a \"text\" field per line), "
+                   ".npz feeds, or a datasets save_to_disk folder")
+    _add_dataset_options(p)
     p.add_argument("-o", "--output", required=True, type=Path, help="report folder (writes index.html + PNGs)")
     p.add_argument("--quantized", type=Path, help="a quantized version of the model: per-layer SQNR + sensitivity")
     p.add_argument("--data", type=Path, help="held-out probe data (default: the first calibration samples)")
