@@ -328,4 +328,4 @@ def test_version_help_texts_and_examples(capsys):
         text = sub.format_help()
         assert "examples:" in text and text.rstrip().splitlines()[-1].strip().startswith(("outlierquant", "optimum-cli", "needs")), name
     code, out, _ = run_cli(capsys, "quantize", "--help")
-    assert code == 0 and "-m MODEL OUTPUT_DIR" in out and "required unless --stats" in out
+    assert code == 0 and "-m MODEL OUTPUT_DIR" in out and "required unless --dataset or --stats" in out
