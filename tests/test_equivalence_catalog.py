@@ -20,6 +20,7 @@ from outlierquant.recipes import PASS_CATALOG, Recipe, pass_class
 #: pass name -> options that keep it a float rewrite (short learning runs for speed)
 FLOAT_OPTIONS: dict[str, dict] = {
     "canonicalize": {},
+    "tie-weights": {},
     "smoothquant": {"alpha": 0.5},
     "os+": {},
     "reparameterize": {},

@@ -112,6 +112,7 @@ def export_model(
         produced = staging / "model.onnx"
         if not produced.is_file():
             raise InputError(f"{model}: optimum-onnx produced no model.onnx (did the task need several files?)")
+        tie_duplicate_weights(produced)
         for item in staging.iterdir():
             target = output_dir / item.name
             if item.name == "model.onnx":
@@ -123,6 +124,105 @@ def export_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir / "model.onnx"
+
+
+#: tables smaller than this are not worth a second look (a bias, a norm γ)
+_TIE_MIN_ELEMENTS = 4096
+
+
+def tie_duplicate_weights(model_path: str | os.PathLike) -> int:
+    """Store an embedding table once when the export wrote it twice; returns how many
+    copies were removed.
+
+    optimum ties a causal LM's ``lm_head`` to its embedding only when both torch modules are
+    plain ``Embedding`` / ``Linear``; a subclass (Gemma 3's scaled word embedding) makes it
+    skip the group after warning "different candidate ONNX initializers … for the tied
+    weights", and the file then holds the table and, as the lm_head's MatMul weight, its
+    transpose — for a 262k-token vocabulary that is most of the file again. Here every
+    initializer read as a MatMul weight (or a Gemm weight) that is bit for bit the
+    transpose of (or, under ``transB=1``, equal to) a table read by a ``Gather`` is replaced
+    by ``Transpose(table)`` — the form optimum writes when it does tie, which onnxruntime
+    folds once when the session is created. The function is unchanged bit for bit.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(model_path)
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)
+    if external:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    by_name = {init.name: init for init in graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in by_name:
+                readers.setdefault(name, []).append((node, index))
+
+    def size(init) -> int:
+        return int(np.prod(init.dims)) if len(init.dims) else 1
+
+    tables = [name for name, init in by_name.items()
+              if len(init.dims) == 2 and size(init) >= _TIE_MIN_ELEMENTS
+              and any(node.op_type == "Gather" and index == 0 for node, index in readers.get(name, ()))]
+    if not tables:
+        return 0
+    arrays = {name: numpy_helper.to_array(by_name[name]) for name in tables}
+    removed = 0
+    for name, init in list(by_name.items()):
+        if name in arrays or len(init.dims) != 2 or size(init) < _TIE_MIN_ELEMENTS:
+            continue
+        uses = readers.get(name, ())
+        if not uses or any(index != 1 or node.op_type not in ("MatMul", "Gemm") for node, index in uses):
+            continue
+        transposed_b = {node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+                        for node, _ in uses}
+        if len(transposed_b) != 1:
+            continue
+        same_layout = transposed_b.pop()  # Gemm transB=1 reads [vocab, hidden] as the table is
+        shape = tuple(init.dims)
+        for table in tables:
+            table_shape = arrays[table].shape
+            if (table_shape if same_layout else table_shape[::-1]) != shape or init.data_type != by_name[table].data_type:
+                continue
+            array = numpy_helper.to_array(init)
+            if not np.array_equal(array, arrays[table] if same_layout else arrays[table].T):
+                continue
+            source = table
+            if not same_layout:
+                source = _unused_name(graph, f"{table}_transposed")
+                graph.node.insert(0, onnx.helper.make_node("Transpose", [table], [source], perm=[1, 0],
+                                                           name=_unused_name(graph, f"{table}/Transpose_tied")))
+            for node, index in uses:
+                node.input[index] = source
+            graph.initializer.remove(init)
+            removed += 1
+            logger.info("%s: %s is the embedding table %s%s; stored once", path, name, table,
+                        "" if same_layout else " transposed")
+            break
+    if removed:
+        if external:
+            location = next((entry.value for init in by_name.values() for entry in init.external_data
+                             if entry.key == "location"), path.name + "_data")
+            # onnx appends to an existing data file; every tensor is in memory now
+            (path.parent / location).unlink(missing_ok=True)
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=location)
+        else:
+            onnx.save_model(model, str(path))
+    return removed
+
+
+def _unused_name(graph, hint: str) -> str:
+    taken = {init.name for init in graph.initializer} | {out for node in graph.node for out in node.output} \
+        | {node.name for node in graph.node}
+    name, i = hint, 0
+    while name in taken:
+        i += 1
+        name = f"{hint}_{i}"
+    return name
 
 
 def _check_source(source: Path, model: str, output_dir: Path, is_local: bool) -> None:
@@ -277,3 +377,50 @@ def _export_gguf(path: Path, output: Path, *, task: str | None, opset: int | Non
         onnx_export_from_model(hf_model, output=output, **kwargs)
     tokenizer.save_pretrained(output)
     hf_model.config.save_pretrained(output)
+    # the tokenizer as saved, which is what calibration and evaluation will load
+    check_tokenizer(AutoTokenizer.from_pretrained(output), path)
+
+
+#: English sample for :func:`check_tokenizer`: ordinary prose, punctuation, digits
+TOKENIZER_SAMPLE = (
+    "The committee met on Tuesday to discuss the new budget, which had been delayed for three weeks. "
+    "Most members agreed that the city should spend more on public transport and less on parking. "
+    "In 1998 the river flooded the old market, and the town rebuilt it two streets further north."
+)
+#: a working subword tokenizer splits English prose into ~1.2-1.6 tokens per word; one that
+#: fell back to characters or bytes gives ~5
+MAX_TOKENS_PER_WORD = 3.0
+
+
+def check_tokenizer(tokenizer, source: str | os.PathLike, text: str = TOKENIZER_SAMPLE) -> dict:
+    """Round-trip ``text`` and count tokens per word; warn in one line when the tokenizer
+    looks broken. Returns ``{"tokens_per_word", "round_trip", "broken"}``.
+
+    transformers rebuilds a GGUF file's tokenizer from the vocabulary in its metadata; for
+    some tokenizer kinds the conversion loses the merges and every word comes out as single
+    characters. The model still exports and runs, but text calibration and perplexity then
+    feed it sequences it never saw, so its numbers mean nothing — hence the check right
+    after the export reads the tokenizer. ``round_trip`` compares up to whitespace (a
+    tokenizer may normalise spaces around punctuation or add a prefix space).
+    """
+    words = len(text.split())
+    try:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    except Exception as exc:  # a tokenizer that cannot even encode is broken too
+        logger.warning("%s: the tokenizer failed on a sample sentence (%s); text calibration and perplexity "
+                       "will not work", source, exc)
+        return {"tokens_per_word": None, "round_trip": False, "broken": True}
+    ratio = len(ids) / max(words, 1)
+    round_trip = " ".join(decoded.split()) == " ".join(text.split())
+    broken = ratio > MAX_TOKENS_PER_WORD or not round_trip
+    if broken:
+        problems = []
+        if ratio > MAX_TOKENS_PER_WORD:
+            problems.append(f"{ratio:.2f} tokens per word on English text (a working one gives 1.2-1.6; "
+                            "words are likely split into characters)")
+        if not round_trip:
+            problems.append("decode(encode(text)) differs from the text")
+        logger.warning("%s: the tokenizer looks broken: %s; perplexity and text calibration of this export "
+                       "are not meaningful", source, "; ".join(problems))
+    return {"tokens_per_word": round(ratio, 3), "round_trip": round_trip, "broken": broken}

@@ -11,7 +11,11 @@ What the pass does (each step is exact — the fp32 function does not change):
    exporters spell a linear whose weight is tied to the embedding — becomes
    ``MatMul(x, Wᵀ)`` with ``Wᵀ`` a new initializer. This *unties* the weight (the
    embedding keeps ``W``; memory grows by one copy), which is what an equivalence pass
-   needs anyway: scaling the lm_head's rows must not scale the embedding.
+   needs anyway: scaling the lm_head's rows must not scale the embedding. The copy is
+   tagged (:data:`outlierquant.graph.tied.TIED_KEY`) with the table's name, and the
+   ``tie-weights`` pass (:func:`outlierquant.graph.tied.retie_transposed_weights`), run
+   last, reads the table through ``Transpose`` again wherever no pass changed either side,
+   so an lm_head left in float is not saved as a second copy of the embedding.
 
 What it deliberately does **not** do: rewrite decomposed norms into fused
 ``LayerNormalization`` (opset ≥ 17) or ``RMSNormalization`` (opset ≥ 23) ops. A fused op
@@ -32,13 +36,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import IdentityEliminationPass, LiftConstantsToInitializersPass
 
+from outlierquant.graph.tied import TIED_KEY, retie_transposed_weights
 from outlierquant.graph.values import FLOAT_TYPES, unique_name
 from outlierquant.passes.base import OutlierPass
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CanonicalizePass"]
-
+__all__ = ["CanonicalizePass", "TieWeightsPass"]
 
 
 class CanonicalizePass(OutlierPass):
@@ -62,13 +66,18 @@ class CanonicalizePass(OutlierPass):
         modified = IdentityEliminationPass()(model).modified
         graph = model.graph
         lifted = _LiftFloatConstantsPass()(model).modified
-        folded = self._fold_transposed_constants(graph) if self.fold_transposed_weights else 0
+        untied: list[str] = []
+        folded = self._fold_transposed_constants(graph, untied) if self.fold_transposed_weights else 0
         if lifted or folded:
             logger.info("canonicalize: float constants lifted to initializers, %d transposed weights folded", folded)
-        return modified or bool(lifted or folded), {"constants_lifted": bool(lifted), "transposed_weights_folded": folded}
+        record = {"constants_lifted": bool(lifted), "transposed_weights_folded": folded}
+        if untied:
+            # the table is also read elsewhere (the embedding's Gather): this is a second copy
+            record["tied_weights_untied"] = untied
+        return modified or bool(lifted or folded), record
 
     @staticmethod
-    def _fold_transposed_constants(graph: ir.Graph) -> int:
+    def _fold_transposed_constants(graph: ir.Graph, untied: list[str]) -> int:
         count = 0
         for node in list(graph):
             if node.op_type != "Transpose" or node.domain != "":
@@ -94,8 +103,35 @@ class CanonicalizePass(OutlierPass):
             graph.remove(node, safe=True)
             if not source.uses() and not source.is_graph_output() and source.name in graph.initializers:
                 del graph.initializers[source.name]
+            elif source.name in graph.initializers and tuple(perm or ()) in ((), (1, 0)) and array.ndim == 2:
+                initializer.metadata_props[TIED_KEY] = source.name
+                untied.append(f"{name} (transpose of {source.name}, also read by "
+                              f"{', '.join(sorted({use.node.op_type for use in source.uses()}))})")
             count += 1
         return count
+
+
+class TieWeightsPass(OutlierPass):
+    """Read an untied lm_head through ``Transpose(table)`` again where no pass changed it.
+
+    Exact: the replaced initializer is bit for bit the transpose of the table. Run it last:
+    a pass after it that rewrites the lm_head would have to untie it again. Where a pass
+    did change one side (an lm_head quantized or smoothed differently from the embedding
+    rows), the weight stays untied and the record says so.
+    """
+
+    name = "tie-weights"
+    claims_equivalence = True
+
+    def run(self, model: ir.Model) -> tuple[bool, dict]:
+        result = retie_transposed_weights(model.graph)
+        if result["retied"]:
+            logger.info("tie-weights: %s read their embedding table through Transpose again",
+                        ", ".join(result["retied"]))
+        record = {"retied": result["retied"]}
+        if result["untied"]:
+            record["untied"] = result["untied"]
+        return bool(result["retied"]), record
 
 
 class _LiftFloatConstantsPass(LiftConstantsToInitializersPass):

@@ -32,6 +32,7 @@ from outlierquant.options import check_value
 #: pass name -> "module:Class". Static, so the CLI does not import every pass.
 PASS_CATALOG: dict[str, str] = {
     "canonicalize": "outlierquant.passes.canonicalize:CanonicalizePass",
+    "tie-weights": "outlierquant.passes.canonicalize:TieWeightsPass",
     "quantize": "outlierquant.passes.quantize:QuantizeQDQPass",
     "smoothquant": "outlierquant.passes.smooth:SmoothQuantPass",
     "os+": "outlierquant.passes.shift:ShiftScaleOutliersPass",
