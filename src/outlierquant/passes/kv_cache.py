@@ -1,0 +1,377 @@
+"""Low-bit KV cache (RotateKV; KIVI-style baselines) for decoders exported with past.
+
+Su et al. 2025, "RotateKV: Accurate and Robust 2-Bit KV Cache Quantization for LLMs via
+Outlier-Aware Adaptive Rotations". Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit
+Quantization for KV Cache" (per-channel keys, per-token values).
+
+Where: a with-past decoder writes, per layer, ``present.i.key = Concat(past.i.key, K_new)``
+(axis 2 of ``[B, kv heads, T, D]``) and attention reads that Concat. The pass rewrites
+the *new* keys and values before they enter the Concat, so what is stored — and re-read
+by every later step — is what a low-bit cache would hold:
+
+- **values**: per-token asymmetric ``value_bits`` in groups of ``group_size`` channels;
+- **keys**: ``key_mode: per-token`` (RotateKV: after the rotation below) or
+  ``per-channel`` (KIVI-style: one calibrated ``(min, max)`` per kv head and channel);
+- **rotation** (``rotate``): ``K ← K R_h`` with ``R_h = P_h (I ⊗ H_b)``, ``P_h`` the
+  outlier-aware channel order of kv head ``h`` (``reorder``: channels sorted by calibrated
+  absolute maximum and dealt over the ``rotation_block``-sized Hadamard blocks in zig-zag
+  order, so every block gets a balanced share of outlier channels) and ``H_b`` a
+  normalized Walsh-Hadamard matrix. The queries get the same ``R_h`` at the score MatMul
+  (query head ``j`` uses kv head ``j // r`` under grouped-query attention), so
+  ``(Q R)(K R)ᵀ = Q Kᵀ``: with quantization off the rewrite is exact (tested).
+- **attention sinks** (``sink_tokens``): the first ``S`` cache positions stay in float.
+
+Pre- versus post-RoPE. RotateKV rotates keys *before* RoPE across groups of heads and
+stores pre-RoPE keys. In the exported graph RoPE is applied before the cache Concat, so
+the cache holds post-RoPE keys; storing pre-RoPE keys would move RoPE after the cache
+read (re-applied to every cached position each step), a change of the graph's structure
+beyond a local rewrite, and a rotation across heads cannot be matched on the query side
+(each head's score is its own dot product) without undoing it after every cache read.
+This pass therefore rotates post-RoPE, per kv head — exact on the query side.
+
+Sinks are chosen by position (the first ``S``), not detected from massive activations as
+the paper does; position = past length + index, so a left-padded batch would protect pads.
+
+Two forms (``form``):
+
+- ``simulated``: quantize-dequantize (standard ops) before the Concat; the cache tensors
+  stay float32. Prefill and decode behave the same: every grid is per token (or static
+  per channel), so a token's stored value does not depend on how many tokens came with it.
+- ``packed``: ``past_key_values.i.{key,value}`` become ``.codes`` (uint8, ``8 / bits``
+  codes per byte), ``.step`` / ``.min`` (float16 per token and group; absent for static
+  per-channel keys) and ``.sink`` (float32, the first ``S`` positions); ``present.*`` the
+  same. The graph unpacks and dequantizes the whole cache at every step; the arithmetic is
+  the simulated form's, so both give identical logits. A generation loop that feeds them
+  back is :mod:`outlierquant.export.packed_cache`.
+
+KIVI itself groups key channels over blocks of tokens and keeps a float window of recent
+tokens; a stateless graph step cannot hold that window, so the per-channel baseline here
+uses static calibrated ranges (the same for prefill and decode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from outlierquant.calibration.collect import stream_tensors
+from outlierquant.emit import kv_cache as form
+from outlierquant.errors import UnsupportedModelError
+from outlierquant.graph.attention import find_score_matmuls
+from outlierquant.numerics.kv_quant import MIN_STEP, channel_grid, outlier_aware_rotation
+from outlierquant.options import check_fields
+from outlierquant.passes.base import OutlierPass
+
+logger = logging.getLogger(__name__)
+
+_PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
+#: ops between the present key Concat and the score MatMul's key Transpose (repeat_kv, casts)
+_KEY_PATH_OPS = {"Reshape", "Expand", "Unsqueeze", "Identity", "Cast"}
+#: calibration tokens kept per layer for the static per-channel ranges
+_MAX_ROWS = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheQuantOptions:
+    """Options of :class:`KVCacheQuantizePass`.
+
+    ``key_bits`` / ``value_bits``: 2, 4 or 8 (0: that tensor stays float). ``group_size``:
+    channels per per-token group (0: the whole head). ``key_mode``: ``per-token`` or
+    ``per-channel`` (static calibrated ranges). ``rotate`` / ``reorder``: RotateKV's key
+    rotation and its outlier-aware channel order (reads the calibration samples);
+    ``rotation_block``: Hadamard block size (0: the head size). ``sink_tokens``: first cache
+    positions kept in float. ``form``: ``simulated`` or ``packed``.
+    """
+
+    key_bits: int = 4
+    value_bits: int = 4
+    group_size: int = 0
+    key_mode: Literal["per-token", "per-channel"] = "per-token"
+    rotate: bool = True
+    reorder: bool = True
+    rotation_block: int = 0
+    sink_tokens: int = 4
+    form: Literal["simulated", "packed"] = "simulated"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for field in ("key_bits", "value_bits"):
+            if getattr(self, field) not in (0, 2, 4, 8):
+                raise ValueError(f"{field}={getattr(self, field)!r}: allowed 2, 4, 8 or 0 (float)")
+        for field in ("group_size", "rotation_block", "sink_tokens"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{field}={value!r}: a non-negative integer")
+        if self.form == "packed" and (self.key_bits == 0 or self.value_bits == 0):
+            raise ValueError("form='packed' needs key_bits and value_bits (a float tensor has nothing to pack)")
+
+
+@dataclasses.dataclass
+class _Layer:
+    index: int
+    key: ir.Node  # the present key Concat
+    value: ir.Node
+    heads: int
+    head_dim: int
+    scores: list = dataclasses.field(default_factory=list)  # score MatMuls reading this key
+
+
+class KVCacheQuantizePass(OutlierPass):
+    """Quantize the KV cache of a with-past decoder (simulated or packed), RotateKV or KIVI-style."""
+
+    name = "kv-quantize"
+    options_type = KVCacheQuantOptions
+    needs_feeds = True
+
+    def reads(self) -> frozenset[str]:
+        o = self.options
+        calibrated = (o.rotate and o.reorder) or (o.key_bits and o.key_mode == "per-channel")
+        return frozenset({"feeds"}) if calibrated else frozenset()
+
+    # ---------------------------------------------------------------------- discovery
+
+    def _layers(self, model: ir.Model) -> list[_Layer]:
+        graph = model.graph
+        found: dict[int, dict[str, ir.Node]] = {}
+        for value in graph.outputs:
+            match = _PRESENT.match(value.name or "")
+            node = value.producer()
+            if not match:
+                continue
+            past = node.inputs[0] if node is not None and node.op_type == "Concat" else None
+            axis = node.attributes.get_int("axis", 0) if node is not None and node.op_type == "Concat" else None
+            if past is None or len(node.inputs) != 2 or axis not in (2, -2) or not past.is_graph_input() \
+                    or past.name != f"past_key_values.{match[1]}.{match[2]}":
+                raise UnsupportedModelError(f"kv-quantize: {value.name} is not Concat(past_key_values.{match[1]}."
+                                            f"{match[2]}, new) over the token axis; the pass needs the with-past "
+                                            "layout of optimum's decoder export")
+            found.setdefault(int(match[1]), {})[match[2]] = node
+        if not found:
+            raise UnsupportedModelError("kv-quantize: the model has no present.*.key/value outputs (export it with "
+                                        "its KV cache: text-generation-with-past)")
+        layers = []
+        for index in sorted(found):
+            pair = found[index]
+            if set(pair) != {"key", "value"}:
+                raise UnsupportedModelError(f"kv-quantize: layer {index} has only present {sorted(pair)}")
+            shape = pair["key"].inputs[0].shape
+            if shape is None or len(shape) != 4 or not all(isinstance(shape[i], int) for i in (1, 3)):
+                raise UnsupportedModelError(f"kv-quantize: past_key_values.{index}.key needs static kv heads and "
+                                            f"head size, got shape {shape}")
+            layers.append(_Layer(index, pair["key"], pair["value"], int(shape[1]), int(shape[3])))
+        by_concat = {layer.key.outputs[0]: layer for layer in layers}
+        for score in find_score_matmuls(model):
+            if score.key_transpose is None:
+                continue
+            value = score.key_transpose.inputs[0]
+            while value is not None and value not in by_concat:
+                producer = value.producer()
+                value = producer.inputs[0] if producer is not None and producer.op_type in _KEY_PATH_OPS else None
+            if value is not None:
+                by_concat[value].scores.append(score)
+        return layers
+
+    # -------------------------------------------------------------------- calibration
+
+    def _calibrate(self, model: ir.Model, layers: list[_Layer]) -> dict[int, np.ndarray]:
+        """Per layer, the new keys of the calibration samples ``[H, n, D]`` (positions at or
+        after ``sink_tokens``: the sinks stay float and must not widen a range)."""
+        names = {layer.key.inputs[1].name: layer.index for layer in layers}
+        rows: dict[int, list[np.ndarray]] = {layer.index: [] for layer in layers}
+        sinks = self.options.sink_tokens
+
+        def visit(name: str, array: np.ndarray, piece: dict, index: int) -> None:
+            keys = np.asarray(array, dtype=np.float32)  # [B, H, S, D]
+            past = piece.get(f"past_key_values.{names[name]}.key")
+            start = 0 if past is None else int(np.asarray(past).shape[2])
+            positions = start + np.arange(keys.shape[2])
+            keep = keys[:, :, positions >= sinks]
+            rows[names[name]].append(np.moveaxis(keep, 1, 0).reshape(keys.shape[1], -1, keys.shape[3]))
+
+        stream_tensors(model, self.feeds, list(names), visit)
+        out = {}
+        for index, parts in rows.items():
+            stacked = np.concatenate(parts, axis=1) if parts else np.zeros((0, 0, 0), np.float32)
+            if stacked.shape[1] > _MAX_ROWS:
+                stacked = stacked[:, np.linspace(0, stacked.shape[1] - 1, _MAX_ROWS).astype(int)]
+            out[index] = stacked
+        return out
+
+    # ------------------------------------------------------------------------ rewrite
+
+    def _rotation(self, layer: _Layer, samples: np.ndarray | None) -> np.ndarray:
+        block = self.options.rotation_block or layer.head_dim
+        if block > layer.head_dim or layer.head_dim % block:
+            raise UnsupportedModelError(f"kv-quantize: rotation_block {block} does not divide head size "
+                                        f"{layer.head_dim}")
+        mats = []
+        for h in range(layer.heads):
+            magnitude = None
+            if self.options.reorder and samples is not None and samples.shape[1]:
+                magnitude = np.abs(samples[h]).max(axis=0)
+            mats.append(outlier_aware_rotation(layer.head_dim, block, magnitude))
+        return np.stack(mats)
+
+    def _group(self, head_dim: int) -> int:
+        group = min(self.options.group_size or head_dim, head_dim)
+        if head_dim % group:
+            raise UnsupportedModelError(f"kv-quantize: group_size {group} does not divide head size {head_dim}")
+        return group
+
+    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        o = self.options
+        layers = self._layers(model)
+        samples = self._calibrate(model, layers) if "feeds" in self.reads() else {}
+        entries = []
+        rotations = 0
+        for layer in layers:
+            entry: dict[str, Any] = {"layer": layer.index, "kv_heads": layer.heads, "head_dim": layer.head_dim}
+            key_new = layer.key.inputs[1]
+            rotation = None
+            if o.rotate:
+                if not layer.scores:
+                    entry["rotation_skipped"] = "no score MatMul reads this key through repeat_kv ops"
+                else:
+                    rotation = self._rotation(layer, samples.get(layer.index))
+            prefix = f"/kv_cache/layers.{layer.index}"
+            if rotation is not None:
+                w = form.CacheWriter(model, f"{prefix}/key_rotation")
+                key_new = form.rotate_heads(w, key_new, rotation, query=False)
+                self._insert(model, w, layer.key)
+                for score in layer.scores:
+                    wq = form.CacheWriter(model, f"{prefix}/query_rotation")
+                    rotated = form.rotate_heads(wq, score.query, rotation, query=True)
+                    self._insert(model, wq, score.node)
+                    score.node.replace_input_with(0, rotated)
+                    rotations += 1
+                entry["rotation"] = {"block": o.rotation_block or layer.head_dim, "reordered": bool(o.reorder and
+                                     layer.index in samples), "queries": len(layer.scores)}
+            for kind, concat, new, bits in (("key", layer.key, key_new, o.key_bits),
+                                            ("value", layer.value, layer.value.inputs[1], o.value_bits)):
+                if not bits:
+                    if new is not concat.inputs[1]:
+                        concat.replace_input_with(1, new)
+                    entry[kind] = "float"
+                    continue
+                static = kind == "key" and o.key_mode == "per-channel"
+                grid = None
+                if static:
+                    keys = samples[layer.index]
+                    if rotation is not None:
+                        keys = np.einsum("hnd,hde->hne", keys, rotation.astype(np.float32))
+                    if not keys.shape[1]:
+                        raise UnsupportedModelError(f"kv-quantize: no calibration keys after the {o.sink_tokens} "
+                                                    f"sink positions for layer {layer.index}")
+                    grid = channel_grid(keys.min(axis=1)[:, None, :], keys.max(axis=1)[:, None, :], bits)
+                if o.form == "simulated":
+                    self._simulate(model, f"{prefix}/{kind}", concat, new, bits, grid, layer.head_dim)
+                else:
+                    self._pack(model, f"{prefix}/{kind}", concat, new, bits, grid, layer.head_dim)
+                entry[kind] = {"bits": bits, "grid": "per-channel static" if static else "per-token",
+                               "group": None if static else self._group(layer.head_dim)}
+            entries.append(entry)
+        record = {"options": dataclasses.asdict(o), "layers": entries, "query_rotations": rotations,
+                  "simulated": o.form == "simulated",
+                  "summary": [f"kv-quantize: {len(layers)} layers, K {o.key_bits or 'float'}-bit "
+                              f"({o.key_mode}{', rotated' if o.rotate else ''}), V {o.value_bits or 'float'}-bit, "
+                              f"{o.sink_tokens} sink tokens in float, {o.form} cache"]}
+        return True, record
+
+    def _reshape_readers(self, w: form.CacheWriter, past: ir.Value, codes: ir.Value, head_dim: int) -> None:
+        """The export reads the past length as ``Shape(past key)``: that Shape now reads the
+        packed codes (same batch, heads and length; the head size comes from a constant)."""
+        for use in list(past.uses()):
+            node = use.node
+            if node.op_type == "Concat":
+                continue
+            if node.op_type != "Shape":
+                raise UnsupportedModelError(f"kv-quantize: {past.name} is read by {node.op_type} {node.name!r}; "
+                                            "the packed form can only replace the cache Concat and Shape readers")
+            shape = form.float_shape(w, codes, head_dim)
+            start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)
+            if (start, end) != (0, 4):
+                shape = w.op("Slice", shape, w.ints("shape_start", [start]), w.ints("shape_end", [end]))
+            node.outputs[0].replace_all_uses_with(shape, replace_graph_outputs=True)
+            w.graph.remove(node, safe=True)
+
+    def _insert(self, model: ir.Model, w: form.CacheWriter, anchor: ir.Node) -> None:
+        model.graph.insert_before(anchor, w.nodes)
+
+    def _grid(self, w, x, bits, grid, head_dim):
+        if grid is not None:
+            return form.channel_grid_levels(w, x, bits, *grid) + (None,)
+        group = self._group(head_dim)
+        q, step, low = form.per_token_grid(w, x, bits, group, head_dim, min_step=MIN_STEP)
+        return q, step, low, group
+
+    def _simulate(self, model, prefix, concat, new, bits, grid, head_dim) -> None:
+        w = form.CacheWriter(model, prefix)
+        q, step, low, group = self._grid(w, new, bits, grid, head_dim)
+        stored = form.dequantize(w, q, step, low, head_dim if group else None)
+        if self.options.sink_tokens:
+            sink = form.positions_below(w, concat.inputs[0], new, self.options.sink_tokens)
+            stored = w.op("Where", sink, new, stored)
+        self._insert(model, w, concat)
+        concat.replace_input_with(1, stored)
+
+    def _pack(self, model, prefix, concat, new, bits, grid, head_dim) -> None:
+        graph = model.graph
+        w = form.CacheWriter(model, prefix)
+        past = concat.inputs[0]
+        base = past.name  # past_key_values.i.kind
+        present = concat.outputs[0]
+        q, step, low, group = self._grid(w, new, bits, grid, head_dim)
+        parts = {"codes": (form.pack(w, q, bits), ir.DataType.UINT8, head_dim * bits // 8)}
+        if group:
+            parts["step"] = (form.store_scale(w, step), ir.DataType.FLOAT16, head_dim // group)
+            parts["min"] = (form.store_scale(w, low), ir.DataType.FLOAT16, head_dim // group)
+        batch, heads = past.shape[0], past.shape[1]
+        full: dict[str, ir.Value] = {}
+        new_inputs, new_outputs = [], []
+        for part, (value, dtype, width) in parts.items():
+            name_in, name_out = f"{base}.{part}", f"{present.name}.{part}"
+            cache_in = ir.Value(name=name_in, type=ir.TensorType(dtype),
+                                shape=ir.Shape([batch, heads, past.shape[2], width]))
+            joined = w.op("Concat", cache_in, value, axis=2)
+            new_inputs.append(cache_in)
+            new_outputs.append((joined, name_out, width, dtype))
+            full[part] = joined
+        codes = form.unpack(w, full["codes"], bits, group, head_dim)
+        if group:
+            cache = form.dequantize(w, codes, form.load_scale(w, full["step"]), form.load_scale(w, full["min"]),
+                                    head_dim)
+        else:
+            cache = form.dequantize(w, codes, step, low, None)
+        if self.options.sink_tokens:
+            sink_in = ir.Value(name=f"{base}.sink", type=ir.TensorType(ir.DataType.FLOAT),
+                               shape=ir.Shape([batch, heads, "sink_length", head_dim]))
+            sink = form.keep_sinks(w, sink_in, new, self.options.sink_tokens)
+            cache = form.replace_first(w, cache, sink)
+            new_inputs.append(sink_in)
+            new_outputs.append((sink, f"{present.name}.sink", head_dim, ir.DataType.FLOAT))
+        self._reshape_readers(w, past, new_inputs[0], head_dim)
+        self._insert(model, w, concat)
+        # the float present output and past input go; attention reads the dequantized cache
+        outputs = list(graph.outputs)
+        slot = outputs.index(present)
+        graph.outputs.pop(slot)
+        present.replace_all_uses_with(cache)
+        for value, name, width, dtype in new_outputs:
+            value.name = name
+            value.type = ir.TensorType(dtype)
+            value.shape = ir.Shape([batch, heads, "total_length" if not name.endswith(".sink") else "sink_length",
+                                    width])
+        outputs[slot:slot + 1] = [value for value, *_ in new_outputs]
+        graph.outputs.clear()
+        graph.outputs.extend(outputs)
+        inputs = list(graph.inputs)
+        slot = inputs.index(past)
+        inputs[slot:slot + 1] = new_inputs
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)
+        graph.remove(concat, safe=True)
