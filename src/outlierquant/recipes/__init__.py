@@ -53,6 +53,7 @@ PASS_CATALOG: dict[str, str] = {
     "olive": "outlierquant.passes.olive:OlivePass",
     "quantize-embeddings": "outlierquant.passes.embeddings:QuantizeEmbeddingsPass",
     "format-quantize": "outlierquant.passes.formats:QuantizeFormatPass",
+    "kv-quantize": "outlierquant.passes.kv_cache:KVCacheQuantizePass",
 }
 
 
