@@ -66,6 +66,10 @@ def _pass_facts(name: str, options: Any) -> tuple[str | None, bool]:
         label = weights if weights == activations else f"{weights}/{activations}"
         simulated = not (weights in _REAL_FORMATS and activations in _REAL_FORMATS and _get(options, "real_types", True))
         return f"W{_FORMAT_BITS.get(weights, '?')}A{_FORMAT_BITS.get(activations, '?')} {label}", simulated
+    if name == "kv-quantize":  # the KV cache only; a packed cache is real memory, a simulated one float32
+        k, v = _get(options, "key_bits", 4), _get(options, "value_bits", 4)
+        return (f"KV{k}" if k == v else f"K{k or 'float'}V{v or 'float'}") + " cache", \
+            _get(options, "form", "simulated") == "simulated"
     return None, False
 
 
