@@ -168,14 +168,18 @@ def test_ragged_feeds_batched_match_numpy_and_per_sample():
     for name in ("xm", "h", "r", "y"):
         _assert_stats(batched, name, reference[name], covariance=name in ("xm", "h"))
     assert batched["xm"].covariance is not None and batched["r"].covariance is None
-    assert batched.meta["runs"] == 4  # (3,3) (5,5,5) (2) (3): consecutive same shapes only
+    assert batched.meta["runs"] == 3  # a list is grouped by shape: (3,3,3) (5,5,5) (2)
+    streamed = collect_statistics(_seq_ir(), iter(samples), progress=False, covariance_for=["xm", "h"])
+    assert streamed.meta["runs"] == 4  # a generator keeps its order: (3,3) (5,5,5) (2) (3)
+    for name in ("xm", "h", "r", "y"):
+        _assert_stats(streamed, name, reference[name], covariance=name in ("xm", "h"))
     assert batched.meta["samples"] == 7 and batched.meta["tokens"] == 26
     assert batched["xm"].shape == (-1, -1, 4)
     one_by_one = collect_statistics(_seq_ir(), samples, progress=False, batch_tokens=0)
     assert one_by_one.meta["runs"] == 7
     _assert_same(batched, one_by_one)
     small_batches = collect_statistics(_seq_ir(), samples, progress=False, batch_tokens=10)
-    assert small_batches.meta["runs"] == 5  # (3,3) (5,5) (5) (2) (3)
+    assert small_batches.meta["runs"] == 4  # (3,3,3) (5,5) (5) (2)
     _assert_same(batched, small_batches)
 
 
