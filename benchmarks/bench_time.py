@@ -9,6 +9,7 @@ Phases (exclusive wall time; a phase nested in another is not counted twice):
 - ``reduce``: folding fetched activations into statistics (``_Collector.fold``);
 - ``search``: per-group searches on statistics (SmoothQuant / OutlierTune α, the
   static-SQNR gate);
+- ``rounding``: QuantEase weight rounding (quarot-w8a8's quantize);
 - ``save``: writing the output model;
 - ``other``: the rest, mostly graph analysis and edits inside the passes.
 
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import scaffold  # noqa: E402
 
-PHASES = ("load", "session", "run", "reduce", "search", "save", "other")
+PHASES = ("load", "session", "run", "reduce", "search", "rounding", "save", "other")
 
 
 class PhaseClock:
@@ -94,11 +95,14 @@ def instrumented(clock: PhaseClock):
     import importlib
 
     for module_name in ("outlierquant.passes.smooth", "outlierquant.passes.outliertune",
-                        "outlierquant.passes.online_hadamard", "outlierquant.passes.llm_int8"):
+                        "outlierquant.passes.online_hadamard", "outlierquant.passes.llm_int8",
+                        "outlierquant.passes.quantize"):
         module = importlib.import_module(module_name)
         for name in ("search_alpha", "estimated_static_sqnr_db", "estimated_output_error"):
             if hasattr(module, name):
                 patches.append((module, name, "search"))
+        if hasattr(module, "quantease_int8_weight"):
+            patches.append((module, "quantease_int8_weight", "rounding"))
     for name in ("search_alpha",):
         patches.append((estimates, name, "search"))
     saved = []

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from outlierquant.calibration import session as session_module
 from outlierquant.calibration.collect import collect_statistics
-from outlierquant.calibration.stats import ActivationStats
+from outlierquant.calibration.stats import ActivationStats, ChannelStats
 from outlierquant.calibration.targets import CalibrationTarget, quantizable_targets
 from outlierquant.errors import CalibrationError
 
@@ -181,6 +181,34 @@ def test_ragged_feeds_batched_match_numpy_and_per_sample():
     small_batches = collect_statistics(_seq_ir(), samples, progress=False, batch_tokens=10)
     assert small_batches.meta["runs"] == 4  # (3,3,3) (5,5) (5) (2)
     _assert_same(batched, small_batches)
+
+
+def test_covariance_in_deferred_blocks_matches_numpy_and_merges():
+    # 40 updates of 3 rows on 50 channels: the covariance is folded in blocks of >= 50 rows,
+    # the rest by finish(); every statistic must still be the whole data's
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((120, 50)).astype(np.float32) * np.linspace(0.1, 20, 50, dtype=np.float32) + 3.0
+    st = ChannelStats.empty(50, -1, covariance=True)
+    for start in range(0, 120, 3):
+        st.update(rows[start:start + 3])
+    assert st._pending_rows == 120 - 102  # two blocks (51 rows each) folded, 18 rows waiting
+    st.finish()
+    reference = rows.astype(np.float64)
+    np.testing.assert_allclose(st.covariance, np.cov(reference, rowvar=False, bias=True), rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(st.absmax, np.abs(reference).max(axis=0))
+    np.testing.assert_allclose(st.mean_sq, (reference**2).mean(axis=0), rtol=1e-12)
+    first, second = ChannelStats.empty(50, -1, covariance=True), ChannelStats.empty(50, -1, covariance=True)
+    first.update(rows[:7])
+    second.update(rows[7:])
+    merged = first.merge(second)  # merge folds the buffered rows of both first
+    np.testing.assert_allclose(merged.covariance, np.cov(reference, rowvar=False, bias=True), rtol=1e-9, atol=1e-9)
+    before = st.absmax.copy()
+    bad = rows[:2].copy()
+    bad[1, 4] = np.nan
+    with pytest.raises(CalibrationError, match="non-finite"):
+        st.update(bad)
+    np.testing.assert_array_equal(st.absmax, before)  # a rejected block changes nothing
+    assert st.count == 120 and st._pending_rows == 0
 
 
 def test_a_byte_budget_bounds_the_batches_and_keeps_the_numbers():

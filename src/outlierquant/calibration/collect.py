@@ -427,7 +427,7 @@ def collect_statistics(
     missing = [t.tensor for t in targets if t.tensor not in collector.stats]
     for name in missing:
         logger.warning("tensor %r: no unpadded position was seen; it has no statistics", name)
-    ordered = {t.tensor: collector.stats[t.tensor] for t in targets if t.tensor in collector.stats}
+    ordered = {t.tensor: collector.stats[t.tensor].finish() for t in targets if t.tensor in collector.stats}
     meta = {
         "model": str(model_path) if model_path is not None else None,
         "samples": counters["samples"],
