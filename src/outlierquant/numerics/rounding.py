@@ -105,6 +105,34 @@ def gptaq_objective(x_q: np.ndarray, x_f: np.ndarray, weight: np.ndarray, q: np.
     return float((residual**2).sum() / xq.shape[0] + ridge * ((q - weight) ** 2).sum())
 
 
+def holdout_split(n: int, fraction: float = 0.25, blocks: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, held)`` row indices: ``n`` rows cut into ``blocks`` contiguous blocks, every
+    ``round(1 / fraction)``-th block held out.
+
+    Captured rows keep the order of the calibration samples, so contiguous blocks hold out
+    whole samples (mostly): token rows of one sentence are strongly correlated, and holding
+    out every fourth *row* would score a fit on the sentences it was fitted to.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction {fraction!r}: must be in (0, 1)")
+    block = np.minimum(np.arange(n) * blocks // max(n, 1), blocks - 1)
+    period = max(2, int(round(1.0 / fraction)))
+    held = block % period == period - 1
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def heldout_output_error(x_q: np.ndarray, x_f: np.ndarray | None, weight: np.ndarray, effective: np.ndarray,
+                         bias: np.ndarray | None = None) -> float:
+    """``||X_q Ŵ + b − X_f W||² / n`` on rows the rounding did not see (``x_f=None``: the
+    target is ``X_q W``). ``b`` is the bias correction fitted with the rounding."""
+    xq = np.asarray(x_q, np.float64)
+    reference = (xq if x_f is None else np.asarray(x_f, np.float64)) @ np.asarray(weight, np.float64)
+    residual = xq @ effective - reference
+    if bias is not None:
+        residual += bias
+    return float((residual**2).sum() / max(xq.shape[0], 1))
+
+
 def output_error(delta: np.ndarray, sigma: np.ndarray) -> float:
     """``tr(Δᵀ Σ Δ)``: the mean squared output error of ``x @ (W + Δ)`` vs ``x @ W``."""
     return float(np.einsum("kn,kn->", delta, sigma @ delta))

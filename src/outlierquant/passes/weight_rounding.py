@@ -101,6 +101,8 @@ from outlierquant.numerics.grids import dequantize_levels, group_grid, rtn_level
 from outlierquant.numerics.rounding import (
     DEFAULT_CLIP_RATIOS,
     InputMoments,
+    heldout_output_error,
+    holdout_split,
     output_error,
     quantease_round,
     refit_scales,
@@ -153,6 +155,15 @@ class WeightOnlyOptions:
     sequential_target: Literal["fp32_output", "weight"] = "fp32_output"
     #: token rows captured per stage input (evenly spread over the calibration data)
     sequential_rows: int = 4096
+    #: sequential only: damping values tried per stage, each fitted on the rows outside a
+    #: held-out split of the calibration rows and scored by the stage's output error on the
+    #: held-out rows; the best is refitted on all rows (empty: ``damp`` as given). With
+    #: ``dimension: adaptive`` the AdaDim layout is chosen on the held-out rows as well.
+    damp_candidates: tuple[float, ...] = ()
+    #: share of the captured rows held out for that choice (contiguous blocks: whole samples)
+    holdout_fraction: float = 0.25
+    #: coordinate-descent sweeps (and no scale refit) for each candidate of the search
+    search_iterations: int = 3
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -173,6 +184,14 @@ class WeightOnlyOptions:
             raise ValueError(f"sequential_rows={self.sequential_rows!r}: an integer >= 16")
         if self.sequential and self.activation_bits is not None:
             raise ValueError("sequential=true: not supported with activation_bits (weight-only rounding)")
+        if any(not d >= 0 for d in self.damp_candidates):
+            raise ValueError(f"damp_candidates={list(self.damp_candidates)}: numbers >= 0")
+        if self.damp_candidates and not self.sequential:
+            raise ValueError("damp_candidates: needs sequential=true (the choice is scored on held-out captured rows)")
+        if not 0.0 < self.holdout_fraction <= 0.5:
+            raise ValueError(f"holdout_fraction={self.holdout_fraction}: allowed (0, 0.5]")
+        if self.search_iterations < 1:
+            raise ValueError(f"search_iterations={self.search_iterations}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +292,7 @@ class _WeightOnlyPass(OutlierPass):
     def calibration_targets(self, model: ir.Model) -> list:
         return [] if self.options.sequential else super().calibration_targets(model)
 
-    def _round(self, weight, sigma, grid, fixed) -> np.ndarray:  # pragma: no cover - abstract
+    def _round(self, weight, sigma, grid, fixed, iterations) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _outliers(self, weight, sigma) -> np.ndarray | None:
@@ -355,6 +374,7 @@ class _WeightOnlyPass(OutlierPass):
                                        {name: group[0].in_features for name, group in stages.items()})
         quantized_any = False
         rows = 0
+        chosen: list[float] = []
         for name, group in stages.items():
             x_f = reference.take(name) if reference is not None else None
             current = {linear.node.inputs[0].name for linear in group}
@@ -371,32 +391,74 @@ class _WeightOnlyPass(OutlierPass):
                 continue
             rows = max(rows, x_q.shape[0])
             # x_f is x_q (nothing quantized upstream yet): W' = W, so the plain moments are exact
-            moments = InputMoments.from_rows(x_q, x_f if x_f is not x_q else None, options.damp,
-                                             centered=options.bias_correction)
+            paired = x_f if x_f is not x_q else None
+            damp, dims, search = options.damp, None, None
+            if options.damp_candidates and x_q.shape[0] >= 16:
+                damp, dims, search = self._choose_on_holdout(group, x_q, paired)
+                chosen.append(damp)
+            moments = InputMoments.from_rows(x_q, paired, damp, centered=options.bias_correction)
             for linear in group:
-                layers.append(self._quantize_linear(model, linear, moments))
+                entry = self._quantize_linear(model, linear, moments, dims=dims.get(linear.name) if dims else None)
+                if search is not None:
+                    entry["holdout"] = {"damp": damp, "errors": search}
+                layers.append(entry)
                 model.opset_imports.setdefault(MS_DOMAIN, 1)  # the next capture runs MatMulNBits
                 quantized_any = True
             del x_q, x_f
-        return {"stages": len(stages), "rows": rows, "target": options.sequential_target}
+        record = {"stages": len(stages), "rows": rows, "target": options.sequential_target}
+        if options.damp_candidates:
+            record["damp_chosen"] = {str(d): chosen.count(d) for d in sorted(set(chosen))}
+        return record
 
-    def _quantize_linear(self, model: ir.Model, linear: Linear, moments: InputMoments) -> dict[str, Any]:
-        """Round one linear against ``moments`` and replace it in the graph; its report entry."""
+    def _choose_on_holdout(self, group: list[Linear], x_q: np.ndarray, x_f: np.ndarray | None):
+        """The damping (and, for ``adaptive``, each linear's layout) whose rounding, fitted on
+        the rows outside the held-out split, gives the stage the least output error on the
+        held-out rows. Small or other-source calibration sets make the in-sample error an
+        optimistic judge: with fewer token rows than input channels Σ is rank-deficient and
+        a light damping fits the noise of those rows."""
         options = self.options
-        original = np.asarray(linear.weight_array(), dtype=np.float64)
-        sigma = moments.sigma
-        weight = moments.target(original)
-        fixed = self._outliers(weight, sigma)
+        fit, held = holdout_split(x_q.shape[0], options.holdout_fraction)
+        xq_fit, xq_held = x_q[fit], x_q[held]
+        xf_fit = None if x_f is None else x_f[fit]
+        xf_held = None if x_f is None else x_f[held]
         dims = ("per_oc", "per_ic") if options.dimension == "adaptive" else (options.dimension,)
+        errors: dict[str, float] = {}
+        best_dims: dict[float, dict[str, str]] = {}
+        for damp in options.damp_candidates:
+            moments = InputMoments.from_rows(xq_fit, xf_fit, damp, centered=options.bias_correction)
+            total, layouts = 0.0, {}
+            for linear in group:
+                original = np.asarray(linear.weight_array(), dtype=np.float64)
+                scored = {}
+                for dim in dims:
+                    solved = self._solve(linear, moments, (dim,), iterations=options.search_iterations, refits=0)
+                    bias = moments.correction(original, solved["effective"]) if options.bias_correction else None
+                    scored[dim] = heldout_output_error(xq_held, xf_held, original, solved["effective"], bias)
+                layouts[linear.name] = min(scored, key=scored.get)
+                total += scored[layouts[linear.name]]
+            errors[str(damp)] = total
+            best_dims[damp] = layouts
+        damp = min(options.damp_candidates, key=lambda d: errors[str(d)])
+        return damp, (best_dims[damp] if len(dims) > 1 else None), errors
+
+    def _solve(self, linear: Linear, moments: InputMoments, dims: tuple[str, ...], *, iterations: int | None = None,
+               refits: int | None = None) -> dict[str, Any]:
+        """Round one linear against ``moments`` over the layouts ``dims``; the least-error one."""
+        options = self.options
+        iterations = options.iterations if iterations is None else iterations
+        refits = options.scale_refits if refits is None else refits
+        sigma = moments.sigma
+        weight = moments.target(np.asarray(linear.weight_array(), dtype=np.float64))
+        fixed = self._outliers(weight, sigma)
         candidates = {}
         for dim in dims:
             grid = group_grid(weight, dim, options.group_size, options.bits, row_weight=np.diag(sigma),
                               clip_ratios=options.clip_ratios, keep_out=fixed)
-            q = self._round(weight, sigma, grid, fixed)
+            q = self._round(weight, sigma, grid, fixed, iterations)
             if dim == "per_oc":
-                for _ in range(options.scale_refits):
+                for _ in range(refits):
                     grid = refit_scales(weight, sigma, q, grid, fixed)
-                    q = quantease_round(weight, sigma, grid, iterations=options.iterations, fixed=fixed, levels=q)
+                    q = quantease_round(weight, sigma, grid, iterations=iterations, fixed=fixed, levels=q)
             delta = dequantize_levels(q, grid) - weight
             if fixed is not None:
                 delta = np.where(fixed, 0.0, delta)
@@ -408,10 +470,25 @@ class _WeightOnlyPass(OutlierPass):
         if fixed is not None and fixed.any():
             side = np.where(fixed, weight - effective, 0.0)
             effective = effective + side
+        signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
+        return {"dimension": chosen, "error": error, "signal": signal, "q": q, "grid": grid, "side": side,
+                "fixed": fixed, "effective": effective, "errors": {d: c[0] / signal for d, c in candidates.items()}}
+
+    def _quantize_linear(self, model: ir.Model, linear: Linear, moments: InputMoments,
+                         dims: str | None = None) -> dict[str, Any]:
+        """Round one linear against ``moments`` and replace it in the graph; its report entry.
+        ``dims``: the layout chosen beforehand (on held-out rows), else the option's."""
+        options = self.options
+        original = np.asarray(linear.weight_array(), dtype=np.float64)
+        if dims is None:
+            dims = ("per_oc", "per_ic") if options.dimension == "adaptive" else (options.dimension,)
+        else:
+            dims = (dims,)
+        solved = self._solve(linear, moments, dims)
+        q, grid, side, fixed = solved["q"], solved["grid"], solved["side"], solved["fixed"]
         correction = None
         if options.bias_correction:  # mean output error left: μ_f W − μ_q (Ŵ + H)
-            correction = moments.correction(original, effective)
-        signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
+            correction = moments.correction(original, solved["effective"])
         entry_extra = {}
         if correction is not None:
             entry_extra["bias_correction"] = correct_bias(model.graph, linear, correction)
@@ -419,9 +496,9 @@ class _WeightOnlyPass(OutlierPass):
               None if correction is None or entry_extra["bias_correction"] == "folded" else correction)
         entry = {
             "linear": linear.name,
-            "dimension": chosen,
-            "relative_output_error": error / signal,
-            "errors": {d: c[0] / signal for d, c in candidates.items()},
+            "dimension": solved["dimension"],
+            "relative_output_error": solved["error"] / solved["signal"],
+            "errors": solved["errors"],
             "full_covariance": moments.full,
         }
         entry.update(entry_extra)
@@ -445,9 +522,9 @@ class AdaDimQuantizePass(_WeightOnlyPass):
     name = "adadim"
     options_type = AdaDimOptions
 
-    def _round(self, weight, sigma, grid, fixed):
+    def _round(self, weight, sigma, grid, fixed, iterations):
         if self.options.rounding == "quantease":
-            return quantease_round(weight, sigma, grid, iterations=self.options.iterations, fixed=fixed)
+            return quantease_round(weight, sigma, grid, iterations=iterations, fixed=fixed)
         return rtn_levels(weight, grid, fixed)
 
 
@@ -457,8 +534,8 @@ class QuantEaseRoundPass(_WeightOnlyPass):
     name = "quantease"
     options_type = QuantEaseOptions
 
-    def _round(self, weight, sigma, grid, fixed):
-        return quantease_round(weight, sigma, grid, iterations=self.options.iterations, fixed=fixed)
+    def _round(self, weight, sigma, grid, fixed, iterations):
+        return quantease_round(weight, sigma, grid, iterations=iterations, fixed=fixed)
 
     def _outliers(self, weight, sigma):
         if self.options.outlier_fraction <= 0:
