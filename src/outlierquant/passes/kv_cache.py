@@ -152,8 +152,7 @@ class KVCacheQuantizePass(OutlierPass):
                                             "layout of optimum's decoder export")
             found.setdefault(int(match[1]), {})[match[2]] = node
         if not found:
-            raise UnsupportedModelError("kv-quantize: the model has no present.*.key/value outputs (export it with "
-                                        "its KV cache: text-generation-with-past)")
+            return []
         layers = []
         for index in sorted(found):
             pair = found[index]
@@ -226,6 +225,10 @@ class KVCacheQuantizePass(OutlierPass):
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         o = self.options
         layers = self._layers(model)
+        if not layers:
+            reason = "no present.*.key/value outputs: the model has no KV cache (export it with past)"
+            logger.info("kv-quantize: skipped: %s", reason)
+            return False, {"options": dataclasses.asdict(o), "skipped": reason, "summary": [f"kv-quantize: {reason}"]}
         samples = self._calibrate(model, layers) if "feeds" in self.reads() else {}
         entries = []
         rotations = 0
@@ -282,7 +285,7 @@ class KVCacheQuantizePass(OutlierPass):
                               f"{o.sink_tokens} sink tokens in float, {o.form} cache"]}
         return True, record
 
-    def _reshape_readers(self, w: form.CacheWriter, past: ir.Value, codes: ir.Value, head_dim: int) -> None:
+    def _reshape_readers(self, model: ir.Model, w: form.CacheWriter, past: ir.Value, codes: ir.Value, head_dim: int) -> None:
         """The export reads the past length as ``Shape(past key)``: that Shape now reads the
         packed codes (same batch, heads and length; the head size comes from a constant)."""
         for use in list(past.uses()):
@@ -292,12 +295,14 @@ class KVCacheQuantizePass(OutlierPass):
             if node.op_type != "Shape":
                 raise UnsupportedModelError(f"kv-quantize: {past.name} is read by {node.op_type} {node.name!r}; "
                                             "the packed form can only replace the cache Concat and Shape readers")
-            shape = form.float_shape(w, codes, head_dim)
+            ws = form.CacheWriter(model, f"{w.prefix}/shape")  # before the Shape: its readers come early
+            shape = form.float_shape(ws, codes, head_dim)
             start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)
             if (start, end) != (0, 4):
-                shape = w.op("Slice", shape, w.ints("shape_start", [start]), w.ints("shape_end", [end]))
+                shape = ws.op("Slice", shape, ws.ints("shape_start", [start]), ws.ints("shape_end", [end]))
+            self._insert(model, ws, node)
             node.outputs[0].replace_all_uses_with(shape, replace_graph_outputs=True)
-            w.graph.remove(node, safe=True)
+            model.graph.remove(node, safe=True)
 
     def _insert(self, model: ir.Model, w: form.CacheWriter, anchor: ir.Node) -> None:
         model.graph.insert_before(anchor, w.nodes)
@@ -354,7 +359,7 @@ class KVCacheQuantizePass(OutlierPass):
             cache = form.replace_first(w, cache, sink)
             new_inputs.append(sink_in)
             new_outputs.append((sink, f"{present.name}.sink", head_dim, ir.DataType.FLOAT))
-        self._reshape_readers(w, past, new_inputs[0], head_dim)
+        self._reshape_readers(model, w, past, new_inputs[0], head_dim)
         self._insert(model, w, concat)
         # the float present output and past input go; attention reads the dequantized cache
         outputs = list(graph.outputs)
