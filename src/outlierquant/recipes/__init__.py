@@ -54,6 +54,7 @@ PASS_CATALOG: dict[str, str] = {
     "quantize-embeddings": "outlierquant.passes.embeddings:QuantizeEmbeddingsPass",
     "format-quantize": "outlierquant.passes.formats:QuantizeFormatPass",
     "kv-quantize": "outlierquant.passes.kv_cache:KVCacheQuantizePass",
+    "onnxruntime-fuse": "outlierquant.passes.fuse_ort:FuseOnnxRuntimePass",
 }
 
 
