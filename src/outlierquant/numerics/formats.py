@@ -14,11 +14,17 @@ FP8 E5M2               5     2    15    57344       yes     yes         15
 FP6 E2M3               2     3     1    7.5         no      no          2
 FP6 E3M2               3     2     3    28          no      no          4
 FP4 E2M1               2     1     1    6           no      no          2
+FP4 E3M0               3     0     3    16          no      no          4
+FP4 E1M2               1     2     0    3.5         no      no          1
 ====================  ====  ====  ====  ==========  ======  =========  =================
 
 E4M3 gives up infinities to keep one more binade (its all-ones exponent holds normal
 numbers except the one NaN mantissa), so ``max = 1.75 · 2^8``; E5M2 is IEEE-like, ``max =
-1.75 · 2^15``. FP4 E2M1 holds exactly the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+1.75 · 2^15``. FP4 E2M1 holds exactly the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6. The other
+two 4-bit splits, which LLM-FP4 (Liu et al. 2023) searches beside E2M1, use every code for
+a finite number with the usual bias ``2^(e−1) − 1``: E3M0 holds 0 and the powers of two
+0.25 … 16 (with no mantissa bit a tie between ``2^E`` and ``2^(E+1)`` rounds up), E1M2 the
+uniform grid 0, 0.5, …, 3.5 (an INT4-like format).
 
 Rounding (:func:`round_to_format`) is to nearest, ties to even, on the format's grid
 with an unbounded exponent: the quantum of ``|v|`` is ``2^(max(⌊log2|v|⌋, emin) − m)``,
@@ -122,7 +128,13 @@ FP6_E3M2 = FloatFormat("fp6_e3m2", 3, 2, 3, has_inf=False, has_nan=False, max_fi
 FP4_E2M1 = FloatFormat("fp4_e2m1", 2, 1, 1, has_inf=False, has_nan=False, max_finite=6.0,
                        onnx_type="FLOAT4E2M1")
 
-FLOAT_FORMATS: dict[str, FloatFormat] = {f.name: f for f in (FP8_E4M3, FP8_E5M2, FP6_E2M3, FP6_E3M2, FP4_E2M1)}
+FP4_E3M0 = FloatFormat("fp4_e3m0", 3, 0, 3, has_inf=False, has_nan=False, max_finite=16.0)
+FP4_E1M2 = FloatFormat("fp4_e1m2", 1, 2, 0, has_inf=False, has_nan=False, max_finite=3.5)
+
+FLOAT_FORMATS: dict[str, FloatFormat] = {f.name: f for f in (FP8_E4M3, FP8_E5M2, FP6_E2M3, FP6_E3M2, FP4_E2M1,
+                                                             FP4_E3M0, FP4_E1M2)}
+#: the 4-bit exponent/mantissa splits LLM-FP4 searches, by their short names
+FP4_SPLITS: dict[str, FloatFormat] = {"e2m1": FP4_E2M1, "e3m0": FP4_E3M0, "e1m2": FP4_E1M2}
 
 #: the MXINT8 element: two's complement with 6 fractional bits, symmetric range ±127/64
 MX_INT8 = "int8"
@@ -364,3 +376,119 @@ def float_weight(weight: np.ndarray, fmt: str | FloatFormat, *, per_channel: boo
     with np.errstate(over="ignore", invalid="ignore"):
         elements = round_to_format(weight / broadcast, fmt)
     return elements, scale
+
+
+# -- scale searches (LLM-FP4) and block reordering (Trukhanov & Soloveychik 2024) ------------
+
+#: clip ratios a scale search tries: the range mapped onto the format's maximum is
+#: ``ratio · max|x|`` (1.0 = plain absmax)
+WEIGHT_CLIP_RATIOS = tuple(float(r) for r in np.round(np.linspace(0.5, 1.0, 11), 3))
+ACTIVATION_CLIP_RATIOS = tuple(float(r) for r in np.round(np.linspace(0.3, 1.0, 15), 3))
+
+
+def _ratios(ratios) -> np.ndarray:
+    ratios = np.asarray(ratios, dtype=np.float64).reshape(-1)
+    if ratios.size == 0 or np.any(~(ratios > 0)):
+        raise ValueError(f"clip ratios {ratios.tolist()!r}: a non-empty list of positive numbers")
+    return ratios
+
+
+def search_channel_scales(weight, fmt: str | FloatFormat, importance=None,
+                          ratios=WEIGHT_CLIP_RATIOS) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel scale search for a ``[K, N]`` weight (LLM-FP4's per-channel
+    real-valued exponent bias: a maximum value per channel is the same thing as a scale).
+
+    For each column ``n`` and ratio ``r`` the scale is ``r · max_k |W_kn| / max_finite``;
+    the chosen one minimises ``Σ_k importance_k · (Q(W_kn) − W_kn)²`` — the output error
+    of that channel when the input channels are uncorrelated with second moments
+    ``importance`` (``E[x_k²]``; ones when None). Returns ``(scales [N] float32,
+    errors [N] float64)``.
+    """
+    w = np.asarray(weight, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weight of shape {w.shape}: expected [K, N]")
+    imp = np.ones(w.shape[0]) if importance is None else np.asarray(importance, dtype=np.float64).reshape(-1)
+    if imp.shape[0] != w.shape[0]:
+        raise ValueError(f"importance has {imp.shape[0]} entries, the weight {w.shape[0]} rows")
+    amax = np.abs(w).max(axis=0).astype(np.float64)
+    best_error = np.full(w.shape[1], np.inf)
+    best_scale = absmax_scale(amax, fmt)
+    w64 = w.astype(np.float64)
+    for ratio in _ratios(ratios):
+        scale = absmax_scale(amax * ratio, fmt)
+        error = (((quantize_float(w, fmt, scale[None, :]) - w64) ** 2) * imp[:, None]).sum(axis=0)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scale = np.where(better, scale, best_scale)
+    return best_scale.astype(np.float32), best_error
+
+
+def search_tensor_scale(rows, fmt: str | FloatFormat, importance=None, ratios=ACTIVATION_CLIP_RATIOS,
+                        absmax: float | None = None) -> tuple[float, float, float]:
+    """One scale for an activation (LLM-FP4's tensor-wise exponent bias), searched on
+    sampled rows ``[R, K]``: ``s = r · absmax / max_finite`` minimising
+    ``Σ_k importance_k Σ_r (Q(x_rk) − x_rk)²`` (``importance``: the squared norm of the
+    weight rows channel ``k`` meets, so the sum is the consumers' output error with
+    uncorrelated channels). ``absmax``: the calibrated range (default: the rows' own).
+    Returns ``(scale, ratio, error)``.
+    """
+    x = np.asarray(rows, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"rows of shape {x.shape}: expected a non-empty [R, K]")
+    imp = np.ones(x.shape[1]) if importance is None else np.asarray(importance, dtype=np.float64).reshape(-1)
+    if imp.shape[0] != x.shape[1]:
+        raise ValueError(f"importance has {imp.shape[0]} entries, the rows {x.shape[1]} channels")
+    top = float(np.abs(x).max()) if absmax is None else float(absmax)
+    x64 = x.astype(np.float64)
+    best = (float(absmax_scale(top, fmt)), 1.0, np.inf)
+    for ratio in _ratios(ratios):
+        scale = float(absmax_scale(top * ratio, fmt))
+        error = float(((((quantize_float(x, fmt, scale) - x64) ** 2).sum(axis=0)) * imp).sum())
+        if error < best[2]:
+            best = (scale, float(ratio), error)
+    return best
+
+
+def preshift_exponents(absmax, max_shift: int = 8) -> np.ndarray:
+    """LLM-FP4's pre-shifted exponent bias, the per-channel integer part: ``k_j = ⌊log2(M /
+    a_j)⌋`` clipped to ``[0, max_shift]``, with ``a_j`` a channel's calibrated ``max|x_j|``
+    and ``M`` the largest. Channel ``j`` scaled by ``2^k_j`` stays ``≤ M`` (the tensor-wise
+    range is the largest channel's), and every channel's maximum then lies in ``(M/2, M]``
+    unless the shift is capped. Zero channels get 0. Returns int64."""
+    if not isinstance(max_shift, int) or max_shift < 0:
+        raise ValueError(f"max_shift={max_shift!r}: a non-negative integer")
+    a = np.asarray(absmax, dtype=np.float64).reshape(-1)
+    if np.any(~np.isfinite(a)) or np.any(a < 0):
+        raise ValueError("absmax: finite non-negative values")
+    top = a.max() if a.size else 0.0
+    k = np.zeros(a.shape, dtype=np.int64)
+    live = a > 0
+    if top > 0:
+        k[live] = np.floor(np.log2(top / a[live])).astype(np.int64)
+        k = np.clip(k, 0, max_shift)
+        k = np.where(live & (np.ldexp(a, k) > top), k - 1, k)  # log2 rounding at exact powers of two
+    return k
+
+
+def block_order(magnitude) -> np.ndarray:
+    """The channel order that puts channels of similar calibrated magnitude in the same
+    blocks: descending magnitude, ties in their original order. ``order[c]`` is the old
+    channel that new channel ``c`` carries."""
+    m = np.asarray(magnitude, dtype=np.float64).reshape(-1)
+    if np.any(np.isnan(m)):
+        raise ValueError("magnitude holds NaN")
+    return np.argsort(-m, kind="stable")
+
+
+def block_exponent_gap(magnitude, block: int) -> float:
+    """Mean over channels of ``log2(max of its block / its own magnitude)``: how many
+    binades below its block's shared scale a channel sits (the mantissa bits it loses).
+    Channels of magnitude 0 are left out; blocks are consecutive along the channel axis."""
+    m = np.asarray(magnitude, dtype=np.float64).reshape(-1)
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block={block!r}: a positive integer")
+    padded = -(-m.size // block) * block
+    blocks = np.concatenate([m, np.zeros(padded - m.size)]).reshape(-1, block)
+    top = np.repeat(blocks.max(axis=1), block)[:m.size]
+    live = m > 0
+    return float(np.mean(np.log2(top[live] / m[live]))) if live.any() else 0.0
