@@ -31,6 +31,7 @@ FLOAT_OPTIONS: dict[str, dict] = {
     "flatquant": {"steps": 5, "max_rows": 256},
     "splitquant": {},
     "qllm-disassemble": {},
+    "simplify-shapes": {},
 }
 RTOL = 1e-4
 

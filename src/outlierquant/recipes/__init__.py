@@ -53,6 +53,7 @@ PASS_CATALOG: dict[str, str] = {
     "olive": "outlierquant.passes.olive:OlivePass",
     "quantize-embeddings": "outlierquant.passes.embeddings:QuantizeEmbeddingsPass",
     "format-quantize": "outlierquant.passes.formats:QuantizeFormatPass",
+    "simplify-shapes": "outlierquant.passes.simplify_shapes:SimplifyShapesPass",
     "llm-fp4": "outlierquant.passes.llm_fp4:LlmFp4Pass",
     "kv-quantize": "outlierquant.passes.kv_cache:KVCacheQuantizePass",
     "onnxruntime-fuse": "outlierquant.passes.fuse_ort:FuseOnnxRuntimePass",
