@@ -75,3 +75,16 @@ def test_damp_candidates_are_validated():
         AdaDimOptions(sequential=True, damp_candidates=(-1.0,))
     with pytest.raises(ValueError, match="holdout_fraction"):
         QuantEaseOptions(sequential=True, damp_candidates=(1.0,), holdout_fraction=0.9)
+
+
+def test_damp_tolerance_takes_the_most_regularised_near_best():
+    weight, feeds, _ = _few_rows_case()
+    records = {}
+    for tolerance in (0.0, 0.9):
+        pass_ = QuantEaseRoundPass(iterations=2, group_size=32, sequential=True, damp_candidates=(0.01, 1.0, 8.0),
+                                   damp_tolerance=tolerance).with_feeds(feeds)
+        records[tolerance] = pass_(one_linear_model(weight)).record["layers"][0]["holdout"]
+    scores = records[0.0]["errors"]
+    best = min(scores.values())
+    assert records[0.9]["damp"] == max(float(d) for d, e in scores.items() if e <= best * 1.9)
+    assert records[0.9]["damp"] >= records[0.0]["damp"]

@@ -164,6 +164,10 @@ class WeightOnlyOptions:
     holdout_fraction: float = 0.25
     #: coordinate-descent sweeps (and no scale refit) for each candidate of the search
     search_iterations: int = 3
+    #: the largest damping whose held-out error is within this relative margin of the best
+    #: is taken: held-out rows come from the calibration source, so among near-equal fits the
+    #: more regularised one is safer on text of another source
+    damp_tolerance: float = 0.0
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -192,6 +196,8 @@ class WeightOnlyOptions:
             raise ValueError(f"holdout_fraction={self.holdout_fraction}: allowed (0, 0.5]")
         if self.search_iterations < 1:
             raise ValueError(f"search_iterations={self.search_iterations}: must be >= 1")
+        if not 0.0 <= self.damp_tolerance < 1.0:
+            raise ValueError(f"damp_tolerance={self.damp_tolerance}: allowed [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,7 +444,8 @@ class _WeightOnlyPass(OutlierPass):
                 total += scored[layouts[linear.name]]
             errors[str(damp)] = total
             best_dims[damp] = layouts
-        damp = min(options.damp_candidates, key=lambda d: errors[str(d)])
+        best = min(errors.values())
+        damp = max(d for d in options.damp_candidates if errors[str(d)] <= best * (1.0 + options.damp_tolerance))
         return damp, (best_dims[damp] if len(dims) > 1 else None), errors
 
     def _solve(self, linear: Linear, moments: InputMoments, dims: tuple[str, ...], *, iterations: int | None = None,
