@@ -1,24 +1,41 @@
-"""Pipeline cost: calibration time, quantize time and peak RSS.
+"""Pipeline cost: calibration time, quantize time and peak RSS, per model and recipe.
 
-Cases (each in its own process, so peak RSS is that case's alone):
+Cases are ``model:recipe`` pairs, each run in its own process so that peak RSS is that
+case's alone. Models:
 
-- ``minilm``: the bundled all-MiniLM-L6-v2, calibrated on the bundled calibration
-  sentences, quantized with ``w8a8``;
+- ``minilm``: the bundled all-MiniLM-L6-v2, calibrated on the bundled calibration sentences;
+- ``vocab``: a synthetic Llama (random weights, built from a config and exported offline
+  through optimum-onnx) whose vocabulary is most of its parameters — vocabulary 65536,
+  hidden 512, 2 layers, untied lm_head: 67M of its 75M parameters are the embedding and
+  the lm_head (89%), ~300 MB fp32 — calibrated on random 128-token segments. The shape of
+  the large-vocabulary decoders where calibration used to blow up (logits and the lm_head
+  dominate activations and weights);
 - ``large``: the synthetic > 2 GB decoder of ``tests/large_model.py`` (random weights,
-  external data), calibrated on random hidden states, quantized with ``w8a8``.
+  external data), calibrated on random hidden states.
 
-Usage: ``python benchmarks/bench_pipeline.py [--cases minilm,large]``. Prints a table;
-asserts nothing (timings are facts about one machine, not pass/fail criteria).
+A case runs the user's path, ``quantize_model`` (load, calibrate, every pass, write).
+A sampling thread reads the process RSS every 20 ms and the pass that was running when
+each sample was taken (from the pipeline's per-pass log lines), so the table says which
+pass holds the peak. ``RSS/model`` is the peak over the fp32 model file; ``base MiB`` is the
+RSS after the imports and before the model is read (interpreter, onnxruntime, numpy —
+a fixed cost that dominates for small models).
+
+Usage: ``python benchmarks/bench_pipeline.py [--cases minilm:w8a8,vocab:default,...]``;
+``--cases vocab`` runs the model with every recipe of ``--recipes``. Prints a table; asserts
+nothing (timings are facts about one loaded machine, not pass/fail criteria).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,78 +43,196 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import scaffold  # noqa: E402
 
+MODELS = ("minilm", "vocab", "large")
+RECIPES = ("w8a8", "default", "llm-int8", "quarot-w8a8")
+#: the large-vocabulary synthetic decoder (see the module doc)
+VOCAB_CONFIG = dict(vocab_size=65536, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                    tie_word_embeddings=False)
+
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_case(case: str, workdir: Path) -> dict:
-    from outlierquant.calibration.collect import collect_statistics
-    from outlierquant.modelio import load_model, model_file_bytes
-    from outlierquant.outputs import save_model
-    from outlierquant.pipeline import run_recipe
-    from outlierquant.recipes import load_recipe
+def build_vocab_model(out_dir: Path) -> Path:
+    """The large-vocabulary Llama of :data:`VOCAB_CONFIG`, exported without KV cache (synthetic)."""
+    path = out_dir / "model.onnx"
+    if path.is_file():
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    if case == "minilm":
+    from outlierquant.export import export_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**VOCAB_CONFIG)).eval()
+    with tempfile.TemporaryDirectory(prefix="vocab-hf-") as scratch:
+        model.save_pretrained(scratch)
+        return export_model(scratch, out_dir, past=False)
+
+
+def vocab_feeds(n: int = 16, seq_len: int = 128, seed: int = 1) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(0, VOCAB_CONFIG["vocab_size"], (1, seq_len), dtype=np.int64),
+             "attention_mask": np.ones((1, seq_len), np.int64),
+             "position_ids": np.arange(seq_len, dtype=np.int64)[None]} for _ in range(n)]
+
+
+def model_and_feeds(model: str, workdir: Path):
+    if model == "minilm":
         work = scaffold.minilm(workdir / "minilm")
-        model_path, feeds = work.model, work.calibration
-    elif case == "large":
+        return work.model, work.calibration
+    if model == "vocab":
+        return build_vocab_model(workdir / "vocab"), vocab_feeds()
+    if model == "large":
         sys.path.insert(0, str(ROOT / "tests"))
         from large_model import build_large_decoder, large_decoder_feeds
 
-        model_path = build_large_decoder(workdir / "large")
-        feeds = large_decoder_feeds(16)
-    else:
-        raise SystemExit(f"unknown case {case!r}")
+        path = workdir / "large" / "model.onnx"
+        return (path if path.is_file() else build_large_decoder(workdir / "large")), large_decoder_feeds(16)
+    raise SystemExit(f"unknown model {model!r} (known: {', '.join(MODELS)})")
 
-    rss_before = _peak_rss_mib()
-    t0 = time.perf_counter()
-    model = load_model(model_path)
-    stats = collect_statistics(model, feeds, progress=False)
-    calibration_s = time.perf_counter() - t0
-    rss_calibration = _peak_rss_mib()
-    t1 = time.perf_counter()
-    run_recipe(model, load_recipe("w8a8"), feeds, stats=stats, progress=False)
-    out = save_model(model, workdir / f"{case}-w8a8.onnx")
-    quantize_s = time.perf_counter() - t1
+
+class _Sampler:
+    """RSS every ``interval`` s, attributed to the pass running at the time (from the log)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.phase = "load + calibration"
+        self.peaks: dict[str, float] = {}
+        self.order: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def sample(self) -> None:
+        rss = self.process.memory_info().rss / 2**20
+        if self.phase not in self.peaks:
+            self.order.append(self.phase)
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
+
+    def start(self) -> "_Sampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class _PassLog(logging.Handler):
+    """Moves the sampler to the next pass when the pipeline logs the end of one."""
+
+    def __init__(self, sampler: _Sampler, passes: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.sampler, self.passes, self.index = sampler, passes, 0
+        sampler.phase = self._label()
+
+    def _label(self) -> str:
+        return f"{self.index + 1}:{self.passes[self.index]}" if self.index < len(self.passes) else "write"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "outlierquant.pipeline" and record.getMessage().startswith("pass "):
+            self.sampler.sample()
+            self.index += 1
+            self.sampler.phase = self._label()
+
+
+def run_case(model: str, recipe: str, workdir: Path) -> dict:
+    from outlierquant.modelio import model_file_bytes
+    from outlierquant.pipeline import quantize_model
+    from outlierquant.recipes import load_recipe
+
+    model_path, feeds = model_and_feeds(model, workdir)
+    loaded = load_recipe(recipe)
+    import onnxruntime  # noqa: F401  (a fixed cost of every run: count it in the base)
+
+    base = _peak_rss_mib()
+    sampler = _Sampler().start()
+    pipeline_log = logging.getLogger("outlierquant.pipeline")
+    handler = _PassLog(sampler, [spec.name for spec in loaded.passes])
+    pipeline_log.addHandler(handler)
+    pipeline_log.setLevel(logging.INFO)
+    started = time.perf_counter()
+    try:
+        result = quantize_model(model_path, workdir / f"{model}-{recipe}.onnx", loaded, feeds, progress=False)
+    finally:
+        sampler.stop()
+        pipeline_log.removeHandler(handler)
+    seconds = time.perf_counter() - started
+    calibration_s = sum(r.get("calibration_seconds", 0.0) for r in result.report["passes"])
+    peak_phase = max(sampler.peaks, key=sampler.peaks.get)
     return {
-        "case": case,
+        "case": f"{model}:{recipe}",
         "model_mib": model_file_bytes(model_path) / 2**20,
-        "output_mib": model_file_bytes(out) / 2**20,
+        "output_mib": result.report["size_bytes"]["output"] / 2**20,
         "samples": len(feeds),
         "calibration_s": calibration_s,
-        "quantize_s": quantize_s,
-        "peak_rss_before_mib": rss_before,
-        "peak_rss_calibration_mib": rss_calibration,
+        "quantize_s": seconds,
+        "base_rss_mib": base,
         "peak_rss_mib": _peak_rss_mib(),
+        "peak_phase": peak_phase,
+        "phase_peaks_mib": {phase: round(sampler.peaks[phase]) for phase in sampler.order},
     }
+
+
+def expand(cases: str, recipes: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for case in cases.split(","):
+        model, _, recipe = case.partition(":")
+        out += [(model, recipe)] if recipe else [(model, r) for r in recipes]
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="minilm,large")
+    parser.add_argument("--cases", default="minilm:w8a8,vocab",
+                        help="comma-separated model[:recipe]; a bare model runs every --recipes")
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    parser.add_argument("--workdir", default=None, help="keep built models here between runs")
+    parser.add_argument("--json", default=None, help="append each case's result to this file")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, Path(args.workdir))))
+        model, recipe = args.case.split(":", 1)
+        print(json.dumps(run_case(model, recipe, Path(args.workdir))))
         return
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for case in args.cases.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"bench-{case}-") as tmp:
-            done = subprocess.run(
-                [sys.executable, __file__, "--case", case, "--workdir", tmp],
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"case {case} failed")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for model, recipe in expand(args.cases, args.recipes):
+        if model not in MODELS:
+            raise SystemExit(f"unknown model {model!r} (known: {', '.join(MODELS)})")
+        if model == "vocab":
+            build_vocab_model(workdir / "vocab")  # outside the measured process
+        done = subprocess.run([sys.executable, __file__, "--case", f"{model}:{recipe}", "--workdir", str(workdir)],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"case {model}:{recipe} failed")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        rows.append(row)
     scaffold.print_table(
-        ("case", "model MiB", "out MiB", "samples", "calib s", "quant s", "peak RSS MiB", "RSS/model"),
-        [(r["case"], f"{r['model_mib']:.0f}", f"{r['output_mib']:.0f}", f"{r['samples']:d}", f"{r['calibration_s']:.1f}",
-          f"{r['quantize_s']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / r['model_mib']:.2f}") for r in rows],
+        ("case", "model MiB", "out MiB", "samples", "calib s", "total s", "base MiB", "peak RSS MiB", "RSS/model",
+         "peak during"),
+        [(r["case"], f"{r['model_mib']:.0f}", f"{r['output_mib']:.0f}", f"{r['samples']:d}",
+          f"{r['calibration_s']:.1f}", f"{r['quantize_s']:.1f}", f"{r['base_rss_mib']:.0f}", f"{r['peak_rss_mib']:.0f}",
+          f"{r['peak_rss_mib'] / r['model_mib']:.2f}", r["peak_phase"]) for r in rows],
     )
 
 
