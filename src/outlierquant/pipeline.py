@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from outlierquant.calibration.stats import ActivationStats, stats_files
 from outlierquant.errors import CalibrationError, InputError, translated
+from outlierquant.graph.sizes import size_breakdown
 from outlierquant.modelio import check_finite_weights, load_model, model_file_bytes, model_files
 from outlierquant.outputs import OutputUnit, check_outputs, write_model
 from outlierquant.recipes import Recipe, instantiate, load_recipe
@@ -204,6 +205,8 @@ def quantize_model(
             "seconds": round(seconds, 3),
             "size_bytes": {"input": model_file_bytes(model_path),
                            "output": unit.staged_bytes(output_path, data_path)},
+            # the output's weights by part (linears, lm_head, embeddings, side paths, ...)
+            "size_parts": size_breakdown(model),
         }
         if extra_files is not None:
             extra_files(report, unit.path)

@@ -279,6 +279,11 @@ def cmd_quantize(args) -> int:
     for record in result.report.get("passes", []):
         for line in record.get("summary", []):  # what a pass wants a person to read
             print(line, file=sys.stderr)
+    parts, sizes = result.report.get("size_parts"), result.report.get("size_bytes") or {}
+    if parts and sizes.get("input"):
+        shown = ", ".join(f"{name.replace('_', ' ')} {parts[name] / 2**20:.1f} MiB" for name in
+                          ("linears", "lm_head", "embeddings", "side_paths", "rotations", "other") if parts.get(name))
+        print(f"size {sizes['output'] / sizes['input']:.3f} of the input ({shown})", file=sys.stderr)
     if folder_form:
         hint = folders.loading_hint(result.report, output)
         if hint:
