@@ -451,3 +451,73 @@ def test_mask_mapping_onto_activation_layouts():
     np.testing.assert_array_equal(_masked_rows(flat, 1, mask), tokens[mask.astype(bool)])
     pooled = rng.standard_normal((2, 7))  # no per-position axis: used whole
     np.testing.assert_array_equal(_masked_rows(pooled, 1, mask), pooled)
+
+
+# ---------------------------------------------------------------------------------------
+# sessions over graphs a quantizing pass rewrote
+
+
+def _dequantized_seq_ir() -> ir.Model:
+    """The sequence model with ``w1`` stored as int8 + per-column scale behind a DequantizeLinear."""
+    model = _seq_model()
+    scale = (np.abs(W1).max(axis=0) / 127).astype(np.float32)
+    levels = np.clip(np.round(W1 / scale), -127, 127).astype(np.int8)
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "w1"))
+    model.graph.initializer.extend([numpy_helper.from_array(levels, "w1_q"), numpy_helper.from_array(scale, "w1_s")])
+    dq = onnx.helper.make_node("DequantizeLinear", ["w1_q", "w1_s"], ["w1"], axis=1, name="w1_dq")
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([dq, *nodes])
+    onnx.checker.check_model(model)
+    return ir.serde.deserialize_model(model)
+
+
+def test_constant_dequantize_handed_in_as_inputs_gives_identical_activations(monkeypatch):
+    import contextlib
+
+    import onnxruntime as ort
+
+    samples = [_sample(n, i) for i, n in enumerate([3, 5, 3, 2])]
+    wanted = ["xm", "h", "r", "w1"]  # the dequantized weight itself is also asked for
+    with contextlib.ExitStack() as stack:
+        plain = session_module.create_session(_dequantized_seq_ir(), wanted, None, None, stack)
+        fed = session_module.create_session(_dequantized_seq_ir(), wanted, None, None, stack, fold_dequantize=True)
+        assert isinstance(plain, ort.InferenceSession) and not isinstance(fed, ort.InferenceSession)
+        assert "w1" in fed.constants and "w1" in [i.name for i in fed.get_inputs()]
+        for sample in samples:
+            for a, b in zip(plain.run(wanted, sample), fed.run(wanted, sample)):
+                np.testing.assert_array_equal(a, b)  # bit-identical, the weight included
+    # the statistics too, with the weight (a dynamic MatMul input here) among the targets
+    a = collect_statistics(_dequantized_seq_ir(), samples, progress=False)
+    assert "w1" in a
+    monkeypatch.setattr(session_module, "FOLD_DEQUANTIZE_BYTES", 0)  # nothing folded: the node runs
+    b = collect_statistics(_dequantized_seq_ir(), samples, progress=False)
+    _assert_same(a, b, rtol=0)
+
+
+def test_stream_tensors_batched_and_chunked_sums_equal_per_sample():
+    from outlierquant.calibration.collect import stream_tensors
+
+    samples = [_sample(n, i) for i, n in enumerate([3, 5, 3, 2, 5, 5])]
+
+    def sums(**options):
+        totals = {"h": [0.0, 0], "r": [0.0, 0], "x": [0.0, 0]}
+        runs = []
+
+        def visit(name, array, piece, index):
+            totals[name][0] += float(np.asarray(array, np.float64).sum())
+            totals[name][1] += int(array.shape[0])
+            runs.append((name, index, array.shape[0]))
+        count = stream_tensors(_dequantized_seq_ir(), samples, ["h", "r", "x"], visit, **options)
+        return count, totals, runs
+
+    count, one_by_one, runs = sums()
+    assert count == 6 and len(runs) == 18
+    # one tensor's bytes per group, all samples of a shape in one run
+    count, grouped, runs = sums(fetch_bytes=1, batch_bytes=2**20)
+    assert count == 6
+    assert [(n, i, b) for n, i, b in runs if n == "h"] == [("h", 0, 2), ("h", 1, 3), ("h", 3, 1)]
+    assert sum(1 for n, *_ in runs if n == "x") == 3  # a graph input is visited on the first pass only
+    for name in one_by_one:
+        assert grouped[name][1] == one_by_one[name][1]
+        assert grouped[name][0] == pytest.approx(one_by_one[name][0], rel=1e-12)

@@ -340,7 +340,7 @@ def collect_statistics(
             tqdm(total=total, desc="calibrating (building the session)", unit="sample",
                  disable=not _show_progress(progress), leave=False)
         )
-        session = create_session(model, fetched, session_options, providers, stack)
+        session = create_session(model, fetched, session_options, providers, stack, fold_dequantize=True)
         bar.set_description("calibrating", refresh=True)
         done = 0  # feeds whose every piece has been run
         reading: int | None = None  # the feed whose pieces are being queued
@@ -501,6 +501,8 @@ def stream_tensors(
     *,
     session_options: Any = None,
     providers: Sequence[Any] | None = None,
+    fetch_bytes: int | None = None,
+    batch_bytes: int | None = None,
 ) -> int:
     """Run ``feeds`` through ``model`` and call ``visit(name, array, piece, index)`` for each
     named tensor of every sample (``index``: the feed's position); returns the number of samples.
@@ -510,23 +512,71 @@ def stream_tensors(
     could not be undone (``piece`` is then the padded feed with its ``attention_mask``).
     The tensors are read as extra outputs of one session built from the serialized model
     (the caller's model is not modified); a graph input is handed over from the feed.
+
+    For a visitor that only sums over samples (not for one that keeps rows in order):
+    ``fetch_bytes`` bounds what one run fetches: the tensors are taken in groups that fit,
+    sized by the first tensor on the largest sample, with one pass over the data per group
+    (the session is built once). ``batch_bytes`` runs same-shape samples together while
+    the fetched arrays stay within it; ``array`` and ``piece`` then hold several samples
+    along axis 0 and ``index`` is the first one's.
     """
     specs = input_specs(model)
-    fetched = [name for name in dict.fromkeys(tensors) if name not in specs]
+    names = list(dict.fromkeys(tensors))
+    fetched = [name for name in names if name not in specs]
     samples = 0
+
+    def run(session, wanted: list[str], piece: dict, index: int, inputs_too: bool = True) -> None:
+        arrays = dict(zip(wanted, session.run(wanted, piece))) if wanted else {}
+        for name in names:
+            if name in arrays or (inputs_too and name in specs):
+                visit(name, arrays[name] if name in arrays else piece[name], piece, index)
+
     with contextlib.ExitStack() as stack:
-        session = create_session(model, fetched, session_options, providers, stack)
-        for index, raw in enumerate(iterate_feeds(feeds)):
+        session = create_session(model, fetched, session_options, providers, stack, fold_dequantize=True)
+        if not fetch_bytes and not batch_bytes:
+            for index, raw in enumerate(iterate_feeds(feeds)):
+                feed = check_feed(index, raw, specs)
+                for piece in unpad(feed) or [feed]:
+                    samples += 1
+                    run(session, fetched, piece, index)
+            if not samples:
+                raise CalibrationError("calibration data is empty: the feeds produced no samples")
+            return samples
+        pieces: list[tuple[int, dict]] = []
+        for index, raw in _shape_grouped(feeds):
             feed = check_feed(index, raw, specs)
-            for piece in unpad(feed) or [feed]:
-                samples += 1
-                arrays = dict(zip(fetched, session.run(fetched, piece))) if fetched else {}
-                for name in dict.fromkeys(tensors):
-                    visit(name, arrays[name] if name in arrays else piece[name], piece, index)
-                del arrays
-    if not samples:
-        raise CalibrationError("calibration data is empty: the feeds produced no samples")
-    return samples
+            pieces.extend((index, piece) for piece in unpad(feed) or [feed])
+        if not pieces:
+            raise CalibrationError("calibration data is empty: the feeds produced no samples")
+        largest = 1
+        if fetched:
+            _, big = max(pieces, key=lambda item: sum(int(a.size) for a in item[1].values()))
+            largest = max(1, int(session.run(fetched[:1], big)[0].nbytes))
+        chunk = max(1, int(fetch_bytes) // largest) if fetch_bytes else len(fetched) or 1
+        can_batch = bool(batch_bytes) and all(
+            s.shape is not None and len(s.shape) >= 2 and s.shape[0] is None for s in specs.values()
+        )
+        for start in range(0, max(len(fetched), 1), chunk):
+            wanted = fetched[start:start + chunk]
+            per_sample = largest * max(len(wanted), 1)
+            rows = max(1, int(batch_bytes) // per_sample) if can_batch else 1
+            group: list[tuple[int, dict]] = []
+
+            def flush() -> None:
+                if not group:
+                    return
+                batch = group[0][1] if len(group) == 1 else \
+                    {name: np.concatenate([p[name] for _, p in group], axis=0) for name in group[0][1]}
+                # graph inputs among the tensors are visited on the first pass only
+                run(session, wanted, batch, group[0][0], inputs_too=start == 0)
+                group.clear()
+
+            for index, piece in pieces:
+                if group and (len(group) >= rows or _shape_key(piece) != _shape_key(group[0][1])):
+                    flush()
+                group.append((index, piece))
+            flush()
+    return len(pieces)
 
 
 def capture_activations(

@@ -324,14 +324,10 @@ class LlmInt8SplitPass(OutlierPass):
 
             # every layer's probabilities are [batch, heads, T, T]: fetch as many layers per
             # pass over the data as fit in _PROBS_FETCH_BYTES (T² grows fast: 30 layers of 9
-            # heads are 18 MB per sample at T = 128, 4.5 GB at T = 2048)
-            names = list(steps)
-            largest: list[int] = [1]
-            stream_tensors(model, [max(self.feeds, key=_feed_elements)], names[:1],
-                           lambda name, array, piece, sample: largest.append(array.nbytes))
-            chunk = max(1, _PROBS_FETCH_BYTES // max(largest))
-            for start in range(0, len(names), chunk):
-                stream_tensors(model, self.feeds, names[start:start + chunk], visit)
+            # heads are 18 MB per sample at T = 128, 4.5 GB at T = 2048), and run same-shape
+            # samples together within it (the sums do not depend on how samples are grouped)
+            stream_tensors(model, self.feeds, list(steps), visit,
+                           fetch_bytes=_PROBS_FETCH_BYTES, batch_bytes=_PROBS_FETCH_BYTES)
             shares = {name: below / total if total > 0 else 0.0 for name, (below, total) in sums.items()}
         entries, added = [], 0
         for node, index, reason in sites:
@@ -356,10 +352,6 @@ class LlmInt8SplitPass(OutlierPass):
 
 #: memory for the attention probabilities the ``gated`` residual fetches per sample
 _PROBS_FETCH_BYTES = MEMORY_BUDGET_BYTES
-
-
-def _feed_elements(feed: dict) -> int:
-    return sum(int(np.asarray(value).size) for value in feed.values())
 
 
 def _activation_matmuls(model: ir.Model, stats, collected: dict) -> list:
