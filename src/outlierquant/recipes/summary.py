@@ -80,7 +80,7 @@ def summarize(recipe: Recipe) -> RecipeSummary:
     steps = []
     for spec in recipe.passes:
         options = spec_options(spec)
-        if spec.name != "canonicalize":
+        if spec.name not in ("canonicalize", "simplify-shapes"):  # graph housekeeping, not a method
             steps.append(spec.name)
         pass_bits, pass_simulated = _pass_facts(spec.name, options)
         bits = pass_bits or bits  # the last quantizer decides
