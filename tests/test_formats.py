@@ -16,7 +16,8 @@ import pytest
 from outlierquant.emit.formats import (emit_blocked_weight, emit_float8_weight, float8_storage, insert_block_round,
                                        insert_float8_qdq, insert_float_round)
 from outlierquant.errors import RecipeError
-from outlierquant.numerics.formats import (FP4_E2M1, FP6_E2M3, FP6_E3M2, FP8_E4M3, FP8_E5M2, bfp_blocks, bfp_quantize,
+from outlierquant.numerics.formats import (FP4_E1M2, FP4_E2M1, FP4_E3M0, FP6_E2M3, FP6_E3M2, FP8_E4M3, FP8_E5M2,
+                                           bfp_blocks, bfp_quantize,
                                            float_weight, integer_levels, mx_blocks, mx_quantize, quantize_float,
                                            round_to_format)
 from outlierquant.passes.formats import QuantizeFormatPass
@@ -197,7 +198,7 @@ def test_onnxruntime_runs_float8_qdq_on_cpu_and_no_float4():
             ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("fmt", [FP4_E2M1, FP6_E2M3, FP6_E3M2])
+@pytest.mark.parametrize("fmt", [FP4_E2M1, FP4_E3M0, FP4_E1M2, FP6_E2M3, FP6_E3M2])
 def test_simulated_scalar_rounding_matches_the_reference(fmt):
     x = hard_values(4, 6000).reshape(2, -1)
     scale = 0.173
@@ -336,8 +337,11 @@ def test_options_and_reads():
         validate_pass_options("format-quantize", {"bfp_block": 24})
     with pytest.raises(ValueError, match="nothing to quantize"):
         QuantizeFormatPass(weights="none", activations="none")
-    for name in ("fp8-w8a8", "mxfp4-w4a4"):
+    for name in ("fp8-w8a8", "mxfp4-w4a4", "mxfp4-reorder-w4a4"):
         assert [spec.name for spec in load_recipe(name).passes] == ["canonicalize", "format-quantize"]
+    assert QuantizeFormatPass(weights="mxfp4", activations="mxfp4", reorder=True).reads() == frozenset({"stats"})
+    with pytest.raises(ValueError, match="reorder: only for block formats"):
+        QuantizeFormatPass(weights="fp8_e4m3", activations="fp4_e2m1", reorder=True)
 
 
 @pytest.mark.slow

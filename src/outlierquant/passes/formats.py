@@ -29,6 +29,26 @@ already dequantized in float32. In every case the MatMul itself runs in float32:
 onnxruntime's CPU provider has no float8 or block-scaled GEMM, so no form is faster than
 fp32 and none is reported as a speed-up. Attention's activation × activation MatMuls are
 left in float.
+
+**Channel reordering** (``reorder: true``; Trukhanov & Soloveychik 2024, "Accurate Block
+Quantization in LLMs with Outliers"). A block format gives every block the exponent of its
+largest member, so one outlier channel costs its 31 neighbours their precision. Before
+rounding, the pass permutes the input channels of each linear group so that channels of
+similar calibrated magnitude (``max|x_j|``, sorted descending:
+:func:`~outlierquant.numerics.formats.block_order`) share blocks. The permutation ``π`` is
+exact where the channels come from linears through elementwise ops only::
+
+    y = x @ W = (x P) @ (Pᵀ W),   x P = act(z @ W₀ P + b₀ P)
+
+— the producing linears' columns and biases are permuted (the gate and up projections of a
+gated MLP together), the consumers' weight rows too, and every elementwise op on the way
+(GELU, SiLU, the gate product) commutes with a permutation. :func:`reorder_for_blocks`
+finds these regions (:func:`permutable_region`) and records for every other group why it
+was left: a norm's output is the residual stream normalised — permuting γ/β does not move
+its channels, that needs the whole residual stream permuted — and attention's V → O path
+crosses heads. The record gives the mean number of binades each channel sits below its
+block's shared exponent (:func:`~outlierquant.numerics.formats.block_exponent_gap`),
+before and after.
 """
 
 from __future__ import annotations
@@ -44,11 +64,13 @@ from outlierquant.emit.formats import (BLOCKED_DQ_OPSET, FLOAT8_OPSET, emit_bloc
                                        float8_storage, insert_block_round, insert_float8_qdq, insert_float_round)
 from outlierquant.emit.weights import require_opset
 from outlierquant.graph.analysis import analyze_graph
-from outlierquant.graph.edit import is_excluded, linear_label, replace_linear, splittable, write_linear_weight
-from outlierquant.graph.records import Linear
-from outlierquant.graph.values import constant_array
-from outlierquant.numerics.formats import (MX_BLOCK, MXINT8_FRACTION_BITS, absmax_scale, bfp_blocks, float_format,
-                                           float_weight, integer_levels, mx_blocks, quantize_float)
+from outlierquant.graph.edit import (bias_input_index, is_excluded, linear_label, replace_linear, splittable,
+                                     write_linear_weight)
+from outlierquant.graph.records import Linear, LinearGroup
+from outlierquant.graph.values import SHAPE_ONLY_OPS, constant_array, is_constant, set_input_constant
+from outlierquant.numerics.formats import (MX_BLOCK, MXINT8_FRACTION_BITS, absmax_scale, bfp_blocks, block_exponent_gap,
+                                           block_order, float_format, float_weight, integer_levels, mx_blocks,
+                                           quantize_float)
 from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
@@ -72,7 +94,8 @@ class FormatQuantizeOptions:
     int8 initializers with ``DequantizeLinear`` where onnxruntime runs them (False: every
     weight is stored dequantized in float32). ``skip_output_layers``: leave linears whose
     output is a graph output (an lm_head) in float. ``exclude``: node-name patterns left in
-    float.
+    float. ``reorder``: permute channels so that those of similar calibrated magnitude share
+    blocks (block formats only; the module docstring says where it is exact).
     """
 
     weights: FormatName = "fp8_e4m3"
@@ -85,6 +108,7 @@ class FormatQuantizeOptions:
     real_types: bool = True
     skip_output_layers: bool = True
     exclude: tuple[str, ...] = ()
+    reorder: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -92,6 +116,14 @@ class FormatQuantizeOptions:
             raise ValueError("weights and activations are both 'none': nothing to quantize")
         if not 0.0 < float(self.activation_clip) <= 1.0:
             raise ValueError(f"activation_clip={self.activation_clip!r}: in (0, 1]")
+        if self.reorder and not any(self.block(side) for side in (self.weights, self.activations)):
+            raise ValueError("reorder: only for block formats (mx*, bfp8): scalar formats have no blocks")
+
+    def block(self, fmt: str) -> int:
+        """The block size of a format (0 for scalar formats and none)."""
+        if fmt.startswith("mx"):
+            return MX_BLOCK
+        return self.bfp_block if fmt == "bfp8" else 0
 
     def mx_name(self, fmt: str) -> str:
         """The concrete MX format (``mxfp8_e4m3``, ``mxfp6_e2m3``, ``mxfp4``, ``mxint8``)."""
@@ -114,7 +146,8 @@ class QuantizeFormatPass(OutlierPass):
     needs_stats = True  # static scales of scalar activation formats
 
     def reads(self) -> frozenset[str]:
-        return frozenset({"stats"}) if self.options.activations in SCALAR_FORMATS else frozenset()
+        wanted = self.options.activations in SCALAR_FORMATS or self.options.reorder
+        return frozenset({"stats"}) if wanted else frozenset()
 
     # -- which linears -------------------------------------------------------------------
 
@@ -242,7 +275,12 @@ class QuantizeFormatPass(OutlierPass):
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         options = self.options
-        layers, skipped = self._select(model)
+        reordered = None
+        if options.reorder:
+            chosen = {id(linear.node) for linear in self._select(model)[0]}
+            block = max(options.block(options.weights), options.block(options.activations))
+            reordered = reorder_for_blocks(model, self.require_stats(), block, linears=chosen)
+        layers, skipped = self._select(model)  # after the reorder: its weights are new values
         shared: dict[str, ir.Value | str] = {}
         entries: list[dict[str, Any]] = []
         for linear in layers:
@@ -282,6 +320,139 @@ class QuantizeFormatPass(OutlierPass):
             "skipped": skipped,
             "opset": model.opset_imports.get("", None),
         }
+        if reordered is not None:
+            record["reorder"] = reordered
         logger.info("format-quantize: W %s / A %s on %d linears (%s)", formats["weights"].get("format"),
                     formats["activations"].get("format"), len(entries), "simulated" if simulated else "real types")
         return bool(entries), record
+
+
+# -- channel reordering for block formats (Trukhanov & Soloveychik 2024) ----------------------
+
+#: default-domain ops that act on each element alone (scalar constants broadcast): they
+#: commute with any permutation of the channel axis
+ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Abs", "Exp", "Log", "Erf", "Tanh", "Sigmoid",
+                   "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Softplus", "HardSigmoid", "HardSwish", "Mish",
+                   "Sign", "Min", "Max", "Clip", "Cast", "Identity"}
+
+
+def permutable_region(group: LinearGroup, linears: list[Linear]) -> tuple[list[Linear], str]:
+    """The linears whose output columns carry ``group``'s input channels through elementwise
+    ops alone (so permuting their columns permutes the input exactly), or ``([], why not)``.
+
+    Every value on the way must be read only by the region's ops, the group's linears or
+    shape-only ops, and not be a graph output; constants on the way must be scalars.
+    """
+    producer = group.producer
+    if producer.kind == "norm":
+        return [], (f"the channels are the residual stream normalised by {producer.norm.name}: permuting γ/β does not "
+                    "move them, that needs the whole residual stream permuted")
+    by_output = {id(linear.output): linear for linear in linears}
+    inside = {id(linear.node) for linear in group.linears}
+    sources: list[Linear] = []
+    values: list[ir.Value] = []
+    seen: set[int] = set()
+    stack = [group.input]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        values.append(value)
+        if value.is_graph_output():
+            return [], f"{value.name} is a graph output"
+        source = by_output.get(id(value))
+        if source is not None:
+            sources.append(source)
+            continue
+        node = value.producer()
+        if node is None:
+            return [], f"{value.name} is a graph input"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ELEMENTWISE_OPS:
+            what = "crosses attention heads" if producer.relation == "v_to_o" else "does not act per element"
+            return [], f"{node.op_type} {node.name} on the path {what}"
+        inside.add(id(node))
+        for item in node.inputs:
+            if item is None:
+                continue
+            if is_constant(item):
+                array = constant_array(item)
+                if array is None or array.size != 1:
+                    return [], f"{node.op_type} {node.name} reads a non-scalar constant"
+            else:
+                stack.append(item)
+    if not sources:
+        return [], "no producing linear"
+    for value in values:
+        for use in value.uses():
+            if id(use.node) not in inside and use.node.op_type not in SHAPE_ONLY_OPS:
+                return [], f"{value.name} also feeds {use.node.op_type} {use.node.name}"
+    for linear in sources:
+        reason = splittable(linear)
+        if reason:
+            return [], f"producer {linear.name}: {reason}"
+        if linear.out_features != group.in_features:
+            return [], f"producer {linear.name} has {linear.out_features} outputs, the group reads {group.in_features}"
+        if len(linear.weight.uses()) != 1 or (linear.bias is not None and len(linear.bias.uses()) != 1):
+            return [], f"the weight or bias of {linear.name} is shared with another node"
+    return sources, ""
+
+
+def _permute_bias(graph: ir.Graph, linear: Linear, order: np.ndarray) -> None:
+    bias = linear.bias_array()
+    flat = np.asarray(bias).reshape(-1)
+    if flat.size == 1:  # a scalar bias broadcasts: nothing to move
+        return
+    set_input_constant(graph, linear.bias_node or linear.node, bias_input_index(linear),
+                       flat[order].reshape(bias.shape), f"{linear.name}_bias_reordered")
+
+
+def reorder_for_blocks(model: ir.Model, stats, block: int, *, linears: set[int] | None = None) -> dict[str, Any]:
+    """Permute the input channels of every group of linears (``linears``: node ids allowed,
+    default all) where that is exact, sorting them by calibrated ``max|x|`` so that blocks
+    of ``block`` consecutive channels hold channels of similar magnitude. Returns the record.
+    """
+    graph = model.graph
+    analysis = analyze_graph(model)
+    entries: list[dict[str, Any]] = []
+    gaps_before: list[float] = []
+    gaps_after: list[float] = []
+    for group in analysis.groups:
+        entry: dict[str, Any] = {"linears": [linear.name for linear in group.linears],
+                                 "relation": group.producer.relation}
+        entries.append(entry)
+        if linears is not None and not all(id(linear.node) in linears for linear in group.linears):
+            entry["skipped"] = "a linear of the group is not quantized"
+            continue
+        name = group.input.name
+        if name not in stats or stats[name].channels != group.in_features:
+            entry["skipped"] = f"no calibration statistics for {name}"
+            continue
+        if any(splittable(linear) or len(linear.weight.uses()) != 1 for linear in group.linears):
+            entry["skipped"] = "a consumer's weight is not a 2-D float32 MatMul/Gemm weight of its own"
+            continue
+        sources, reason = permutable_region(group, analysis.linears)
+        if reason:
+            entry["skipped"] = reason
+            continue
+        magnitude = np.asarray(stats[name].absmax, dtype=np.float64)
+        order = block_order(magnitude)
+        before, after = block_exponent_gap(magnitude, block), block_exponent_gap(magnitude[order], block)
+        if np.array_equal(order, np.arange(order.size)) or after >= before:
+            entry["skipped"] = "the channels are already in magnitude order"
+            continue
+        for linear in sources:
+            write_linear_weight(graph, linear, linear.weight_array()[:, order], f"{linear.name}_weight_reordered")
+            if linear.bias is not None:
+                _permute_bias(graph, linear, order)
+        for linear in group.linears:
+            write_linear_weight(graph, linear, linear.weight_array()[order, :], f"{linear.name}_weight_reordered")
+        gaps_before.append(before)
+        gaps_after.append(after)
+        entry.update({"producers": [linear.name for linear in sources], "block_exponent_gap_before": before,
+                      "block_exponent_gap_after": after})
+        logger.info("reorder [%s]: mean binades below the block exponent %.2f -> %.2f",
+                    ", ".join(entry["linears"]), before, after)
+    return {"block": block, "groups": entries, "reordered_groups": len(gaps_after),
+            "block_exponent_gap_before_mean": float(np.mean(gaps_before)) if gaps_before else None,
+            "block_exponent_gap_after_mean": float(np.mean(gaps_after)) if gaps_after else None}
