@@ -15,7 +15,7 @@ from helpers import load_canonical, max_relative_error, run_outputs
 from outlierquant.calibration.collect import collect_statistics
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.numerics.formats import block_exponent_gap, block_order
-from outlierquant.passes.formats import QuantizeFormatPass, reorder_for_blocks
+from outlierquant.passes.formats import QuantizeFormatPass, permute_residual_stream, reorder_for_blocks
 from outlierquant.pipeline import run_recipe
 from outlierquant.recipes import load_recipe
 
@@ -79,6 +79,27 @@ def test_reorder_leaves_a_path_that_is_also_read_elsewhere(tiny_llama):
     assert record["reordered_groups"] == synthetic.TINY_LAYERS - 1
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_opt", "planted_llama"])
+def test_residual_stream_permutation_is_exact_on_random_inputs(request, fixture):
+    """RMSNorm and LayerNorm commute with a permutation: embeddings, writers, γ/β and readers
+    permuted together leave every output unchanged, and each norm output arrives sorted."""
+    path = request.getfixturevalue(fixture)
+    model, stats = _reordered(path, synthetic.random_feeds(path, 4, seed=1))
+    evaluation = synthetic.random_feeds(path, 3, seed=7)
+    reference = run_outputs(model, evaluation)
+    record = permute_residual_stream(model, stats, 32)
+    assert max_relative_error(reference, run_outputs(model, evaluation)) <= 1e-5
+    assert record["block_exponent_gap_after"] < record["block_exponent_gap_before"]
+    assert record["norms"] == 2 * synthetic.TINY_LAYERS + 1 and record["embeddings"] >= 1
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+
+
+def test_post_norm_residual_stream_is_left_with_its_reason(tiny_bert):
+    model, stats = _reordered(tiny_bert, synthetic.random_feeds(tiny_bert, 2, seed=1))
+    record = permute_residual_stream(model, stats, 32)
+    assert "post-norm" in record["skipped"]
+
+
 @pytest.mark.slow
 def test_reorder_is_exact_on_minilm_sentences(minilm_onnx, minilm_feeds):
     calibration, heldout = minilm_feeds
@@ -98,6 +119,7 @@ def test_mxfp4_reorder_recipe_quantizes_a_tiny_llama(tiny_llama):
                         progress=False)[-1]
     assert record["simulated"] and record["linear_layers"] == 7 * synthetic.TINY_LAYERS
     assert record["reorder"]["reordered_groups"] == synthetic.TINY_LAYERS
+    assert record["reorder"]["residual_stream"]["readers"] == 5 * synthetic.TINY_LAYERS + 1  # + the lm_head
     onnx.checker.check_model(ir.serde.serialize_model(model))
     for ref, got in zip(reference, run_outputs(model, evaluation)):
         a, b = ref[0].ravel().astype(np.float64), got[0].ravel().astype(np.float64)

@@ -44,9 +44,20 @@ exact where the channels come from linears through elementwise ops only::
 gated MLP together), the consumers' weight rows too, and every elementwise op on the way
 (GELU, SiLU, the gate product) commutes with a permutation. :func:`reorder_for_blocks`
 finds these regions (:func:`permutable_region`) and records for every other group why it
-was left: a norm's output is the residual stream normalised — permuting γ/β does not move
-its channels, that needs the whole residual stream permuted — and attention's V → O path
-crosses heads. The record gives the mean number of binades each channel sits below its
+was left: a norm's output is the residual stream normalised — permuting γ/β alone does not
+move its channels — and attention's V → O path crosses heads.
+
+The norm-fed groups get their order from the **residual stream** instead
+(:func:`permute_residual_stream`): a permutation is orthogonal, and unlike a general
+rotation it commutes with LayerNorm as well as RMSNorm (mean and variance over the channels
+do not depend on their order). With ``P`` applied to every embedding table's columns, every
+writer's output columns and bias (attention output, FFN down projection), every norm's γ/β
+and every reader's weight rows (q/k/v, gate/up, lm_head), the model computes the same
+function and every norm output arrives sorted. One order serves the whole stream, so it
+ranks channels by their mean log-magnitude relative to each reader input's largest channel
+over all layers (the outlier channels of a residual stream are the same in every layer).
+A model without such a stream (post-norm BERT: the norm sits on the residual path; a graph
+output on the stream) keeps its order, with the reason recorded. The record gives the mean number of binades each channel sits below its
 block's shared exponent (:func:`~outlierquant.numerics.formats.block_exponent_gap`),
 before and after.
 """
@@ -65,7 +76,8 @@ from outlierquant.emit.formats import (BLOCKED_DQ_OPSET, FLOAT8_OPSET, emit_bloc
 from outlierquant.emit.weights import require_opset
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.edit import (bias_input_index, is_excluded, linear_label, replace_linear, splittable,
-                                     write_linear_weight)
+                                     write_bias, write_linear_weight)
+from outlierquant.graph.residual import embedding_table, find_residual_stream
 from outlierquant.graph.records import Linear, LinearGroup
 from outlierquant.graph.values import SHAPE_ONLY_OPS, constant_array, is_constant, set_input_constant
 from outlierquant.numerics.formats import (MX_BLOCK, MXINT8_FRACTION_BITS, absmax_scale, bfp_blocks, block_exponent_gap,
@@ -277,9 +289,11 @@ class QuantizeFormatPass(OutlierPass):
         options = self.options
         reordered = None
         if options.reorder:
-            chosen = {id(linear.node) for linear in self._select(model)[0]}
             block = max(options.block(options.weights), options.block(options.activations))
+            residual = permute_residual_stream(model, self.require_stats(), block)
+            chosen = {id(linear.node) for linear in self._select(model)[0]}
             reordered = reorder_for_blocks(model, self.require_stats(), block, linears=chosen)
+            reordered["residual_stream"] = residual
         layers, skipped = self._select(model)  # after the reorder: its weights are new values
         shared: dict[str, ir.Value | str] = {}
         entries: list[dict[str, Any]] = []
@@ -456,3 +470,70 @@ def reorder_for_blocks(model: ir.Model, stats, block: int, *, linears: set[int] 
     return {"block": block, "groups": entries, "reordered_groups": len(gaps_after),
             "block_exponent_gap_before_mean": float(np.mean(gaps_before)) if gaps_before else None,
             "block_exponent_gap_after_mean": float(np.mean(gaps_after)) if gaps_after else None}
+
+
+def _stream_order(profiles: list[np.ndarray]) -> np.ndarray:
+    """One channel order for the residual stream: by mean ``log2(a_j / max a)`` over the
+    reader inputs' calibrated ranges (largest first)."""
+    logs = []
+    for absmax in profiles:
+        a = np.maximum(np.asarray(absmax, dtype=np.float64), 1e-30)
+        logs.append(np.log2(a / a.max()))
+    return block_order(np.mean(logs, axis=0))
+
+
+def permute_residual_stream(model: ir.Model, stats, block: int) -> dict[str, Any]:
+    """Permute the whole residual stream (see the module docstring) so that every norm
+    output has its channels in one magnitude order. Returns the record (``skipped``: why
+    the stream was left)."""
+    graph = model.graph
+    stream = find_residual_stream(analyze_graph(model))
+    if isinstance(stream, str):
+        return {"skipped": stream}
+    readers = [group for norm in stream.norms for group in stream.readers[id(norm)]]
+    for group in readers:
+        for linear in group.linears:
+            reason = splittable(linear)
+            if reason:
+                return {"skipped": f"reader {linear.name}: {reason}"}
+    for writer in stream.writers:
+        reason = splittable(writer)
+        if reason:
+            return {"skipped": f"writer {writer.name}: {reason}"}
+    profiles = [np.asarray(stats[g.input.name].absmax) for g in readers
+                if g.input.name in stats and stats[g.input.name].channels == stream.width]
+    if not profiles:
+        return {"skipped": "no calibration statistics for the norm outputs"}
+    order = _stream_order(profiles)
+    before = float(np.mean([block_exponent_gap(p, block) for p in profiles]))
+    after = float(np.mean([block_exponent_gap(p[order], block) for p in profiles]))
+    if after >= before:
+        return {"skipped": "the order would not lower the block exponent gap", "block_exponent_gap_before": before,
+                "block_exponent_gap_after": after}
+    for writer in stream.writers:
+        write_linear_weight(graph, writer, writer.weight_array()[:, order], f"{writer.name}_weight_reordered")
+        if writer.bias is not None:
+            write_bias(graph, writer, np.asarray(writer.bias_array()).reshape(-1)[order], f"{writer.name}_bias_reordered")
+    for node in stream.embeddings:
+        set_input_constant(graph, node, 0, embedding_table(node)[:, order], f"{node.inputs[0].name}_reordered")
+    for norm in stream.norms:
+        for vector in (norm.gamma, norm.beta):
+            if vector is None:
+                continue
+            array = constant_array(vector)
+            if array.size == 1:
+                continue
+            for node in norm.nodes:
+                index = next((i for i, value in enumerate(node.inputs) if value is vector), None)
+                if index is not None:
+                    set_input_constant(graph, node, index, array.reshape(-1)[order].reshape(array.shape),
+                                       f"{vector.name}_reordered")
+                    break
+    for group in readers:
+        for linear in group.linears:
+            write_linear_weight(graph, linear, linear.weight_array()[order, :], f"{linear.name}_weight_reordered")
+    logger.info("reorder: residual stream of width %d, mean binades below the block exponent %.2f -> %.2f",
+                stream.width, before, after)
+    return {"width": stream.width, "writers": len(stream.writers), "embeddings": len(stream.embeddings),
+            "norms": len(stream.norms), "readers": sum(len(g.linears) for g in readers),
+            "block_exponent_gap_before": before, "block_exponent_gap_after": after}
