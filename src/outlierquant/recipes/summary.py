@@ -66,6 +66,8 @@ def _pass_facts(name: str, options: Any) -> tuple[str | None, bool]:
         label = weights if weights == activations else f"{weights}/{activations}"
         simulated = not (weights in _REAL_FORMATS and activations in _REAL_FORMATS and _get(options, "real_types", True))
         return f"W{_FORMAT_BITS.get(weights, '?')}A{_FORMAT_BITS.get(activations, '?')} {label}", simulated
+    if name == "llm-fp4":  # FP4 in float ops; the pre-shift alone (quantize: false) is a float rewrite
+        return ("W4A4 fp4", True) if _get(options, "quantize", True) else (None, False)
     if name == "kv-quantize":  # the KV cache only; a packed cache is real memory, a simulated one float32
         k, v = _get(options, "key_bits", 4), _get(options, "value_bits", 4)
         return (f"KV{k}" if k == v else f"K{k or 'float'}V{v or 'float'}") + " cache", \
