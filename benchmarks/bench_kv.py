@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: name -> kv-quantize options (None: the fp32 export as it is)
 CONFIGS: dict[str, dict | None] = {
@@ -53,10 +51,13 @@ CONFIGS: dict[str, dict | None] = {
     "rotatekv-kv2 -reorder": dict(key_bits=2, value_bits=2, reorder=False),
     "rotatekv-kv2": dict(key_bits=2, value_bits=2),
     "rotatekv-kv2 g32": dict(key_bits=2, value_bits=2, group_size=32),
+    "rotatekv-kv2 g16": dict(key_bits=2, value_bits=2, group_size=16),
+    "rotatekv-kv4 g32": dict(key_bits=4, value_bits=4, group_size=32),
     "rotatekv-kv2 g32 block16": dict(key_bits=2, value_bits=2, group_size=32, rotation_block=16),
 }
 #: configurations whose packed form is built: its bytes per token, and its logits checked
-PACKED = ("per-token-kv8", "kivi-kv4", "rotatekv-kv4", "kivi-kv2", "rotatekv-kv2", "rotatekv-kv2 g32")
+PACKED = ("per-token-kv8", "kivi-kv4", "rotatekv-kv4", "rotatekv-kv4 g32", "kivi-kv2", "rotatekv-kv2",
+          "rotatekv-kv2 g32", "rotatekv-kv2 g16")
 
 
 def _model(path: Path | None, workdir: Path) -> Path:

@@ -224,7 +224,8 @@ def test_packed_cache_generates_what_the_simulated_form_does(tiny_llama_past, ca
                                   decode_logits(_session(simulated), texts["real"], 8)[0])
     # memory: 31 tokens in the cache; codes at `bits`, float16 step/min per group, 4 float sinks
     tokens_in_cache = prompt.shape[1] + 19
-    assert packed_cache["past_key_values.1.value.codes"].shape == (1, 2, tokens_in_cache, 16 * options["value_bits"] // 8)
+    width = 16 * options["value_bits"] // 8
+    assert packed_cache["past_key_values.1.value.codes"].shape == (1, 2, tokens_in_cache, width)
     ratio = cache_bytes_per_token(packed_cache, tokens_in_cache) / cache_bytes_per_token(cache, tokens_in_cache)
     group = options.get("group_size") or 16
     per_head = sum(token_bytes(16, options[f"{kind}_bits"], group,

@@ -285,7 +285,8 @@ class KVCacheQuantizePass(OutlierPass):
                               f"{o.sink_tokens} sink tokens in float, {o.form} cache"]}
         return True, record
 
-    def _reshape_readers(self, model: ir.Model, w: form.CacheWriter, past: ir.Value, codes: ir.Value, head_dim: int) -> None:
+    def _reshape_readers(self, model: ir.Model, w: form.CacheWriter, past: ir.Value, codes: ir.Value,
+                         head_dim: int) -> None:
         """The export reads the past length as ``Shape(past key)``: that Shape now reads the
         packed codes (same batch, heads and length; the head size comes from a constant)."""
         for use in list(past.uses()):
