@@ -10,8 +10,10 @@ What the pass does (each step is exact — the fp32 function does not change):
 3. **Transposed constant weights are folded**: ``MatMul(x, Transpose(W))`` — how
    exporters spell a linear whose weight is tied to the embedding — becomes
    ``MatMul(x, Wᵀ)`` with ``Wᵀ`` a new initializer. This *unties* the weight (the
-   embedding keeps ``W``; memory grows by one copy), which is what an equivalence pass
-   needs anyway: scaling the lm_head's rows must not scale the embedding. The copy is
+   embedding keeps ``W``), which is what an equivalence pass needs anyway: scaling the
+   lm_head's rows must not scale the embedding. While ``W`` is also read elsewhere, ``Wᵀ``
+   is an ``ir.LazyTensor`` computed from ``W``'s tensor as it was at the fold whenever it
+   is read or written, so the run does not hold a second copy of the table. The copy is
    tagged (:data:`outlierquant.graph.tied.TIED_KEY`) with the table's name, and the
    ``tie-weights`` pass (:func:`outlierquant.graph.tied.retie_transposed_weights`), run
    last, reads the table through ``Transpose`` again wherever no pass changed either side,
@@ -88,22 +90,35 @@ class CanonicalizePass(OutlierPass):
             output = node.outputs[0]
             if not any(use.node.op_type in ("MatMul", "Gemm") and use.idx == 1 for use in output.uses()):
                 continue  # only weights; other constant transposes are not ours to fold
-            array = source.const_value.numpy()
+            original = source.const_value
             perm = node.attributes.get_ints("perm", None)
-            transposed = np.ascontiguousarray(np.transpose(array, perm))
+            shape = tuple(int(d) for d in original.shape.numpy())
+            perm = tuple(perm) if perm is not None else tuple(reversed(range(len(shape))))
             name = unique_name(graph, f"{source.name}_transposed")
+            tied = any(use.node is not node for use in source.uses()) or source.is_graph_output()
+            if tied:
+                # the table stays (the embedding's Gather reads it): the transpose is computed
+                # when read or written, from the tensor as it is now, instead of held as a
+                # second copy for the whole run (a 262k-token table is most of a model)
+                def transpose(original=original, perm=perm, name=name) -> ir.Tensor:
+                    return ir.tensor(np.ascontiguousarray(np.transpose(original.numpy(), perm)), name=name)
+
+                tensor = ir.LazyTensor(transpose, dtype=original.dtype,
+                                       shape=ir.Shape([shape[i] for i in perm]), name=name)
+            else:
+                tensor = ir.tensor(np.ascontiguousarray(np.transpose(original.numpy(), perm)), name=name)
             initializer = ir.Value(
                 name=name,
-                shape=ir.Shape(transposed.shape),
-                type=ir.TensorType(source.const_value.dtype),
-                const_value=ir.tensor(transposed, name=name),
+                shape=ir.Shape([shape[i] for i in perm]),
+                type=ir.TensorType(original.dtype),
+                const_value=tensor,
             )
             graph.register_initializer(initializer)
             output.replace_all_uses_with(initializer)
             graph.remove(node, safe=True)
             if not source.uses() and not source.is_graph_output() and source.name in graph.initializers:
                 del graph.initializers[source.name]
-            elif source.name in graph.initializers and tuple(perm or ()) in ((), (1, 0)) and array.ndim == 2:
+            elif source.name in graph.initializers and perm == (1, 0):
                 initializer.metadata_props[TIED_KEY] = source.name
                 untied.append(f"{name} (transpose of {source.name}, also read by "
                               f"{', '.join(sorted({use.node.op_type for use in source.uses()}))})")
