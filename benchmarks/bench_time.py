@@ -25,7 +25,8 @@ Usage::
     python benchmarks/bench_time.py --workload minilm --recipes default llm-int8 w8a8 --repeat 2
     python benchmarks/bench_time.py --workload smollm2 --recipes default --repeat 1 --no-warmup
 
-Prints a markdown table and, with ``--json PATH``, writes the rows. Asserts nothing: the
+``--recipe-dir`` reads the recipes from a folder, so two source trees (``PYTHONPATH=OLD/src``)
+run the same recipes. Prints a markdown table and, with ``--json PATH``, writes the rows. Asserts nothing: the
 machine is shared, so timings are noisy; ``uptime`` is printed before and after.
 """
 
@@ -136,16 +137,17 @@ def workload(name: str, segments: int):
     raise SystemExit(f"unknown workload {name!r}")
 
 
-def time_recipe(model: Path, feeds, recipe: str, out_dir: Path, clock: PhaseClock) -> dict:
+def time_recipe(model: Path, feeds, recipe: str, out_dir: Path, clock: PhaseClock, recipe_dir: str | None = None) -> dict:
     from outlierquant.pipeline import quantize_model
 
     clock.reset()
     output = out_dir / f"{recipe}.onnx"
+    source = str(Path(recipe_dir) / f"{recipe}.yaml") if recipe_dir else recipe
     for path in (output, output.with_name(output.name + ".data"), output.with_name(f"{recipe}.report.json")):
         path.unlink(missing_ok=True)
     started = time.perf_counter()
     with instrumented(clock):
-        result = quantize_model(model, output, recipe, feeds, progress=False)
+        result = quantize_model(model, output, source, feeds, progress=False)
     total = time.perf_counter() - started
     phases = dict(clock.totals)
     phases["other"] = total - sum(phases.values())
@@ -182,6 +184,7 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=32, help="SmolLM2 calibration segments")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--recipe-dir", help="read RECIPE.yaml from this folder (the same recipes for two trees)")
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -193,9 +196,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-time-") as tmp:
         out_dir = Path(tmp)
         if not args.no_warmup and args.recipes:
-            time_recipe(model, feeds, "w8a8", out_dir, clock)
+            time_recipe(model, feeds, "w8a8", out_dir, clock, args.recipe_dir)
         for recipe in args.recipes:
-            runs = [time_recipe(model, feeds, recipe, out_dir, clock) for _ in range(max(1, args.repeat))]
+            runs = [time_recipe(model, feeds, recipe, out_dir, clock, args.recipe_dir) for _ in range(max(1, args.repeat))]
             best = min(runs, key=lambda r: r["total"])
             best["runs"] = [round(r["total"], 2) for r in runs]
             rows.append(best)

@@ -52,6 +52,40 @@ def _covers(stats: ActivationStats | None, targets, covariance_for) -> bool:
     return all(name in stats and stats[name].covariance is not None for name in covariance_for)
 
 
+def _target_name(target) -> str:
+    return target if isinstance(target, str) else target.tensor
+
+
+def _missing(targets, covariance_for, kept: dict) -> list:
+    """The targets ``kept`` lacks, or holds without a covariance this pass reads."""
+    want_cov = set(covariance_for)
+    return [t for t in targets if _target_name(t) not in kept
+            or (_target_name(t) in want_cov and kept[_target_name(t)].covariance is None)]
+
+
+def _later_targets(recipe: Recipe, index: int, model: ir.Model, kept: dict, wanted: list) -> list:
+    """The tensors the later passes of ``recipe`` that read statistics name on ``model`` as it
+    is now, that neither ``kept`` nor ``wanted`` holds: collected in the same run over the
+    data (fetching a tensor costs far less than running the model again). A later pass whose
+    targets cannot be named on this model is left to collect its own."""
+    have = set(kept) | {_target_name(t) for t in wanted}
+    extra = []
+    for spec in recipe.passes[index + 1:]:
+        try:
+            later = instantiate(spec)
+            if "stats" not in later.reads():
+                continue
+            targets = later.calibration_targets(model)
+        except Exception as exc:  # noqa: BLE001 - a look-ahead only; the pass itself reports the error
+            logger.debug("pass %s: no look-ahead calibration targets (%s)", spec.name, exc)
+            continue
+        for target in targets:
+            if _target_name(target) not in have:
+                have.add(_target_name(target))
+                extra.append(target)
+    return extra
+
+
 def run_recipe(
     model: ir.Model,
     recipe: Recipe,
@@ -87,19 +121,26 @@ def run_recipe(
                 logger.warning("pass %s: the statistics lack some of the tensors it reads and no calibration "
                                "data was given; the layers without statistics are left as they are", spec.name)
             if stale or (feeds and not covered):
-                # statistics an earlier pass collected for its own tensors, left valid because
-                # it changed nothing, may not cover this pass's tensors: collect again
+                # statistics still valid (collected before passes that changed nothing, or
+                # carried through an equivalence rewrite) are kept; only the tensors they lack
+                # are collected, with those the later passes will read on this model, so a
+                # pass that changes nothing leaves the next one nothing to collect
                 if not feeds:
                     raise CalibrationError(f"pass {spec.name!r} needs calibration data and none was given")
                 if targets:
                     t0 = time.perf_counter()
-                    stats = collect_statistics(
+                    kept = {} if stale or stats is None else dict(stats.tensors)
+                    wanted = _missing(targets, covariance_for, kept)
+                    wanted += _later_targets(recipe, index, model, kept, wanted)
+                    fresh = collect_statistics(
                         model,
                         feeds,
-                        tensors=targets,
-                        covariance_for=covariance_for,
+                        tensors=wanted,
+                        covariance_for=[name for name in covariance_for if name not in kept
+                                        or kept[name].covariance is None],
                         progress=progress,
                     )
+                    stats = ActivationStats(tensors={**kept, **fresh.tensors}, meta=fresh.meta)
                     calibration_seconds = time.perf_counter() - t0
                     stale = False
                 else:  # nothing this pass could rewrite: it records why, with empty statistics
@@ -119,7 +160,12 @@ def run_recipe(
             record["calibration_seconds"] = round(calibration_seconds, 3)
         records.append(record)
         if result.modified and not pass_.preserves_statistics:
-            stale = True
+            carry = pass_.carried_statistics() if pass_.claims_equivalence else None
+            if carry is None or stale or stats is None:
+                stale = True
+            else:
+                stats = carry.apply(stats)
+                record["statistics_carried"] = stats.meta["carried"]
         detail = pass_detail(record)
         if display.enabled:
             display.end(detail if verbose else ())

@@ -181,6 +181,60 @@ class ChannelStats:
         )
 
 
+    def scaled(self, s: np.ndarray) -> "ChannelStats":
+        """The statistics of ``x / s`` (``s > 0`` per channel), derived exactly: max, min,
+        abs-max and mean divide by ``s``, the mean square by ``s²``, the covariance by
+        ``s sᵀ``; the count and shape stay."""
+        self.finish()
+        s = np.asarray(s, dtype=np.float64)
+        if s.shape != (self.channels,) or not (s > 0).all():
+            raise ValueError(f"scale of shape {s.shape} for {self.channels} channels: must be positive per channel")
+        return ChannelStats(
+            channel_axis=self.channel_axis,
+            absmax=self.absmax / s,
+            minimum=self.minimum / s,
+            maximum=self.maximum / s,
+            mean=self.mean / s,
+            mean_sq=self.mean_sq / (s * s),
+            count=self.count,
+            covariance=None if self.covariance is None else self.covariance / np.outer(s, s),
+            shape=self.shape,
+        )
+
+
+@dataclass
+class StatisticsCarry:
+    """How a rewrite that leaves the fp32 function unchanged moved the tensors statistics
+    describe, so the statistics of the model before it carry over instead of being
+    collected again.
+
+    ``scaled[name] = s``: the tensor is now ``x / s`` along its channel axis (a SmoothQuant
+    scale folded into its producer): its statistics are derived exactly
+    (:meth:`ChannelStats.scaled`). ``changed``: tensors whose values changed in a way the
+    statistics cannot follow (inside the producer a scale folded into): dropped, so a later
+    pass that reads one collects it. Every other tensor computes the same function as
+    before, so its statistics hold up to float32 rounding of the rewritten weights.
+    """
+
+    scaled: dict[str, np.ndarray] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)
+
+    def apply(self, stats: "ActivationStats") -> "ActivationStats":
+        carried: dict[str, ChannelStats] = {}
+        for name, st in stats.items():
+            if name in self.changed:
+                continue
+            s = self.scaled.get(name)
+            if s is not None:
+                if st.channels != len(s):  # per-tensor statistics cannot follow a per-channel scale
+                    continue
+                st = st.scaled(s)
+            carried[name] = st
+        meta = dict(stats.meta)
+        meta["carried"] = {"scaled": len(self.scaled), "dropped": sum(1 for n in stats if n not in carried)}
+        return ActivationStats(tensors=carried, meta=meta)
+
+
 @dataclass
 class ActivationStats(Mapping[str, ChannelStats]):
     """Statistics for a set of tensors of one model, keyed by tensor (value) name."""

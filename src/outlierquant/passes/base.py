@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.calibration.stats import ActivationStats
+from outlierquant.calibration.stats import ActivationStats, StatisticsCarry
 from outlierquant.calibration.targets import quantizable_targets
 from outlierquant.errors import CalibrationError
 from outlierquant.graph.analysis import analyze_graph
@@ -108,6 +108,13 @@ class OutlierPass(ir.passes.InPlacePass):
     def covariance_targets(self, model: ir.Model) -> list[str]:
         """The tensors whose full covariance this pass reads (collected with its statistics)."""
         return []
+
+    def carried_statistics(self) -> StatisticsCarry | None:
+        """After a run that modified the model: how the statistics of the model before it carry
+        over (:class:`~outlierquant.calibration.stats.StatisticsCarry`), or ``None`` when they
+        are stale. Only a pass whose rewrite leaves the fp32 function unchanged may say
+        anything but ``None``: the tensors it does not list compute what they computed."""
+        return None
 
     def calibration_targets(self, model: ir.Model) -> list:
         """The tensors whose statistics this pass reads (default: every linear input)."""

@@ -132,6 +132,15 @@ class QuantizeOutlierTunePass(OutlierPass):
     needs_stats = True
     options_type = OutlierTuneOptions
 
+    def calibration_targets(self, model: ir.Model) -> list:
+        """Every linear input when it quantizes the rest too; with ``rest: leave`` only the
+        inputs of the groups it may rewrite (the statistics of the others are not read)."""
+        if self.options.rest != "leave":
+            return super().calibration_targets(model)
+        groups = analyze_graph(model).groups
+        return sorted({group.input.name for group in groups
+                       if self.options.groups == "all" or not _foldable_or_rotated(group)})
+
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         stats = self.require_stats()
         options = self.options

@@ -63,6 +63,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from outlierquant.calibration.stats import StatisticsCarry
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.edit import (
     group_weight_rows,
@@ -166,6 +167,15 @@ class SmoothQuantPass(GroupRewritePass):
     def allow_insert(self) -> bool:
         return self.options.insert_mul
 
+    def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        self._carry = StatisticsCarry()
+        return super().run(model)
+
+    def carried_statistics(self) -> StatisticsCarry | None:
+        """A folded group's input is ``x / s`` (derived exactly); the values inside its producer
+        change; an inserted ``Mul`` leaves ``x`` as it was and the linears read a new tensor."""
+        return getattr(self, "_carry", None)
+
     def rewrite_group(self, graph: ir.Graph, group: LinearGroup, st, entry: dict[str, Any]) -> int | None:
         options = self.options
         weights = group_weight_rows(group)
@@ -202,6 +212,34 @@ class SmoothQuantPass(GroupRewritePass):
         entry["max_median_before"] = max_median_ratio(st.absmax)
         entry["max_median_after"] = max_median_ratio(st.absmax / s)
         s_prod = s if cmap is None else producer_channels(group, s, reduce=lambda a, b: a)[0]
+        if group.producer.foldable:
+            self._carry.changed |= _values_inside_producer(group)
+            self._carry.scaled[group.input.name] = np.asarray(s, dtype=np.float64)
         inserted = transform_group_channels(graph, group, s, s_producer=s_prod)
         entry["folded_into"] = group.producer.describe() if group.producer.foldable else "inserted Mul"
         return inserted
+
+
+def _values_inside_producer(group: LinearGroup) -> set[str]:
+    """The values a scale folded into the group's producer changes, besides the group's input:
+    the producer's own outputs, the path to the group, and whatever the produced value flows
+    into on its way (attention's V → probs·V → O, a KV-cache output)."""
+    producer = group.producer
+    nodes = list(producer.path)
+    if producer.norm is not None:
+        nodes += list(producer.norm.nodes)
+    if producer.linear is not None:
+        nodes += [node for node in (producer.linear.node, producer.linear.bias_node) if node is not None]
+    changed = {out.name for node in nodes for out in node.outputs if out is not None and out.name}
+    seen: set[str] = set()
+    frontier = [producer.value]
+    while frontier:
+        value = frontier.pop()
+        if value is None or value is group.input or value.name in seen:
+            continue
+        seen.add(value.name)
+        for user, _ in value.uses():
+            frontier.extend(user.outputs)
+    changed |= seen
+    changed.discard(group.input.name)
+    return changed
