@@ -149,13 +149,20 @@ class _PassLog(logging.Handler):
             self.sampler.phase = self._label()
 
 
-def run_case(model: str, recipe: str, workdir: Path) -> dict:
+def run_case(model: str, recipe: str, workdir: Path, offload_mib: float | None = None) -> dict:
     from outlierquant.modelio import model_file_bytes
     from outlierquant.pipeline import quantize_model
     from outlierquant.recipes import load_recipe
 
     model_path, feeds = model_and_feeds(model, workdir)
     loaded = load_recipe(recipe)
+    if offload_mib is not None:
+        # experiment: stage the calibration session's weights as external data above this
+        # size (the library does it only above protobuf's 2 GB limit), so neither the proto
+        # nor its serialized bytes hold a copy of them
+        from outlierquant.calibration import session as calibration_session
+
+        calibration_session.EXTERNAL_DATA_THRESHOLD = int(offload_mib * 2**20)
     import onnxruntime  # noqa: F401  (a fixed cost of every run: count it in the base)
 
     base = _peak_rss_mib()
@@ -174,7 +181,7 @@ def run_case(model: str, recipe: str, workdir: Path) -> dict:
     calibration_s = sum(r.get("calibration_seconds", 0.0) for r in result.report["passes"])
     peak_phase = max(sampler.peaks, key=sampler.peaks.get)
     return {
-        "case": f"{model}:{recipe}",
+        "case": f"{model}:{recipe}" + ("" if offload_mib is None else f" (offload {offload_mib:g} MiB)"),
         "model_mib": model_file_bytes(model_path) / 2**20,
         "output_mib": result.report["size_bytes"]["output"] / 2**20,
         "samples": len(feeds),
@@ -202,11 +209,13 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--workdir", default=None, help="keep built models here between runs")
     parser.add_argument("--json", default=None, help="append each case's result to this file")
+    parser.add_argument("--session-offload-mib", type=float, default=None,
+                        help="experiment: calibration sessions read weights from external data above this model size")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
     if args.case:
         model, recipe = args.case.split(":", 1)
-        print(json.dumps(run_case(model, recipe, Path(args.workdir))))
+        print(json.dumps(run_case(model, recipe, Path(args.workdir), args.session_offload_mib)))
         return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +225,8 @@ def main() -> None:
             raise SystemExit(f"unknown model {model!r} (known: {', '.join(MODELS)})")
         if model == "vocab":
             build_vocab_model(workdir / "vocab")  # outside the measured process
-        done = subprocess.run([sys.executable, __file__, "--case", f"{model}:{recipe}", "--workdir", str(workdir)],
+        extra = [] if args.session_offload_mib is None else ["--session-offload-mib", str(args.session_offload_mib)]
+        done = subprocess.run([sys.executable, __file__, "--case", f"{model}:{recipe}", "--workdir", str(workdir), *extra],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
