@@ -81,8 +81,11 @@ class _Ranks(dict):
 
     _KEEP = {"QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Erf", "Sqrt", "Softmax", "Relu", "Gelu",
              "Tanh", "Sigmoid", "LayerNormalization", "SkipLayerNormalization", "Transpose",
-             "MultiHeadAttention"}  # the last two: what this pass writes, read by later matches
-    _BROADCAST = {"Add", "Sub", "Mul", "Div", "MatMul", "Where", "Pow"}
+             "MultiHeadAttention",  # the last two: what this pass writes, read by later matches
+             "Abs", "Round", "Clip", "Neg", "Floor", "Ceil", "Reciprocal"}  # per-token int8 forms
+    _BROADCAST = {"Add", "Sub", "Mul", "Div", "MatMul", "Where", "Pow", "Equal", "Max", "Min", "Less", "Greater"}
+    #: linear kernels with a weight operand (ours: llm-int8's MixedInt8MatMul)
+    _LINEAR = {"MatMulInteger", "MatMulIntegerToFloat", "MatMulNBits", "MixedInt8MatMul", "DynamicQuantizeMatMul"}
 
     def get(self, value, default=None, depth: int = 24):
         if value is None:
@@ -94,10 +97,14 @@ class _Ranks(dict):
         if result is None and node is not None and node.op_type == "Reshape" and node.domain in _STD:
             target = evaluate_shape(node.inputs[1], {}, self)
             result = len(target) if target is not None and target.ndim == 1 else None
-        elif result is None and depth > 0 and node is not None and node.domain in (*_STD, MS_DOMAIN) \
-                and len(node.outputs) >= 1 \
+        elif result is None and depth > 0 and node is not None \
+                and (node.domain in (*_STD, MS_DOMAIN) or node.op_type in self._LINEAR) and len(node.outputs) >= 1 \
                 and node.outputs[0] is value:
             if node.op_type in self._KEEP:
+                result = self.get(node.inputs[0], None, depth - 1)
+            elif node.op_type.startswith("Reduce") and node.attributes.get_int("keepdims", 1) == 1:
+                result = self.get(node.inputs[0], None, depth - 1)
+            elif node.op_type in self._LINEAR:  # [..., K] x weight: the activation's rank
                 result = self.get(node.inputs[0], None, depth - 1)
             elif node.op_type == "Gather":  # the float outlier channels of a split linear
                 data, index = (self.get(v, None, depth - 1) for v in node.inputs[:2])
@@ -691,9 +698,16 @@ def _fuse_matmul_bias(model: ir.Model) -> tuple[list[dict], int]:
             continue
         xq, x_scale, x_zero = activation
         wq, w_scale, w_zero = weights
+        # the fused node takes the MatMul's name, and (unsplit) the bias Add's output name, so
+        # layer matching by name or by output (evaluate.probes) still finds the linear
+        name, matmul.name = matmul.name, f"{matmul.name}_unfused"
         node = ir.node("MatMulIntegerToFloat", [xq, wq, x_scale, w_scale, x_zero, w_zero, add.inputs[bias_index]],
-                       domain=MS_DOMAIN, name=unique_name(graph, f"{matmul.name}_IntegerToFloat"))
-        node.outputs[0].name = unique_name(graph, f"{matmul.outputs[0].name}_biased")
+                       domain=MS_DOMAIN, name=name or unique_name(graph, "MatMulIntegerToFloat"))
+        if inner is None and add.outputs[0].name and not add.outputs[0].is_graph_output():
+            output_name, add.outputs[0].name = add.outputs[0].name, f"{add.outputs[0].name}_unfused"
+            node.outputs[0].name = output_name
+        else:
+            node.outputs[0].name = unique_name(graph, f"{matmul.outputs[0].name}_biased")
         node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), matmul.outputs[0].shape
         graph.insert_before(matmul, node)
         if inner is None:
