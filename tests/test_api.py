@@ -36,6 +36,7 @@ def test_recipe_from_typed_configs_matches_the_builtin_yaml(tmp_path):
         "w8a8",
         "canonicalize",
         ("quantize", QuantConfig(activations="static", activation_type="uint8", dynamic_matmuls=True)),
+        "onnxruntime-fuse",
         description=builtin.description,
     )
     # the YAML spells out defaults, make_recipe records only changes: the configs are equal
