@@ -307,10 +307,11 @@ def test_pass_display_and_calibration_bar(capsys, tiny_llama):
     feeds = synthetic.random_feeds(tiny_llama, 6, seq_lens=(8,))
     run_recipe(load_model(tiny_llama), load_recipe("smoothquant-w8a8"), feeds, progress=True)
     err = capsys.readouterr().err.replace("\r", "\n")  # the bar redraws its line with \r
-    assert re.search(r"^\[1/3\] canonicalize\s+elapsed 0:00$", err, re.MULTILINE), err
-    assert re.search(r"^\[2/3\] smoothquant\s+elapsed \d+:\d\d", err, re.MULTILINE)
-    assert re.search(r"^\[3/3\] quantize\s+elapsed", err, re.MULTILINE)
-    assert "calibrating" in err and "done: 3 passes in" in err
+    assert re.search(r"^\[1/4\] canonicalize\s+elapsed 0:00$", err, re.MULTILINE), err
+    assert re.search(r"^\[2/4\] smoothquant\s+elapsed \d+:\d\d", err, re.MULTILINE)
+    assert re.search(r"^\[3/4\] quantize\s+elapsed", err, re.MULTILINE)
+    assert re.search(r"^\[4/4\] simplify-shapes\s+elapsed", err, re.MULTILINE)
+    assert "calibrating" in err and "done: 4 passes in" in err
     run_recipe(load_model(tiny_llama), load_recipe("smoothquant-w8a8"), feeds, progress=False)
     assert capsys.readouterr().err == ""  # -q
 
