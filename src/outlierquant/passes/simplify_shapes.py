@@ -125,11 +125,9 @@ def _known_array(value: ir.Value, symbolic: SymbolicShapes) -> np.ndarray | None
     return None
 
 
-def _reshape_target(node: ir.Node, symbolic: SymbolicShapes) -> np.ndarray | None:
-    """A constant target with 0 (this axis's size, copied) and at most one -1, or None."""
-    allowzero = node.attributes.get("allowzero")
-    if allowzero is not None and allowzero.as_int():
-        return None
+def _symbolic_target(node: ir.Node, symbolic: SymbolicShapes) -> tuple[tuple, tuple] | None:
+    """(target entries, data shape) of a Reshape / Expand whose run-time target is known in
+    terms of sizes but not all integers (an all-integer target is folded as a known array)."""
     data, target = node.inputs
     if target is None or target.const_value is not None:
         return None
@@ -138,7 +136,19 @@ def _reshape_target(node: ir.Node, symbolic: SymbolicShapes) -> np.ndarray | Non
     if content is None or shape is None or not all(isinstance(t, Lin) for t in content):
         return None
     if all(t.is_int() for t in content):
-        return None  # folded as a known array
+        return None
+    return content, shape
+
+
+def _reshape_target(node: ir.Node, symbolic: SymbolicShapes) -> np.ndarray | None:
+    """A constant target with 0 (this axis's size, copied) and at most one -1, or None."""
+    allowzero = node.attributes.get("allowzero")
+    if allowzero is not None and allowzero.as_int():
+        return None
+    known = _symbolic_target(node, symbolic)
+    if known is None:
+        return None
+    content, shape = known
     out: list[int] = []
     free = [i for i, t in enumerate(content) if t == Lin.of(-1)]
     for i, t in enumerate(content):
@@ -156,15 +166,10 @@ def _reshape_target(node: ir.Node, symbolic: SymbolicShapes) -> np.ndarray | Non
 
 def _expand_target(node: ir.Node, symbolic: SymbolicShapes) -> np.ndarray | None:
     """A constant Expand shape (1 keeps the input's size on that axis), or None."""
-    data, target = node.inputs
-    if target is None or target.const_value is not None:
+    known = _symbolic_target(node, symbolic)
+    if known is None:
         return None
-    content = symbolic.content(target)
-    shape = symbolic.shape(data)
-    if content is None or shape is None or not all(isinstance(t, Lin) for t in content):
-        return None
-    if all(t.is_int() for t in content):
-        return None  # folded as a known array
+    content, shape = known
     offset = len(content) - len(shape)
     if offset < 0:
         return None
