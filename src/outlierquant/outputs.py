@@ -249,7 +249,13 @@ class OutputUnit:
             missing.append(folder)
             folder = folder.parent
         for folder in reversed(missing):
-            os.mkdir(folder)
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                # a concurrent writer made it between our check and here: it is theirs
+                if not folder.is_dir():
+                    raise
+                continue
             self._created.append(folder)
 
     def _cleanup(self) -> None:
