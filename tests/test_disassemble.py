@@ -75,7 +75,8 @@ def test_options_are_validated_with_the_field_name():
     with pytest.raises(RecipeError, match="assembel"):
         validate_pass_options("qllm_disassemble", {"assembel": True})
     recipe = load_recipe("qllm-w4a8")
-    assert [spec.name for spec in recipe.passes] == ["canonicalize", "qllm-disassemble", "adadim"]
+    assert [spec.name for spec in recipe.passes] == ["canonicalize", "qllm-disassemble", "adadim",
+                                                   "simplify-shapes"]
     assert dict(recipe.passes[2].options)["activation_bits"] == 8  # simulated activations, labelled
 
 

@@ -237,8 +237,9 @@ def test_recipes_load_and_say_simulated():
     for name, bits in (("olive-w4a4", 4), ("olive-w8a8", 8)):
         recipe = load_recipe(name)
         assert "SIMULATED" in recipe.description
-        options = dict(recipe.passes[-1].options)
-        assert recipe.passes[-1].name == "olive" and options["weight_bits"] == options["activation_bits"] == bits
+        spec = next(s for s in recipe.passes if s.name == "olive")
+        options = dict(spec.options)
+        assert options["weight_bits"] == options["activation_bits"] == bits
 
 
 def test_mse_activation_scale_needs_feeds():
