@@ -495,6 +495,8 @@ RECIPES: dict[str, str | None] = {
     "options-not-mapping": "name: r\npasses:\n  - quantize: 5\n",
     "two-keys-in-step": "name: r\npasses:\n  - {quantize: {}, canonicalize: {}}\n",
     "unknown-top-level-field": "name: r\nflavour: mild\npasses:\n  - quantize\n",
+    # found by the fuzzer: an empty key (YAML null) beside a string one could not be sorted
+    "null-and-string-unknown-fields": "name: r\nflavour: mild\nnull: x\npasses:\n  - quantize\n",
     "binary-junk": "\x00\x01\x02 passes",
 }
 

@@ -117,7 +117,7 @@ class Recipe:
         allowed = {"name", "version", "description", "passes"}
         unknown = set(data) - allowed
         if unknown:
-            raise RecipeError(f"{source}: unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})")
+            raise RecipeError(f"{source}: unknown field {sorted(unknown, key=repr)[0]!r} (allowed: {', '.join(sorted(allowed))})")
         passes_data = data.get("passes")
         if not isinstance(passes_data, list) or not passes_data:
             raise RecipeError(f"{source}: 'passes' must be a non-empty list")
