@@ -181,6 +181,28 @@ def test_pass_rewrites_matmul_and_gemm_and_skips_small_k(emit):
     np.testing.assert_allclose(y3, z @ w3, rtol=1e-5, atol=1e-6)
 
 
+def test_layers_output_quantizes_only_the_linears_that_write_a_graph_output():
+    """``layers: output`` is how a recipe stores an LM head as int8 weights after its other
+    linears were quantized some other way: fc1 (inner) stays a float MatMul, fc2 (writes y)
+    becomes an 8-bit MatMulNBits, and the K=8 MatMul writing y3 is reported as skipped."""
+    model, (w1, b1, w2, b2, w3) = _graph_with_linears()
+    CanonicalizePass()(model)
+    record = QuantizeWeightOnlyPass(bits=8, group_size=16, symmetric=True, layers="output")(model).record
+    assert [layer["linear"] for layer in record["layers"]] == ["fc2"]
+    assert [s["linear"] for s in record["skipped"]] == ["tiny"]
+    proto = ir.serde.serialize_model(model)
+    ops = collections.Counter(node.op_type for node in proto.graph.node)
+    assert ops["MatMulNBits"] == 1 and ops["MatMul"] == 2
+    x = np.random.default_rng(6).standard_normal((3, 64)).astype(np.float32)
+    z = np.zeros((3, 8), np.float32)
+    y, _ = float_session(proto).run(None, {"x": x, "z": z})
+    q2 = quantize_blockwise(w2.T, 8, 16, symmetric=True).dequantize()
+    expected = np.maximum(x @ w1 + b1, 0) @ q2 + b2
+    assert np.abs(y - expected).max() <= RTOL * np.abs(expected).max()
+    with pytest.raises(RecipeError, match="layers"):
+        validate_pass_options("weight-only", {"layers": "head"})
+
+
 def test_recipes_load():
     rtn = load_recipe("rtn-w4a16")
     assert [s.name for s in rtn.passes] == ["canonicalize", "weight-only"]

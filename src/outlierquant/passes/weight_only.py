@@ -77,7 +77,10 @@ class WeightOnlyQuantOptions:
     ``emit``: ``matmul_nbits`` (onnxruntime's kernel) or ``dequantize_linear`` (blocked
     DQ → MatMul, standard ops, opset 21). ``accuracy_level``: MatMulNBits' attribute (0:
     float compute; 4: int8 compute, which also rounds the activations). ``exclude``:
-    substrings of node names left in float.
+    substrings of node names left in float. ``layers``: ``all`` linears, or only the
+    ``output`` ones (a linear whose output is a graph output: an LM head), so that a
+    recipe which quantizes the other linears in its own way can still store the head as
+    int8 weights: at batch-1 decode a float head is the largest weight read per token.
     """
 
     bits: Literal[3, 4, 8] = 4
@@ -87,6 +90,7 @@ class WeightOnlyQuantOptions:
     emit: Literal["matmul_nbits", "dequantize_linear"] = "matmul_nbits"
     accuracy_level: int = 0
     exclude: tuple[str, ...] = ()
+    layers: Literal["all", "output"] = "all"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -128,6 +132,8 @@ class QuantizeWeightOnlyPass(OutlierPass):
         skipped: list[dict[str, str]] = []
         float_bytes = packed_bytes = 0
         for linear in analyze_graph(model).linears:
+            if options.layers == "output" and not linear.output.is_graph_output():
+                continue  # not asked for: neither quantized nor listed as skipped
             reason = splittable(linear)
             if reason is None and is_excluded(linear, options.exclude):
                 reason = "excluded by option"
