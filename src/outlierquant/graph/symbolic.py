@@ -215,12 +215,19 @@ class SymbolicShapes:
         "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu", "FastGelu", "BiasGelu",
         "QuickGelu", "LeakyRelu", "Exp", "Log", "Abs", "IsNaN", "IsInf", "Not", "Cos", "Sin", "Softplus",
         "HardSigmoid", "HardSwish", "Elu", "Selu", "Mish", "Clip", "Trilu", "Floor", "Ceil", "Round", "Sign",
-        "QuantizeLinear", "DequantizeLinear", "CumSum", "LogSoftmax",
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "CumSum", "LogSoftmax",
     }
     _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "Less", "Greater", "And", "Or", "Max",
                   "Min", "LessOrEqual", "GreaterOrEqual", "Mod", "Xor", "BitwiseAnd", "BitwiseOr"}
 
+    #: com.microsoft linears our passes write (weight-only, onnxruntime-fuse): without their
+    #: shapes every size read after a quantized linear stays unknown
+    _MS_LINEARS = {"MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
     def _visit(self, node: ir.Node) -> None:
+        if node.domain == "com.microsoft" and node.op_type in self._MS_LINEARS:
+            self._ms_linear(node)
+            return
         if node.domain not in ("", "ai.onnx") and node.op_type not in ("SimplifiedLayerNormalization",):
             return
         if any(isinstance(a.value, (ir.Graph, list)) and a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
@@ -425,6 +432,15 @@ class SymbolicShapes:
             known = [d for d in dims if d != Lin.of(-1)]
             dims[dims.index(Lin.of(-1))] = _quotient(list(shape), known)
         self._set(out, tuple(dims), self.content(ins[0]))
+
+    def _ms_linear(self, node: ir.Node) -> None:
+        ins, out = list(node.inputs), node.outputs[0]
+        if node.op_type != "MatMulNBits":
+            self._matmul(ins, out)  # A @ B shapes, the scales and zero points aside
+            return
+        shape, n = self.shape(ins[0]), node.attributes.get("N")
+        if shape and n is not None:  # A [..., K] -> [..., N]; B is packed blocks, not [K, N]
+            self._set(out, shape[:-1] + (Lin.of(n.as_int()),))
 
     def _matmul(self, ins: list, out: ir.Value) -> None:
         a, b = self.shape(ins[0]), self.shape(ins[1])
