@@ -73,6 +73,26 @@ def test_simplified_graph_computes_the_same_for_every_size(tiny_family, family, 
         assert record["nodes_after"] < 0.8 * record["nodes_before"], record
 
 
+def test_sizes_flow_through_weight_only_linears(tiny_family):
+    """After weight-only quantization every linear is a com.microsoft MatMulNBits; its output
+    shape (A[..., :-1] + [N]) must be known, or nothing after the first linear folds."""
+    from outlierquant.passes.canonicalize import CanonicalizePass
+    from outlierquant.passes.weight_only import QuantizeWeightOnlyPass
+
+    path = tiny_family("llama", True)
+    model = ir.load(path)
+    CanonicalizePass()(model)
+    QuantizeWeightOnlyPass(bits=4, group_size=16)(model)
+    before = _session(model)
+    feeds = _feeds(path, True)
+    reference = [before.run(None, feed) for feed in feeds]
+    record = SimplifyShapesPass()(model).record
+    after = _session(model)
+    for feed, ref in zip(feeds, reference):
+        assert max_relative_error([ref], [after.run(None, feed)]) <= 1e-5
+    assert record["nodes_after"] < 0.8 * record["nodes_before"], record
+
+
 def _graph(nodes, inputs, outputs, initializers=()):
     graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=initializers, opset_imports={"": 18})
     return ir.Model(graph, ir_version=9)

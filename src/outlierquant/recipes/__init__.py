@@ -117,7 +117,8 @@ class Recipe:
         allowed = {"name", "version", "description", "passes"}
         unknown = set(data) - allowed
         if unknown:
-            raise RecipeError(f"{source}: unknown field {sorted(unknown, key=repr)[0]!r} (allowed: {', '.join(sorted(allowed))})")
+            first = sorted(unknown, key=repr)[0]  # keys may be None or numbers beside strings
+            raise RecipeError(f"{source}: unknown field {first!r} (allowed: {', '.join(sorted(allowed))})")
         passes_data = data.get("passes")
         if not isinstance(passes_data, list) or not passes_data:
             raise RecipeError(f"{source}: 'passes' must be a non-empty list")
