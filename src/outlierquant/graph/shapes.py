@@ -118,6 +118,8 @@ def evaluate_shape(value: ir.Value | None, tracked: dict, ranks: dict, depth: in
 
 
 _SHAPE_EVAL_BUDGET = 256
+#: the largest constant a shape expression reads (shapes, axes, index tables)
+_SHAPE_CONSTANT_LIMIT = 4096
 
 
 _SHAPE_DTYPES = {ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL}
@@ -137,7 +139,10 @@ def _evaluate_shape_expression(
     budget[0] -= 1
     array = constant_array(value)
     if array is not None:
-        return np.asarray(array).astype(object)
+        array = np.asarray(array)
+        # a weight, not a shape expression: converting it to objects cost ~30 s per sweep
+        # on a quantized SmolLM2 (Shape of a DequantizeLinear reaches its int8 weight)
+        return array.astype(object) if array.size <= _SHAPE_CONSTANT_LIMIT else None
     if value.dtype is not None and value.dtype not in _SHAPE_DTYPES:
         return None  # a data tensor, not a shape expression
     node = value.producer()

@@ -228,6 +228,9 @@ class SymbolicShapes:
         if node.domain == "com.microsoft" and node.op_type in self._MS_LINEARS:
             self._ms_linear(node)
             return
+        if node.domain == "com.microsoft" and node.op_type in ("RotaryEmbedding", "GroupQueryAttention"):
+            self._ms_attention(node)
+            return
         if node.domain not in ("", "ai.onnx") and node.op_type not in ("SimplifiedLayerNormalization",):
             return
         if any(isinstance(a.value, (ir.Graph, list)) and a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
@@ -441,6 +444,18 @@ class SymbolicShapes:
         shape, n = self.shape(ins[0]), node.attributes.get("N")
         if shape and n is not None:  # A [..., K] -> [..., N]; B is packed blocks, not [K, N]
             self._set(out, shape[:-1] + (Lin.of(n.as_int()),))
+
+    def _ms_attention(self, node: ir.Node) -> None:
+        """onnxruntime-fuse's decoder attention: RotaryEmbedding keeps its input's shape;
+        GroupQueryAttention writes the query's shape and a cache of past + new positions."""
+        query = self.shape(node.inputs[0])
+        if query is not None:
+            self._set(node.outputs[0], query)
+        if node.op_type == "GroupQueryAttention" and query is not None and len(query) == 3:
+            for past, present in zip(node.inputs[3:5], node.outputs[1:3]):
+                cache = self.shape(past) if past is not None else None
+                if cache is not None and len(cache) == 4:
+                    self._set(present, (cache[0], cache[1], cache[2] + query[1], cache[3]))
 
     def _matmul(self, ins: list, out: ir.Value) -> None:
         a, b = self.shape(ins[0]), self.shape(ins[1])
