@@ -17,6 +17,7 @@ from helpers import load_canonical, max_relative_error, run_outputs
 
 from outlierquant.errors import RecipeError
 from outlierquant.passes.fuse_ort import FuseOnnxRuntimePass
+
 from outlierquant.recipes import load_recipe, validate_pass_options
 
 RTOL = 1e-4
@@ -144,3 +145,109 @@ def test_minilm_fused_equals_unfused_on_real_and_padded_sentences(minilm_onnx, m
     after = run_outputs(model, feeds)
     assert _kept_rows_error(before, after, feeds) <= RTOL
     assert max(float(np.abs(a[1] - b[1]).max()) for a, b in zip(before, after)) <= 1e-5  # sentence embedding
+
+
+# -- decoders with a KV cache: GroupQueryAttention ---------------------------------------
+
+
+def _generate(model: ir.Model, past, *, steps: int = 3, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """A left-padded batch of two prompts (row 1 padded by 4, position ids counting its real
+    tokens only), then ``steps`` teacher-forced decode steps, each feeding back the model's
+    own present cache: the way ORTModelForCausalLM.generate runs a padded batch (ids below
+    256, the smallest synthetic vocabulary)."""
+    import onnxruntime as ort
+
+    from outlierquant.export.past import empty_past
+
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 256, (2, 10)).astype(np.int64)
+    mask = np.ones((2, 10), np.int64)
+    mask[1, :4] = 0
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(np.cumsum(mask, 1) - 1, 0, None),
+            **empty_past(past, batch=2)}
+    results = []
+    for _ in range(steps + 1):
+        out = dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in wanted})))
+        results.append({**out, "mask": mask})
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        feed = {"input_ids": rng.integers(0, 256, (2, 1)).astype(np.int64), "attention_mask": mask,
+                "position_ids": (np.cumsum(mask, 1) - 1)[:, -1:], **{p.name: out[p.present] for p in past}}
+    return results
+
+
+def _generation_error(before, after, past) -> float:
+    """Worst relative error of the logits on real (unpadded) tokens and of the present cache
+    at real positions, over prefill and decode steps."""
+    worst = 0.0
+    for a, b in zip(before, after):
+        kept = a["mask"][:, -a["logits"].shape[1]:].astype(bool)
+        worst = max(worst, float(np.abs(a["logits"] - b["logits"])[kept].max() / np.abs(a["logits"]).max()))
+        real = a["mask"].astype(bool)  # [B, T] over the whole cache
+        for item in past:
+            x, y = a[item.present].transpose(0, 2, 1, 3)[real], b[item.present].transpose(0, 2, 1, 3)[real]
+            worst = max(worst, float(np.abs(x - y).max() / np.abs(x).max()))
+    return worst
+
+
+def test_tiny_llama_with_past_fuses_into_group_query_attention_exactly(tiny_llama_past):
+    from outlierquant.export.past import past_inputs
+
+    past = past_inputs(tiny_llama_past)
+    model = load_canonical(tiny_llama_past)
+    before = _generate(model, past)
+    result = FuseOnnxRuntimePass(decoder_attention=True)(model)
+    ops = _ops(model)
+    assert result.modified and ops["GroupQueryAttention"] == 2 and ops["RotaryEmbedding"] == 4
+    assert ops["Softmax"] == 0 and not result.record["decoder_attention_skipped"]
+    entry = result.record["decoder_attention"][0]
+    assert (entry["heads"], entry["kv_heads"], entry["head_size"]) == (4, 2, 16)
+    after = _generate(model, past)
+    # left padding, position ids that skip the padding, and decode steps on the model's own cache
+    assert _generation_error(before, after, past) < RTOL
+
+
+def test_quantized_tiny_llama_with_past_runs_the_attention_in_float(tiny_llama_past):
+    """After static W8A8 (Q/DQ around Q·Kᵀ and P·V) the fused graph drops that quantization:
+    closer to fp32 than the quantized graph, within noise."""
+    from outlierquant.export.past import past_inputs
+    from outlierquant.pipeline import run_recipe
+
+    past = past_inputs(tiny_llama_past)
+    reference = _generate(load_canonical(tiny_llama_past), past)
+    recipe = load_recipe("w8a8")  # without its last pass, onnxruntime-fuse: the standard-op form
+    assert recipe.passes[-1].name == "onnxruntime-fuse"
+    quantized = load_canonical(tiny_llama_past)
+    run_recipe(quantized, dataclasses.replace(recipe, passes=recipe.passes[:-1]),
+               synthetic.random_feeds(tiny_llama_past, 6, seed=3), progress=False)
+    quantized_out = _generate(quantized, past)
+    result = FuseOnnxRuntimePass(decoder_attention=True)(quantized)
+    assert result.modified and _ops(quantized)["GroupQueryAttention"] == 2
+    assert all(entry["quantization_dropped"] > 0 for entry in result.record["decoder_attention"])
+    fused_out = _generate(quantized, past)
+    assert _generation_error(reference, fused_out, past) <= _generation_error(reference, quantized_out, past) * 1.5 + 1e-3
+
+
+#: the families whose with-past attention is the rotary + grouped-head core the fusion knows;
+#: the others (Gemma: positions computed in the graph, Gemma 3: q/k norms, Phi-3: partial
+#: rotary, OPT/GPT-2: no rotary) are left alone with the reason
+_GQA_FAMILIES = {"llama", "mistral", "qwen2"}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "opt", "gpt2"])
+def test_decoder_families_fuse_exactly_or_say_why(tiny_family, family):
+    from outlierquant.export.past import past_inputs
+
+    path = tiny_family(family, with_past=True)
+    past = past_inputs(path)
+    model = load_canonical(path)
+    before = _generate(model, past, steps=2)
+    result = FuseOnnxRuntimePass(decoder_attention=True)(model)
+    fused, skipped = result.record["decoder_attention"], result.record["decoder_attention_skipped"]
+    assert bool(fused) == (family in _GQA_FAMILIES) and bool(skipped) != (family in _GQA_FAMILIES)
+    assert all(entry["skipped"] for entry in skipped)
+    if fused:
+        assert _generation_error(before, _generate(model, past, steps=2), past) < RTOL
