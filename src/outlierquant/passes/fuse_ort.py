@@ -95,7 +95,7 @@ class _Ranks(dict):
 
     _KEEP = {"QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Erf", "Sqrt", "Softmax", "Relu", "Gelu",
              "Tanh", "Sigmoid", "LayerNormalization", "SkipLayerNormalization", "Transpose",
-             "MultiHeadAttention",  # the last two: what this pass writes, read by later matches
+             "MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding",  # what this pass writes
              "Abs", "Round", "Clip", "Neg", "Floor", "Ceil", "Reciprocal"}  # per-token int8 forms
     _BROADCAST = {"Add", "Sub", "Mul", "Div", "MatMul", "Where", "Pow", "Equal", "Max", "Min", "Less", "Greater"}
     #: linear kernels with a weight operand (ours: llm-int8's MixedInt8MatMul)
