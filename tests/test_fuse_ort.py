@@ -251,3 +251,24 @@ def test_decoder_families_fuse_exactly_or_say_why(tiny_family, family):
     assert all(entry["skipped"] for entry in skipped)
     if fused:
         assert _generation_error(before, _generate(model, past, steps=2), past) < RTOL
+
+
+def test_simplify_shapes_after_the_decoder_fusion_stays_exact_and_folds(tiny_llama_past):
+    """Symbolic shapes pass through RotaryEmbedding and GroupQueryAttention (their outputs'
+    shapes are known), and simplify-shapes after the fusion stays exact."""
+    from outlierquant.export.past import past_inputs
+    from outlierquant.passes.simplify_shapes import SimplifyShapesPass
+
+    past = past_inputs(tiny_llama_past)
+    model = load_canonical(tiny_llama_past)
+    before = _generate(model, past)
+    from outlierquant.graph.symbolic import SymbolicShapes
+
+    assert FuseOnnxRuntimePass(decoder_attention=True)(model).modified
+    shapes = SymbolicShapes(model.graph)
+    for node in model.graph:
+        if node.op_type in ("GroupQueryAttention", "RotaryEmbedding"):
+            assert all(shapes.shape(v) is not None for v in node.outputs), node.name
+    nodes = len(list(model.graph))
+    assert SimplifyShapesPass()(model).modified and len(list(model.graph)) < nodes
+    assert _generation_error(before, _generate(model, past), past) < RTOL

@@ -181,7 +181,7 @@ def _head_expression(value: ir.Value | None, x: ir.Value, head_size: int, depth:
         a, b = (_head_expression(v, x, head_size, depth - 1) for v in node.inputs[:2])
         if a is None or b is None or (node.op_type == "Div" and b == 0):
             return None
-        return {"Div": a // b if b else 0, "Mul": a * b, "Add": a + b, "Sub": a - b}[node.op_type]
+        return a // b if node.op_type == "Div" else {"Mul": a * b, "Add": a + b, "Sub": a - b}[node.op_type]
     return None
 
 
@@ -367,7 +367,7 @@ def match_decoder_attention(softmax: ir.Node, graph: ir.Graph, ranks: dict) -> D
                 raise NoMatch(f"{value.name!r} inside the attention core is read outside it")
         if node.op_type != "MatMul":
             continue
-        source, _, extra = _strip_scales(node.inputs[1], "value")
+        source, _, _ = _strip_scales(node.inputs[1], "value")
         cache, more = _cache_side(source, graph, heads, "value", ranks)
         readers += [r for r in more if r not in readers]
         if value_cache is not None and cache is not value_cache:

@@ -75,8 +75,7 @@ class FuseOrtOptions:
             raise ValueError(f"nbits_accuracy_level={self.nbits_accuracy_level}: allowed 0, 1, 2, 3, 4 (or null)")
 
 
-class _NoMatch(Exception):
-    """The reason a candidate is left alone."""
+_NoMatch = NoMatch  # the reason a candidate is left alone (shared with the decoder matcher)
 
 
 def _perm(node: ir.Node) -> list[int] | None:
@@ -463,41 +462,13 @@ def _mask_source(mask: ir.Value, graph: ir.Graph) -> ir.Value:
 def _check_mask_semantics(model: ir.Model, mask: ir.Value, source: ir.Value) -> None:
     """Run the mask's subgraph on a small 0/1 input: it must be 0 on kept keys, at most
     -1e4 on padded ones, for every query and head ([B, 1|N, 1|S, T])."""
-    import onnx
-    import onnxruntime as ort
+    keep = np.array([[1, 1, 0], [1, 0, 0]], dtype=source.type.dtype.numpy() if source.type is not None else np.int64)
 
-    nodes, frontier, seen = [], [mask], set()
-    while frontier:
-        value = frontier.pop()
-        node = value.producer() if value is not None else None
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        nodes.append(node)
-        frontier.extend(node.inputs)
-    order = {id(n): i for i, n in enumerate(model.graph)}
-    nodes.sort(key=lambda n: order[id(n)])
-    proto = ir.serde.serialize_model(model)
-    names = {n.name for n in nodes}
-    needed = {v.name for n in nodes for v in n.inputs if v is not None}
-    readers = [i for i in proto.graph.input if i.name in needed]
-    sub = onnx.helper.make_graph(
-        [n for n in proto.graph.node if n.name in names],
-        "mask", readers,
-        [onnx.helper.make_tensor_value_info(
-            mask.name, mask.type.dtype.value if mask.type is not None else onnx.TensorProto.FLOAT, None)],
-        [t for t in proto.graph.initializer if t.name in needed])
-    small = onnx.helper.make_model(sub, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(source.type.dtype.value) if source.type is not None else np.int64
-    keep = np.array([[1, 1, 0], [1, 0, 0]], dtype=dtype)
-    feeds = {source.name: keep}
-    for reader in readers:  # inputs whose Shape sizes the mask (input_ids): zeros of that shape
-        if reader.name != source.name:
-            elem = onnx.helper.tensor_dtype_to_np_dtype(reader.type.tensor_type.elem_type)
-            feeds[reader.name] = np.zeros((2, 3), dtype=elem)
+    def zeros(reader: ir.Value) -> np.ndarray:  # inputs whose Shape sizes the mask (input_ids)
+        return np.zeros((2, 3), dtype=reader.type.dtype.numpy() if reader.type is not None else np.int64)
+
     try:
-        sess = ort.InferenceSession(small.SerializeToString(), providers=["CPUExecutionProvider"])
-        out = np.asarray(sess.run(None, feeds)[0], dtype=np.float64)
+        out = np.asarray(_evaluate_cone(model.graph, [mask], {source.name: keep}, fill=zeros)[0], dtype=np.float64)
     except Exception as error:  # the subgraph has shape dependencies we cannot feed
         raise _NoMatch(f"could not evaluate the mask subgraph: {str(error).splitlines()[0][:120]}") from None
     if out.ndim != 4 or out.shape[0] != 2 or out.shape[3] != 3:
@@ -593,9 +564,11 @@ def _named_tensor(value: ir.Value):
     return proto
 
 
-def _evaluate_cone(graph: ir.Graph, outputs: list[ir.Value], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def _evaluate_cone(graph: ir.Graph, outputs: list[ir.Value], feeds: dict[str, np.ndarray],
+                   fill=None) -> list[np.ndarray]:
     """Run the part of ``graph`` that computes ``outputs`` on ``feeds`` (small subgraphs such
-    as the rotary tables; only their nodes and constants are serialized, not the weights)."""
+    as the rotary tables or a mask; only their nodes and constants are serialized, not the
+    weights). ``fill(value)`` gives an array for a graph input that ``feeds`` lacks."""
     import onnx
     import onnxruntime as ort
 
@@ -617,9 +590,11 @@ def _evaluate_cone(graph: ir.Graph, outputs: list[ir.Value], feeds: dict[str, np
         if id(node) not in {id(n) for n in nodes}:
             nodes.append(node)
             frontier.extend(node.inputs)
-    missing = set(inputs) - set(feeds)
-    if missing:
-        raise NoMatch(f"the subgraph also reads {sorted(missing)}")
+    feeds = dict(feeds)
+    for name in set(inputs) - set(feeds):
+        if fill is None:
+            raise NoMatch(f"the subgraph also reads {name!r}")
+        feeds[name] = fill(inputs[name])
     order = {id(n): i for i, n in enumerate(graph)}
     nodes.sort(key=lambda n: order[id(n)])
 
