@@ -285,6 +285,8 @@ def test_recipes_table_and_full_description(capsys):
     assert "W8A8" in table["w8a8"] and "real" in table["w8a8"]
     assert "simulated" in table["quarot-w4a4"] and "W4A4" in table["quarot-w4a4"]
     assert "if built" in table["llm-int8"] and "W4A16" in table["rtn-w4a16"]
+    # a head-only weight pass adds to the body's bits instead of replacing them
+    assert "W8A8 + float outliers + W8 head" in table["default"] and "W8A16" not in table["default"]
     assert max(len(line) for line in out.splitlines()) < 200
 
     from outlierquant.recipes import load_recipe
@@ -294,7 +296,7 @@ def test_recipes_table_and_full_description(capsys):
     assert out.startswith(load_recipe("default").to_yaml())  # the YAML as before, then its row
     assert "# bits: W8A8 + float outliers" in out and "# runs as: real" in out
     flat = " ".join(out.split())
-    assert "Latency: see the README." in flat  # the full description, not cut at 100 characters
+    assert "Latency on MiniLM: see the README." in flat  # the full description, not cut at 100 characters
 
 
 def test_pass_display_and_calibration_bar(capsys, tiny_llama):

@@ -58,6 +58,8 @@ def _pass_facts(name: str, options: Any) -> tuple[str | None, bool]:
         activation_bits = _get(options, "activation_bits")
         return f"W{_get(options, 'bits', 4)}A{activation_bits or 16}", activation_bits is not None
     if name == "weight-only":
+        if _get(options, "layers", "all") == "output":  # the LM head only: an addition, see summarize
+            return f"+ W{_get(options, 'bits', 4)} head", False
         return f"W{_get(options, 'bits', 4)}A16", False
     if name == "outliertune":
         return "W8A8", False
@@ -77,6 +79,7 @@ def _pass_facts(name: str, options: Any) -> tuple[str | None, bool]:
 
 def summarize(recipe: Recipe) -> RecipeSummary:
     bits = None
+    head = None
     simulated = False
     kernels = "no"
     steps = []
@@ -85,7 +88,10 @@ def summarize(recipe: Recipe) -> RecipeSummary:
         if spec.name not in ("canonicalize", "simplify-shapes"):  # graph housekeeping, not a method
             steps.append(spec.name)
         pass_bits, pass_simulated = _pass_facts(spec.name, options)
-        bits = pass_bits or bits  # the last quantizer decides
+        if pass_bits and pass_bits.startswith("+ "):  # a head-only pass adds to the body's bits
+            head = pass_bits
+        else:
+            bits = pass_bits or bits  # the last quantizer decides
         simulated = simulated or pass_simulated
         choice = _get(options, "kernels")
         if spec.name == "llm-int8" and _get(options, "activations") == "static":
@@ -94,7 +100,10 @@ def summarize(recipe: Recipe) -> RecipeSummary:
             kernels = "required"
         elif choice == "auto" and kernels == "no":
             kernels = "if built"
-    return RecipeSummary(recipe.name, " → ".join(steps) or "canonicalize", bits or "float", simulated, kernels)
+    bits = bits or "float"
+    if head:
+        bits = f"{bits} {head}"
+    return RecipeSummary(recipe.name, " → ".join(steps) or "canonicalize", bits, simulated, kernels)
 
 
 def recipe_table(recipes: list[Recipe]) -> str:
