@@ -32,6 +32,7 @@ FLOAT_OPTIONS: dict[str, dict] = {
     "splitquant": {},
     "qllm-disassemble": {},
     "simplify-shapes": {},
+    "merge-linears": {},
 }
 RTOL = 1e-4
 

@@ -653,8 +653,10 @@ def _rotary_caches(graph: ir.Graph, match: DecoderAttention, positions: int) -> 
 
 def _fuse_decoder_attention(model: ir.Model, positions: int) -> tuple[list[dict], list[dict]]:
     """Each matched layer becomes one ``GroupQueryAttention`` reading the q/k/v linear outputs
-    and the past cache and writing the present cache. The rotary embedding runs inside it
-    (``do_rotary``) from the model's own position ids and tables evaluated from the graph;
+    and the past cache and writing the present cache. The rotary embedding runs as
+    onnxruntime's ``RotaryEmbedding`` on q and k, from the model's own position ids and
+    tables evaluated from the graph (``merge-linears`` later moves it inside the attention,
+    ``do_rotary``, where it merges q/k/v into one packed input);
     the model's additive mask goes in as ``attention_bias`` (so padding and any sliding
     window are kept exactly), with every row's ``seqlens_k`` at the full length, so that the
     kernel's own causal mask is the export's causal mask."""

@@ -57,6 +57,7 @@ PASS_CATALOG: dict[str, str] = {
     "llm-fp4": "outlierquant.passes.llm_fp4:LlmFp4Pass",
     "kv-quantize": "outlierquant.passes.kv_cache:KVCacheQuantizePass",
     "onnxruntime-fuse": "outlierquant.passes.fuse_ort:FuseOnnxRuntimePass",
+    "merge-linears": "outlierquant.passes.merge_linears:MergeLinearsPass",
 }
 
 

@@ -85,7 +85,7 @@ def summarize(recipe: Recipe) -> RecipeSummary:
     steps = []
     for spec in recipe.passes:
         options = spec_options(spec)
-        if spec.name not in ("canonicalize", "simplify-shapes"):  # graph housekeeping, not a method
+        if spec.name not in ("canonicalize", "simplify-shapes", "merge-linears"):  # graph housekeeping
             steps.append(spec.name)
         pass_bits, pass_simulated = _pass_facts(spec.name, options)
         if pass_bits and pass_bits.startswith("+ "):  # a head-only pass adds to the body's bits
