@@ -172,7 +172,7 @@ def smollm2(out_dir: Path, recipes, runs: int, new_tokens: int, calibration: int
         session = _session(cand.path)
         pre_ref, pre_cand = _interleaved(lambda: fp32.run(None, prefill), lambda: session.run(None, prefill), runs)
         dec_ref, dec_cand = _interleaved(lambda: _greedy(fp32, past, prompt, new_tokens),
-                                         lambda: _greedy(session, past, prompt, new_tokens), max(1, runs // 2))
+                                         lambda: _greedy(session, past, prompt, new_tokens), runs)
         decode_fp32.append(new_tokens / dec_ref)
         r = reports[cand.label]
         delta = r.perplexity.candidate - r.perplexity.reference if r.perplexity else float("nan")

@@ -161,3 +161,7 @@ class NodeWriter:
         self.nodes.append(node)
         return node.outputs[0]
 
+
+def single_use(value: ir.Value) -> bool:
+    """Read by exactly one node and not a graph output: safe to rewrite with its reader."""
+    return len(value.uses()) == 1 and not value.is_graph_output()

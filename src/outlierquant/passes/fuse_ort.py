@@ -38,7 +38,7 @@ import onnx_ir.passes.common
 from outlierquant.graph.attention import quantized_source
 from outlierquant.graph.decoder_attention import DecoderAttention, NoMatch, match_decoder_attention
 from outlierquant.graph.shapes import evaluate_shape, is_int, propagate_ranks
-from outlierquant.graph.values import MS_DOMAIN, add_initializer, constant_array, is_constant, unique_name
+from outlierquant.graph.values import MS_DOMAIN, add_initializer, constant_array, is_constant, single_use, unique_name
 from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
@@ -82,9 +82,6 @@ def _perm(node: ir.Node) -> list[int] | None:
     perm = node.attributes.get_ints("perm", None)
     return list(perm) if perm is not None else None
 
-
-def _single_use(value: ir.Value) -> bool:
-    return len(value.uses()) == 1 and not value.is_graph_output()
 
 
 class _Ranks(dict):
@@ -337,7 +334,7 @@ def _match_attention(softmax: ir.Node, ranks: dict) -> _Attention:
         node = current.producer()
         if node is None or node.domain not in _STD:
             break
-        if not _single_use(current):
+        if not single_use(current):
             raise _NoMatch(f"the scores {current.name!r} are also read elsewhere")
         if node.op_type == "MatMul":
             scores = node
@@ -374,13 +371,13 @@ def _match_attention(softmax: ir.Node, ranks: dict) -> _Attention:
         raise _NoMatch(f"key layout {k.perm}, expected the [B, N, H, S] transpose (0, 2, 3, 1)")
     # probabilities: Softmax → [Q → DQ] → MatMul(P, V)
     probs, qdq = softmax.outputs[0], q.qdq + k.qdq
-    if not _single_use(probs):
+    if not single_use(probs):
         raise _NoMatch("the probabilities are read by more than the P·V MatMul (a probs residual or an output)")
     user = next(iter(probs.uses())).node
     if user.op_type == "QuantizeLinear":
         q_out = user.outputs[0]
-        dq = next(iter(q_out.uses())).node if _single_use(q_out) else None
-        if dq is None or dq.op_type != "DequantizeLinear" or not _single_use(dq.outputs[0]):
+        dq = next(iter(q_out.uses())).node if single_use(q_out) else None
+        if dq is None or dq.op_type != "DequantizeLinear" or not single_use(dq.outputs[0]):
             raise _NoMatch("the quantized probabilities have more than one reader")
         user, qdq = next(iter(dq.outputs[0].uses())).node, qdq + 1
     if user.op_type != "MatMul" or user.domain not in _STD or user.inputs[0] is None \
@@ -397,10 +394,10 @@ def _match_attention(softmax: ir.Node, ranks: dict) -> _Attention:
     # output: MatMul → [Q → DQ] → Transpose (0, 2, 1, 3) → Reshape [B, S, N·H]
     out, extra = _strip_forward_qdq(user.outputs[0])
     qdq += extra
-    node = next(iter(out.uses())).node if _single_use(out) else None
+    node = next(iter(out.uses())).node if single_use(out) else None
     if node is None or node.op_type != "Transpose" or _perm(node) != [0, 2, 1, 3]:
         raise _NoMatch("P·V is not followed by the head-merging Transpose (0, 2, 1, 3) alone")
-    reshape = next(iter(node.outputs[0].uses())).node if _single_use(node.outputs[0]) else None
+    reshape = next(iter(node.outputs[0].uses())).node if single_use(node.outputs[0]) else None
     if reshape is None or reshape.op_type != "Reshape":
         raise _NoMatch("the head-merging Transpose is not followed by a Reshape alone")
     target = evaluate_shape(reshape.inputs[1], {}, ranks)
@@ -414,10 +411,10 @@ def _match_attention(softmax: ir.Node, ranks: dict) -> _Attention:
 
 
 def _strip_forward_qdq(value: ir.Value) -> tuple[ir.Value, int]:
-    if not _single_use(value):
+    if not single_use(value):
         return value, 0
     q = next(iter(value.uses())).node
-    if q.op_type != "QuantizeLinear" or not _single_use(q.outputs[0]):
+    if q.op_type != "QuantizeLinear" or not single_use(q.outputs[0]):
         return value, 0
     dq = next(iter(q.outputs[0].uses())).node
     if dq.op_type != "DequantizeLinear":
@@ -482,7 +479,7 @@ def _bias_of(value: ir.Value, width: int) -> tuple[ir.Value, np.ndarray] | None:
     """``(x, b)`` when ``value = Add(x, b)`` (either order) with a constant 1-D ``b`` of
     ``width`` and ``value`` read only once."""
     node = value.producer()
-    if node is None or node.op_type != "Add" or node.domain not in _STD or not _single_use(value):
+    if node is None or node.op_type != "Add" or node.domain not in _STD or not single_use(value):
         return None
     for i in (0, 1):
         bias = constant_array(node.inputs[i])
@@ -765,7 +762,7 @@ def _fuse_skip_layernorm(model: ir.Model) -> tuple[list[dict], list[dict]]:
             reason = "γ is not a constant float32 vector"
         elif any(v.uses() or v.is_graph_output() for v in norm.outputs[1:]):
             reason = "its mean / inverse std outputs are read"
-        elif add is None or add.op_type != "Add" or add.domain not in _STD or not _single_use(norm.inputs[0]):
+        elif add is None or add.op_type != "Add" or add.domain not in _STD or not single_use(norm.inputs[0]):
             reason = "its input is not a residual Add read only by the norm"
         elif any(v is None or is_constant(v) or ranks.get(v) not in (None, 3) for v in add.inputs) \
                 or 3 not in [ranks.get(v) for v in add.inputs]:
@@ -852,14 +849,14 @@ def _fuse_matmul_bias(model: ir.Model) -> tuple[list[dict], int]:
             continue
         bias = constant_array(add.inputs[bias_index])
         other = add.inputs[1 - bias_index]
-        if bias.ndim != 1 or bias.dtype != np.float32 or other is None or not _single_use(other):
+        if bias.ndim != 1 or bias.dtype != np.float32 or other is None or not single_use(other):
             continue
         producer = other.producer()
         inner = None  # the Add of a split linear's int8 and float parts
         matmul = producer
         if producer is not None and producer.op_type == "Add" and producer.domain in _STD:
             inner = producer
-            matmul = next((v.producer() for v in inner.inputs if v is not None and _single_use(v)
+            matmul = next((v.producer() for v in inner.inputs if v is not None and single_use(v)
                            and v.producer() is not None and v.producer().op_type == "MatMul"
                            and _dq_parts(v.producer().inputs[1], weight=True) is not None), None)
         if matmul is None or matmul.op_type != "MatMul" or matmul.domain not in _STD:

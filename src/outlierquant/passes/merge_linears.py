@@ -42,7 +42,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from outlierquant.graph.tags import KEEP_FLOAT_KEY
-from outlierquant.graph.values import MS_DOMAIN, add_initializer, constant_array, remove_if_unused, unique_name
+from outlierquant.graph.values import MS_DOMAIN, add_initializer, constant_array, remove_if_unused, single_use, unique_name
 from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
@@ -102,14 +102,11 @@ class _Member:
         return (id(self.matmul.inputs[0]), self.weight.shape[0], kind, side, self.bias is not None)
 
 
-def _single_use(value: ir.Value) -> bool:
-    return len(value.uses()) == 1 and not value.is_graph_output()
-
 
 def _dequantized_weight(value: ir.Value) -> tuple[ir.Node, np.ndarray, np.ndarray, np.ndarray | None] | None:
     """(DequantizeLinear, codes, per-column scale, zero point) of a constant 2-D int8 weight."""
     node = value.producer()
-    if node is None or node.op_type != "DequantizeLinear" or node.domain not in _STD or not _single_use(value):
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in _STD or not single_use(value):
         return None
     if node.attributes.get_int("block_size", 0):
         return None
@@ -138,7 +135,7 @@ def _member(node: ir.Node, options: MergeLinearsOptions) -> _Member | None:
         return None
     array = constant_array(weight_value)
     if array is not None:  # a float weight read elsewhere too (tied) is not copied
-        if array.ndim != 2 or array.dtype.kind != "f" or not _single_use(weight_value):
+        if array.ndim != 2 or array.dtype.kind != "f" or not single_use(weight_value):
             return None
         member = _Member(node, array)
     else:
@@ -149,7 +146,7 @@ def _member(node: ir.Node, options: MergeLinearsOptions) -> _Member | None:
     out = node.outputs[0]
     columns = member.columns
     for _ in range(2):  # a side path, then a bias (each at most once, in this order)
-        if not _single_use(out):
+        if not single_use(out):
             break
         (user, _index), = out.uses()
         if user.op_type != "Add" or user.domain not in _STD or len(user.inputs) != 2:
@@ -166,7 +163,7 @@ def _member(node: ir.Node, options: MergeLinearsOptions) -> _Member | None:
         else:
             side = other.producer()
             if member.side_add is not None or member.bias_add is not None or side is None \
-                    or side.op_type != "MatMul" or side.domain not in _STD or not _single_use(other):
+                    or side.op_type != "MatMul" or side.domain not in _STD or not single_use(other):
                 break
             side_weight = constant_array(side.inputs[1])
             # a side path carries a few of the input's channels: fewer rows than the linear
@@ -266,7 +263,7 @@ def _pack_attention(graph: ir.Graph) -> list[str]:
         q_rot, k_rot, v = gqa.inputs[:3]
         rotaries = [value.producer() if value is not None else None for value in (q_rot, k_rot)]
         if v is None or any(r is None or r.op_type != "RotaryEmbedding" or r.domain != MS_DOMAIN
-                            or len(r.inputs) != 4 or not _single_use(r.outputs[0]) for r in rotaries):
+                            or len(r.inputs) != 4 or not single_use(r.outputs[0]) for r in rotaries):
             continue
         rq, rk = rotaries
         if any(r.attributes.get_int("interleaved", 0) or r.attributes.get_int("rotary_embedding_dim", 0)
@@ -288,7 +285,7 @@ def _pack_attention(graph: ir.Graph) -> list[str]:
         inputs[0:3] = [split.inputs[0], None, None]
         inputs[7:10] = [cos_cache, sin_cache, position_ids]
         new = ir.node("GroupQueryAttention", inputs, domain=MS_DOMAIN, num_outputs=len(gqa.outputs),
-                      attributes={**{k: a for k, a in attrs.items()},
+                      attributes={**attrs,
                                   "do_rotary": ir.AttrInt64("do_rotary", 1),
                                   "rotary_interleaved": ir.AttrInt64("rotary_interleaved", 0)},
                       name=gqa.name)
