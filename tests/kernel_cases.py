@@ -44,7 +44,7 @@ OPSET = 18
 #: the element type of each output, as the ops declare them
 OUTPUT_TYPES = {
     HADAMARD: [TensorProto.FLOAT],
-    QUANTIZE: [TensorProto.INT8, TensorProto.FLOAT],
+    QUANTIZE: [TensorProto.INT8, TensorProto.FLOAT, TensorProto.UINT8],
     MIXED: [TensorProto.FLOAT],
 }
 
@@ -154,7 +154,8 @@ def _hadamard_check(x: np.ndarray, block: np.ndarray | None = None) -> Callable[
     return lambda out: _close(out["y"], expected)
 
 
-def _quantize_check(x: np.ndarray, q_name: str | None = "q", s_name: str | None = "s") -> Callable[[Outputs], None]:
+def _quantize_check(x: np.ndarray, q_name: str | None = "q", s_name: str | None = "s",
+                    u8_name: str | None = None) -> Callable[[Outputs], None]:
     q_ref, s_ref = reference.dynamic_quantize_per_token(x)
 
     def check(out: Outputs) -> None:
@@ -164,6 +165,9 @@ def _quantize_check(x: np.ndarray, q_name: str | None = "q", s_name: str | None 
         if s_name:
             np.testing.assert_array_equal(out[s_name], s_ref)
             assert out[s_name].dtype == np.float32
+        if u8_name:  # the codes + 128, in onnxruntime's u8 activation layout
+            np.testing.assert_array_equal(out[u8_name].astype(np.int16) - 128, q_ref)
+            assert out[u8_name].dtype == np.uint8
 
     return check
 
@@ -274,21 +278,25 @@ def _quantize_cases() -> list[Case]:
     def ok(name: str, value: np.ndarray, outputs=("q", "s"), **kw) -> Case:
         q_name = outputs[0] if len(outputs) > 0 and outputs[0] else None
         s_name = outputs[1] if len(outputs) > 1 and outputs[1] else None
-        return Case(name, QUANTIZE, ("x",), outputs, {"x": value}, check=_quantize_check(value, q_name, s_name), **kw)
+        u8_name = outputs[2] if len(outputs) > 2 and outputs[2] else None
+        return Case(name, QUANTIZE, ("x",), outputs, {"x": value},
+                    check=_quantize_check(value, q_name, s_name, u8_name), **kw)
 
     big = _x(1024, 256, seed=4, outliers=(5,))
     return [
         bad("quantize/no_inputs", r"input size|required", inputs=(), feeds={}),
         bad("quantize/x_empty_name", r"empty string|required", inputs=("",), feeds={}),
         bad("quantize/two_inputs", r"input size|at most", inputs=("x", "x")),
-        bad("quantize/three_outputs", r"output size|at most", outputs=("q", "s", "t")),
+        bad("quantize/four_outputs", r"output size|at most", outputs=("q", "s", "u", "t")),
         bad("quantize/x_float64", r"Type Error|float32", feeds={"x": x.astype(np.float64)}),
         bad("quantize/x_int32", r"Type Error|float32", feeds={"x": x.astype(np.int32)}),
         bad("quantize/x_uint8", r"Type Error|float32", feeds={"x": x.astype(np.uint8)}),
         bad("quantize/x_float16", r"Type Error|float32", feeds={"x": x.astype(np.float16)}),
         bad("quantize/x_bool", r"Type Error|float32", feeds={"x": x > 0}),
         bad("quantize/second_input_empty_name", r"input size|at most", inputs=("x", "")),
-        bad("quantize/third_output_empty_name", r"output size|at most", outputs=("q", "s", "")),
+        bad("quantize/fourth_output_empty_name", r"output size|at most", outputs=("q", "s", "u", "")),
+        bad("quantize/u8_declared_int8", r"Type Error|type", outputs=("q", "s", "u"),
+            output_types={"u": TensorProto.INT8}),
         bad("quantize/q_declared_float", r"Type Error|type", output_types={"q": TensorProto.FLOAT}),
         bad("quantize/scale_declared_int8", r"Type Error|type", output_types={"s": TensorProto.INT8}),
         bad("quantize/x_scalar", rf"{QUANTIZE}: input 0 \(X\) must have rank >= 1",
@@ -301,6 +309,10 @@ def _quantize_cases() -> list[Case]:
         ok("quantize/ok_q_left_out_by_empty_name", x, ("", "s")),
         ok("quantize/ok_both_left_out", x, ("", "")),
         ok("quantize/ok_both", x),
+        ok("quantize/ok_all_three", x, ("q", "s", "u")),
+        ok("quantize/ok_third_output_empty_name", x, ("q", "s", "")),
+        ok("quantize/ok_only_u8_and_scale", x, ("", "s", "u")),
+        ok("quantize/ok_thread_pool_only_u8", big, ("", "", "u")),
         ok("quantize/ok_ties_to_even", np.array([[127, 0.5, 1.5, 2.5, -0.5, -2.5, -126.5]], np.float32)),
         ok("quantize/ok_last_dim_zero", _x(3, 0)),
         ok("quantize/ok_last_dim_zero_only_scale", _x(3, 0), ("", "s")),

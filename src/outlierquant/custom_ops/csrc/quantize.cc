@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 namespace outlierquant {
 namespace {
@@ -24,21 +26,25 @@ inline float ClipRound(float value) {
 
 OUTLIERQUANT_MULTIVERSION
 float RowScale(const float* row, int64_t count) {
-  // Eight independent running maxima so the loop vectorizes without -ffast-math.
-  float lane_max[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  int64_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    for (int lane = 0; lane < 8; ++lane) {
-      const float magnitude = std::fabs(row[i + lane]);
-      lane_max[lane] = magnitude > lane_max[lane] ? magnitude : lane_max[lane];
-    }
+  // max |x| over the row's bit patterns: with the sign bit cleared, finite floats and
+  // infinities order like their bits read as unsigned integers, and an integer max
+  // reduction vectorizes without -ffast-math (a float max does not: it must keep NaN
+  // semantics). NaN patterns (above infinity's) count as 0, as a NaN never won the float
+  // comparison this replaces; the result is the same float, bit for bit.
+  // Signed: the masked patterns are non-negative, and a signed max vectorizes on every ISA
+  // (an unsigned one needs SSE4.1).
+  constexpr int32_t kMagnitude = 0x7fffffff;
+  constexpr int32_t kInfinity = 0x7f800000;
+  int32_t max_bits = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    int32_t bits;
+    std::memcpy(&bits, row + i, sizeof(bits));
+    bits &= kMagnitude;
+    bits = bits > kInfinity ? 0 : bits;
+    max_bits = max_bits > bits ? max_bits : bits;
   }
-  for (; i < count; ++i) {
-    const float magnitude = std::fabs(row[i]);
-    lane_max[0] = magnitude > lane_max[0] ? magnitude : lane_max[0];
-  }
-  float max_abs = 0.0f;
-  for (float value : lane_max) max_abs = value > max_abs ? value : max_abs;
+  float max_abs;
+  std::memcpy(&max_abs, &max_bits, sizeof(max_abs));
   const float scale = max_abs / 127.0f;
   return scale == 0.0f ? 1.0f : scale;
 }
@@ -60,12 +66,16 @@ void QuantizeRowUint8(const float* row, int64_t count, float scale, uint8_t* out
 namespace {
 
 constexpr ArgSpec kInputs[] = {{"X", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false}};
-// Both outputs are optional: a node may ask for only the codes or only the scales.
+// Every output is optional: a node may ask for only the codes or only the scales. Q_u8 is
+// Q + 128 as uint8, the activation layout of onnxruntime's u8 x s8 integer GEMMs: a
+// following MatMulIntegerToFloat (zero point 128) then runs on its prepacked constant
+// weight, which an op invoked from inside a custom kernel cannot do.
 constexpr ArgSpec kOutputs[] = {{"Q", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, true},
-                                {"scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true}};
+                                {"scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true},
+                                {"Q_u8", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true}};
 
 struct DynamicQuantizePerToken : GuardedKernel<DynamicQuantizePerToken> {
-  static constexpr OpSpec kSpec{"DynamicQuantizePerToken", kInputs, 1, kOutputs, 2};
+  static constexpr OpSpec kSpec{"DynamicQuantizePerToken", kInputs, 1, kOutputs, 3};
 
   explicit DynamicQuantizePerToken(const OrtKernelInfo*) {}
 
@@ -79,7 +89,8 @@ struct DynamicQuantizePerToken : GuardedKernel<DynamicQuantizePerToken> {
     const int64_t rows = ElementCount(scale_shape);
     int8_t* q = io.Output<int8_t>(0, shape);
     float* s = io.Output<float>(1, scale_shape);
-    if (rows == 0 || (q == nullptr && s == nullptr)) return;
+    uint8_t* q_u8 = io.Output<uint8_t>(2, shape);
+    if (rows == 0 || (q == nullptr && s == nullptr && q_u8 == nullptr)) return;
     if (row_size == 0) {
       if (s != nullptr) std::fill(s, s + rows, 1.0f);
       return;
@@ -91,6 +102,7 @@ struct DynamicQuantizePerToken : GuardedKernel<DynamicQuantizePerToken> {
         const float scale = RowScale(row, row_size);
         if (s != nullptr) s[r] = scale;
         if (q != nullptr) QuantizeRowInt8(row, row_size, scale, q + r * row_size);
+        if (q_u8 != nullptr) QuantizeRowUint8(row, row_size, scale, q_u8 + r * row_size);
       }
     });
   }
