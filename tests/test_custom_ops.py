@@ -222,6 +222,43 @@ def test_mixed_int8_kernel_matches_reference(static, threshold):
 
 
 @requires_kernels
+@pytest.mark.parametrize("static", [(3, 17, 60), ()])
+def test_mixed_int8_gemm_form_is_the_kernel_bit_for_bit(static):
+    """Our per-token quantizer's uint8 codes into onnxruntime's MatMulIntegerToFloat: the
+    same integers and rescale as the single kernel node; only the float outlier channels
+    are summed in another order (a MatMul instead of the kernel's running updates)."""
+    x, weight = _mixed_case(30 + len(static))
+    weights = reference.prepare_mixed_int8_weights(weight, list(static))
+    tape = ir.tape.Tape()
+    xv = _input("x")
+    model = _model(tape, [xv], [standard_forms.mixed_int8_matmul_gemm_form(tape, xv, *weights)])
+    quantizer = next(node for node in model.graph.node if node.op_type == "DynamicQuantizePerToken")
+    assert quantizer.output[0] == "" and quantizer.output[2]  # the int8 codes are left out
+    (y,) = _session(model, kernels=True).run(None, {"x": x})
+    (expected,) = _session(_mixed_model(weights, form="kernel"), kernels=True).run(None, {"x": x})
+    if static:
+        _assert_close(y, expected, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(y, expected)
+    _assert_close(y, reference.mixed_int8_matmul(x, *weights))
+
+
+@requires_kernels
+def test_per_token_kernel_uint8_output_is_codes_plus_128():
+    x = _activations(np.random.default_rng(8), (2, 3, 64), outliers=(5,))
+    tape = ir.tape.Tape()
+    xv = _input("x")
+    q, s, u8 = tape.op_multi_out("DynamicQuantizePerToken", [xv], num_outputs=3, domain=custom_ops.DOMAIN, version=1)
+    model = _model(tape, [xv], [q, s, u8], (ir.DataType.INT8, ir.DataType.FLOAT, ir.DataType.UINT8))
+    q, scale, u8 = _session(model, kernels=True).run(None, {"x": x})
+    q_ref, scale_ref = reference.dynamic_quantize_per_token(x)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(scale, scale_ref)
+    assert u8.dtype == np.uint8
+    np.testing.assert_array_equal(u8.astype(np.int16) - 128, q_ref)
+
+
+@requires_kernels
 def test_mixed_int8_kernel_processes_large_inputs_in_row_chunks():
     # N = 4096 makes the kernel split 600 rows into chunks of 256, 256 and 88
     rng = np.random.default_rng(21)

@@ -6,7 +6,8 @@ specified with their math in :mod:`outlierquant.custom_ops.reference`:
 - ``HadamardTransform``: the normalized fast Walsh-Hadamard rotation ``X @ (M ⊗ H_n/√n)``
   of QuaRot (Ashkboos et al. 2024, "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs"),
   ``O(d log d)`` per row instead of a dense ``d x d`` MatMul.
-- ``DynamicQuantizePerToken``: symmetric per-row int8 quantization.
+- ``DynamicQuantizePerToken``: symmetric per-row int8 quantization (int8 codes, or the
+  same codes + 128 as uint8 for onnxruntime's integer GEMM).
 - ``MixedInt8MatMul``: the LLM.int8() decomposition (Dettmers et al. 2022, "LLM.int8():
   8-bit Matrix Multiplication for Transformers at Scale"): outlier input channels in float,
   the rest per-token int8 through onnxruntime's own ``MatMulIntegerToFloat``.

@@ -21,8 +21,9 @@ in Rotated LLMs")
     (``X @ W``) becomes ``R.T @ W``. Any other ``d`` is rejected.
 
 DynamicQuantizePerToken
-    Input: ``X`` float32 ``[..., K]``. Outputs: ``Q`` int8 ``[..., K]``, ``scale`` float32
-    ``[..., 1]``.
+    Input: ``X`` float32 ``[..., K]``. Outputs (each optional): ``Q`` int8 ``[..., K]``,
+    ``scale`` float32 ``[..., 1]``, ``Q_u8`` uint8 ``[..., K]`` = ``Q + 128`` (the
+    activation layout of onnxruntime's u8 x s8 ``MatMulIntegerToFloat``).
 
     Per row (token), symmetric: ``scale = max|x| / 127`` in float32, replaced by ``1`` when
     it is ``0`` (an all-zero row quantizes to zeros, never NaN);

@@ -254,3 +254,61 @@ def mixed_int8_matmul_kernel_form(
         inputs.append(_constant(tape, outlier_weight, f"{name}_outlier_weight"))
     attributes = {"threshold": float(threshold)} if threshold > 0 else None
     return tape.op("MixedInt8MatMul", inputs, attributes, domain=DOMAIN, version=1)
+
+
+def mixed_int8_matmul_gemm_form(
+    tape: ir.tape.Tape,
+    x: ir.Value,
+    weight_q: np.ndarray,
+    weight_scale: np.ndarray,
+    outlier_channels: Sequence[int] | np.ndarray | None = None,
+    outlier_weight: np.ndarray | None = None,
+    *,
+    name: str = "mixed_int8",
+    shared: dict | None = None,
+) -> ir.Value:
+    """MixedInt8MatMul without a runtime threshold, as our ``DynamicQuantizePerToken``
+    (its uint8 output, codes + 128), onnxruntime's ``com.microsoft::MatMulIntegerToFloat``
+    (zero point 128, unit activation scale), the per-token rescale, and the float
+    ``Gather`` → ``MatMul`` of the outlier channels: the numbers of the single kernel node.
+
+    Why not the single node: onnxruntime prepacks a constant weight for its own integer
+    GEMM at session start, but an op invoked from inside a custom kernel gets the weight as
+    a plain input and packs it again on every call. At a few rows (batch-1 decoding, short
+    sentences) that packing is most of the cost: a 384 x 1536 linear on 12 rows took
+    62 µs as the kernel node and 33 µs in this form (one thread, onnxruntime 1.32).
+
+    ``shared`` (keyed by input name and float channels) reuses the quantized input and the
+    gathered float columns an earlier call wrote for the same tensor (q/k/v): one
+    quantization per tensor instead of one per linear. Callers build in graph order, so
+    the shared values are defined before every later reader.
+    """
+    weight_q, weight_scale, channels, outlier_weight = _mixed_inputs(
+        weight_q, weight_scale, outlier_channels, outlier_weight
+    )
+    k, _ = weight_q.shape
+    key = (x.name, channels.tobytes())
+    if shared is not None and key in shared:
+        row_scale, shifted, gathered = shared[key]
+    else:
+        inliers, gathered = x, None
+        if channels.size:
+            keep = np.ones(k, dtype=np.float32)
+            keep[channels] = 0
+            inliers = tape.op("Mul", [x, _constant(tape, keep, f"{name}_keep")])
+            gathered = tape.op("Gather", [x, _constant(tape, channels, f"{name}_outlier_channels")], {"axis": -1})
+        codes, row_scale, shifted = tape.op_multi_out("DynamicQuantizePerToken", [inliers], num_outputs=3,
+                                                      domain=DOMAIN, version=1)
+        codes.name = ""  # the int8 codes are not needed: the kernel skips an output left out
+        if shared is not None:
+            shared[key] = (row_scale, shifted, gathered)
+    scaled = tape.op("MatMulIntegerToFloat", [shifted, _constant(tape, weight_q, f"{name}_weight_q"),
+                                              _constant(tape, np.array(1, np.float32), f"{name}_unit_scale"),
+                                              _constant(tape, weight_scale, f"{name}_weight_scale"),
+                                              _constant(tape, np.array(128, np.uint8), f"{name}_zero_point")],
+                     domain=CONTRIB_DOMAIN, version=1)
+    y = tape.op("Mul", [scaled, row_scale])
+    if channels.size:
+        y = tape.op("Add", [y, tape.op("MatMul", [gathered, _constant(tape, outlier_weight,
+                                                                        f"{name}_outlier_weight")])])
+    return y

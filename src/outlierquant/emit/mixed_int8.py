@@ -82,12 +82,15 @@ def float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
 
 def mixed_int8_builder(weight: np.ndarray, channels: np.ndarray, label: str, form: str, opset: int, *,
                        reduce_range: bool = False, runtime_threshold: float = 0.0,
-                       prepared: tuple[np.ndarray, np.ndarray] | None = None):
+                       prepared: tuple[np.ndarray, np.ndarray] | None = None, shared: dict | None = None):
     """A ``replace_linear`` builder of ``x @ W`` with the input ``channels`` in float and the
-    rest int8, as our kernel (``form="kernel"``) or standard ops. ``prepared``: int8 ``[K, N]``
-    weights (float-channel rows zero) and scales chosen elsewhere."""
+    rest int8, as our kernel node (``form="kernel"``), our per-token quantizer feeding
+    onnxruntime's integer GEMM (``"gemm"``) or standard ops. ``prepared``: int8 ``[K, N]``
+    weights (float-channel rows zero) and scales chosen elsewhere. ``shared``: the gemm
+    form's quantized inputs by tensor (siblings quantize their input once)."""
     from outlierquant.custom_ops.reference import prepare_mixed_int8_weights
     from outlierquant.custom_ops.standard_forms import (
+        mixed_int8_matmul_gemm_form,
         mixed_int8_matmul_kernel_form,
         mixed_int8_matmul_standard_form,
     )
@@ -99,6 +102,9 @@ def mixed_int8_builder(weight: np.ndarray, channels: np.ndarray, label: str, for
         weight_q, weight_scale = prepared
 
     def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
+        if form == "gemm":
+            return mixed_int8_matmul_gemm_form(tape, x, weight_q, weight_scale, channels, outlier_weight, name=label,
+                                               shared=shared)
         if form == "kernel":
             return mixed_int8_matmul_kernel_form(tape, x, weight_q, weight_scale, channels, outlier_weight,
                                                  threshold=runtime_threshold, name=label)

@@ -52,8 +52,12 @@ class QuantConfig:
     #: per-token activations: ``qdq`` fake-quantizes in float (simulated); ``integer``
     #: rewrites each linear as real int8 arithmetic with standard ops (per-row scales by
     #: Abs/ReduceMax, MatMulInteger u8 x s8, rescale: the LLM.int8() vector-wise form with
-    #: no float channels, ``passes/llm_int8.py``). Activation x activation MatMuls stay QDQ.
-    per_token_form: Literal["qdq", "integer"] = "qdq"
+    #: no float channels, ``passes/llm_int8.py``); ``auto`` the same arithmetic as our
+    #: per-token quantizer (once per input tensor) feeding onnxruntime's
+    #: MatMulIntegerToFloat when the kernel library loads, else ``integer`` (MiniLM
+    #: quarot-w8a8, one thread: about 14 standard ops per linear become 2, and onnxruntime
+    #: prepacks the weight). Activation x activation MatMuls stay QDQ.
+    per_token_form: Literal["qdq", "integer", "auto"] = "qdq"
     #: int8 weight rounding: ``rtn`` (round to nearest) or ``quantease`` (QuantEase
     #: coordinate descent on tr(ΔᵀΣΔ) against each linear's calibration covariance, on the
     #: same symmetric per-channel grid; GPTQ-class, as QuaRot pairs with rotated weights)
@@ -76,8 +80,8 @@ class QuantConfig:
             raise ValueError(f"quantease_iterations={self.quantease_iterations!r}: an integer >= 1")
         if not float(self.quantease_damp) >= 0.0:
             raise ValueError(f"quantease_damp={self.quantease_damp!r}: must be >= 0")
-        if self.per_token_form == "integer" and self.activations != "per_token":
-            raise ValueError("per_token_form='integer' needs activations: per_token")
+        if self.per_token_form in ("integer", "auto") and self.activations != "per_token":
+            raise ValueError(f"per_token_form={self.per_token_form!r} needs activations: per_token")
         unknown = set(self.op_types) - {"MatMul", "Gemm"}
         if unknown:
             raise ValueError(f"op_types {sorted(unknown)} not supported: allowed MatMul, Gemm")

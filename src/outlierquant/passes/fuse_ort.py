@@ -107,6 +107,8 @@ class _Ranks(dict):
         if result is None and node is not None and node.op_type == "Reshape" and node.domain in _STD:
             target = evaluate_shape(node.inputs[1], {}, self)
             result = len(target) if target is not None and target.ndim == 1 else None
+        elif result is None and depth > 0 and node is not None and node.op_type == "DynamicQuantizePerToken":
+            result = self.get(node.inputs[0], None, depth - 1)  # codes and [..., 1] scales alike
         elif result is None and depth > 0 and node is not None \
                 and (node.domain in (*_STD, MS_DOMAIN) or node.op_type in self._LINEAR) and len(node.outputs) >= 1 \
                 and node.outputs[0] is value:

@@ -34,8 +34,12 @@ not record; ``runtime_threshold > 0`` adds bitsandbytes' dynamic form on top: ch
 
 Forms written (``kernels`` / ``standard_form``):
 
-- ``ai.outlierquant::MixedInt8MatMul`` (the custom kernel) when ``kernels`` is ``custom``,
-  or ``auto`` and :func:`outlierquant.custom_ops.available`;
+- with the kernel library (``kernels`` ``custom``, or ``auto`` and
+  :func:`outlierquant.custom_ops.available`): our ``ai.outlierquant::DynamicQuantizePerToken``
+  feeding onnxruntime's ``MatMulIntegerToFloat`` plus the float ``Gather`` → ``MatMul``
+  (``kernel_form: gemm``: onnxruntime prepacks the constant int8 weight), or the single
+  ``ai.outlierquant::MixedInt8MatMul`` node (``kernel_form: node``, the default, and
+  always with a ``runtime_threshold``);
 - otherwise the standard-op form of that op (``standard_form: integer``): per-token
   quantization with Abs/ReduceMax/Div/Round/Clip, ``MatMulInteger`` (u8 with zero point
   128 × s8), rescale, plus ``Gather`` → float ``MatMul``. Real int8 arithmetic, runs on any
@@ -69,6 +73,7 @@ from outlierquant.errors import CalibrationError
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.attention import probs_input_index, probs_step, quantized_source
 from outlierquant.graph.edit import is_excluded, linear_label, replace_linear, splittable
+from outlierquant.graph.values import MS_DOMAIN
 from outlierquant.numerics.estimates import lost_mass
 from outlierquant.numerics.outliers import select_outlier_channels
 from outlierquant.numerics.rounding import quantease_int8_weight, second_moment
@@ -104,6 +109,12 @@ class LlmInt8Options:
     kernels: Literal["auto", "standard", "custom"] = "auto"
     standard_form: Literal["integer", "qdq"] = "integer"
     runtime_threshold: float = 0.0
+    #: with the kernel library: ``node`` writes the single MixedInt8MatMul; ``gemm`` our
+    #: per-token quantizer feeding onnxruntime's MatMulIntegerToFloat, which prepacks the
+    #: constant weight (MiniLM, one thread: 10% faster at batch 1, 10% slower at batch 16,
+    #: where its separate mask and rescale passes cost more than the packing saves). A
+    #: ``runtime_threshold`` needs ``node``.
+    kernel_form: Literal["gemm", "node"] = "node"
     exclude: tuple[str, ...] = ()
     reduce_range: bool = False
     #: the int8 part's activations: ``per_token`` (vector-wise, the paper) or ``static``
@@ -156,6 +167,8 @@ class LlmInt8Options:
             raise ValueError("probs_residual: needs dynamic_matmuls (the probabilities are quantized only then)")
         if not 0.0 <= float(self.probs_lost_mass) < 1.0:
             raise ValueError(f"probs_lost_mass={self.probs_lost_mass!r}: allowed [0, 1)")
+        if self.kernel_form not in ("gemm", "node"):
+            raise ValueError(f"kernel_form={self.kernel_form!r}: allowed 'gemm', 'node'")
         if self.runtime_threshold > 0 and self.standard_form == "qdq":
             raise ValueError("runtime_threshold: needs standard_form 'integer' or the kernel")
 
@@ -189,6 +202,12 @@ class LlmInt8SplitPass(OutlierPass):
             return "qdq"
         return "kernel" if use_kernel(options.kernels) else options.standard_form
 
+    def _written_form(self, form: str) -> str:
+        """The kernel form as written: ``gemm`` where asked for and no runtime threshold needs the node."""
+        if form == "kernel" and self.options.kernel_form == "gemm" and not self.options.runtime_threshold:
+            return "gemm"
+        return form
+
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         stats = self.require_stats()
         options = self.options
@@ -203,6 +222,7 @@ class LlmInt8SplitPass(OutlierPass):
         # linears reading one tensor with the same float channels (q/k/v) share the masked
         # input, its QDQ and the gathered outlier columns
         shared_inputs: dict[tuple[str, bytes], tuple[ir.Value, ir.Value | None]] = {}
+        shared_quantized: dict[tuple[str, bytes], tuple] = {}  # the gemm form's, likewise
         total_in = total_float = 0
         attention = _activation_matmuls(model, stats, masked_stats) if options.dynamic_matmuls else []
         declarations.extend(attention)
@@ -247,8 +267,10 @@ class LlmInt8SplitPass(OutlierPass):
                     if options.activations == "static":
                         masked_stats[declared[0].tensor] = without_channels(st, channels)
             else:
-                build = mixed_int8_builder(weight, channels, label, form, opset, reduce_range=options.reduce_range,
-                                           runtime_threshold=options.runtime_threshold, prepared=prepared)
+                build = mixed_int8_builder(weight, channels, label, self._written_form(form), opset,
+                                           reduce_range=options.reduce_range,
+                                           runtime_threshold=options.runtime_threshold, prepared=prepared,
+                                           shared=shared_quantized)
                 replace_linear(graph, linear, build, label)
             total_in += k
             total_float += int(channels.size)
@@ -268,11 +290,14 @@ class LlmInt8SplitPass(OutlierPass):
             from outlierquant.custom_ops import DOMAIN
 
             model.opset_imports.setdefault(DOMAIN, 1)
+            if self._written_form(form) == "gemm":
+                model.opset_imports.setdefault(MS_DOMAIN, 1)
         share = total_float / total_in if total_in else 0.0
         logger.info("llm_int8: %d layers (%s form), %.3f%% of input channels in float", len(layers), form, 100 * share)
         return bool(layers), {
             "options": dataclasses.asdict(options),
             "form": form,
+            "kernel_form": ("gemm" if self._written_form(form) == "gemm" else "node") if form == "kernel" else None,
             "layers": layers,
             "skipped": skipped,
             "float_channel_share": share,

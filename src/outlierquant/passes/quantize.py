@@ -35,10 +35,11 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.calibration.targets import CalibrationTarget, quantizable_targets
+from outlierquant.emit.kernels import use_kernel
 from outlierquant.emit.mixed_int8 import mixed_int8_builder
 from outlierquant.emit.qdq import QuantConfig, TensorQuant, insert_qdq, plan_quantization
 from outlierquant.graph.edit import replace_linear, splittable
-from outlierquant.graph.values import constant_array
+from outlierquant.graph.values import MS_DOMAIN, constant_array
 from outlierquant.numerics.rounding import quantease_int8_weight, second_moment
 from outlierquant.passes.base import OutlierPass
 
@@ -132,14 +133,17 @@ class QuantizeQDQPass(OutlierPass):
         plan = plan_quantization(model, self.config)
         rounded = self._rounded_weights(model, plan) if self.config.weight_rounding == "quantease" else {}
         integer_layers: list[str] = []
-        if self.config.per_token_form == "integer":
-            plan, integer_layers = _rewrite_integer_per_token(model, plan, rounded)
+        kernel = False
+        if self.config.per_token_form in ("integer", "auto"):
+            kernel = self.config.per_token_form == "auto" and use_kernel("auto")
+            plan, integer_layers = _rewrite_integer_per_token(model, plan, rounded, kernel=kernel)
         stats = self.stats if self.config.activations == "static" else None
         counts = insert_qdq(model, plan, stats, self.config, rounded)
         layers = sorted({d.consumer for d in plan if d.role == "weight"} | set(integer_layers))
         record = {
             "quantease_rounded_weights": len(rounded),
             "integer_per_token_layers": len(integer_layers),
+            "per_token_kernel": kernel and bool(integer_layers),
             "config": dataclasses.asdict(self.config),
             "quantized_weights": counts["weights"],
             "static_activation_qdq": counts["activations"],
@@ -157,9 +161,11 @@ class QuantizeQDQPass(OutlierPass):
         return bool(plan), record
 
 
-def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant],
-                               rounded: dict | None = None) -> tuple[list[TensorQuant], list[str]]:
-    """Replace each planned linear by real per-token int8 arithmetic (standard ops).
+def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant], rounded: dict | None = None, *,
+                               kernel: bool = False) -> tuple[list[TensorQuant], list[str]]:
+    """Replace each planned linear by real per-token int8 arithmetic: standard ops, or with
+    ``kernel`` our per-token quantizer (shared by the linears of one input) feeding
+    onnxruntime's MatMulIntegerToFloat.
 
     Returns the rest of the plan (the declarations of the linears that could not be
     rewritten, and the activation x activation MatMuls) and the rewritten linears' names.
@@ -170,6 +176,7 @@ def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant],
     analysis = analyze_graph(model)
     opset = model.opset_imports.get("", 13)
     done: list[str] = []
+    shared: dict = {}
     for node in list(model.graph):
         if node.name not in weighted:
             continue
@@ -181,8 +188,14 @@ def _rewrite_integer_per_token(model: ir.Model, plan: list[TensorQuant],
         prepared = (rounded or {}).get((node.name, 1))
         if prepared is not None and node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
             prepared = (np.ascontiguousarray(prepared[0].T), prepared[1])  # back to [K, N]
-        build = mixed_int8_builder(weight, np.zeros(0, np.int64), label, "integer", opset, prepared=prepared)
+        build = mixed_int8_builder(weight, np.zeros(0, np.int64), label, "gemm" if kernel else "integer", opset,
+                                   prepared=prepared, shared=shared)
         replace_linear(model.graph, linear, build, label)
         done.append(node.name)
+    if kernel and done:
+        from outlierquant.custom_ops import DOMAIN
+
+        model.opset_imports.setdefault(DOMAIN, 1)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
     rewritten = set(done)
     return [d for d in plan if d.consumer not in rewritten], done

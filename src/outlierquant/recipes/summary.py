@@ -96,6 +96,8 @@ def summarize(recipe: Recipe) -> RecipeSummary:
         choice = _get(options, "kernels")
         if spec.name == "llm-int8" and _get(options, "activations") == "static":
             choice = None  # the static form is written as QDQ, never the kernel
+        if spec.name == "quantize" and _get(options, "per_token_form") == "auto":
+            choice = "auto"  # our per-token quantizer when the library loads
         if choice == "custom":
             kernels = "required"
         elif choice == "auto" and kernels == "no":
