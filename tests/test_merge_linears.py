@@ -99,6 +99,70 @@ def test_quantized_decoder_merges_int8_weights_and_side_paths_bit_exactly(tiny_f
     assert all(split.outputs[0].name for split in model.graph if split.op_type == "Split")
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "zero-points"])
+def test_weight_only_decoder_merges_matmul_nbits_exactly(tiny_family, symmetric):
+    """A 4-bit weight-only with-past Llama (onnxruntime's MatMulNBits at int8 compute, fused
+    attention): q/k/v and gate/up become one MatMulNBits each (B, scales and zero points
+    joined along N), attention reads them packed, and every output is what it was."""
+    from outlierquant.plugin.api import make_recipe
+    from outlierquant.pipeline import run_recipe
+
+    path = tiny_family("llama", True)
+    recipe = make_recipe("w4", "canonicalize",
+                         ("weight-only", {"bits": 4, "group_size": 16, "symmetric": symmetric}),
+                         ("onnxruntime-fuse", {"decoder_attention": True, "nbits_accuracy_level": 4}))
+    model = load_canonical(path)
+    run_recipe(model, recipe, _feeds(path, True, n=2), progress=False)
+    feeds = _feeds(path, True)
+    before = run_outputs(model, feeds)
+    ops_before = collections.Counter(node.op_type for node in model.graph)
+    result = MergeLinearsPass()(model)
+    merged = result.record["merged"]
+    ops = collections.Counter(node.op_type for node in model.graph)
+    layers = ops_before["GroupQueryAttention"]
+    assert layers and all(entry["nbits"] for entry in merged)
+    assert sorted(len(entry["linears"]) for entry in merged) == [2] * layers + [3] * layers
+    assert ops["MatMulNBits"] == ops_before["MatMulNBits"] - 3 * layers
+    assert len(result.record["packed_attention"]) == layers and ops["RotaryEmbedding"] == 0
+    merged_nodes = [node for node in model.graph if node.op_type == "MatMulNBits" and "merge_linears" in node.name]
+    assert all(node.attributes.get_int("accuracy_level") == 4 and (len(node.inputs) == 4) != symmetric
+               for node in merged_nodes)
+    # each column is the same blocked dot product; allow the last bit to a kernel that
+    # tiles N differently
+    assert max_relative_error(before, run_outputs(model, feeds)) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_llm_int8_kernel_nodes_merge_bit_exactly(tiny_family, family):
+    """llm-int8 with our MixedInt8MatMul kernel: q/k/v (and gate/up) read one tensor with
+    the same float channels, so one kernel node over the joined int8 weights, scales and
+    float outlier rows computes each column as before, from one per-token quantization."""
+    from outlierquant import custom_ops
+    from outlierquant.pipeline import run_recipe
+    from outlierquant.plugin.api import make_recipe
+
+    if not custom_ops.available():
+        pytest.skip(custom_ops.unavailable_reason())
+    path = tiny_family(family, False)
+    recipe = make_recipe("llm-int8-node", "canonicalize",
+                         ("llm-int8", {"criterion": "relative", "ratio": 3.0, "kernel_form": "node"}),
+                         "onnxruntime-fuse")
+    model = load_canonical(path)
+    run_recipe(model, recipe, _feeds(path, False, n=4), progress=False)
+    feeds = _feeds(path, False)
+    options = custom_ops.session_options()
+    before = run_outputs(model, feeds, options)
+    kernels = sum(node.op_type == "MixedInt8MatMul" for node in model.graph)
+    result = MergeLinearsPass()(model)
+    merged = result.record["merged"]
+    assert merged and all(entry["mixed_int8"] for entry in merged)
+    assert sum(node.op_type == "MixedInt8MatMul" for node in model.graph) \
+        == kernels - sum(len(entry["linears"]) - 1 for entry in merged)
+    for sample_before, sample_after in zip(before, run_outputs(model, feeds, options)):
+        for a, b in zip(sample_before, sample_after):
+            np.testing.assert_array_equal(a, b)
+
+
 def _siblings(weights: list[np.ndarray], *, shared_weight: bool = False, side_on: tuple[int, ...] = ()) -> ir.Model:
     """x → MatMul(x, W_i) → outputs y_i; optionally a float side path (z @ S, z another
     input) joined to the linears ``side_on``, or the first weight also read by another MatMul."""

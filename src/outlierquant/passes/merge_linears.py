@@ -81,6 +81,8 @@ class _Member:
     side_weight: np.ndarray | None = None
     bias_add: ir.Node | None = None
     bias: np.ndarray | None = None
+    outliers: np.ndarray | None = None  # MixedInt8MatMul: its float channels and their weight rows
+    outlier_weight: np.ndarray | None = None
 
     @property
     def output(self) -> ir.Value:
@@ -88,18 +90,38 @@ class _Member:
         return last.outputs[0]
 
     @property
+    def nbits(self) -> bool:
+        return self.matmul.op_type == "MatMulNBits"
+
+    @property
+    def mixed(self) -> bool:
+        return self.matmul.op_type == "MixedInt8MatMul"
+
+    @property
     def columns(self) -> int:
-        return int(self.weight.shape[1])
+        return self.matmul.attributes.get_int("N") if self.nbits else int(self.weight.shape[1])
+
+    @property
+    def rows(self) -> int:
+        return self.matmul.attributes.get_int("K") if self.nbits else int(self.weight.shape[0])
 
     def key(self) -> tuple:
         """Members with equal keys can share one MatMul."""
         side = id(self.side_matmul.inputs[0]) if self.side_matmul is not None else None
-        if self.dequantize is None:
-            kind: tuple = ("float", self.weight.dtype.str)
+        if self.mixed:  # one per-token scale over the same inliers: the same outlier channels
+            kind: tuple = ("mixed", self.weight.dtype.str, self.matmul.attributes.get_float("threshold", 0.0),
+                           None if self.outliers is None else self.outliers.tobytes())
+        elif self.nbits:
+            attrs = self.matmul.attributes
+            kind = ("nbits", self.weight.shape[1:], attrs.get_int("bits", 4), attrs.get_int("block_size"),
+                           attrs.get_int("accuracy_level", 0), self.scale.dtype.str, self.scale.ndim,
+                           None if self.zero_point is None else (self.zero_point.dtype.str, self.zero_point.ndim))
+        elif self.dequantize is None:
+            kind = ("float", self.weight.dtype.str)
         else:
             kind = ("dq", self.weight.dtype.str, self.scale.dtype.str,
                     None if self.zero_point is None else self.zero_point.dtype.str)
-        return (id(self.matmul.inputs[0]), self.weight.shape[0], kind, side, self.bias is not None)
+        return (id(self.matmul.inputs[0]), self.rows, kind, side, self.bias is not None)
 
 
 
@@ -127,7 +149,60 @@ def _dequantized_weight(value: ir.Value) -> tuple[ir.Node, np.ndarray, np.ndarra
     return node, codes, scale, zero
 
 
+def _nbits_member(node: ir.Node) -> _Member | None:
+    """onnxruntime's ``MatMulNBits(x, B, scales[, zero_points])``: ``B`` is ``[N, blocks, bytes]``
+    and the scales and packed zero points are stored output channel by output channel
+    (``[N * blocks]`` or ``[N, blocks]``), so a merge concatenates all three along N. A
+    ``g_idx`` (act-order) or an in-node bias is left alone."""
+    if node.domain != MS_DOMAIN or not 3 <= len(node.inputs) <= 4 or node.inputs[0] is None \
+            or not all(single_use(value) for value in node.inputs[1:] if value is not None):
+        return None
+    arrays = [constant_array(value) if value is not None else None for value in node.inputs[1:]]
+    if arrays[0] is None or arrays[1] is None or (len(node.inputs) == 4 and node.inputs[3] is not None
+                                                  and arrays[2] is None):
+        return None
+    n = node.attributes.get_int("N", 0)
+    weight, scale = arrays[0], arrays[1]
+    zero = arrays[2] if len(arrays) > 2 else None
+    if weight.ndim != 3 or weight.shape[0] != n or weight.dtype != np.uint8 or scale.size % max(n, 1) \
+            or scale.shape[0] not in (n, scale.size) or (zero is not None and zero.shape[0] not in (n, zero.size)):
+        return None
+    return _Member(node, weight, scale=scale, zero_point=zero)
+
+
+def _mixed_member(node: ir.Node) -> _Member | None:
+    """Our ``MixedInt8MatMul(X, W_q, w_scale[, outlier_channels, W_outlier])``: per-token
+    int8 over the channels not listed, float over the listed ones. Siblings with the same
+    list quantize the same inliers with the same per-token scale, so ``W_q``, ``w_scale``
+    and ``W_outlier`` join along N and each column is computed as before."""
+    if node.domain != "ai.outlierquant" or not 3 <= len(node.inputs) <= 5 or node.inputs[0] is None \
+            or not all(single_use(value) for value in node.inputs[1:] if value is not None):
+        return None
+    arrays = [constant_array(value) if value is not None else None for value in node.inputs[1:]]
+    if any(array is None for value, array in zip(node.inputs[1:], arrays) if value is not None):
+        return None
+    weight, scale = arrays[0], arrays[1]
+    channels = arrays[2] if len(arrays) > 2 else None
+    outlier_weight = arrays[3] if len(arrays) > 3 else None
+    if weight.ndim != 2 or scale.shape != (weight.shape[1],) or (channels is None) != (outlier_weight is None):
+        return None
+    member = _Member(node, weight, scale=scale)
+    if channels is not None:
+        if outlier_weight.shape != (channels.size, weight.shape[1]):
+            return None
+        member.outliers, member.outlier_weight = channels, outlier_weight
+    return member
+
+
 def _member(node: ir.Node, options: MergeLinearsOptions) -> _Member | None:
+    if node.op_type == "MixedInt8MatMul":
+        member = _mixed_member(node)
+        return None if member is None else _followers(member, options)
+    if node.op_type == "MatMulNBits":
+        member = _nbits_member(node)
+        if member is None:
+            return None
+        return _followers(member, options)
     if node.op_type != "MatMul" or node.domain not in _STD or len(node.inputs) != 2 or node.inputs[0] is None:
         return None
     weight_value = node.inputs[1]
@@ -143,7 +218,12 @@ def _member(node: ir.Node, options: MergeLinearsOptions) -> _Member | None:
         if parts is None:
             return None
         member = _Member(node, parts[1], dequantize=parts[0], scale=parts[2], zero_point=parts[3])
-    out = node.outputs[0]
+    return _followers(member, options)
+
+
+def _followers(member: _Member, options: MergeLinearsOptions) -> _Member:
+    """Attach the float side path and the bias Add that follow the linear, if any."""
+    out = member.matmul.outputs[0]
     columns = member.columns
     for _ in range(2):  # a side path, then a bias (each at most once, in this order)
         if not single_use(out):
@@ -169,7 +249,7 @@ def _member(node: ir.Node, options: MergeLinearsOptions) -> _Member | None:
             # a side path carries a few of the input's channels: fewer rows than the linear
             # (which also tells the two apart when both weights are float constants)
             if side_weight is None or side_weight.ndim != 2 or side_weight.shape[1] != columns \
-                    or side_weight.shape[0] >= member.weight.shape[0] \
+                    or side_weight.shape[0] >= member.rows \
                     or side_weight.dtype.kind != "f" or side.inputs[0] is None:
                 break
             member.side_add, member.side_matmul, member.side_weight = user, side, side_weight
@@ -177,13 +257,11 @@ def _member(node: ir.Node, options: MergeLinearsOptions) -> _Member | None:
     return member
 
 
-def _merge(graph: ir.Graph, members: list[_Member]) -> dict[str, Any]:
+def _matmul(graph: ir.Graph, prefix: str, members: list[_Member], nodes: list[ir.Node]) -> ir.Node:
+    """The merged standard MatMul over the joined float weight, or over the DequantizeLinear
+    of the joined codes (which goes into ``nodes``)."""
     first = members[0]
-    name = first.matmul.name or unique_name(graph, "MatMul")
-    prefix = f"merge_linears/{name.strip('/').replace('/', '_')}"
-    sizes = np.array([m.columns for m in members], dtype=np.int64)
     weight = add_initializer(graph, f"{prefix}_weight", np.concatenate([m.weight for m in members], axis=1))
-    nodes: list[ir.Node] = []
     if first.dequantize is not None:
         inputs = [weight, add_initializer(graph, f"{prefix}_scale", np.concatenate([m.scale for m in members]))]
         if first.zero_point is not None:
@@ -193,8 +271,36 @@ def _merge(graph: ir.Graph, members: list[_Member]) -> dict[str, Any]:
         dq.outputs[0].name = f"{prefix}_weight_dequantized"
         nodes.append(dq)
         weight = dq.outputs[0]
-    matmul = ir.node("MatMul", [first.matmul.inputs[0], weight], name=f"{prefix}/MatMul",
-                     metadata_props=dict(first.matmul.metadata_props) or None)
+    return ir.node("MatMul", [first.matmul.inputs[0], weight], name=f"{prefix}/MatMul",
+                   metadata_props=dict(first.matmul.metadata_props) or None)
+
+
+def _merge(graph: ir.Graph, members: list[_Member]) -> dict[str, Any]:
+    first = members[0]
+    name = first.matmul.name or unique_name(graph, "MatMul")
+    prefix = f"merge_linears/{name.strip('/').replace('/', '_')}"
+    sizes = np.array([m.columns for m in members], dtype=np.int64)
+    nodes: list[ir.Node] = []
+    if first.nbits:  # B, scales and zero points are laid out by output channel: join along N
+        inputs = [first.matmul.inputs[0]] + [
+            add_initializer(graph, f"{prefix}_{key}", np.concatenate([getattr(m, field) for m in members]))
+            for key, field in (("B", "weight"), ("scales", "scale"), ("zero_points", "zero_point"))
+            if getattr(first, field) is not None]
+        attributes = {**first.matmul.attributes, "N": ir.AttrInt64("N", int(sizes.sum()))}
+        matmul = ir.node("MatMulNBits", inputs, attributes=attributes, domain=MS_DOMAIN,
+                         name=f"{prefix}/MatMulNBits", metadata_props=dict(first.matmul.metadata_props) or None)
+    elif first.mixed:
+        inputs = [first.matmul.inputs[0],
+                  add_initializer(graph, f"{prefix}_weight_q", np.concatenate([m.weight for m in members], axis=1)),
+                  add_initializer(graph, f"{prefix}_weight_scale", np.concatenate([m.scale for m in members]))]
+        if first.outliers is not None:
+            inputs += [add_initializer(graph, f"{prefix}_outlier_channels", first.outliers),
+                       add_initializer(graph, f"{prefix}_outlier_weight",
+                                       np.concatenate([m.outlier_weight for m in members], axis=1))]
+        matmul = ir.node("MixedInt8MatMul", inputs, attributes=dict(first.matmul.attributes), domain="ai.outlierquant",
+                         name=f"{prefix}/MixedInt8MatMul", metadata_props=dict(first.matmul.metadata_props) or None)
+    else:
+        matmul = _matmul(graph, prefix, members, nodes)
     matmul.outputs[0].name = f"{prefix}/MatMul_output"
     nodes.append(matmul)
     out = matmul.outputs[0]
@@ -245,7 +351,7 @@ def _merge(graph: ir.Graph, members: list[_Member]) -> dict[str, Any]:
         remove_if_unused(graph, value)
     return {"linears": [m.matmul.name for m in members], "columns": sizes.tolist(),
             "side_path": first.side_matmul is not None, "bias": first.bias_add is not None,
-            "int8": first.dequantize is not None}
+            "int8": first.dequantize is not None, "nbits": first.nbits, "mixed_int8": first.mixed}
 
 
 def _pack_attention(graph: ir.Graph) -> list[str]:
