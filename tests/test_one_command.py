@@ -296,7 +296,7 @@ def test_recipes_table_and_full_description(capsys):
     assert out.startswith(load_recipe("default").to_yaml())  # the YAML as before, then its row
     assert "# bits: W8A8 + float outliers" in out and "# runs as: real" in out
     flat = " ".join(out.split())
-    assert "Latency on MiniLM: see the README." in flat  # the full description, not cut at 100 characters
+    assert "0.998326; see the README." in flat  # the full description, not cut at 100 characters
 
 
 def test_pass_display_and_calibration_bar(capsys, tiny_llama):
