@@ -66,7 +66,7 @@ def replace_linear(graph: ir.Graph, linear: Linear, build, label: str) -> list[i
     for index, node in enumerate(tape.nodes):
         node.name = f"{label}/{node.op_type}_{index}"
         for j, output in enumerate(node.outputs):
-            if not output.name:
+            if output.name is None:  # "" marks an optional output left out on purpose
                 output.name = f"{label}/{node.op_type}_{index}_out{j}"
     old = linear.node.outputs[0]
     y.type = old.type
