@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_deploy import _greedy, _interleaved, _session  # noqa: E402
+from bench_deploy import _greedy, _interleaved, _session, prefill_feed, step_feed  # noqa: E402
 
 
 def _prompt(model: Path):
@@ -78,16 +78,12 @@ def profile_prefill(path: Path, length: int = 128, calls: int = 3) -> None:
     """Kernel time per op type of a ``length``-token prefill with an empty cache."""
     import numpy as np
 
-    from outlierquant.export.past import empty_past, past_inputs
+    from outlierquant.export.past import past_inputs
 
     session = _profiled_session(path)
     names = {i.name for i in session.get_inputs()}
-    feed = {"input_ids": np.random.default_rng(0).integers(100, 20000, (1, length)).astype(np.int64)}
-    if "attention_mask" in names:
-        feed["attention_mask"] = np.ones((1, length), np.int64)
-    if "position_ids" in names:
-        feed["position_ids"] = np.arange(length, dtype=np.int64)[None]
-    feed.update(empty_past(past_inputs(path)))
+    prompt = np.random.default_rng(0).integers(100, 20000, (1, length)).astype(np.int64)
+    feed = prefill_feed(names, prompt, past_inputs(path))
     for _ in range(calls):
         session.run(None, feed)
     _print_ops(f"{path.name}: prefill of {length} tokens", *_op_times(session, calls))
@@ -97,32 +93,18 @@ def profile_step(path: Path, prompt, steps: int = 16) -> None:
     """Kernel time per op type of one decode step after ``prompt`` (onnxruntime profiler)."""
     import numpy as np
 
-    from outlierquant.export.past import empty_past, past_inputs
+    from outlierquant.export.past import past_inputs
 
     past = past_inputs(path)
     plain = _session(path)
     names = {i.name for i in plain.get_inputs()}
     length = prompt.shape[1]
-    feed = {"input_ids": prompt}
-    if "attention_mask" in names:
-        feed["attention_mask"] = np.ones((1, length), np.int64)
-    if "position_ids" in names:
-        feed["position_ids"] = np.arange(length, dtype=np.int64)[None]
-    feed.update(empty_past(past))
     outputs = [o.name for o in plain.get_outputs()]
-    values = dict(zip(outputs, plain.run(outputs, feed)))
+    values = dict(zip(outputs, plain.run(outputs, prefill_feed(names, prompt, past))))
     profiled = _profiled_session(path)
     token = np.array([[int(np.argmax(values["logits"][0, -1]))]], np.int64)
     for step in range(steps):
-        total = length + step
-        feed = {"input_ids": token}
-        if "attention_mask" in names:
-            feed["attention_mask"] = np.ones((1, total + 1), np.int64)
-        if "position_ids" in names:
-            feed["position_ids"] = np.array([[total]], np.int64)
-        for item in past:
-            feed[item.name] = values[item.present]
-        values = dict(zip(outputs, profiled.run(outputs, feed)))
+        values = dict(zip(outputs, profiled.run(outputs, step_feed(names, token, length + step, past, values))))
     _print_ops(f"{path.name}: one decode step (past of {length})", *_op_times(profiled, steps))
 
 

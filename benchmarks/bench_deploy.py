@@ -109,32 +109,47 @@ def minilm(out_dir: Path, recipes, runs: int) -> None:
     scaffold.print_table(header, rows)
 
 
-def _greedy(session, past, prompt, new_tokens: int):
-    """Greedy decoding with the KV cache: one prefill of ``prompt``, then one token a step."""
+def prefill_feed(names: set[str], prompt, past) -> dict:
+    """The first call of a generation: the prompt with an empty cache."""
     import numpy as np
 
     from outlierquant.export.past import empty_past
 
-    names = {i.name for i in session.get_inputs()}
-    feed = {"input_ids": prompt}
     length = prompt.shape[1]
+    feed = {"input_ids": prompt}
     if "attention_mask" in names:
         feed["attention_mask"] = np.ones((1, length), np.int64)
     if "position_ids" in names:
         feed["position_ids"] = np.arange(length, dtype=np.int64)[None]
     feed.update(empty_past(past))
+    return feed
+
+
+def step_feed(names: set[str], token, total: int, past, values: dict) -> dict:
+    """One decode step: ``token`` at position ``total``, the cache the last call returned."""
+    import numpy as np
+
+    feed = {"input_ids": token}
+    if "attention_mask" in names:
+        feed["attention_mask"] = np.ones((1, total + 1), np.int64)
+    if "position_ids" in names:
+        feed["position_ids"] = np.array([[total]], np.int64)
+    for item in past:
+        feed[item.name] = values[item.present]
+    return feed
+
+
+def _greedy(session, past, prompt, new_tokens: int):
+    """Greedy decoding with the KV cache: one prefill of ``prompt``, then one token a step."""
+    import numpy as np
+
+    names = {i.name for i in session.get_inputs()}
+    feed = prefill_feed(names, prompt, past)
     outputs = [o.name for o in session.get_outputs()]
     for step in range(new_tokens):
         values = dict(zip(outputs, session.run(outputs, feed)))
         token = np.argmax(values["logits"][:, -1], axis=-1).astype(np.int64)[:, None]
-        total = length + step
-        feed = {"input_ids": token}
-        if "attention_mask" in names:
-            feed["attention_mask"] = np.ones((1, total + 1), np.int64)
-        if "position_ids" in names:
-            feed["position_ids"] = np.array([[total]], np.int64)
-        for item in past:
-            feed[item.name] = values[item.present]
+        feed = step_feed(names, token, prompt.shape[1] + step, past, values)
 
 
 def smollm2(out_dir: Path, recipes, runs: int, new_tokens: int, calibration: int, heldout: int) -> None:
