@@ -7,8 +7,10 @@ with onnxruntime's default threading (``--threads N`` to pin). Compared:
   and vs the Kronecker standard-op form (two small MatMuls).
 - MixedInt8MatMul (LLM.int8(), ~0.4% outlier channels in float) vs plain per-token int8
   through standard ops + ``com.microsoft::MatMulIntegerToFloat`` (no outliers at all),
-  vs the mixed standard-op form, vs onnxruntime's own per-tensor
-  ``DynamicQuantizeMatMul`` (what ``quantize_dynamic`` emits), and vs the fp32 MatMul.
+  vs the mixed standard-op form, vs our quantizer feeding onnxruntime's GEMM (the gemm form
+  llm-int8 writes), vs onnxruntime's own per-tensor ``DynamicQuantizeMatMul`` (what
+  ``quantize_dynamic`` emits), and vs the fp32 MatMul.
+- DynamicQuantizePerToken vs onnxruntime's ``DynamicQuantizeLinear``.
 
 Usage: ``python benchmarks/bench_kernels.py [--quick]``.
 """
@@ -119,6 +121,7 @@ def bench_mixed(shape: tuple[int, ...], n: int, repeat: int) -> list[tuple[str, 
 
     sessions = {
         "kernel": build(lambda t, v: standard_forms.mixed_int8_matmul_kernel_form(t, v, *mixed), True),
+        "gemm_form": build(lambda t, v: standard_forms.mixed_int8_matmul_gemm_form(t, v, *mixed), True),
         "plain_int8": build(lambda t, v: standard_forms.mixed_int8_matmul_standard_form(
             t, v, plain_q, plain_scale, use_contrib_ops=True), False),
         "mixed_std": build(lambda t, v: standard_forms.mixed_int8_matmul_standard_form(
@@ -137,9 +140,35 @@ def bench_mixed(shape: tuple[int, ...], n: int, repeat: int) -> list[tuple[str, 
         (f"MixedInt8MatMul {label}: kernel ms", times["kernel"] * 1e3),
         (f"MixedInt8MatMul {label}: kernel / plain per-token int8 (goal <= 1.25)", times["kernel"] / times["plain_int8"]),
         (f"MixedInt8MatMul {label}: mixed std form / kernel", times["mixed_std"] / times["kernel"]),
+        (f"MixedInt8MatMul {label}: our quantizer + ORT GEMM (gemm form) / kernel",
+         times["gemm_form"] / times["kernel"]),
         (f"MixedInt8MatMul {label}: ORT DynamicQuantizeMatMul / kernel", times["ort_dynamic"] / times["kernel"]),
         (f"MixedInt8MatMul {label}: fp32 MatMul / kernel", times["fp32"] / times["kernel"]),
         (f"MixedInt8MatMul {label}: error vs fp32, plain int8 / mixed", error_plain / error_kernel),
+    ]
+
+
+def bench_quantize(shape: tuple[int, ...], repeat: int) -> list[tuple[str, float]]:
+    """DynamicQuantizePerToken (its uint8 output and scales) against onnxruntime's per-tensor
+    DynamicQuantizeLinear, which does comparable work per element."""
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+
+    tape = ir.tape.Tape()
+    xv = _input()
+    codes, scale, shifted = tape.op_multi_out("DynamicQuantizePerToken", [xv], num_outputs=3,
+                                              domain=custom_ops.DOMAIN, version=1)
+    codes.name, scale.name = "", "scale"
+    per_token = _session(_model(tape, xv, shifted), True)
+    tape = ir.tape.Tape()
+    xv = _input()
+    levels, _, _ = tape.op_multi_out("DynamicQuantizeLinear", [xv], num_outputs=3)
+    per_tensor = _session(_model(tape, xv, levels), False)
+    times = _median_seconds({"per_token": per_token, "per_tensor": per_tensor}, x, repeat)
+    label = "x".join(map(str, shape))
+    return [
+        (f"DynamicQuantizePerToken {label}: kernel us", times["per_token"] * 1e6),
+        (f"DynamicQuantizePerToken {label}: kernel / ORT DynamicQuantizeLinear",
+         times["per_token"] / times["per_tensor"]),
     ]
 
 
@@ -154,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"custom kernels unavailable: {custom_ops.unavailable_reason()}", file=sys.stderr)
         return 1
     if args.quick:
-        cases = [lambda: bench_hadamard((64, 1536), 5), lambda: bench_mixed((64, 1536), 1536, 5)]
+        cases = [lambda: bench_hadamard((64, 1536), 5), lambda: bench_mixed((64, 1536), 1536, 5),
+                 lambda: bench_quantize((64, 1536), 5)]
     else:
         cases = [
             lambda: bench_hadamard((256, 4096), 20),
             lambda: bench_hadamard((32, 384, 1536), 5),
             lambda: bench_mixed((256, 4096), 4096, 10),
             lambda: bench_mixed((32, 384, 1536), 1536, 5),
+            lambda: bench_mixed((12, 384), 1536, 200),  # a short sentence: weight packing dominates
+            lambda: bench_quantize((192, 1536), 200),
         ]
     threads = args.threads or "default"
     print(f"onnxruntime {ort.__version__}, {ort.get_device()}, intra-op threads: {threads}")

@@ -197,6 +197,35 @@ def test_integer_per_token_form_is_real_int8_and_matches_the_simulation():
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * float(np.abs(want[name]).max()))
 
 
+def test_auto_per_token_form_uses_our_quantizer_once_per_input_and_matches_integer():
+    """``per_token_form: auto`` with the kernel library: one DynamicQuantizePerToken per input
+    tensor (fc1 and the Gemm both read x) feeding onnxruntime's MatMulIntegerToFloat; the
+    same integers and scales as the standard-op integer form."""
+    from outlierquant import custom_ops
+
+    if not custom_ops.available():
+        pytest.skip(custom_ops.unavailable_reason())
+    x = RNG.normal(size=(6, 16)).astype(np.float32)
+    x[2] *= 100.0
+    integer = tiny_model()
+    QuantizeQDQPass(QuantConfig(activations="per_token", dynamic_matmuls=False, per_token_form="integer"))(integer)
+    auto = tiny_model()
+    result = QuantizeQDQPass(QuantConfig(activations="per_token", dynamic_matmuls=False, per_token_form="auto"))(auto)
+    ops = collections.Counter(n.op_type for n in auto.graph)
+    assert result.record["per_token_kernel"] is True and result.record["integer_per_token_layers"] == 3
+    assert ops["MatMulIntegerToFloat"] == 3 and ops["DynamicQuantizePerToken"] == 2 and not ops["MatMulInteger"]
+
+    def outputs(model):
+        session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                       custom_ops.session_options(), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, {"x": x})))
+
+    want, got = outputs(integer), outputs(auto)
+    for name in ("y", "g"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6 * float(np.abs(want[name]).max()))
+
+
 def test_skip_output_layers_leaves_the_head_in_float():
     model = tiny_model()
     QuantizeQDQPass(QuantConfig(activations="none", skip_output_layers=True))(model)

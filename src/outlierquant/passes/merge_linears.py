@@ -41,6 +41,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from outlierquant.custom_ops import DOMAIN as CUSTOM_DOMAIN
 from outlierquant.graph.tags import KEEP_FLOAT_KEY
 from outlierquant.graph.values import MS_DOMAIN, add_initializer, constant_array, remove_if_unused, single_use, unique_name
 from outlierquant.options import check_fields
@@ -175,7 +176,7 @@ def _mixed_member(node: ir.Node) -> _Member | None:
     int8 over the channels not listed, float over the listed ones. Siblings with the same
     list quantize the same inliers with the same per-token scale, so ``W_q``, ``w_scale``
     and ``W_outlier`` join along N and each column is computed as before."""
-    if node.domain != "ai.outlierquant" or not 3 <= len(node.inputs) <= 5 or node.inputs[0] is None \
+    if node.domain != CUSTOM_DOMAIN or not 3 <= len(node.inputs) <= 5 or node.inputs[0] is None \
             or not all(single_use(value) for value in node.inputs[1:] if value is not None):
         return None
     arrays = [constant_array(value) if value is not None else None for value in node.inputs[1:]]
@@ -297,7 +298,7 @@ def _merge(graph: ir.Graph, members: list[_Member]) -> dict[str, Any]:
             inputs += [add_initializer(graph, f"{prefix}_outlier_channels", first.outliers),
                        add_initializer(graph, f"{prefix}_outlier_weight",
                                        np.concatenate([m.outlier_weight for m in members], axis=1))]
-        matmul = ir.node("MixedInt8MatMul", inputs, attributes=dict(first.matmul.attributes), domain="ai.outlierquant",
+        matmul = ir.node("MixedInt8MatMul", inputs, attributes=dict(first.matmul.attributes), domain=CUSTOM_DOMAIN,
                          name=f"{prefix}/MixedInt8MatMul", metadata_props=dict(first.matmul.metadata_props) or None)
     else:
         matmul = _matmul(graph, prefix, members, nodes)
