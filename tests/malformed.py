@@ -187,6 +187,10 @@ def _unknown_onnx_op(model):
     model.graph.node[3].op_type = "Frobnicate"
 
 
+def _missing_required_attribute(model):
+    model.graph.node[1].op_type = "Concat"  # fc1: a Concat without its required axis
+
+
 def _unknown_custom_op(model):
     model.graph.node[3].op_type = "Frobnicate"
     model.graph.node[3].domain = "com.example"
@@ -375,6 +379,7 @@ MODELS: dict[str, Callable[[Path], Path]] = {
     "ext-location-not-utf8": _patched(b"model.onnx.data", b"model.onnx.\xffata", external=True),
     "ext-nul-location": _ext(_ext_nul_location),
     "ext-length-mismatch": _ext(_ext_length_mismatch),
+    "missing-required-attribute": _mutated(_missing_required_attribute),
 }
 
 #: cases that only some commands refuse: NaN weights are valid ONNX, and calibrating or

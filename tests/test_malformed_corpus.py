@@ -79,6 +79,17 @@ def test_bad_model(capfd, case, command, name):
     assert "model.onnx" in line or "absent.onnx" in line or "export" in line, line
 
 
+def test_missing_attribute_is_refused_at_load_even_with_nothing_to_calibrate(case):
+    """Found by the fuzzer: a MatMul mutated into a Concat (no axis) left no linear to
+    calibrate, so no onnxruntime session ever saw the node and simplify-shapes crashed on
+    it. The model is now refused when it is read, naming the node and the attribute."""
+    from outlierquant.errors import InputError
+    from outlierquant.modelio import load_model
+
+    with pytest.raises(InputError, match=r"'fc1' \(Concat\) lacks its required attribute 'axis'"):
+        load_model(MODELS["missing-required-attribute"](case / "bad"))
+
+
 def test_bad_model_as_validate_reference(capfd, case):
     for name in ("cycle", "ext-missing", "short-raw-data", "nan-weights"):
         model = MODELS[name](case / name)

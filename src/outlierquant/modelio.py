@@ -108,9 +108,29 @@ def check_model_proto(proto, path: str | os.PathLike = "model") -> None:
     for tensor in _iter_tensors(graph):
         _check_tensor(tensor, path, folder, files)
     _check_structure(graph, path)
+    opset = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
     for index, node in enumerate(_iter_nodes(graph)):
         if node.domain in ("", "ai.onnx") and not onnx_defs_has(node.op_type):
             raise InputError(f"{path}: node {_node_label(node, index)} uses {node.op_type!r}, which is not an ONNX operator")
+        if node.domain in ("", "ai.onnx"):
+            missing = _missing_attributes(node, opset)
+            if missing:
+                raise InputError(f"{path}: node {_node_label(node, index)} ({node.op_type}) lacks its required "
+                                 f"attribute {missing[0]!r}")
+
+
+def _missing_attributes(node, opset: int | None) -> list[str]:
+    """Required attributes of the node's ONNX schema (at the model's opset) that it does not set:
+    such a node is refused by onnxruntime, but only once a session is built, and a pass that
+    never builds one (nothing to calibrate) would otherwise carry it into its output."""
+    import onnx.defs
+
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset or onnx.defs.onnx_opset_version(), "")
+    except onnx.defs.SchemaError:  # no version of the op at this opset: check_opset's to say
+        return []
+    present = {attribute.name for attribute in node.attribute}
+    return [name for name, attribute in schema.attributes.items() if attribute.required and name not in present]
 
 
 def _check_names(proto, path) -> None:

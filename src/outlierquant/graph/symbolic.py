@@ -119,8 +119,8 @@ class SymbolicShapes:
         for node in graph:
             try:
                 self._visit(node)
-            except (TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError):
-                continue  # an unexpected pattern: its outputs stay unknown
+            except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError):
+                continue  # an unexpected pattern (or a required attribute missing): its outputs stay unknown
 
     # -- sources ---------------------------------------------------------------------------
 
