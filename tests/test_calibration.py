@@ -521,3 +521,82 @@ def test_stream_tensors_batched_and_chunked_sums_equal_per_sample():
     for name in one_by_one:
         assert grouped[name][1] == one_by_one[name][1]
         assert grouped[name][0] == pytest.approx(one_by_one[name][0], rel=1e-12)
+
+
+def _binding_model() -> ir.Model:
+    """A graph with each way onnxruntime's basic optimizers read an initializer (a Conv
+    folded with its BatchNormalization, a Transpose of a weight folded, a Gather whose
+    indices come from constants and Shape), beside the run-time-only reads that may be
+    bound (MatMul and Gemm B, a Gather table indexed by a feed)."""
+    rng = np.random.default_rng(3)
+    big = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731  (each >= 64 KiB)
+    h = onnx.helper
+    inits = {
+        "conv_w": big(64, 16, 5, 5), "bn_s": big(64) + 2, "bn_b": big(64), "bn_m": big(64), "bn_v": np.abs(big(64)) + 1,
+        "t_w": big(128, 256), "mm_w": big(128, 256), "gemm_w": big(256, 128), "table": big(512, 64),
+        "shape_table": big(300, 64), "ids_c": np.array([1, 5, 7], np.int64),
+    }
+    nodes = [
+        h.make_node("Conv", ["img", "conv_w"], ["c"], pads=[2, 2, 2, 2]),
+        h.make_node("BatchNormalization", ["c", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"]),
+        h.make_node("Transpose", ["t_w"], ["t_wt"]),
+        h.make_node("MatMul", ["x", "t_wt"], ["y_t"], name="via_transpose"),  # x: [N, 256]
+        h.make_node("MatMul", ["x2", "mm_w"], ["y_mm"]),  # x2: [N, 128]
+        h.make_node("Gemm", ["x", "gemm_w"], ["y_gemm"]),
+        h.make_node("Gather", ["table", "ids"], ["emb"]),
+        h.make_node("Gather", ["table", "ids_c"], ["emb_c"]),  # the same table, constant indices
+        h.make_node("Shape", ["x"], ["x_shape"]),  # static: folded by onnxruntime
+        h.make_node("Gather", ["shape_table", "x_shape"], ["emb_s"]),
+    ]
+    f = onnx.TensorProto.FLOAT
+    graph = h.make_graph(
+        nodes, "binding",
+        [h.make_tensor_value_info("img", f, [1, 16, 8, 8]), h.make_tensor_value_info("x", f, [4, 256]),
+         h.make_tensor_value_info("x2", f, [4, 128]), h.make_tensor_value_info("ids", onnx.TensorProto.INT64, [3])],
+        [h.make_tensor_value_info(name, f, None) for name in ("bn", "y_t", "y_mm", "y_gemm", "emb", "emb_c", "emb_s")],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return ir.serde.deserialize_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+
+
+def test_bound_weights_give_the_serialized_sessions_outputs_bit_for_bit():
+    import contextlib
+
+    model = _binding_model()
+    bound = set(session_module._bindable(model, []))  # noqa: SLF001
+    # only the run-time reads: not the Conv/BN (fused), the transposed weight, or the table
+    # that a constant-index Gather also reads
+    assert bound == {"mm_w", "gemm_w"}
+    rng = np.random.default_rng(4)
+    feeds = [{"img": rng.standard_normal((1, 16, 8, 8)).astype(np.float32),
+              "x": rng.standard_normal((4, 256)).astype(np.float32),
+              "x2": rng.standard_normal((4, 128)).astype(np.float32),
+              "ids": rng.integers(0, 300, 3).astype(np.int64)} for _ in range(3)]
+    with contextlib.ExitStack() as stack:
+        serialized = session_module.create_session(model, [], None, None, stack, bind_weights=False)
+        by_reference = session_module.create_session(model, [], None, None, stack)
+        for feed in feeds:
+            for a, b in zip(serialized.run(None, feed), by_reference.run(None, feed)):
+                np.testing.assert_array_equal(a, b)
+    # why the rule: bound anyway, the folded Conv and Transpose would read the stub's zeros
+    everything = {name: model.graph.initializers[name] for name in ("conv_w", "t_w", "mm_w")}
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(session_module, "_bindable", lambda *_: everything)
+            wrong = session_module.create_session(model, [], None, None, stack)
+        right = session_module.create_session(model, [], None, None, stack, bind_weights=False)
+        got, want = wrong.run(["bn", "y_t", "y_mm"], feeds[0]), right.run(["bn", "y_t", "y_mm"], feeds[0])
+        assert not np.array_equal(got[0], want[0]) and not np.array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+    # a table indexed only by a feed is bound too, and still exact
+    constant_gather = next(n for n in model.graph if n.outputs[0].name == "emb_c")
+    model.graph.outputs.remove(constant_gather.outputs[0])
+    model.graph.remove(constant_gather, safe=True)
+    assert set(session_module._bindable(model, [])) == {"mm_w", "gemm_w", "table"}  # noqa: SLF001
+    assert set(session_module._bindable(model, ["table"])) == {"mm_w", "gemm_w"}  # noqa: SLF001  (asked for itself)
+    with contextlib.ExitStack() as stack:
+        serialized = session_module.create_session(model, [], None, None, stack, bind_weights=False)
+        by_reference = session_module.create_session(model, [], None, None, stack)
+        for feed in feeds:
+            for a, b in zip(serialized.run(None, feed), by_reference.run(None, feed)):
+                np.testing.assert_array_equal(a, b)
+    assert not isinstance(model.graph.initializers["table"].const_value, ir.ExternalTensor)  # the caller's model restored

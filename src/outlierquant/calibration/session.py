@@ -19,6 +19,19 @@ only folds constants and removes redundant nodes, which does not change the nume
 the tensors we read (the extended/all levels may swap in fused kernels such as
 SkipLayerNorm/Attention for the *rest* of the graph, whose float rounding differs from
 the fp32 graph the passes reason about).
+
+Memory: the large in-memory weights are not serialized at all. :func:`_bindable` picks the
+weights onnxruntime only *reads at run time* (the B of a MatMul/Gemm, the table of a
+Gather, each consumer with an input that depends on the feeds); they go into the proto as
+external-data stubs (a sparse file in a temporary folder) and are handed to the session
+with ``SessionOptions.add_initializer``, which uses the caller's numpy buffer itself. So
+a calibration session costs no copy of those weights, where serializing them costs three
+(the proto, its bytes, onnxruntime's own copy). Why only those: onnxruntime's graph
+optimizers read an initializer from the *proto* (constant folding a Transpose of a
+weight, fusing a BatchNormalization into a Conv), and would read the stub's zeros; a
+node with an input fed at run time is never folded, and no basic-level optimizer reads
+the data of a MatMul B or a Gather table. ``tests/test_calibration.py`` checks the bound
+session against the serialized one, bit for bit, on a graph with each of those patterns.
 """
 
 from __future__ import annotations
@@ -115,16 +128,97 @@ def _in_memory_bytes(model: ir.Model) -> int:
     )
 
 
+#: in-memory weights of at least this size are handed to the session by reference
+#: (:func:`_bindable`); smaller ones are not worth a stub.
+BIND_MIN_BYTES = 64 * 1024
+
+#: (domain, op type) -> the input index whose constant onnxruntime only reads at run time
+_BINDABLE_USES = {("", "MatMul"): 1, ("", "Gemm"): 1, ("", "Gather"): 0}
+_BINDABLE_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
+#: ops whose outputs onnxruntime may fold from static shapes alone
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
+def _fed_values(graph: ir.Graph) -> set[ir.Value]:
+    """Values of ``graph`` that depend on a fed input (never constant folded). Shape and
+    Size outputs do not count: onnxruntime folds them when the shapes are static."""
+    fed = {value for value in graph.inputs if value.name not in graph.initializers}
+    for node in graph:  # topological order, as ONNX requires
+        if node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx"):
+            continue
+        if any(value in fed for value in node.inputs if value is not None):
+            fed.update(node.outputs)
+    return fed
+
+
+def _bindable(model: ir.Model, extra_outputs: Sequence[str]) -> dict[str, ir.Value]:
+    """The in-memory initializers a session can read from the caller's buffers (module doc)."""
+    graph = model.graph
+    fed = _fed_values(graph)
+    keep = set(extra_outputs) | {value.name for value in graph.outputs} | {value.name for value in graph.inputs}
+    chosen: dict[str, ir.Value] = {}
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if (tensor is None or isinstance(tensor, ir.ExternalTensor) or name in keep
+                or tensor.dtype not in _BINDABLE_DTYPES or tensor.nbytes < BIND_MIN_BYTES):
+            continue
+        uses = list(value.uses())
+        if uses and all(
+            use.node.graph is graph
+            and _BINDABLE_USES.get((use.node.domain if use.node.domain != "ai.onnx" else "", use.node.op_type)) == use.idx
+            and any(other in fed for other in use.node.inputs if other is not None)
+            for use in uses
+        ):
+            chosen[name] = value
+    return chosen
+
+
+@contextlib.contextmanager
+def _stubbed(values: dict[str, ir.Value], folder: str) -> Iterator[dict[str, Any]]:
+    """Swap ``values``' tensors for external-data stubs in a sparse file of ``folder``
+    (onnxruntime checks that the file exists and is long enough; nothing reads it) and
+    yield their arrays; the tensors are put back after."""
+    import numpy as np
+
+    data_name = "bound-weights.stub"
+    arrays: dict[str, Any] = {}
+    swapped: list[tuple[ir.Value, Any]] = []
+    try:
+        longest = 0
+        for name, value in values.items():
+            tensor = value.const_value
+            array = np.ascontiguousarray(tensor.numpy())
+            arrays[name] = array
+            longest = max(longest, array.nbytes)
+            swapped.append((value, tensor))
+            value.const_value = ir.ExternalTensor(
+                data_name, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=name, base_dir=folder
+            )
+        with open(os.path.join(folder, data_name), "wb") as handle:
+            handle.truncate(longest)  # sparse: no disk, no memory
+        yield arrays
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
 def serialize_for_session(
-    model: ir.Model, extra_outputs: Sequence[str], stack: contextlib.ExitStack
-) -> tuple[bytes, str | None]:
-    """The augmented graph as bytes, and the folder its external-data locations are relative to."""
-    if _in_memory_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
-        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="outlierquant-calibration-"))
-        logger.info("in-memory model above protobuf's 2 GB limit: staging its weights in %s", folder)
-        with _offloaded(model, folder):
-            return serialize_with_outputs(model, extra_outputs)
-    return serialize_with_outputs(model, extra_outputs)
+    model: ir.Model, extra_outputs: Sequence[str], stack: contextlib.ExitStack, *, bind: bool = True
+) -> tuple[bytes, str | None, dict[str, Any]]:
+    """The augmented graph as bytes, the folder its external-data locations are relative
+    to, and the arrays of the weights to hand to the session by reference (module doc)."""
+    bound = _bindable(model, extra_outputs) if bind else {}
+    with contextlib.ExitStack() as swap:
+        arrays: dict[str, Any] = {}
+        if bound:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="outlierquant-session-"))
+            arrays = swap.enter_context(_stubbed(bound, folder))
+        if _in_memory_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="outlierquant-calibration-"))
+            logger.info("in-memory model above protobuf's 2 GB limit: staging its weights in %s", folder)
+            swap.enter_context(_offloaded(model, folder))
+        data, root = serialize_with_outputs(model, extra_outputs)
+    return data, root, arrays
 
 
 def serialize_with_outputs(model: ir.Model, extra_outputs: Sequence[str]) -> tuple[bytes, str | None]:
@@ -270,6 +364,7 @@ def create_session(
     stack: contextlib.ExitStack,
     *,
     fold_dequantize: bool = False,
+    bind_weights: bool | None = None,
 ):
     """An onnxruntime session over ``model`` with ``extra_outputs`` added.
 
@@ -280,9 +375,14 @@ def create_session(
     ``fold_dequantize``: hand the dequantized constant weights in as inputs
     (:func:`_dequantized_constants`); the returned object then adds them to every feed.
     Not for a model whose weights stay in external data (they are never read into memory).
+    ``bind_weights``: hand the large weights to the session by reference (:func:`_bindable`);
+    it adds them to ``session_options``, so the default is to bind only into options made
+    here (a caller's object may serve another session, which must not see them).
     """
     import onnxruntime as ort
 
+    if bind_weights is None:
+        bind_weights = session_options is None
     if session_options is None:
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -294,13 +394,20 @@ def create_session(
         from outlierquant import custom_ops
 
         session_options = custom_ops.session_options(session_options)
-    data, folder = serialize_for_session(model, extra_outputs, stack)
+    on_disk = any(isinstance(t, ir.ExternalTensor) for _, t in _iter_ir_tensors(model.graph))
+    data, folder, arrays = serialize_for_session(model, extra_outputs, stack, bind=bind_weights)
     if folder is not None:
         session_options.add_session_config_entry(_EXTERNAL_FOLDER_OPTION, folder)
         logger.debug("external data read in place from %s", folder)
+    if arrays:
+        values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
+        for name, value in zip(arrays, values):
+            session_options.add_initializer(name, value)
+        # onnxruntime reads these buffers for the session's whole life: keep them alive with it
+        stack.callback(values.clear)
     providers = list(providers or ["CPUExecutionProvider"])
     constants: dict[str, Any] = {}
-    if fold_dequantize and folder is None and b"DequantizeLinear" in data:
+    if fold_dequantize and not on_disk and b"DequantizeLinear" in data:
         proto = onnx.ModelProto.FromString(data)
         own = {value.name for value in model.graph.outputs}
         constants = _dequantized_constants(proto, own, FOLD_DEQUANTIZE_BYTES)

@@ -242,7 +242,7 @@ class Runner:
             if custom_ops.available():
                 options = custom_ops.session_options(options)
         try:
-            self.session = create_session(self.model, self.extra, options, None, self.stack)
+            self.session = create_session(self.model, self.extra, options, None, self.stack, bind_weights=True)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"onnxruntime cannot load the model for analysis ({first})") from exc
@@ -402,7 +402,7 @@ def probe_sensitivity(report, model, stats, feeds, reference, labels, limit, pro
             if custom_ops.available():
                 options = custom_ops.session_options(options)
         with contextlib.ExitStack() as stack:
-            session = create_session(candidate, [], options, None, stack)
+            session = create_session(candidate, [], options, None, stack, bind_weights=True)
             cosines = [
                 cosine_rows(ref, session.run([first_output], feed)[0]) for ref, feed in zip(reference_outputs, feeds)
             ]
