@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 
@@ -92,9 +93,70 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         except Exception as exc:
             raise InputError(f"{path}: not a valid ONNX model ({first_line(exc)})") from exc
         ir.external_data.set_base_dir(model.graph, str(path.parent))
+        del proto
+        own_tensors(model)
     if check:
         check_opset(model, path)
     return model
+
+
+#: tensor types whose numpy arrays hold the same bytes as the file (no unpacking)
+_NUMPY_NATIVE = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
+    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+    ir.DataType.UINT64, ir.DataType.BOOL,
+})
+
+
+def own_tensors(model: ir.Model) -> None:
+    """Give every inline tensor of ``model`` its own numpy buffer, so that the parsed proto
+    can be freed.
+
+    Why: onnx-ir's deserialized tensors keep the whole parsed ModelProto alive (one
+    protobuf arena), and each ``numpy()`` of one is a fresh copy. A pass that rewrites a
+    weight then leaves the model in memory twice (the arena and the new array), and every
+    session handed a weight by reference would hold a third copy. Owned, the model is in
+    memory once. Costs a second copy while it runs (one tensor at a time, the arena freed
+    only at the end). Types whose arrays differ from the stored bytes (4-bit, float8,
+    bfloat16, strings) stay as they are.
+    """
+    from onnx_ir import serde
+
+    done: dict[int, Any] = {}  # a Constant's tensor is also its output's const_value: one copy
+
+    def owned(tensor):
+        if not isinstance(tensor, serde.TensorProtoTensor) or tensor.dtype not in _NUMPY_NATIVE:
+            return tensor
+        if id(tensor) not in done:
+            done[id(tensor)] = (tensor, ir.Tensor(
+                tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string,
+                metadata_props=dict(tensor.metadata_props)))
+        return done[id(tensor)][1]
+
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            value.const_value = owned(value.const_value)
+    for graph in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for attr in list(node.attributes.values()):  # a subgraph's own initializers
+                subgraphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                    attr.value if attr.type == ir.AttributeType.GRAPHS else [])
+                for sub in subgraphs:
+                    for value in sub.initializers.values():
+                        if value.const_value is not None:
+                            value.const_value = owned(value.const_value)
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR:
+                    tensor = owned(attr.value)
+                    if tensor is not attr.value:
+                        node.attributes[name] = ir.AttrTensor(name, tensor, doc_string=attr.doc_string)
+                elif attr.type == ir.AttributeType.TENSORS:
+                    tensors = [owned(t) for t in attr.value]
+                    if any(a is not b for a, b in zip(tensors, attr.value)):
+                        node.attributes[name] = ir.AttrTensors(name, tensors, doc_string=attr.doc_string)
+            for value in node.outputs:
+                if value.const_value is not None:
+                    value.const_value = owned(value.const_value)
 
 
 def check_model_proto(proto, path: str | os.PathLike = "model") -> None:
