@@ -25,6 +25,26 @@ def test_rows_round_to_their_own_grid():
     assert scale[3] == 1.0 and not levels[3].any()
 
 
+def test_rows_in_slabs_match_the_one_pass_formula(monkeypatch):
+    """A vocabulary table is rounded (and its SQNR summed) a slab of rows at a time; the
+    levels and scales are those of the one-pass formula, the SQNR equal to rounding."""
+    from outlierquant.emit import embeddings
+
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=(37, 16)).astype(np.float32) * rng.uniform(0.01, 100, size=(37, 1)).astype(np.float32)
+    table[5] = 0.0
+    absmax = np.abs(table).max(axis=1)
+    scale = np.where(absmax > 0, absmax / np.float32(127), np.float32(1.0)).astype(np.float32)
+    expected = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+    error = (expected.astype(np.float32) * scale[:, None] - table).astype(np.float64)
+    sqnr = 10 * np.log10(np.sum(table.astype(np.float64) ** 2) / np.sum(error**2))
+    monkeypatch.setattr(embeddings, "ROWS_ELEMENTS", 16 * 3)  # 3 rows a slab, the last one short
+    levels, got_scale = quantize_rows(table)
+    np.testing.assert_array_equal(got_scale, scale)
+    np.testing.assert_array_equal(levels, expected)
+    assert embeddings.row_quantization_sqnr_db(table, levels, got_scale) == pytest.approx(sqnr, rel=1e-12)
+
+
 def test_tiny_llama_table_becomes_int8_and_the_function_stays_close(tiny_llama):
     model = load_canonical(tiny_llama)
     feeds = synthetic.random_feeds(tiny_llama, 3, seed=3)

@@ -343,3 +343,24 @@ def test_quantize_outputs_calibrates_every_planned_output():
     got = run(model, x)
     for name in ("y", "gram", "g"):
         assert np.linalg.norm(reference[name] - got[name]) / np.linalg.norm(reference[name]) < 0.03
+
+
+@pytest.mark.parametrize("shape, axis", [((96, 40), 1), ((96, 40), 0), ((12, 5, 3, 3), 0), ((7,), 0)])
+def test_weight_rounding_in_slabs_matches_the_plain_formula(shape, axis, monkeypatch):
+    """quantize_weight rounds a large weight a slab at a time (an LM head must not need
+    several weight-sized float temporaries); the levels and scales are those of the formula."""
+    from outlierquant.numerics import grids
+
+    rng = np.random.default_rng(7)
+    weight = (rng.standard_normal(shape) * rng.lognormal(0, 2, shape)).astype(np.float32)
+    weight.flat[0] = -np.abs(weight).max() * 1.5  # a negative extreme decides a channel's scale
+    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
+    scale = np.abs(weight).max(axis=reduce_axes).astype(np.float32) / np.float32(127)
+    broadcast = [1] * weight.ndim
+    broadcast[axis] = -1
+    expected = np.clip(np.rint(weight / scale.reshape(broadcast)), -127, 127).astype(np.int8)
+    monkeypatch.setattr(grids, "_ROUND_ELEMENTS", 50)  # several slabs, the last one short
+    q, got_scale = quantize_weight(weight, axis)
+    np.testing.assert_array_equal(got_scale, scale)
+    np.testing.assert_array_equal(q, expected)
+    assert q.dtype == np.int8

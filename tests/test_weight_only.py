@@ -98,6 +98,33 @@ def test_onnxruntime_matches_numpy_dequantized_matmul(bits, symmetric, emit):
     assert np.abs(y - expected).max() <= RTOL * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_column_chunks_give_the_whole_matrix_result_bit_for_bit(symmetric, axis, monkeypatch):
+    """A vocabulary-sized head is quantized a chunk of columns at a time; the levels, scales
+    and weighted errors must be those of one pass over the matrix."""
+    from outlierquant.numerics import grids
+
+    rng = np.random.default_rng(4)
+    weight = (rng.standard_normal((80, 45)) * rng.lognormal(0, 1, (80, 1))).astype(np.float32)
+    if axis == 1:
+        weight = np.ascontiguousarray(weight.T)
+    row_weight = rng.lognormal(0, 1, 80)
+    kwargs = dict(symmetric=symmetric, clip_ratios=(1.0, 0.9, 0.8), row_weight=row_weight, axis=axis)
+    whole = quantize_blockwise(weight, 4, 16, **kwargs)
+    full = weight if axis == 0 else weight.T
+    error, reference = whole.weighted_error(full, row_weight)
+    monkeypatch.setattr(grids, "_CHUNK_ELEMENTS", 80 * 7)  # 7 columns a chunk: 7 chunks, the last short
+    chunked = quantize_blockwise(weight, 4, 16, **kwargs)
+    np.testing.assert_array_equal(chunked.levels, whole.levels)
+    np.testing.assert_array_equal(chunked.grid.scale, whole.grid.scale)
+    np.testing.assert_array_equal(chunked.grid.zero, whole.grid.zero)
+    np.testing.assert_array_equal(chunked.dequantize(), whole.dequantize())
+    delta = whole.dequantize() - full.astype(np.float64)
+    np.testing.assert_allclose(chunked.weighted_error(full, row_weight), (error, reference), rtol=1e-12)
+    np.testing.assert_allclose(error, np.sum(delta**2 * row_weight[:, None]), rtol=1e-12)
+
+
 def test_rtn_matches_onnxruntimes_own_quantizer():
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 

@@ -15,9 +15,14 @@ def weight_scales(weight: np.ndarray, axis: int, bits: int = 8) -> np.ndarray:
     """Symmetric per-channel scales along ``axis`` (the output channels)."""
     qmax = 2 ** (bits - 1) - 1
     reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
-    absmax = np.abs(weight).max(axis=reduce_axes).astype(np.float32)
+    # max(max, −min) is max(|w|) without a weight-sized temporary (an LM head's is 128+ MiB)
+    absmax = np.maximum(weight.max(axis=reduce_axes), -weight.min(axis=reduce_axes)).astype(np.float32)
     scale = absmax / np.float32(qmax)
     return np.where(scale > np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
+
+
+#: elements rounded at once by :func:`quantize_weight` (its float temporaries stay small)
+_ROUND_ELEMENTS = 2**22
 
 
 def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -26,7 +31,16 @@ def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8) -> tuple[np.nd
     scale = weight_scales(weight, axis, bits)
     shape = [1] * weight.ndim
     shape[axis] = -1
-    q = np.clip(np.rint(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    scale_b = scale.reshape(shape)
+    q = np.empty(weight.shape, np.int8)
+    if weight.ndim == 0 or weight.size <= _ROUND_ELEMENTS:
+        q[...] = np.clip(np.rint(weight / scale_b), -qmax, qmax)
+        return q, scale
+    # a slab of the leading axis at a time: elementwise, so the same values as one pass
+    rows = max(1, _ROUND_ELEMENTS * weight.shape[0] // weight.size)
+    for start in range(0, weight.shape[0], rows):
+        part = slice(start, start + rows)
+        q[part] = np.clip(np.rint(weight[part] / (scale_b if axis != 0 else scale_b[part])), -qmax, qmax)
     return q, scale
 
 
@@ -153,11 +167,26 @@ class BlockwiseWeight:
     def block_size(self) -> int:
         return self.grid.group_size
 
-    def dequantize(self) -> np.ndarray:
-        """``(q − z) · s`` in float64 with the float32 scales that are stored."""
+    def dequantize(self, columns: slice = slice(None)) -> np.ndarray:
+        """``(q − z) · s`` in float64 with the float32 scales that are stored (of ``columns``)."""
+        q = self.levels[:, columns]
+        grid = dataclasses.replace(self.grid, scale=self.grid.scale[:, columns], zero=self.grid.zero[:, columns])
+        s, z = grid.expand(*q.shape)
+        return (q.astype(np.float64) - z.astype(np.float64)) * s.astype(np.float64)
+
+    def weighted_error(self, weight: np.ndarray, row_weight: np.ndarray | None = None) -> tuple[float, float]:
+        """``Σ rw_k (ŵ − w)²`` and ``Σ rw_k w²`` over the ``[K, N]`` ``weight`` this quantizes,
+        a column chunk at a time (no full-size float64 temporaries)."""
         k, n = self.levels.shape
-        s, z = self.grid.expand(k, n)
-        return (self.levels.astype(np.float64) - z.astype(np.float64)) * s.astype(np.float64)
+        rw = np.ones((k, 1)) if row_weight is None else np.asarray(row_weight, np.float64)[:, None]
+        step = max(1, _CHUNK_ELEMENTS // max(k, 1))
+        error = reference = 0.0
+        for start in range(0, n, step):
+            columns = slice(start, start + step)
+            w = np.asarray(weight[:, columns], dtype=np.float64)
+            error += float(np.sum((self.dequantize(columns) - w) ** 2 * rw))
+            reference += float(np.sum(w**2 * rw))
+        return error, reference
 
 
 def _blocks(a: np.ndarray, block: int) -> np.ndarray:
@@ -195,6 +224,12 @@ def _symmetric_grid(weight: np.ndarray, bits: int, block: int, row_weight: np.nd
     return GroupGrid("per_oc", block, bits, scale, np.full(scale.shape, half, np.uint8))
 
 
+#: float64 elements of one column chunk in :func:`quantize_blockwise` (32 MiB): the clip
+#: search holds several temporaries of a chunk's size, so a vocabulary-sized LM head
+#: (65536 x 512 = 256 MiB in float64) would otherwise need over a GiB at once.
+_CHUNK_ELEMENTS = 2**22
+
+
 def quantize_blockwise(weight: np.ndarray, bits: int = 4, block: int = 32, *, symmetric: bool = False,
                        clip_ratios: tuple[float, ...] = (1.0,), row_weight: np.ndarray | None = None,
                        axis: int = 0) -> BlockwiseWeight:
@@ -202,23 +237,34 @@ def quantize_blockwise(weight: np.ndarray, bits: int = 4, block: int = 32, *, sy
 
     ``row_weight`` (``E[x_k²]``) weights the clip search; ``axis=1`` quantizes the
     transpose (blocks along the last axis) and returns levels in that transposed layout.
+    Every output column is quantized on its own, so the work runs over chunks of columns
+    (bounded memory) with the same result as one pass over the whole matrix.
     """
-    w = np.asarray(weight, dtype=np.float64)
+    w = np.asarray(weight)
     if w.ndim != 2:
         raise ValueError(f"weight has rank {w.ndim}: expected 2")
     if axis == 1:
         w = w.T
     elif axis != 0:
         raise ValueError(f"axis={axis}: allowed 0, 1")
-    k, _ = w.shape
+    k, n = w.shape
     rw = np.ones(k) if row_weight is None else np.maximum(np.asarray(row_weight, np.float64), 1e-12)
-    if symmetric:
-        grid = _symmetric_grid(w, bits, block, rw, tuple(clip_ratios))
-    else:
-        grid = group_grid(w, "per_oc", block, bits, row_weight=rw, clip_ratios=tuple(clip_ratios))
-    s, z = grid.expand(*w.shape)
-    levels = grid.levels(w, s.astype(np.float64), z.astype(np.float64)).astype(np.uint8)
-    return BlockwiseWeight(levels, grid, symmetric)
+    step = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    scales, zeros, levels = [], [], []
+    for start in range(0, n, step):
+        chunk = np.asarray(w[:, start:start + step], dtype=np.float64)
+        if symmetric:
+            grid = _symmetric_grid(chunk, bits, block, rw, tuple(clip_ratios))
+        else:
+            grid = group_grid(chunk, "per_oc", block, bits, row_weight=rw, clip_ratios=tuple(clip_ratios))
+        s, z = grid.expand(*chunk.shape)
+        levels.append(grid.levels(chunk, s.astype(np.float64), z.astype(np.float64)).astype(np.uint8))
+        scales.append(grid.scale)
+        zeros.append(grid.zero)
+    one = len(levels) == 1
+    grid = GroupGrid("per_oc", block, bits, scales[0] if one else np.concatenate(scales, axis=1),
+                     zeros[0] if one else np.concatenate(zeros, axis=1))
+    return BlockwiseWeight(levels[0] if one else np.concatenate(levels, axis=1), grid, symmetric)
 
 
 def pack_levels(levels: np.ndarray, bits: int) -> np.ndarray:

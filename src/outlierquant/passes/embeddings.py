@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.emit.embeddings import int8_gather_nodes, quantize_rows
+from outlierquant.emit.embeddings import int8_gather_nodes, quantize_rows, row_quantization_sqnr_db
 from outlierquant.graph.edit import name_excluded
 from outlierquant.graph.values import constant_array, remove_if_unused
 from outlierquant.options import check_fields
@@ -79,11 +79,9 @@ class QuantizeEmbeddingsPass(OutlierPass):
             graph.remove(node, safe=True)
             other_readers = len(list(table_value.uses()))
             remove_if_unused(graph, table_value)
-            error = levels.astype(np.float32) * scale[:, None] - table
             tables.append({"node": node.name, "rows": int(table.shape[0]), "width": int(table.shape[1]),
                            "float_bytes": int(table.nbytes), "int8_bytes": int(levels.nbytes + scale.nbytes),
-                           "sqnr_db": float(10 * np.log10(np.sum(table.astype(np.float64) ** 2)
-                                                          / max(np.sum(error.astype(np.float64) ** 2), 1e-30))),
+                           "sqnr_db": row_quantization_sqnr_db(table, levels, scale),
                            "float_table_kept_for": other_readers})
         logger.info("quantize-embeddings: %d tables int8, %d left in float", len(tables), len(skipped))
         return bool(tables), {"options": dataclasses.asdict(self.options), "tables": tables, "skipped": skipped,

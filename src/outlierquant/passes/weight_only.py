@@ -143,14 +143,13 @@ class QuantizeWeightOnlyPass(OutlierPass):
                 skipped.append({"linear": linear.name, "reason": reason})
                 logger.info("%s: skip %s: %s", self.name, linear.name, reason)
                 continue
-            weight = np.asarray(linear.weight_array(), dtype=np.float64)
+            weight = linear.weight_array()  # float32: quantize_blockwise widens a column chunk at a time
             row_weight = None
             if stats is not None and linear.input.name in stats and \
                     stats[linear.input.name].channels == linear.in_features:
                 row_weight = np.maximum(stats[linear.input.name].mean_sq, 0.0)
             quantized = quantize_blockwise(weight, options.bits, options.group_size, symmetric=options.symmetric,
                                            clip_ratios=options.clip_ratios, row_weight=row_weight)
-            delta = quantized.dequantize() - weight
             label = linear_label(linear, "weight_only")  # node names predate the kebab-case pass key
 
             def build(tape: ir.tape.Tape, x: ir.Value, quantized=quantized, label=label) -> ir.Value:
@@ -165,9 +164,8 @@ class QuantizeWeightOnlyPass(OutlierPass):
             float_bytes += k * n * 4
             packed_bytes += (blocks * options.group_size * n * container) // 8 + blocks * n * 4 + \
                 (0 if options.symmetric and options.bits != 3 else n * -(-blocks * container // 8))
-            relative = float(np.sum(delta**2 * (row_weight[:, None] if row_weight is not None else 1.0)))
-            reference = float(np.sum(weight**2 * (row_weight[:, None] if row_weight is not None else 1.0))) or 1.0
-            layers.append({"linear": linear.name, "shape": [k, n], "relative_weight_error": relative / reference})
+            error, reference = quantized.weighted_error(weight, row_weight)
+            layers.append({"linear": linear.name, "shape": [k, n], "relative_weight_error": error / (reference or 1.0)})
         if layers:
             if options.emit == "matmul_nbits":
                 model.opset_imports.setdefault(MS_DOMAIN, 1)
