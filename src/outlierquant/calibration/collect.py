@@ -78,6 +78,15 @@ logger = logging.getLogger(__name__)
 #: tokens in the first calibration run, before the cost of a token is known
 _FIRST_RUN_TOKENS = 512
 
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux ``/proc``), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 #: The one memory budget for activations held at once: a calibration batch, the rows a
 #: pass captures to learn on, the attention probabilities a gate fetches. Bounded by this,
 #: peak memory does not grow with the calibration set or the vocabulary.
@@ -295,10 +304,11 @@ def collect_statistics(
     a bare name takes the channel axis its consumer implies, else the last axis).
     ``covariance_for``: names whose statistics keep a covariance matrix.
     ``batch_tokens``: consecutive feeds of identical shapes are run together up to about
-    this many tokens (``None`` or ``0``: one run per feed), and while the fetched
-    activations stay within ``batch_bytes`` (their cost per token is measured on the first
-    run, which holds at most 512 tokens): a large model's batches shrink, a small one's
-    do not.
+    this many tokens (``None`` or ``0``: one run per feed), and while the activations stay
+    within ``batch_bytes``. A token's cost is measured on the first run, which holds at
+    most 512 tokens: what the run made the process grow by (every intermediate onnxruntime
+    held at once), or the fetched bytes where that cannot be read. A large model's
+    batches shrink, a small one's do not.
     ``session_options``: default ``ORT_ENABLE_BASIC``; a given object gets the
     external-data folder option added when the model has external data.
     ``total``: the number of feeds, for the progress bar when ``feeds`` has no ``len``.
@@ -340,7 +350,8 @@ def collect_statistics(
             tqdm(total=total, desc="calibrating (building the session)", unit="sample",
                  disable=not _show_progress(progress), leave=False)
         )
-        session = create_session(model, fetched, session_options, providers, stack, fold_dequantize=True)
+        session = create_session(model, fetched, session_options, providers, stack, fold_dequantize=True,
+                                 only_extra=True)
         bar.set_description("calibrating", refresh=True)
         done = 0  # feeds whose every piece has been run
         reading: int | None = None  # the feed whose pieces are being queued
@@ -377,9 +388,18 @@ def collect_statistics(
             mask = batch.get("attention_mask")
             if mask is not None and (mask.ndim != 2 or mask.all()):
                 mask = None
+            before = resident_bytes() if bytes_per_token is None else None
             results = session.run(fetched, batch) if fetched else []
             counters["runs"] += 1
             per_token = sum(array.nbytes for array in results) / tokens_in_run
+            if before is not None:
+                # What the first run made the process grow by: onnxruntime's arena keeps the
+                # run's high-water mark, so this counts every intermediate the graph holds at
+                # once (attention scores, MLP activations), not only the fetched tensors —
+                # on a 65k-vocabulary decoder ~10x what is fetched.
+                after = resident_bytes()
+                if after is not None:
+                    per_token = max(per_token, (after - before) / tokens_in_run)
             bytes_per_token = per_token if bytes_per_token is None else max(bytes_per_token, per_token)
             for name, array in zip(fetched, results):
                 collector.fold(name, array, mask, samples, rows_per_sample)
@@ -532,7 +552,8 @@ def stream_tensors(
                 visit(name, arrays[name] if name in arrays else piece[name], piece, index)
 
     with contextlib.ExitStack() as stack:
-        session = create_session(model, fetched, session_options, providers, stack, fold_dequantize=True)
+        session = create_session(model, fetched, session_options, providers, stack, fold_dequantize=True,
+                                 only_extra=True)
         if not fetch_bytes and not batch_bytes:
             for index, raw in enumerate(iterate_feeds(feeds)):
                 feed = check_feed(index, raw, specs)

@@ -202,26 +202,99 @@ def _stubbed(values: dict[str, ir.Value], folder: str) -> Iterator[dict[str, Any
             value.const_value = tensor
 
 
+def _subgraph_inputs(node: ir.Node) -> Iterator[ir.Value]:
+    """Every value a node's subgraphs read (the outer-scope ones among them)."""
+    for attr in node.attributes.values():
+        graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+            attr.value if attr.type == ir.AttributeType.GRAPHS else [])
+        for graph in graphs:
+            for inner in ir.traversal.RecursiveGraphIterator(graph):
+                yield from (value for value in inner.inputs if value is not None)
+
+
+def _dead_initializers(model: ir.Model, outputs: Sequence[str]) -> dict[str, ir.Value]:
+    """The initializers no node that ``outputs`` depend on reads."""
+    graph = model.graph
+    needed = {value for value in graph.outputs if value.name in outputs}
+    needed |= {value for node in graph for value in node.outputs if value.name in outputs}
+    for node in reversed(list(graph)):
+        if any(value in needed for value in node.outputs):
+            needed.update(value for value in node.inputs if value is not None)
+            needed.update(_subgraph_inputs(node))
+    return {name: value for name, value in graph.initializers.items()
+            if value not in needed and value.const_value is not None
+            and not isinstance(value.const_value, ir.ExternalTensor)}
+
+
+def _prune_proto(graph: onnx.GraphProto) -> None:
+    """Drop the nodes no graph output depends on, and the initializers left unread."""
+
+    def refs(node: onnx.NodeProto) -> Iterator[str]:
+        yield from node.input
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                for inner in sub.node:
+                    yield from refs(inner)
+
+    needed = {out.name for out in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            keep.append(node)
+            needed.update(refs(node))
+    if len(keep) < len(graph.node):
+        kept = list(reversed(keep))
+        del graph.node[:]
+        graph.node.extend(kept)
+    unread = [t for t in graph.initializer if t.name not in needed]
+    for tensor in unread:
+        graph.initializer.remove(tensor)
+    # an old-style model also lists its initializers as graph inputs: without its
+    # initializer such an input would become one the caller must feed
+    dropped = {tensor.name for tensor in unread}
+    for value in [v for v in graph.input if v.name in dropped]:
+        graph.input.remove(value)
+
+
 def serialize_for_session(
-    model: ir.Model, extra_outputs: Sequence[str], stack: contextlib.ExitStack, *, bind: bool = True
+    model: ir.Model, extra_outputs: Sequence[str], stack: contextlib.ExitStack, *, bind: bool = True,
+    only_extra: bool = False,
 ) -> tuple[bytes, str | None, dict[str, Any]]:
     """The augmented graph as bytes, the folder its external-data locations are relative
-    to, and the arrays of the weights to hand to the session by reference (module doc)."""
+    to, and the arrays of the weights to hand to the session by reference (module doc).
+    ``only_extra``: see :func:`serialize_with_outputs`."""
     bound = _bindable(model, extra_outputs) if bind else {}
+    # weights only pruned nodes read: stubbed like the bound ones, so that no copy is made
+    # of what the session drops anyway (a decoder's LM head, when its input is fetched)
+    dead = {name: value for name, value in _dead_initializers(model, extra_outputs).items()
+            if name not in bound and value.const_value.nbytes >= BIND_MIN_BYTES} \
+        if only_extra and extra_outputs else {}
     with contextlib.ExitStack() as swap:
         arrays: dict[str, Any] = {}
-        if bound:
+        if bound or dead:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="outlierquant-session-"))
-            arrays = swap.enter_context(_stubbed(bound, folder))
+            arrays = swap.enter_context(_stubbed({**bound, **dead}, folder))
+            arrays = {name: array for name, array in arrays.items() if name not in dead}
         if _in_memory_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="outlierquant-calibration-"))
             logger.info("in-memory model above protobuf's 2 GB limit: staging its weights in %s", folder)
             swap.enter_context(_offloaded(model, folder))
-        data, root = serialize_with_outputs(model, extra_outputs)
+        data, root = serialize_with_outputs(model, extra_outputs, only_extra=only_extra)
     return data, root, arrays
 
 
-def serialize_with_outputs(model: ir.Model, extra_outputs: Sequence[str]) -> tuple[bytes, str | None]:
+def serialize_with_outputs(model: ir.Model, extra_outputs: Sequence[str], *,
+                           only_extra: bool = False) -> tuple[bytes, str | None]:
+    """``model`` serialized with ``extra_outputs`` as graph outputs, and the folder its
+    external-data locations are relative to.
+
+    ``only_extra``: the graph's outputs are ``extra_outputs`` alone (when there are any),
+    and the nodes no fetched tensor depends on are dropped (with the weights only they
+    read). Why: a session that only reads activations would otherwise still compute the
+    model's outputs on every run, and a decoder's logits (tokens x vocabulary) are the
+    largest tensor it makes — on a 65k-vocabulary model, 512 MiB for a batch of 2048
+    tokens and a third of the run.
+    """
     # Absolute data paths of the external tensors, known to onnx-ir (the proto only keeps
     # locations relative to each tensor's own folder).
     by_name: dict[str, str] = {}
@@ -235,10 +308,14 @@ def serialize_with_outputs(model: ir.Model, extra_outputs: Sequence[str]) -> tup
                 by_name[name] = path
 
     proto = ir.to_proto(model)  # external tensors stay references: nothing is read
+    if only_extra and extra_outputs:
+        del proto.graph.output[:]
     present = {out.name for out in proto.graph.output}
     for name in extra_outputs:
         if name not in present:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    if only_extra and extra_outputs:
+        _prune_proto(proto.graph)
 
     external = [
         t for t in _iter_proto_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL
@@ -365,6 +442,7 @@ def create_session(
     *,
     fold_dequantize: bool = False,
     bind_weights: bool | None = None,
+    only_extra: bool = False,
 ):
     """An onnxruntime session over ``model`` with ``extra_outputs`` added.
 
@@ -378,6 +456,8 @@ def create_session(
     ``bind_weights``: hand the large weights to the session by reference (:func:`_bindable`);
     it adds them to ``session_options``, so the default is to bind only into options made
     here (a caller's object may serve another session, which must not see them).
+    ``only_extra``: the session computes ``extra_outputs`` only, not the model's own
+    outputs (:func:`serialize_with_outputs`).
     """
     import onnxruntime as ort
 
@@ -395,7 +475,7 @@ def create_session(
 
         session_options = custom_ops.session_options(session_options)
     on_disk = any(isinstance(t, ir.ExternalTensor) for _, t in _iter_ir_tensors(model.graph))
-    data, folder, arrays = serialize_for_session(model, extra_outputs, stack, bind=bind_weights)
+    data, folder, arrays = serialize_for_session(model, extra_outputs, stack, bind=bind_weights, only_extra=only_extra)
     if folder is not None:
         session_options.add_session_config_entry(_EXTERNAL_FOLDER_OPTION, folder)
         logger.debug("external data read in place from %s", folder)
