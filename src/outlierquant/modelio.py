@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import onnx_ir as ir
 
@@ -388,27 +388,139 @@ def _outer_names(node) -> list[str]:
     return names
 
 
+# Protobuf field numbers (onnx.proto) of the messages that can hold a tensor, and the
+# wire types: 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32.
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_FUNCTION_NODES = 7
+_GRAPH_NODES, _GRAPH_INITIALIZERS, _GRAPH_SPARSE = 1, 5, 15
+_NODE_ATTRIBUTES = 5
+_ATTR_TENSOR, _ATTR_GRAPH, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_EXTERNAL_DATA = 13
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+
+
+def _fields(data, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(field, wire type, start, end)`` of each field of the message in ``data[start:end]``
+    (for a length-delimited field, its payload's span; else the span of its value)."""
+    pos = start
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise ValueError("truncated or malformed varint")
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while pos < end:
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            begin = pos
+            varint()
+            yield field, wire, begin, pos
+        elif wire == 2:
+            length = varint()
+            if pos + length > end:
+                raise ValueError("field runs past its message")
+            yield field, wire, pos, pos + length
+            pos += length
+        elif wire in (1, 5):
+            begin, pos = pos, pos + (8 if wire == 1 else 4)
+            yield field, wire, begin, pos
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+
+
+def _external_locations(path: Path) -> list[str]:
+    """The ``location`` of every external-data tensor of the model file at ``path``.
+
+    Why not ``onnx.load(..., load_external_data=False)``: that parses the whole file, and a
+    model with inline weights is then in memory twice over (its bytes and the parsed
+    message) just to learn it has no external data — 560 MiB for a 280 MiB model, more
+    than a quantizing pass needs. This walks protobuf's wire format over a memory map and
+    only reads the fields on the way to a tensor's ``external_data`` entries; the weight
+    bytes are skipped, never touched.
+    """
+    import mmap
+
+    locations: list[str] = []
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return locations
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+
+            def tensor(start: int, end: int) -> None:
+                for field, wire, a, b in _fields(data, start, end):
+                    if field == _TENSOR_EXTERNAL_DATA and wire == 2:
+                        entry = {f: bytes(data[x:y]) for f, w, x, y in _fields(data, a, b) if w == 2}
+                        if entry.get(_ENTRY_KEY) == b"location" and _ENTRY_VALUE in entry:
+                            locations.append(entry[_ENTRY_VALUE].decode("utf-8", "replace"))
+
+            def sparse(start: int, end: int) -> None:
+                for field, wire, a, b in _fields(data, start, end):
+                    if field in (_SPARSE_VALUES, _SPARSE_INDICES) and wire == 2:
+                        tensor(a, b)
+
+            def node(start: int, end: int) -> None:
+                for field, wire, a, b in _fields(data, start, end):
+                    if field != _NODE_ATTRIBUTES or wire != 2:
+                        continue
+                    for kind, w, x, y in _fields(data, a, b):
+                        if w != 2:
+                            continue
+                        if kind in (_ATTR_TENSOR, _ATTR_TENSORS):
+                            tensor(x, y)
+                        elif kind in (_ATTR_GRAPH, _ATTR_GRAPHS):
+                            graph(x, y)
+                        elif kind in (_ATTR_SPARSE, _ATTR_SPARSES):
+                            sparse(x, y)
+
+            def graph(start: int, end: int) -> None:
+                for field, wire, a, b in _fields(data, start, end):
+                    if wire != 2:
+                        continue
+                    if field == _GRAPH_INITIALIZERS:
+                        tensor(a, b)
+                    elif field == _GRAPH_NODES:
+                        node(a, b)
+                    elif field == _GRAPH_SPARSE:
+                        sparse(a, b)
+
+            for field, wire, a, b in _fields(data, 0, len(data)):
+                if wire != 2:
+                    continue
+                if field == _MODEL_GRAPH:
+                    graph(a, b)
+                elif field == _MODEL_FUNCTIONS:
+                    for inner, w, x, y in _fields(data, a, b):
+                        if inner == _FUNCTION_NODES and w == 2:
+                            node(x, y)
+    return locations
+
+
 def model_files(path: str | os.PathLike) -> list[Path]:
     """A model file and the external data files it references (those that exist)."""
-    import onnx
-
     path = Path(path)
     if path.is_dir():
         path = path / "model.onnx"
     files = [path]
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        locations = _external_locations(path)
     except Exception:  # not readable: load_model says why, and only the file itself is at stake
         return files
     seen = set()
-    for tensor in _iter_tensors(proto.graph):
-        for entry in tensor.external_data:
-            if entry.key == "location" and isinstance(entry.value, str) and "\0" not in entry.value \
-                    and entry.value not in seen:
-                seen.add(entry.value)
-                location = path.parent / entry.value
-                if location.exists():
-                    files.append(location)
+    for location in locations:
+        if "\0" not in location and location not in seen:
+            seen.add(location)
+            if (path.parent / location).exists():
+                files.append(path.parent / location)
     return files
 
 def check_finite_weights(model: ir.Model, source: str | os.PathLike = "model") -> None:
@@ -437,20 +549,7 @@ def model_weight_bytes(model: ir.Model) -> int:
 
 def model_file_bytes(path: str | os.PathLike) -> int:
     """Size of a saved model on disk: the .onnx plus the external data files it references."""
-    path = Path(path)
-    total = path.stat().st_size
-    seen: set[Path] = set()
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for tensor in _iter_tensors(proto.graph):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                location = path.parent / entry.value
-                if location not in seen and location.exists():
-                    seen.add(location)
-                    total += location.stat().st_size
-    return total
+    return sum(file.stat().st_size for file in model_files(path))
 
 
 def _iter_tensors(graph):
