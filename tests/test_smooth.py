@@ -267,3 +267,33 @@ def test_static_sqnr_of_a_zero_input_is_minus_infinity_and_the_gate_skips_it(tin
     result = online.with_stats(ActivationStats(zero))(model)
     assert not result.modified
     assert {g["skipped"] for g in result.record["skipped"]} == {"its input is zero on the calibration data"}
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_rescaled_weights_in_slabs_are_the_float64_formula_bit_for_bit(trans_b, monkeypatch):
+    """rescale_linear_weight works a slab of the stored weight at a time (an LM head must not
+    be copied several times over); the stored values are those of the one-shot float64
+    product cast back, in either layout (MatMul [K, N], Gemm transB [N, K])."""
+    from outlierquant.graph import edit
+    from outlierquant.graph.analysis import analyze_graph
+
+    rng = np.random.default_rng(3)
+    k, n = 24, 40
+    weight = (rng.standard_normal((n, k) if trans_b else (k, n)) * 3).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "w"], ["y"], transB=trans_b)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, n])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    rows, columns = rng.lognormal(0, 1, k), rng.lognormal(0, 1, n)
+    monkeypatch.setattr(edit, "_RESCALE_ELEMENTS", 50)  # slabs of 2 stored rows (or 1), the last one short
+    for scales in ({"rows": rows}, {"columns": columns}, {"rows": rows, "columns": columns}):
+        model = ir.serde.deserialize_model(onnx.helper.make_model(graph))
+        (linear,) = analyze_graph(model).linears
+        w_kn = np.asarray(linear.weight_array(), dtype=np.float64)
+        expected = w_kn * scales.get("rows", np.ones(k))[:, None] * scales.get("columns", np.ones(n))[None, :]
+        expected = np.ascontiguousarray((expected.T if trans_b else expected).astype(np.float32))
+        edit.rescale_linear_weight(model.graph, linear, "w_scaled", **scales)
+        stored = model.graph.node(0).inputs[1].const_value.numpy()
+        assert stored.flags.c_contiguous and stored.dtype == np.float32
+        np.testing.assert_array_equal(stored, expected)

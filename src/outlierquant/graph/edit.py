@@ -124,6 +124,40 @@ def write_linear_weight(graph: ir.Graph, linear, weight_kn, hint: str) -> None:
     set_input_constant(graph, linear.node, 1, array, hint)
 
 
+#: elements of a weight rescaled at once (float64 temporaries of 32 MiB)
+_RESCALE_ELEMENTS = 2**22
+
+
+def rescale_linear_weight(graph: ir.Graph, linear, hint: str, *, rows: np.ndarray | None = None,
+                          columns: np.ndarray | None = None) -> None:
+    """``W ← diag(rows) · W · diag(columns)`` for a ``[K, N]`` weight, in float64 and stored
+    back in the weight's own layout and dtype.
+
+    The same values as ``write_linear_weight(graph, linear, weight_array() * rows[:, None]
+    * columns[None, :])``, computed a slab of the stored array at a time: for an LM head
+    (65536 x 512) that product and its transposed cast held several copies of the weight
+    at once, the largest memory peak of a smoothing pass.
+    """
+    stored = constant_array(linear.node.inputs[1])
+    if linear.weight_layout == "in_out":
+        left, right = rows, columns
+    elif linear.weight_layout == "out_in":
+        left, right = columns, rows
+    else:
+        raise ValueError(f"{linear.name}: Conv weights are not rewritten")
+    out = np.empty(stored.shape, stored.dtype)
+    step = max(1, _RESCALE_ELEMENTS // max(1, int(np.prod(stored.shape[1:], dtype=np.int64))))
+    for start in range(0, stored.shape[0], step):
+        part = slice(start, start + step)
+        slab = np.asarray(stored[part], dtype=np.float64)
+        if left is not None:
+            slab = slab * np.asarray(left[part], np.float64)[:, None]
+        if right is not None:
+            slab = slab * np.asarray(right, np.float64)[None, :]
+        out[part] = slab
+    set_input_constant(graph, linear.node, 1, out, hint)
+
+
 def _bias_slot(linear: Linear) -> tuple[ir.Node, int]:
     if linear.bias_node is not None:
         return linear.bias_node, next(i for i, v in enumerate(linear.bias_node.inputs) if v is linear.bias)
@@ -212,8 +246,7 @@ def fold_into_producer(graph: ir.Graph, group: LinearGroup, s_producer: np.ndarr
         return
     if producer.kind == "linear":
         linear = producer.linear
-        weight = np.asarray(linear.weight_array(), dtype=np.float64) * inverse[None, :]
-        write_linear_weight(graph, linear, weight, f"{linear.name}_weight_folded")
+        rescale_linear_weight(graph, linear, f"{linear.name}_weight_folded", columns=inverse)
         if linear.bias is not None:
             index = bias_input_index(linear)
             scale_input_vector(linear.bias_node or linear.node, index, inverse, graph, f"{linear.name}_bias_folded",
@@ -233,14 +266,13 @@ def bias_input_index(linear: Linear) -> int:
 def scale_consumers(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: np.ndarray | None = None) -> None:
     """``W ← diag(s)·W`` (and ``b ← b + shift @ W`` for a shift) for every linear of the group."""
     for linear in group.linears:
-        weight = np.asarray(linear.weight_array(), dtype=np.float64)
         if shift is not None and np.any(shift):
             if linear.bias is None:
                 raise ValueError(f"linear {linear.name} has no bias to absorb a shift")
-            correction = shift @ weight
+            correction = shift @ np.asarray(linear.weight_array(), dtype=np.float64)
             scale_input_vector(linear.bias_node or linear.node, bias_input_index(linear), np.ones_like(correction), graph,
                           f"{linear.name}_bias_shifted", -correction)
-        write_linear_weight(graph, linear, weight * s[:, None], f"{linear.name}_weight_smoothed")
+        rescale_linear_weight(graph, linear, f"{linear.name}_weight_smoothed", rows=s)
 
 
 def insert_channel_ops(graph: ir.Graph, group: LinearGroup, s: np.ndarray, shift: np.ndarray | None = None) -> int:

@@ -95,7 +95,12 @@ def set_input_constant(graph: ir.Graph, node: ir.Node, index: int, array, hint: 
 
     value = node.inputs[index]
     old = constant_array(value)
-    array = np.ascontiguousarray(np.asarray(array).astype(old.dtype if old is not None else np.float32))
+    array = np.asarray(array)
+    dtype = old.dtype if old is not None else np.float32
+    if array.dtype != dtype or not array.flags.c_contiguous or not array.flags.owndata:
+        # a private contiguous copy; a fresh array of the right kind is taken as it is (an
+        # LM head's worth of memory not copied twice)
+        array = np.array(array, dtype=dtype, order="C")
     if (value is not None and value.name in graph.initializers and len(list(value.uses())) == 1
             and not value.is_graph_output()):
         value.const_value = ir.tensor(array, name=value.name)

@@ -21,9 +21,16 @@ DEFAULT_ALPHA_GRID = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.05))
 _MIN_SCALE = 1e-5
 
 
+def row_absmax(weight: np.ndarray) -> np.ndarray:
+    """``max_n |W[k, n]|`` per row, as ``max(max, −min)``: the same values as
+    ``np.abs(weight).max(axis=1)`` without a weight-sized temporary (an LM head's is 256 MiB
+    in float64)."""
+    return np.maximum(weight.max(axis=1), -weight.min(axis=1))
+
+
 def smoothing_scales(act_absmax: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
     """``s_j = max|X_j|^α / max|W_j|^(1−α)``, guarded against empty channels."""
-    w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    w_absmax = np.max([row_absmax(w) for w in weights], axis=0)
     a = np.maximum(np.asarray(act_absmax, dtype=np.float64), _MIN_SCALE)
     w = np.maximum(w_absmax, _MIN_SCALE)
     s = a**alpha / w ** (1.0 - alpha)

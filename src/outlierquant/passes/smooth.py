@@ -75,6 +75,7 @@ from outlierquant.numerics.estimates import (
     DEFAULT_ALPHA_GRID,
     estimated_output_error,
     max_median_ratio,
+    row_absmax,
     search_alpha,
     smoothing_scales,
 )
@@ -182,7 +183,7 @@ class SmoothQuantPass(GroupRewritePass):
         absmax, cmap = producer_channels(group, np.asarray(st.absmax, dtype=np.float64))
 
         def scales(alpha: float) -> np.ndarray:
-            w_rows = [np.abs(w).max(axis=1) for w in weights]
+            w_rows = [row_absmax(w) for w in weights]
             w_absmax = np.max(w_rows, axis=0)
             w_prod, _ = producer_channels(group, w_absmax)
             s_prod = smoothing_scales(absmax, [w_prod[:, None]], alpha)
@@ -211,6 +212,7 @@ class SmoothQuantPass(GroupRewritePass):
         entry["alpha"] = alpha
         entry["max_median_before"] = max_median_ratio(st.absmax)
         entry["max_median_after"] = max_median_ratio(st.absmax / s)
+        weights.clear()  # float64 copies (an LM head's: 256 MiB): not needed while rewriting
         s_prod = s if cmap is None else producer_channels(group, s, reduce=lambda a, b: a)[0]
         if group.producer.foldable:
             self._carry.changed |= _values_inside_producer(group)
