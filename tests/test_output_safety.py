@@ -209,3 +209,37 @@ def test_api_raises_outlierquant_errors(tmp_path):
     with pytest.raises(InputError, match="limit"):
         quantizer.feeds(feeds, limit=-1)
     assert digest_tree(tmp_path) == before
+
+
+def test_streamed_inline_save_parses_to_the_same_model(tmp_path, monkeypatch):
+    """save_inline writes large initializers one at a time as merged graph fields; every
+    parser must read the model ir.save would have written, initializer order included."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from outlierquant import outputs
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w_big", (64, 32)), ("b_small", (32,)), ("w_big2", (32, 16)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_big"], ["h"]), helper.make_node("Add", ["h", "b_small"], ["h2"]),
+         helper.make_node("MatMul", ["h2", "w_big2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 16])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    expected = ir.to_proto(model).SerializeToString()
+    original = model.graph.initializers["w_big"].const_value
+    monkeypatch.setattr(outputs, "STREAM_MIN_BYTES", 1024)  # the two weights streamed, the bias not
+    path = tmp_path / "m.onnx"
+    outputs.save_inline(model, path)
+    assert path.read_bytes() != expected  # really written in pieces
+    assert onnx.load(str(path)).SerializeToString() == expected
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, (x @ numpy_helper.to_array(inits[0]) + numpy_helper.to_array(inits[1]))
+                               @ numpy_helper.to_array(inits[2]), rtol=1e-5, atol=1e-5)
+    assert model.graph.initializers["w_big"].const_value is original  # the model is left as it was

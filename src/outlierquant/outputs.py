@@ -363,8 +363,82 @@ def write_model(model: ir.Model, unit: OutputUnit, name: str, *, external_data: 
         # Tensors still backed by the *input's* external data file would be written as
         # references to a file that does not exist beside the output: inline them.
         _inline_external_tensors(model)
-        ir.save(model, unit.path(name))
+        save_inline(model, unit.path(name))
     return external_data
+
+
+#: main-graph initializers at least this large are serialized one at a time by :func:`save_inline`
+STREAM_MIN_BYTES = 1 << 20
+
+
+def save_inline(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write ``model`` as one self-contained ``.onnx`` file, its large initializers one at a time.
+
+    Why not ``ir.save``: it builds the whole ModelProto and then its serialized bytes, so
+    an output was in memory three times while it was written (an LLM.int8() bench model
+    with a 262 MiB output peaked there). Here the graph is serialized with those
+    initializers left out, and each is appended as its own ``graph`` field holding that one
+    initializer: protobuf merges repeated occurrences of a message field, so every parser
+    reads the same model (initializers in the same order), one tensor's copy at a time.
+    """
+    import onnx
+
+    graph = model.graph
+    large = [(name, value) for name, value in graph.initializers.items()
+             if value.const_value is not None and value.const_value.nbytes >= STREAM_MIN_BYTES]
+    if not large:
+        ir.save(model, path)
+        return
+    stubs = []
+    try:
+        for name, value in large:  # tiny stand-ins while the rest is serialized
+            tensor = value.const_value
+            stubs.append((value, tensor))
+            value.const_value = ir.ExternalTensor("stub", 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                                  name=name)
+        proto = ir.to_proto(model)
+    finally:
+        for value, tensor in stubs:
+            value.const_value = tensor
+    order = [t.name for t in proto.graph.initializer]
+    streamed = {name for name, _ in large}
+    kept = [t for t in proto.graph.initializer if t.name not in streamed]
+    del proto.graph.initializer[:]
+    head = proto.SerializeToString()
+    del proto
+    by_name = dict(large)
+    with open(path, "wb") as handle:
+        handle.write(head)
+        for name in order:
+            if name in streamed:
+                tensor_proto = ir.serde.serialize_tensor(by_name[name].const_value)
+            else:
+                tensor_proto = next(t for t in kept if t.name == name)
+            fragment = onnx.GraphProto()
+            fragment.initializer.append(tensor_proto)
+            del tensor_proto
+            body = fragment.SerializeToString()
+            del fragment
+            handle.write(_field_header(_MODEL_GRAPH_FIELD, len(body)))
+            handle.write(body)
+
+
+_MODEL_GRAPH_FIELD = 7  # ModelProto.graph
+
+
+def _field_header(field: int, length: int) -> bytes:
+    """A length-delimited protobuf field's key and length varints."""
+    out = bytearray()
+    for value in ((field << 3) | 2, length):
+        while True:
+            byte = value & 0x7F
+            value >>= 7
+            if value:
+                out.append(byte | 0x80)
+            else:
+                out.append(byte)
+                break
+    return bytes(out)
 
 
 def save_model(
