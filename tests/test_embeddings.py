@@ -29,6 +29,7 @@ def test_rows_in_slabs_match_the_one_pass_formula(monkeypatch):
     """A vocabulary table is rounded (and its SQNR summed) a slab of rows at a time; the
     levels and scales are those of the one-pass formula, the SQNR equal to rounding."""
     from outlierquant.emit import embeddings
+    from outlierquant.numerics import slabs
 
     rng = np.random.default_rng(1)
     table = rng.normal(size=(37, 16)).astype(np.float32) * rng.uniform(0.01, 100, size=(37, 1)).astype(np.float32)
@@ -38,7 +39,7 @@ def test_rows_in_slabs_match_the_one_pass_formula(monkeypatch):
     expected = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
     error = (expected.astype(np.float32) * scale[:, None] - table).astype(np.float64)
     sqnr = 10 * np.log10(np.sum(table.astype(np.float64) ** 2) / np.sum(error**2))
-    monkeypatch.setattr(embeddings, "ROWS_ELEMENTS", 16 * 3)  # 3 rows a slab, the last one short
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", 16 * 3)  # 3 rows a slab, the last one short
     levels, got_scale = quantize_rows(table)
     np.testing.assert_array_equal(got_scale, scale)
     np.testing.assert_array_equal(levels, expected)

@@ -349,7 +349,7 @@ def test_quantize_outputs_calibrates_every_planned_output():
 def test_weight_rounding_in_slabs_matches_the_plain_formula(shape, axis, monkeypatch):
     """quantize_weight rounds a large weight a slab at a time (an LM head must not need
     several weight-sized float temporaries); the levels and scales are those of the formula."""
-    from outlierquant.numerics import grids
+    from outlierquant.numerics import slabs
 
     rng = np.random.default_rng(7)
     weight = (rng.standard_normal(shape) * rng.lognormal(0, 2, shape)).astype(np.float32)
@@ -359,7 +359,7 @@ def test_weight_rounding_in_slabs_matches_the_plain_formula(shape, axis, monkeyp
     broadcast = [1] * weight.ndim
     broadcast[axis] = -1
     expected = np.clip(np.rint(weight / scale.reshape(broadcast)), -127, 127).astype(np.int8)
-    monkeypatch.setattr(grids, "_ROUND_ELEMENTS", 50)  # several slabs, the last one short
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", 50)  # several slabs, the last one short
     q, got_scale = quantize_weight(weight, axis)
     np.testing.assert_array_equal(got_scale, scale)
     np.testing.assert_array_equal(q, expected)

@@ -275,6 +275,7 @@ def test_rescaled_weights_in_slabs_are_the_float64_formula_bit_for_bit(trans_b, 
     be copied several times over); the stored values are those of the one-shot float64
     product cast back, in either layout (MatMul [K, N], Gemm transB [N, K])."""
     from outlierquant.graph import edit
+    from outlierquant.numerics import slabs
     from outlierquant.graph.analysis import analyze_graph
 
     rng = np.random.default_rng(3)
@@ -286,7 +287,7 @@ def test_rescaled_weights_in_slabs_are_the_float64_formula_bit_for_bit(trans_b, 
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, n])],
         [onnx.numpy_helper.from_array(weight, "w")])
     rows, columns = rng.lognormal(0, 1, k), rng.lognormal(0, 1, n)
-    monkeypatch.setattr(edit, "_RESCALE_ELEMENTS", 50)  # slabs of 2 stored rows (or 1), the last one short
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", 50)  # slabs of 2 stored rows (or 1), the last one short
     for scales in ({"rows": rows}, {"columns": columns}, {"rows": rows, "columns": columns}):
         model = ir.serde.deserialize_model(onnx.helper.make_model(graph))
         (linear,) = analyze_graph(model).linears

@@ -103,7 +103,7 @@ def test_onnxruntime_matches_numpy_dequantized_matmul(bits, symmetric, emit):
 def test_column_chunks_give_the_whole_matrix_result_bit_for_bit(symmetric, axis, monkeypatch):
     """A vocabulary-sized head is quantized a chunk of columns at a time; the levels, scales
     and weighted errors must be those of one pass over the matrix."""
-    from outlierquant.numerics import grids
+    from outlierquant.numerics import slabs
 
     rng = np.random.default_rng(4)
     weight = (rng.standard_normal((80, 45)) * rng.lognormal(0, 1, (80, 1))).astype(np.float32)
@@ -114,7 +114,7 @@ def test_column_chunks_give_the_whole_matrix_result_bit_for_bit(symmetric, axis,
     whole = quantize_blockwise(weight, 4, 16, **kwargs)
     full = weight if axis == 0 else weight.T
     error, reference = whole.weighted_error(full, row_weight)
-    monkeypatch.setattr(grids, "_CHUNK_ELEMENTS", 80 * 7)  # 7 columns a chunk: 7 chunks, the last short
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", 80 * 7)  # 7 columns a chunk: 7 chunks, the last short
     chunked = quantize_blockwise(weight, 4, 16, **kwargs)
     np.testing.assert_array_equal(chunked.levels, whole.levels)
     np.testing.assert_array_equal(chunked.grid.scale, whole.grid.scale)

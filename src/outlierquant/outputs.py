@@ -400,20 +400,16 @@ def save_inline(model: ir.Model, path: str | os.PathLike) -> None:
     finally:
         for value, tensor in stubs:
             value.const_value = tensor
-    order = [t.name for t in proto.graph.initializer]
-    streamed = {name for name, _ in large}
-    kept = [t for t in proto.graph.initializer if t.name not in streamed]
+    streamed = dict(large)
+    # in file order; the small ones as serialized, the large ones serialized as they are written
+    order = [(t.name, None if t.name in streamed else t) for t in proto.graph.initializer]
     del proto.graph.initializer[:]
     head = proto.SerializeToString()
     del proto
-    by_name = dict(large)
     with open(path, "wb") as handle:
         handle.write(head)
-        for name in order:
-            if name in streamed:
-                tensor_proto = ir.serde.serialize_tensor(by_name[name].const_value)
-            else:
-                tensor_proto = next(t for t in kept if t.name == name)
+        for name, small in order:
+            tensor_proto = ir.serde.serialize_tensor(streamed[name].const_value) if small is None else small
             fragment = onnx.GraphProto()
             fragment.initializer.append(tensor_proto)
             del tensor_proto

@@ -78,6 +78,7 @@ logger = logging.getLogger(__name__)
 #: tokens in the first calibration run, before the cost of a token is known
 _FIRST_RUN_TOKENS = 512
 
+
 def resident_bytes() -> int | None:
     """This process's resident memory (Linux ``/proc``), or None where it cannot be read."""
     try:

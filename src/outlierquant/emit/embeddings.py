@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from outlierquant.graph.values import add_initializer
+from outlierquant.numerics.slabs import slabs
 
 
 def quantize_rows(table: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -22,23 +23,15 @@ def quantize_rows(table: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndar
     absmax = np.maximum(table.max(axis=1), -table.min(axis=1)).astype(np.float32)
     scale = np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
     levels = np.empty(table.shape, np.int8)
-    step = max(1, ROWS_ELEMENTS // max(1, table.shape[1]))
-    for start in range(0, table.shape[0], step):  # elementwise: slabs give the one-pass values
-        part = slice(start, start + step)
+    for part in slabs(*table.shape):  # elementwise: slabs give the one-pass values
         levels[part] = np.clip(np.rint(table[part] / scale[part, None]), -qmax, qmax)
     return levels, scale
-
-
-#: table elements rounded or compared at once (float temporaries stay small)
-ROWS_ELEMENTS = 2**22
 
 
 def row_quantization_sqnr_db(table: np.ndarray, levels: np.ndarray, scale: np.ndarray) -> float:
     """SQNR of the dequantized rows against ``table``, in dB, a slab of rows at a time."""
     signal = noise = 0.0
-    step = max(1, ROWS_ELEMENTS // max(1, table.shape[1]))
-    for start in range(0, table.shape[0], step):
-        part = slice(start, start + step)
+    for part in slabs(*table.shape):
         rows = table[part]
         error = (levels[part].astype(np.float32) * scale[part, None] - rows).astype(np.float64)
         signal += float(np.sum(rows.astype(np.float64) ** 2))

@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from outlierquant.graph.records import Linear, LinearGroup
 from outlierquant.graph.values import add_initializer, constant_array, first_in_graph, set_input_constant, unique_name
+from outlierquant.numerics.slabs import slabs
 
 if TYPE_CHECKING:  # statistics are read, never built, here
     from outlierquant.calibration.stats import ActivationStats
@@ -124,10 +125,6 @@ def write_linear_weight(graph: ir.Graph, linear, weight_kn, hint: str) -> None:
     set_input_constant(graph, linear.node, 1, array, hint)
 
 
-#: elements of a weight rescaled at once (float64 temporaries of 32 MiB)
-_RESCALE_ELEMENTS = 2**22
-
-
 def rescale_linear_weight(graph: ir.Graph, linear, hint: str, *, rows: np.ndarray | None = None,
                           columns: np.ndarray | None = None) -> None:
     """``W ← diag(rows) · W · diag(columns)`` for a ``[K, N]`` weight, in float64 and stored
@@ -146,9 +143,7 @@ def rescale_linear_weight(graph: ir.Graph, linear, hint: str, *, rows: np.ndarra
     else:
         raise ValueError(f"{linear.name}: Conv weights are not rewritten")
     out = np.empty(stored.shape, stored.dtype)
-    step = max(1, _RESCALE_ELEMENTS // max(1, int(np.prod(stored.shape[1:], dtype=np.int64))))
-    for start in range(0, stored.shape[0], step):
-        part = slice(start, start + step)
+    for part in slabs(stored.shape[0], int(np.prod(stored.shape[1:], dtype=np.int64))):
         slab = np.asarray(stored[part], dtype=np.float64)
         if left is not None:
             slab = slab * np.asarray(left[part], np.float64)[:, None]

@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from outlierquant.numerics.slabs import slabs
+
 
 def weight_scales(weight: np.ndarray, axis: int, bits: int = 8) -> np.ndarray:
     """Symmetric per-channel scales along ``axis`` (the output channels)."""
@@ -21,10 +23,6 @@ def weight_scales(weight: np.ndarray, axis: int, bits: int = 8) -> np.ndarray:
     return np.where(scale > np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
 
 
-#: elements rounded at once by :func:`quantize_weight` (its float temporaries stay small)
-_ROUND_ELEMENTS = 2**22
-
-
 def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """int8 weights and their scales (round half to even, as QuantizeLinear)."""
     qmax = 2 ** (bits - 1) - 1
@@ -33,13 +31,11 @@ def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8) -> tuple[np.nd
     shape[axis] = -1
     scale_b = scale.reshape(shape)
     q = np.empty(weight.shape, np.int8)
-    if weight.ndim == 0 or weight.size <= _ROUND_ELEMENTS:
+    if weight.ndim == 0:
         q[...] = np.clip(np.rint(weight / scale_b), -qmax, qmax)
         return q, scale
     # a slab of the leading axis at a time: elementwise, so the same values as one pass
-    rows = max(1, _ROUND_ELEMENTS * weight.shape[0] // weight.size)
-    for start in range(0, weight.shape[0], rows):
-        part = slice(start, start + rows)
+    for part in slabs(weight.shape[0], weight.size // max(1, weight.shape[0])):
         q[part] = np.clip(np.rint(weight[part] / (scale_b if axis != 0 else scale_b[part])), -qmax, qmax)
     return q, scale
 
@@ -179,10 +175,8 @@ class BlockwiseWeight:
         a column chunk at a time (no full-size float64 temporaries)."""
         k, n = self.levels.shape
         rw = np.ones((k, 1)) if row_weight is None else np.asarray(row_weight, np.float64)[:, None]
-        step = max(1, _CHUNK_ELEMENTS // max(k, 1))
         error = reference = 0.0
-        for start in range(0, n, step):
-            columns = slice(start, start + step)
+        for columns in slabs(n, k):
             w = np.asarray(weight[:, columns], dtype=np.float64)
             error += float(np.sum((self.dequantize(columns) - w) ** 2 * rw))
             reference += float(np.sum(w**2 * rw))
@@ -224,12 +218,6 @@ def _symmetric_grid(weight: np.ndarray, bits: int, block: int, row_weight: np.nd
     return GroupGrid("per_oc", block, bits, scale, np.full(scale.shape, half, np.uint8))
 
 
-#: float64 elements of one column chunk in :func:`quantize_blockwise` (32 MiB): the clip
-#: search holds several temporaries of a chunk's size, so a vocabulary-sized LM head
-#: (65536 x 512 = 256 MiB in float64) would otherwise need over a GiB at once.
-_CHUNK_ELEMENTS = 2**22
-
-
 def quantize_blockwise(weight: np.ndarray, bits: int = 4, block: int = 32, *, symmetric: bool = False,
                        clip_ratios: tuple[float, ...] = (1.0,), row_weight: np.ndarray | None = None,
                        axis: int = 0) -> BlockwiseWeight:
@@ -249,10 +237,11 @@ def quantize_blockwise(weight: np.ndarray, bits: int = 4, block: int = 32, *, sy
         raise ValueError(f"axis={axis}: allowed 0, 1")
     k, n = w.shape
     rw = np.ones(k) if row_weight is None else np.maximum(np.asarray(row_weight, np.float64), 1e-12)
-    step = max(1, _CHUNK_ELEMENTS // max(k, 1))
     scales, zeros, levels = [], [], []
-    for start in range(0, n, step):
-        chunk = np.asarray(w[:, start:start + step], dtype=np.float64)
+    # the clip search holds several temporaries of a chunk's size: a vocabulary-sized LM
+    # head at once would need over a GiB
+    for columns in slabs(n, k):
+        chunk = np.asarray(w[:, columns], dtype=np.float64)
         if symmetric:
             grid = _symmetric_grid(chunk, bits, block, rw, tuple(clip_ratios))
         else:

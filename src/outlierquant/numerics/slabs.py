@@ -1,0 +1,21 @@
+"""Bounded working memory for elementwise weight math: a large matrix (an LM head of
+65536 x 512 is 256 MiB in float64) is processed a slab of rows or columns at a time, so a
+computation's temporaries stay near :data:`SLAB_ELEMENTS` elements whatever the model.
+Only for work where each element (or each row/column) is computed on its own: slabs then
+give exactly the one-pass values.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+#: elements of one slab (float64 temporaries of 32 MiB)
+SLAB_ELEMENTS = 2**22
+
+
+def slabs(count: int, per_item: int) -> Iterator[slice]:
+    """Slices over ``count`` items (rows or columns) of ``per_item`` elements each, every
+    slice holding about :data:`SLAB_ELEMENTS` elements (at least one item)."""
+    step = max(1, SLAB_ELEMENTS // max(1, int(per_item)))
+    for start in range(0, count, step):
+        yield slice(start, start + step)
