@@ -243,6 +243,30 @@ def test_mixed_int8_gemm_form_is_the_kernel_bit_for_bit(static):
     _assert_close(y, reference.mixed_int8_matmul(x, *weights))
 
 
+@pytest.mark.parametrize("encoding", ["auto", "unsigned", "signed"])
+@pytest.mark.parametrize("form", ["kernel", "contrib", "standard"])
+def test_mixed_int8_extreme_codes_stay_exact(form, encoding, monkeypatch):
+    """Every activation at its row maximum (uint8 code 255) against every weight at its
+    column maximum (127): each u8 x s8 pair sums to 64770, which MLAS saturates at 32767 on
+    an x86 CPU without VNNI. The encoding chosen for this CPU (``auto``, and the kernel's own
+    check) and ``unsigned`` anywhere keep the product exact; ``signed`` is exact wherever
+    this CPU does not saturate."""
+    from outlierquant.numerics import int8
+
+    if form == "kernel" and not custom_ops.available():
+        pytest.skip("kernels not built")
+    if encoding == "signed" and int8.host_saturates_u8s8():
+        pytest.skip("this CPU saturates u8 x s8 pair sums: signed weights are not exact here")
+    monkeypatch.setenv("OUTLIERQUANT_INT8_WEIGHTS", encoding)
+    k, n = 64, 8
+    x = np.full((2, 3, k), 0.5, np.float32)
+    weight = np.full((k, n), 0.25, np.float32)
+    weights = reference.prepare_mixed_int8_weights(weight, [])
+    (y,) = _session(_mixed_model(weights, form=form), kernels=form == "kernel").run(None, {"x": x})
+    _assert_close(y, reference.mixed_int8_matmul(x, *weights))
+    np.testing.assert_allclose(y, x @ weight, rtol=1e-5)  # the codes are exact: 0.5 * 0.25 * 64
+
+
 @requires_kernels
 def test_per_token_kernel_uint8_output_is_codes_plus_128():
     x = _activations(np.random.default_rng(8), (2, 3, 64), outliers=(5,))

@@ -279,8 +279,10 @@ def test_integer_per_token_form_needs_per_token_activations():
 
 
 @pytest.mark.slow
-def test_w8a8_with_onnxruntime_layout_reproduces_onnxruntime_static_qdq(minilm_onnx, tmp_path):
-    """Same choices -> same model: our inserter against onnxruntime's quantize_static."""
+def test_w8a8_with_onnxruntime_layout_reproduces_onnxruntime_static_qdq(minilm_onnx, tmp_path, monkeypatch):
+    """Same choices -> same model: our inserter against onnxruntime's quantize_static (which
+    stores signed weights, whatever the CPU)."""
+    monkeypatch.setenv("OUTLIERQUANT_INT8_WEIGHTS", "signed")
     from transformers import AutoTokenizer
 
     from outlierquant.calibration.collect import collect_statistics
@@ -364,3 +366,46 @@ def test_weight_rounding_in_slabs_matches_the_plain_formula(shape, axis, monkeyp
     np.testing.assert_array_equal(got_scale, scale)
     np.testing.assert_array_equal(q, expected)
     assert q.dtype == np.int8
+
+
+def test_int8_weight_codes_shift_exactly_and_the_setting_is_checked(monkeypatch):
+    from outlierquant.numerics import int8
+
+    levels = np.array([[-127, -1, 0], [1, 64, 127]], np.int8)
+    codes, zero = int8.weight_codes(levels, (3,), "unsigned")
+    assert codes.dtype == np.uint8 and zero.dtype == np.uint8 and zero.shape == (3,)
+    np.testing.assert_array_equal(codes.astype(np.int16) - zero.astype(np.int16), levels)
+    codes, zero = int8.weight_codes(levels, (), "signed")
+    assert codes is levels and zero.dtype == np.int8 and zero == 0
+    monkeypatch.setenv("OUTLIERQUANT_INT8_WEIGHTS", "unsigned")
+    assert int8.weight_encoding() == "unsigned" and "asked for" in int8.describe_encoding()["reason"]
+    monkeypatch.setenv("OUTLIERQUANT_INT8_WEIGHTS", "u8")
+    with pytest.raises(ValueError, match="OUTLIERQUANT_INT8_WEIGHTS='u8'"):
+        int8.weight_encoding()
+
+
+@pytest.mark.parametrize("encoding", ["auto", "unsigned", "signed"])
+def test_qdq_matmul_with_extreme_codes_is_exact_through_onnxruntimes_fusions(encoding, monkeypatch):
+    """Activation codes 255 against weight levels 127: the pair sums that saturate u8 x s8 on
+    x86 without VNNI. With the encoding chosen for this CPU, onnxruntime's fused integer
+    MatMul gives the exact product, as the unfused DequantizeLinear path does."""
+    from onnx import helper, numpy_helper
+
+    from outlierquant.numerics import int8
+
+    if encoding == "signed" and int8.host_saturates_u8s8():
+        pytest.skip("this CPU saturates u8 x s8 pair sums: signed weights are not exact here")
+    monkeypatch.setenv("OUTLIERQUANT_INT8_WEIGHTS", encoding)
+    k, n = 64, 8
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", k])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", n])],
+        [numpy_helper.from_array(np.full((k, n), 0.25, np.float32), "w")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.full((4, k), 0.5, np.float32)
+    QuantizeQDQPass(QuantConfig()).with_stats(stats_for(model, x, ["x"]))(model)
+    weight_codes = next(v.const_value.numpy() for v in model.graph.initializers.values() if v.name.endswith("_quantized"))
+    assert weight_codes.dtype == (np.uint8 if int8.weight_encoding() == "unsigned" else np.int8)
+    y = run(model, x)["y"]  # onnxruntime's default level: QDQ fused into its integer kernels
+    np.testing.assert_allclose(y, x @ np.full((k, n), 0.25, np.float32), rtol=1e-2)

@@ -195,6 +195,7 @@ def quantize_model(
     progress: bool | None = None,
     protect: Iterable[str | os.PathLike] = (),
     extra_files: Callable[[dict[str, Any], Callable[[str], Path]], None] | None = None,
+    int8_weights: str | None = None,
 ) -> QuantizeResult:
     """Quantize ``model_path`` with ``recipe`` into ``output_path`` (+ ``.report.json``).
 
@@ -207,7 +208,12 @@ def quantize_model(
     is where to write the file that becomes ``output_path.parent / name``) and may add to
     the report before it is written; the plugin's output folders use it for the config,
     tokenizer and ``ort_config.json``.
+
+    ``int8_weights``: ``auto``, ``signed`` or ``unsigned`` storage of int8 weight codes
+    (:mod:`outlierquant.numerics.int8`; ``None``: ``OUTLIERQUANT_INT8_WEIGHTS``, else ``auto``).
     """
+    from outlierquant.numerics.int8 import describe_encoding, encoding_set
+
     model_path = Path(model_path)
     output_path = Path(output_path)
     if output_path.suffix != ".onnx":
@@ -227,9 +233,10 @@ def quantize_model(
 
     started = time.perf_counter()
     model = load_model(model_path)
-    with translated(model_path):
+    with translated(model_path), encoding_set(int8_weights):
         check_finite_weights(model, model_path)
         records = run_recipe(model, recipe, feeds, stats=stats, progress=progress)
+        encoding = describe_encoding()
 
     import onnxruntime
 
@@ -248,6 +255,8 @@ def quantize_model(
             "passes": records,
             "simulated": any(r.get("simulated") for r in records),
             "float_channels": float_channel_summary(records),
+            # how int8 weight codes are stored, and why (signed ones saturate on x86 without VNNI)
+            "int8_weights": encoding,
             "seconds": round(seconds, 3),
             "size_bytes": {"input": model_file_bytes(model_path),
                            "output": unit.staged_bytes(output_path, data_path)},

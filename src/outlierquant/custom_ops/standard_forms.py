@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from outlierquant.custom_ops import DOMAIN
 from outlierquant.custom_ops.reference import INT8_MAX, outlier_channel_array
+from outlierquant.numerics.int8 import weight_codes
 from outlierquant.errors import InputError
 from outlierquant.numerics.hadamard import check_hadamard_size, kronecker_split, sylvester_hadamard
 
@@ -189,7 +190,9 @@ def mixed_int8_matmul_standard_form(
         weight_q, weight_scale, outlier_channels, outlier_weight
     )
     k, n = weight_q.shape
-    w_q = _constant(tape, weight_q, f"{name}_weight_q")
+    codes, w_zero = weight_codes(weight_q)  # the codes this CPU's integer kernels run exactly
+    w_q = _constant(tape, codes, f"{name}_weight_q")
+    w_zero_point = _constant(tape, w_zero, f"{name}_weight_zero_point")
     w_scale = _constant(tape, weight_scale, f"{name}_weight_scale")
 
     inliers = x
@@ -216,10 +219,10 @@ def mixed_int8_matmul_standard_form(
                       {"to": int(ir.DataType.UINT8)})
     if use_contrib_ops:
         unit = _constant(tape, np.array(1, dtype=np.float32), f"{name}_unit_scale")
-        scaled = tape.op("MatMulIntegerToFloat", [shifted, w_q, unit, w_scale, zero_point],
+        scaled = tape.op("MatMulIntegerToFloat", [shifted, w_q, unit, w_scale, zero_point, w_zero_point],
                          domain=CONTRIB_DOMAIN, version=1)
     else:
-        accumulator = tape.op("MatMulInteger", [shifted, w_q, zero_point])
+        accumulator = tape.op("MatMulInteger", [shifted, w_q, zero_point, w_zero_point])
         scaled = tape.op("Mul", [tape.op("Cast", [accumulator], {"to": int(ir.DataType.FLOAT)}), w_scale])
     y = tape.op("Mul", [scaled, row_scale])
 
@@ -228,7 +231,8 @@ def mixed_int8_matmul_standard_form(
         y = tape.op("Add", [y, tape.op("MatMul", [gathered, _constant(tape, outlier_weight,
                                                                         f"{name}_outlier_weight")])])
     if dynamic_mask is not None:
-        dequantized = tape.op("DequantizeLinear", [w_q, w_scale], {"axis": 1})
+        dequantized = tape.op("DequantizeLinear", [
+            w_q, w_scale, _constant(tape, np.full(n, w_zero, w_zero.dtype), f"{name}_weight_zero_points")], {"axis": 1})
         y = tape.op("Add", [y, tape.op("MatMul", [tape.op("Mul", [x, dynamic_mask]), dequantized])])
     return y
 
@@ -304,10 +308,12 @@ def mixed_int8_matmul_gemm_form(
         codes.name = ""  # the int8 codes are not needed: the kernel skips an output left out
         if shared is not None:
             shared[key] = (row_scale, shifted, gathered)
-    scaled = tape.op("MatMulIntegerToFloat", [shifted, _constant(tape, weight_q, f"{name}_weight_q"),
+    codes, w_zero = weight_codes(weight_q)  # the codes this CPU's integer kernels run exactly
+    scaled = tape.op("MatMulIntegerToFloat", [shifted, _constant(tape, codes, f"{name}_weight_q"),
                                               _constant(tape, np.array(1, np.float32), f"{name}_unit_scale"),
                                               _constant(tape, weight_scale, f"{name}_weight_scale"),
-                                              _constant(tape, np.array(128, np.uint8), f"{name}_zero_point")],
+                                              _constant(tape, np.array(128, np.uint8), f"{name}_zero_point"),
+                                              _constant(tape, w_zero, f"{name}_weight_zero_point")],
                      domain=CONTRIB_DOMAIN, version=1)
     y = tape.op("Mul", [scaled, row_scale])
     if channels.size:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import onnx_ir as ir
 
+from outlierquant.numerics.int8 import weight_codes
 from outlierquant.errors import CalibrationError
 from outlierquant.graph.attention import is_attention_matmul, probs_step, quantized_source
 from outlierquant.graph.edit import name_excluded
@@ -208,10 +209,13 @@ class _Inserter:
             return
         rounded = self.rounded.get((node.name, decl.input_index))
         q, scale = rounded if rounded is not None else quantize_weight(array, decl.axis)
+        # signed activations keep signed weights (s8s8); uint8 ones get the codes the CPU
+        # runs exactly (numerics/int8.py)
+        codes, zero = weight_codes(q, scale.shape, "signed" if self.config.activation_type == "int8" else None)
         base = value.name or f"{node.name}_weight"
-        q_value = add_initializer(self.graph, f"{base}_quantized", q)
+        q_value = add_initializer(self.graph, f"{base}_quantized", codes)
         s_value = add_initializer(self.graph, f"{base}_scale", scale)
-        z_value = add_initializer(self.graph, f"{base}_zero_point", np.zeros_like(scale, dtype=np.int8))
+        z_value = add_initializer(self.graph, f"{base}_zero_point", zero)
         dq = ir.node(
             "DequantizeLinear",
             inputs=[q_value, s_value, z_value],
@@ -365,9 +369,10 @@ def per_channel_weight_dequantize(graph: ir.Graph, levels: np.ndarray, scales: n
                                   name: str) -> ir.Node:
     """A ``DequantizeLinear`` of symmetric int8 weight ``levels`` with per-channel ``scales``
     along ``axis`` (its initializers registered; the node for the caller to insert)."""
-    qv = add_initializer(graph, f"{name}_channel_quantized", levels)
+    codes, zero = weight_codes(levels, scales.shape)
+    qv = add_initializer(graph, f"{name}_channel_quantized", codes)
     sv = add_initializer(graph, f"{name}_channel_scale", scales)
-    zv = add_initializer(graph, f"{name}_channel_zero_point", np.zeros_like(scales, dtype=np.int8))
+    zv = add_initializer(graph, f"{name}_channel_zero_point", zero)
     node = ir.node("DequantizeLinear", inputs=[qv, sv, zv], attributes={"axis": axis}, name=f"{name}_DequantizeLinear")
     node.outputs[0].name = f"{name}_dequantized"
     node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)

@@ -804,7 +804,7 @@ def _fuse_skip_layernorm(model: ir.Model) -> tuple[list[dict], list[dict]]:
 
 def _dq_parts(value: ir.Value | None, *, weight: bool) -> tuple[ir.Value, ir.Value, ir.Value | None] | None:
     """``(levels, scale, zero_point)`` of ``value = DequantizeLinear(levels, scale, zp)``: for
-    the activation a per-tensor 8-bit grid, for the weight constant int8 ``[K, N]`` levels
+    the activation a per-tensor 8-bit grid, for the weight constant 8-bit ``[K, N]`` levels
     with a per-tensor or per-column (axis 1) scale — what ``MatMulIntegerToFloat`` takes."""
     dq = value.producer() if value is not None else None
     if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _STD or len(dq.inputs) < 2:
@@ -825,7 +825,7 @@ def _dq_parts(value: ir.Value | None, *, weight: bool) -> tuple[ir.Value, ir.Val
     if not weight:
         return (levels, scale, zero_point) if scale_array.size == 1 and not is_constant(levels) else None
     array = constant_array(levels)
-    if array is None or array.ndim != 2 or array.dtype != np.int8:
+    if array is None or array.ndim != 2 or array.dtype not in (np.int8, np.uint8):  # numerics/int8.py: either
         return None
     if scale_array.size != 1 and (scale_array.shape != (array.shape[1],) or dq.attributes.get_int("axis", 1) != 1):
         return None

@@ -4,11 +4,22 @@
 // float; every other channel is quantized per token to int8 and multiplied by onnxruntime's
 // own com.microsoft::MatMulIntegerToFloat (MLAS u8 x s8), invoked from inside this kernel.
 // Inputs, attributes and the exact arithmetic are specified in reference.py.
+//
+// On an x86 CPU without VNNI, MLAS multiplies u8 x s8 with vpmaddubsw, which saturates each
+// pair sum at int16 (255 * 127 * 2 > 32767): the kernel then hands MLAS the weights as
+// uint8 (+128, zero point 128), whose u8 x u8 kernels widen before multiplying. Same
+// integers, exact either way (numerics/int8.py explains the same choice for the graph forms).
 #include "common.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
 
 namespace outlierquant {
 namespace {
@@ -29,6 +40,32 @@ void AddScaled(float* __restrict y, const float* __restrict x, float alpha, int6
 OUTLIERQUANT_MULTIVERSION
 void MaskRow(const float* __restrict row, const uint8_t* __restrict is_outlier, float* __restrict out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = is_outlier[i] ? 0.0f : row[i];
+}
+
+// Whether MLAS's u8 x s8 GEMM saturates here: x86-64 without a usable VNNI (AVX512-VNNI with
+// the OS saving zmm state, or AVX-VNNI with ymm state). OUTLIERQUANT_INT8_WEIGHTS=signed or
+// =unsigned overrides the detection (tests run both paths on any CPU).
+bool UnsignedWeightsNeeded() {
+  const char* forced = std::getenv("OUTLIERQUANT_INT8_WEIGHTS");
+  if (forced != nullptr && std::string(forced) == "unsigned") return true;
+  if (forced != nullptr && std::string(forced) == "signed") return false;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool saturates = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return true;  // no OSXSAVE: no AVX at all
+    unsigned xcr0_low = 0, xcr0_high = 0;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    const bool ymm = (xcr0_low & 0x6u) == 0x6u;
+    const bool zmm = (xcr0_low & 0xE6u) == 0xE6u;
+    bool avx512_vnni = false, avx_vnni = false;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) avx512_vnni = (c >> 11) & 1;
+    if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) avx_vnni = (a >> 4) & 1;
+    return !((avx512_vnni && zmm) || (avx_vnni && ymm));
+  }();
+  return saturates;
+#else
+  return false;
+#endif
 }
 
 constexpr ArgSpec kInputs[] = {{"X", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false},
@@ -53,13 +90,24 @@ struct MixedInt8MatMul : GuardedKernel<MixedInt8MatMul> {
                         std::to_string(threshold_));
     }
 
+    unsigned_weights_ = UnsignedWeightsNeeded();
     const char* type_names[] = {"T1", "T2", "T3"};
-    const ONNXTensorElementDataType type_values[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-                                                     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
-                                                     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-    // Inputs: A (uint8), B (int8), a_scale, b_scale, a_zero_point.
+    const ONNXTensorElementDataType type_values[] = {
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+        unsigned_weights_ ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    // Inputs: A (uint8), B (int8, or uint8 + its zero point), a_scale, b_scale, a_zero_point[, b_zero_point].
     integer_matmul_ = Ort::Op::Create(info, "MatMulIntegerToFloat", "com.microsoft", 1, type_names,
-                                      type_values, 3, nullptr, 0, 5, 1);
+                                      type_values, 3, nullptr, 0, unsigned_weights_ ? 6 : 5, 1);
+    if (unsigned_weights_) {
+      int is_constant = 0;
+      Ort::ConstValue weight = Ort::ConstKernelInfo(info).GetTensorConstantInput(1, &is_constant);
+      if (is_constant && weight) {
+        const size_t count = weight.GetTensorTypeAndShapeInfo().GetElementCount();
+        constant_codes_.resize(count);
+        ToUnsigned(weight.GetTensorData<int8_t>(), static_cast<int64_t>(count), constant_codes_.data());
+      }
+    }
     unit_scale_ = Ort::Value::CreateTensor<float>(memory_info_, &unit_scale_value_, 1, nullptr, 0);
     zero_point_ = Ort::Value::CreateTensor<uint8_t>(memory_info_, &zero_point_value_, 1, nullptr, 0);
   }
@@ -175,6 +223,21 @@ struct MixedInt8MatMul : GuardedKernel<MixedInt8MatMul> {
     float* row_scale = static_cast<float*>(scale_buffer.get());
     Ort::ConstValue w_value = kernel_context.GetInput(1);
     Ort::ConstValue w_scale_value = kernel_context.GetInput(2);
+    const OrtValue* w_inner = w_value;
+    Ort::Value w_unsigned_value(nullptr);
+    Ort::MemoryAllocation codes_buffer(allocator, nullptr, 0);
+    if (unsigned_weights_) {
+      const uint8_t* codes = constant_codes_.data();
+      if (static_cast<int64_t>(constant_codes_.size()) != k_dim * n_dim) {  // a weight computed at run time
+        codes_buffer = allocator.GetAllocation(static_cast<size_t>(k_dim * n_dim));
+        ToUnsigned(w_q, k_dim * n_dim, static_cast<uint8_t*>(codes_buffer.get()));
+        codes = static_cast<const uint8_t*>(codes_buffer.get());
+      }
+      const int64_t w_shape_2d[] = {k_dim, n_dim};
+      w_unsigned_value = Ort::Value::CreateTensor<uint8_t>(memory_info_, const_cast<uint8_t*>(codes),
+                                                           static_cast<size_t>(k_dim * n_dim), w_shape_2d, 2);
+      w_inner = w_unsigned_value;
+    }
 
     for (int64_t chunk_begin = 0; chunk_begin < rows; chunk_begin += chunk_rows) {
       const int64_t chunk = std::min(chunk_rows, rows - chunk_begin);
@@ -200,9 +263,9 @@ struct MixedInt8MatMul : GuardedKernel<MixedInt8MatMul> {
                                                              a_shape, 2);
       Ort::Value y_value = Ort::Value::CreateTensor<float>(memory_info_, y_chunk, static_cast<size_t>(chunk * n_dim),
                                                            y_shape_2d, 2);
-      const OrtValue* inner_inputs[] = {a_value, w_value, unit_scale_, w_scale_value, zero_point_};
+      const OrtValue* inner_inputs[] = {a_value, w_inner, unit_scale_, w_scale_value, zero_point_, zero_point_};
       OrtValue* inner_outputs[] = {y_value};
-      integer_matmul_.Invoke(context, inner_inputs, 5, inner_outputs, 1);
+      integer_matmul_.Invoke(context, inner_inputs, unsigned_weights_ ? 6 : 5, inner_outputs, 1);
 
       ParallelRows(context, chunk, n_dim * (1 + n_static + n_dynamic), 1 << 16, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
@@ -220,8 +283,15 @@ struct MixedInt8MatMul : GuardedKernel<MixedInt8MatMul> {
     }
   }
 
+  static void ToUnsigned(const int8_t* w_q, int64_t count, uint8_t* out) {
+    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<uint8_t>(static_cast<int>(w_q[i]) + 128);
+  }
+
   Ort::MemoryInfo memory_info_;
   Ort::Op integer_matmul_;
+  bool unsigned_weights_ = false;
+  // W_q + 128 (b_zero_point: zero_point_'s 128), made once when W_q is a constant initializer
+  std::vector<uint8_t> constant_codes_;
   float threshold_ = 0.0f;
   float unit_scale_value_ = 1.0f;
   uint8_t zero_point_value_ = 128;
