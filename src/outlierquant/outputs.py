@@ -409,7 +409,11 @@ def save_inline(model: ir.Model, path: str | os.PathLike) -> None:
     with open(path, "wb") as handle:
         handle.write(head)
         for name, small in order:
-            tensor_proto = ir.serde.serialize_tensor(streamed[name].const_value) if small is None else small
+            if small is None:
+                tensor_proto = ir.serde.serialize_tensor(streamed[name].const_value)
+                tensor_proto.name = name  # the value's name, as ir.save writes it (a tensor may carry another)
+            else:
+                tensor_proto = small
             fragment = onnx.GraphProto()
             fragment.initializer.append(tensor_proto)
             del tensor_proto
