@@ -298,3 +298,37 @@ def test_rescaled_weights_in_slabs_are_the_float64_formula_bit_for_bit(trans_b, 
         stored = model.graph.node(0).inputs[1].const_value.numpy()
         assert stored.flags.c_contiguous and stored.dtype == np.float32
         np.testing.assert_array_equal(stored, expected)
+
+
+@pytest.mark.parametrize("block", [0, 16])
+def test_output_error_estimate_in_row_slabs_is_the_whole_matrix_formula(block, monkeypatch):
+    """The α search scores each candidate a slab of weight rows at a time (an LM head held
+    five float64 copies of itself per α); the estimate is the one-shot formula's, and the
+    search picks the same α."""
+    from outlierquant.calibration.stats import ChannelStats
+    from outlierquant.numerics import slabs
+    from outlierquant.numerics.estimates import activation_steps, weight_rounding_error
+
+    rng = np.random.default_rng(5)
+    k, n = 48, 20
+    x = rng.standard_normal((200, k)) * rng.lognormal(0, 1.5, k)
+    st = ChannelStats.empty(k, -1)
+    st.update(x)
+    weights = [rng.standard_normal((k, n)), rng.standard_normal((k, 7)) * 3]
+    bits = 4 if block else 8
+
+    def one_shot(s):
+        steps = activation_steps(st, s)
+        total = 0.0
+        for w in weights:
+            error = weight_rounding_error(w * s[:, None], bits, block) / s[:, None]
+            total += float(st.mean_sq @ (error**2).sum(axis=1)) + float((steps**2 / 12.0) @ (w**2).sum(axis=1))
+        return total
+
+    options = dict(activation_bits=8, weight_bits=bits, weight_block=block)
+    expected = {alpha: one_shot(smoothing_scales(st.absmax, weights, alpha)) for alpha in DEFAULT_ALPHA_GRID}
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", 20 * 5)  # 5 rows a slab (blocked: one block of 16)
+    alpha, _, errors = search_alpha(st, weights, DEFAULT_ALPHA_GRID, **options)
+    for a in DEFAULT_ALPHA_GRID:
+        assert errors[a] == pytest.approx(expected[a], rel=1e-12)
+    assert alpha == min(expected, key=expected.get)

@@ -13,9 +13,11 @@ from typing import Iterator
 SLAB_ELEMENTS = 2**22
 
 
-def slabs(count: int, per_item: int) -> Iterator[slice]:
+def slabs(count: int, per_item: int, align: int = 1) -> Iterator[slice]:
     """Slices over ``count`` items (rows or columns) of ``per_item`` elements each, every
-    slice holding about :data:`SLAB_ELEMENTS` elements (at least one item)."""
-    step = max(1, SLAB_ELEMENTS // max(1, int(per_item)))
+    slice holding about :data:`SLAB_ELEMENTS` elements (at least ``align`` items, and a
+    multiple of ``align`` except the last: blocks of ``align`` rows stay whole)."""
+    align = max(1, int(align))
+    step = max(align, SLAB_ELEMENTS // max(1, int(per_item)) // align * align)
     for start in range(0, count, step):
         yield slice(start, start + step)
