@@ -225,6 +225,11 @@ def test_streamed_inline_save_parses_to_the_same_model(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
              for name, shape in (("w_big", (64, 32)), ("b_small", (32,)), ("w_big2", (32, 16)))]
+    # integer and half tensors take the same raw-bytes path, a string tensor onnx-ir's serializer
+    inits += [numpy_helper.from_array(rng.integers(-127, 128, (64, 32)).astype(np.int8), "codes"),
+              numpy_helper.from_array(rng.standard_normal((40, 16)).astype(np.float16), "half"),
+              numpy_helper.from_array(np.array(["a" * 700, "b" * 700], dtype=object), "words")]
+    inits[0].doc_string = "kept with the streamed bytes"
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w_big"], ["h"]), helper.make_node("Add", ["h", "b_small"], ["h2"]),
          helper.make_node("MatMul", ["h2", "w_big2"], ["y"])], "g",

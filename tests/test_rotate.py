@@ -720,3 +720,33 @@ def test_default_recipe_rotates_only_the_noisy_down_projections_and_quantizes_ev
     a = np.concatenate([r.reshape(-1) for r in reference])
     b = np.concatenate([q.reshape(-1) for q in quantized])
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_column_slab_rotation_of_a_weight_is_the_whole_product(trans_b, monkeypatch):
+    """map_linear_weight_columns rotates an LM-head-sized weight a slab of output columns at
+    a time; stored in either layout, the result is ``Qᵀ diag(γ) W`` of the whole matrix."""
+    from outlierquant.graph import edit
+    from outlierquant.graph.analysis import analyze_graph
+    from outlierquant.numerics import slabs
+    from outlierquant.numerics.hadamard import orthogonal_matrix
+
+    rng = np.random.default_rng(6)
+    k, n = 16, 45
+    weight = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "w"], ["y"], transB=trans_b)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, n])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    model = ir.serde.deserialize_model(onnx.helper.make_model(graph))
+    (linear,) = analyze_graph(model).linears
+    q = orthogonal_matrix(k, "random", seed=0)
+    gamma = rng.lognormal(0, 1, k)
+    w_kn = np.asarray(linear.weight_array(), dtype=np.float64)
+    expected = (q.T @ (gamma[:, None] * w_kn)).astype(np.float32)
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", k * 7)  # 7 columns a slab, the last one short
+    edit.map_linear_weight_columns(model.graph, linear, "w_rotated", lambda block: q.T @ (gamma[:, None] * block))
+    stored = model.graph.node(0).inputs[1].const_value.numpy()
+    assert stored.flags.c_contiguous and stored.dtype == np.float32
+    np.testing.assert_allclose(stored.T if trans_b else stored, expected, rtol=1e-6, atol=1e-6)

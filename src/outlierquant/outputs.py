@@ -379,10 +379,9 @@ def save_inline(model: ir.Model, path: str | os.PathLike) -> None:
     with a 262 MiB output peaked there). Here the graph is serialized with those
     initializers left out, and each is appended as its own ``graph`` field holding that one
     initializer: protobuf merges repeated occurrences of a message field, so every parser
-    reads the same model (initializers in the same order), one tensor's copy at a time.
+    reads the same model (initializers in the same order). A weight's bytes go from its
+    array to the file without another copy.
     """
-    import onnx
-
     graph = model.graph
     large = [(name, value) for name, value in graph.initializers.items()
              if value.const_value is not None and value.const_value.nbytes >= STREAM_MIN_BYTES]
@@ -409,21 +408,54 @@ def save_inline(model: ir.Model, path: str | os.PathLike) -> None:
     with open(path, "wb") as handle:
         handle.write(head)
         for name, small in order:
-            if small is None:
-                tensor_proto = ir.serde.serialize_tensor(streamed[name].const_value)
-                tensor_proto.name = name  # the value's name, as ir.save writes it (a tensor may carry another)
+            if small is not None:
+                pieces = _initializer_fragment(small.SerializeToString())
             else:
-                tensor_proto = small
-            fragment = onnx.GraphProto()
-            fragment.initializer.append(tensor_proto)
-            del tensor_proto
-            body = fragment.SerializeToString()
-            del fragment
-            handle.write(_field_header(_MODEL_GRAPH_FIELD, len(body)))
-            handle.write(body)
+                pieces = _streamed_initializer(name, streamed[name].const_value)
+            for piece in pieces:
+                handle.write(piece)
+
+
+#: numpy dtypes whose little-endian bytes are ONNX's raw_data for the tensor as they are
+_RAW_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8,
+                         ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32,
+                         ir.DataType.UINT32, ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
+
+
+def _initializer_fragment(tensor_body: bytes, raw: memoryview | None = None) -> list:
+    """``graph { initializer { tensor_body [raw_data: raw] } }`` as wire-format pieces."""
+    raw_header = _field_header(_TENSOR_RAW_DATA_FIELD, raw.nbytes) if raw is not None else b""
+    tensor_length = len(tensor_body) + len(raw_header) + (raw.nbytes if raw is not None else 0)
+    initializer_header = _field_header(_GRAPH_INITIALIZER_FIELD, tensor_length)
+    graph_header = _field_header(_MODEL_GRAPH_FIELD, len(initializer_header) + tensor_length)
+    return [graph_header + initializer_header + tensor_body + raw_header, *([raw] if raw is not None else [])]
+
+
+def _streamed_initializer(name: str, tensor) -> list:
+    """One large initializer as wire-format pieces, named after its value (as ir.save does;
+    a tensor can carry another name). A numpy-native tensor's bytes are written straight
+    from its array (no TensorProto holding a copy of them, nor its serialized bytes);
+    other types go through onnx-ir's serializer."""
+    import sys
+
+    import numpy as np
+
+    if tensor.dtype in _RAW_DTYPES and sys.byteorder == "little":
+        array = np.ascontiguousarray(tensor.numpy())
+        stub = ir.ExternalTensor("stub", 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name,
+                                 doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props))
+        meta = ir.serde.serialize_tensor(stub)  # dims, type, name, doc, metadata: all but the data
+        del meta.external_data[:]
+        meta.ClearField("data_location")
+        return _initializer_fragment(meta.SerializeToString(), memoryview(array).cast("B"))
+    tensor_proto = ir.serde.serialize_tensor(tensor)
+    tensor_proto.name = name
+    return _initializer_fragment(tensor_proto.SerializeToString())
 
 
 _MODEL_GRAPH_FIELD = 7  # ModelProto.graph
+_GRAPH_INITIALIZER_FIELD = 5  # GraphProto.initializer
+_TENSOR_RAW_DATA_FIELD = 9  # TensorProto.raw_data
 
 
 def _field_header(field: int, length: int) -> bytes:

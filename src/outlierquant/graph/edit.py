@@ -153,6 +153,28 @@ def rescale_linear_weight(graph: ir.Graph, linear, hint: str, *, rows: np.ndarra
     set_input_constant(graph, linear.node, 1, out, hint)
 
 
+def map_linear_weight_columns(graph: ir.Graph, linear, hint: str, fn) -> None:
+    """``W[:, c] ← fn(W[:, c])`` for the output columns of a ``[K, N]`` weight: ``fn`` takes
+    a float64 ``[K, n]`` block of columns and returns the new ``[K, n]`` block; the result is
+    stored back in the weight's own layout and dtype.
+
+    Built a slab of columns at a time, so a vocabulary-wide weight (an LM head a rotation
+    rewrites) is never held in float64 whole; every column is its own product, the same
+    one the whole-matrix ``fn`` computes (up to the BLAS's blocking of it).
+    """
+    stored = constant_array(linear.node.inputs[1])
+    if linear.weight_layout not in ("in_out", "out_in"):
+        raise ValueError(f"{linear.name}: Conv weights are not rewritten")
+    out = np.empty(stored.shape, stored.dtype)
+    if linear.weight_layout == "in_out":  # [K, N]
+        for part in slabs(stored.shape[1], stored.shape[0]):
+            out[:, part] = fn(np.asarray(stored[:, part], dtype=np.float64))
+    else:  # [N, K]: a column of W is a stored row
+        for part in slabs(stored.shape[0], stored.shape[1]):
+            out[part] = fn(np.asarray(stored[part], dtype=np.float64).T).T
+    set_input_constant(graph, linear.node, 1, out, hint)
+
+
 def _bias_slot(linear: Linear) -> tuple[ir.Node, int]:
     if linear.bias_node is not None:
         return linear.bias_node, next(i for i, v in enumerate(linear.bias_node.inputs) if v is linear.bias)

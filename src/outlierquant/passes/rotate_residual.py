@@ -62,7 +62,7 @@ import onnx_ir as ir
 
 from outlierquant.emit.rotation import rms_norm_nodes
 from outlierquant.graph.analysis import analyze_graph
-from outlierquant.graph.edit import write_bias, write_linear_weight
+from outlierquant.graph.edit import map_linear_weight_columns, write_bias, write_linear_weight
 from outlierquant.graph.records import Norm
 from outlierquant.graph.residual import ResidualStream, embedding_table, find_residual_stream, norm_epsilon
 from outlierquant.graph.tags import ROTATED_NORM_KEY
@@ -70,6 +70,7 @@ from outlierquant.graph.values import constant_array, set_input_constant
 from outlierquant.numerics.estimates import _profile_entry
 from outlierquant.numerics.grids import as_f64
 from outlierquant.numerics.hadamard import orthogonal_matrix
+from outlierquant.numerics.slabs import slabs
 from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
@@ -154,9 +155,12 @@ class RotateResidualPass(OutlierPass):
             if writer.bias is not None:
                 bias = as_f64(writer.bias_array()).reshape(-1) @ writer_map
                 write_bias(graph, writer, bias, f"{writer.name}_bias_rotated")
-        for node in stream.embeddings:
-            table = as_f64(embedding_table(node)) @ writer_map
-            set_input_constant(graph, node, 0, table, f"{node.inputs[0].name}_rotated")
+        for node in stream.embeddings:  # a slab of rows at a time: a vocabulary's table is large
+            table = embedding_table(node)
+            rotated = np.empty(table.shape, table.dtype)
+            for part in slabs(*table.shape):
+                rotated[part] = as_f64(table[part]) @ writer_map
+            set_input_constant(graph, node, 0, rotated, f"{node.inputs[0].name}_rotated")
 
         # 2. readers: W ← Qᵀ diag(γ) W, b ← b + β W; then the norms lose γ/β
         for norm in stream.norms:
@@ -164,13 +168,13 @@ class RotateResidualPass(OutlierPass):
             beta = as_f64(constant_array(norm.beta)).reshape(-1) if norm.beta is not None else None
             for group in stream.readers[id(norm)]:
                 for linear in group.linears:
-                    weight = as_f64(linear.weight_array())
                     if beta is not None and np.any(beta):
-                        bias = beta @ weight
+                        bias = beta @ as_f64(linear.weight_array())
                         if linear.bias is not None:
                             bias = bias + as_f64(linear.bias_array()).reshape(-1)
                         write_bias(graph, linear, bias, f"{linear.name}_bias_folded")
-                    write_linear_weight(graph, linear, q.T @ (gamma[:, None] * weight), f"{linear.name}_weight_rotated")
+                    map_linear_weight_columns(graph, linear, f"{linear.name}_weight_rotated",
+                                              lambda block: q.T @ (gamma[:, None] * block))
             self._strip_norm(model, norm)
 
         from onnx_ir.passes.common import RemoveUnusedNodesPass
