@@ -192,7 +192,8 @@ def mixed_int8_matmul_standard_form(
     k, n = weight_q.shape
     codes, w_zero = weight_codes(weight_q)  # the codes this CPU's integer kernels run exactly
     w_q = _constant(tape, codes, f"{name}_weight_q")
-    w_zero_point = _constant(tape, w_zero, f"{name}_weight_zero_point")
+    # signed codes need no weight zero point (0 is the default): the form stays as it was
+    w_zero_point = _constant(tape, w_zero, f"{name}_weight_zero_point") if codes.dtype == np.uint8 else None
     w_scale = _constant(tape, weight_scale, f"{name}_weight_scale")
 
     inliers = x
@@ -219,10 +220,12 @@ def mixed_int8_matmul_standard_form(
                       {"to": int(ir.DataType.UINT8)})
     if use_contrib_ops:
         unit = _constant(tape, np.array(1, dtype=np.float32), f"{name}_unit_scale")
-        scaled = tape.op("MatMulIntegerToFloat", [shifted, w_q, unit, w_scale, zero_point, w_zero_point],
+        scaled = tape.op("MatMulIntegerToFloat", [shifted, w_q, unit, w_scale, zero_point,
+                                                  *([w_zero_point] if w_zero_point is not None else [])],
                          domain=CONTRIB_DOMAIN, version=1)
     else:
-        accumulator = tape.op("MatMulInteger", [shifted, w_q, zero_point, w_zero_point])
+        accumulator = tape.op("MatMulInteger", [shifted, w_q, zero_point,
+                                                *([w_zero_point] if w_zero_point is not None else [])])
         scaled = tape.op("Mul", [tape.op("Cast", [accumulator], {"to": int(ir.DataType.FLOAT)}), w_scale])
     y = tape.op("Mul", [scaled, row_scale])
 
@@ -231,8 +234,9 @@ def mixed_int8_matmul_standard_form(
         y = tape.op("Add", [y, tape.op("MatMul", [gathered, _constant(tape, outlier_weight,
                                                                         f"{name}_outlier_weight")])])
     if dynamic_mask is not None:
-        dequantized = tape.op("DequantizeLinear", [
-            w_q, w_scale, _constant(tape, np.full(n, w_zero, w_zero.dtype), f"{name}_weight_zero_points")], {"axis": 1})
+        zero_points = [] if w_zero_point is None else [
+            _constant(tape, np.full(n, w_zero, w_zero.dtype), f"{name}_weight_zero_points")]
+        dequantized = tape.op("DequantizeLinear", [w_q, w_scale, *zero_points], {"axis": 1})
         y = tape.op("Add", [y, tape.op("MatMul", [tape.op("Mul", [x, dynamic_mask]), dequantized])])
     return y
 
@@ -313,7 +317,8 @@ def mixed_int8_matmul_gemm_form(
                                               _constant(tape, np.array(1, np.float32), f"{name}_unit_scale"),
                                               _constant(tape, weight_scale, f"{name}_weight_scale"),
                                               _constant(tape, np.array(128, np.uint8), f"{name}_zero_point"),
-                                              _constant(tape, w_zero, f"{name}_weight_zero_point")],
+                                              *([_constant(tape, w_zero, f"{name}_weight_zero_point")]
+                                                if codes.dtype == np.uint8 else [])],
                      domain=CONTRIB_DOMAIN, version=1)
     y = tape.op("Mul", [scaled, row_scale])
     if channels.size:

@@ -127,13 +127,20 @@ def write_linear_weight(graph: ir.Graph, linear, weight_kn, hint: str) -> None:
 
 def rescale_linear_weight(graph: ir.Graph, linear, hint: str, *, rows: np.ndarray | None = None,
                           columns: np.ndarray | None = None) -> None:
-    """``W ← diag(rows) · W · diag(columns)`` for a ``[K, N]`` weight, in float64 and stored
-    back in the weight's own layout and dtype.
+    """``W ← diag(rows) · W · diag(columns)`` for a ``[K, N]`` weight, stored back in the
+    weight's own layout and dtype (:func:`rescaled_linear_weight`)."""
+    set_input_constant(graph, linear.node, 1, rescaled_linear_weight(linear, rows=rows, columns=columns), hint)
 
-    The same values as ``write_linear_weight(graph, linear, weight_array() * rows[:, None]
-    * columns[None, :])``, computed a slab of the stored array at a time: for an LM head
-    (65536 x 512) that product and its transposed cast held several copies of the weight
-    at once, the largest memory peak of a smoothing pass.
+
+def rescaled_linear_weight(linear, *, rows: np.ndarray | None = None, columns: np.ndarray | None = None,
+                           dtype=None) -> np.ndarray:
+    """``diag(rows) · W · diag(columns)`` of a linear's ``[K, N]`` weight, in float64 and cast
+    to ``dtype`` (default: the weight's), in its stored layout.
+
+    The same values as ``(weight_array() * rows[:, None] * columns[None, :])`` cast, computed
+    a slab of the stored array at a time: for an LM head (65536 x 512) that product and its
+    transposed cast held several copies of the weight at once, the largest memory peak of
+    the smoothing passes.
     """
     stored = constant_array(linear.node.inputs[1])
     if linear.weight_layout == "in_out":
@@ -142,7 +149,7 @@ def rescale_linear_weight(graph: ir.Graph, linear, hint: str, *, rows: np.ndarra
         left, right = columns, rows
     else:
         raise ValueError(f"{linear.name}: Conv weights are not rewritten")
-    out = np.empty(stored.shape, stored.dtype)
+    out = np.empty(stored.shape, stored.dtype if dtype is None else dtype)
     for part in slabs(stored.shape[0], int(np.prod(stored.shape[1:], dtype=np.int64))):
         slab = np.asarray(stored[part], dtype=np.float64)
         if left is not None:
@@ -150,7 +157,7 @@ def rescale_linear_weight(graph: ir.Graph, linear, hint: str, *, rows: np.ndarra
         if right is not None:
             slab = slab * np.asarray(right, np.float64)[None, :]
         out[part] = slab
-    set_input_constant(graph, linear.node, 1, out, hint)
+    return out
 
 
 def map_linear_weight_columns(graph: ir.Graph, linear, hint: str, fn) -> None:

@@ -48,7 +48,14 @@ from outlierquant.emit.qdq import (
     quantize_dequantize_nodes,
 )
 from outlierquant.graph.analysis import analyze_graph
-from outlierquant.graph.edit import bias_input_index, check_group, group_weight_rows, is_excluded, scale_input_vector
+from outlierquant.graph.edit import (
+    bias_input_index,
+    check_group,
+    group_weight_rows,
+    is_excluded,
+    rescaled_linear_weight,
+    scale_input_vector,
+)
 from outlierquant.graph.records import LinearGroup
 from outlierquant.graph.tags import ONLINE_ROTATION_KEY
 from outlierquant.graph.values import add_initializer, first_in_graph, remove_if_unused
@@ -232,13 +239,14 @@ class QuantizeOutlierTunePass(OutlierPass):
         nodes += [q, dq]
         graph.insert_before(first, nodes)
         for linear in group.linears:
-            weight = np.asarray(linear.weight_array(), dtype=np.float64) * d.astype(np.float64)[:, None]
+            # diag(d)·W in float64, cast to float32 in the stored layout, a slab at a time
+            stored = rescaled_linear_weight(linear, rows=d.astype(np.float64), dtype=np.float32)
             axis = 1 if linear.weight_layout == "in_out" else 0
-            stored = weight if linear.weight_layout == "in_out" else weight.T
-            qw, ws = quantize_weight(stored.astype(np.float32), axis)
-            deq = qw.astype(np.float64) * (ws[None, :] if axis == 1 else ws[:, None])
-            deq_kn = deq if axis == 1 else deq.T
+            qw, ws = quantize_weight(stored, axis)
+            del stored
             if per_channel_zp:
+                deq = qw.astype(np.float64) * (ws[None, :] if axis == 1 else ws[:, None])
+                deq_kn = deq if axis == 1 else deq.T
                 correction = zero.astype(np.float64) @ deq_kn
                 scale_input_vector(linear.bias_node or linear.node, bias_input_index(linear), np.ones_like(correction),
                               graph, f"{linear.name}_bias_outliertune", correction)
