@@ -459,3 +459,56 @@ def test_sequential_options_are_validated():
         validate_pass_options("quantease", {"sequential": True, "sequential_target": "gptq"})
     with pytest.raises(CalibrationError, match="quantease reads the calibration samples"):
         QuantEaseRoundPass(sequential=True)(one_linear_model(np.ones((K, N), np.float32)))
+
+
+@pytest.mark.parametrize("case", ["quantease-outliers", "adadim-adaptive", "sequential-holdout"])
+def test_column_slabs_give_the_one_slab_rounding(case, monkeypatch):
+    """The rounding of a linear goes a slab of output columns at a time on large weights
+    (an LM head): everything it decides is per column (per_ic: per group of columns), so
+    slabs must give the one-pass result: the same levels, layout, outlier weights, bias
+    correction and errors (scored sums to float precision)."""
+    from outlierquant.passes import weight_rounding
+
+    rng = np.random.default_rng(21)
+    n = 160  # five groups of 32 columns: slabs of 64 cut it 64 + 64 + 32
+    x = activations(rng, outlier=[7, 40], scale=30.0)
+    weight = rng.standard_t(2.5, size=(K, n)).astype(np.float32)
+    feeds = [{"x": x[i:i + 128]} for i in range(0, 1024, 128)]
+
+    def make():
+        if case == "quantease-outliers":
+            return QuantEaseRoundPass(bits=3, iterations=3, outlier_fraction=0.01, scale_refits=1,
+                                      bias_correction=True).with_stats(stats_of(x))
+        if case == "adadim-adaptive":
+            return AdaDimQuantizePass(dimension="adaptive", rounding="quantease", iterations=3, scale_refits=1,
+                                      bias_correction=True).with_stats(stats_of(x))
+        return AdaDimQuantizePass(dimension="adaptive", rounding="quantease", iterations=3, bias_correction=True,
+                                  sequential=True, damp_candidates=(0.01, 1.0)).with_feeds(feeds)
+
+    results = {}
+    for width in (None, 64):
+        if width is not None:
+            monkeypatch.setattr(weight_rounding, "_column_slabs",
+                                lambda k, count, group: [slice(s, s + width) for s in range(0, count, width)])
+        model = one_linear_model(weight)
+        record = make()(model).record
+        tensors = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()
+                   if v.const_value is not None}
+        results[width] = (record["layers"][0], tensors, run(model, x[:64]))
+    (whole, whole_tensors, whole_y), (slabbed, slab_tensors, slab_y) = results[None], results[64]
+    assert whole["dimension"] == slabbed["dimension"]
+    assert whole.get("float_weights") == slabbed.get("float_weights")
+    assert whole["relative_output_error"] == pytest.approx(slabbed["relative_output_error"], rel=1e-9)
+    for layout, error in whole["errors"].items():
+        assert slabbed["errors"][layout] == pytest.approx(error, rel=1e-9)
+    if "holdout" in whole:
+        assert whole["holdout"]["damp"] == slabbed["holdout"]["damp"]
+        for damp, error in whole["holdout"]["errors"].items():
+            assert slabbed["holdout"]["errors"][damp] == pytest.approx(error, rel=1e-9)
+    assert whole_tensors.keys() == slab_tensors.keys()
+    for name, array in whole_tensors.items():
+        if array.dtype == np.uint8:  # packed levels: identical
+            np.testing.assert_array_equal(slab_tensors[name], array, err_msg=name)
+        else:
+            np.testing.assert_allclose(slab_tensors[name], array, rtol=1e-6, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(slab_y, whole_y, rtol=1e-5, atol=1e-5)

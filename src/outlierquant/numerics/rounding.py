@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from outlierquant.numerics.grids import GroupGrid, weight_scales
+from outlierquant.numerics.slabs import slabs
 
 if TYPE_CHECKING:  # statistics are read, never built, here
     from outlierquant.calibration.stats import ChannelStats
@@ -125,12 +126,19 @@ def heldout_output_error(x_q: np.ndarray, x_f: np.ndarray | None, weight: np.nda
                          bias: np.ndarray | None = None) -> float:
     """``||X_q Ŵ + b − X_f W||² / n`` on rows the rounding did not see (``x_f=None``: the
     target is ``X_q W``). ``b`` is the bias correction fitted with the rounding."""
+    return heldout_residual(x_q, x_f, weight, effective, bias) / max(np.shape(x_q)[0], 1)
+
+
+def heldout_residual(x_q: np.ndarray, x_f: np.ndarray | None, weight: np.ndarray, effective: np.ndarray,
+                     bias: np.ndarray | None = None) -> float:
+    """``||X_q Ŵ + b − X_f W||²`` summed (not averaged): a sum over output columns, so the
+    columns of a weight may be scored a slab at a time and the parts added."""
     xq = np.asarray(x_q, np.float64)
     reference = (xq if x_f is None else np.asarray(x_f, np.float64)) @ np.asarray(weight, np.float64)
     residual = xq @ effective - reference
     if bias is not None:
         residual += bias
-    return float((residual**2).sum() / max(xq.shape[0], 1))
+    return float((residual**2).sum())
 
 
 def output_error(delta: np.ndarray, sigma: np.ndarray) -> float:
@@ -230,10 +238,23 @@ def refit_scales(weight: np.ndarray, sigma: np.ndarray, q: np.ndarray, grid: Gro
     if grid.dimension != "per_oc":
         raise ValueError(f"refit_scales: dimension={grid.dimension!r}: only per_oc grids are refitted")
     k, n = q.shape
+    h = -(-k // grid.group_size)
+    # each column's system is its own; the block products below hold H x K x (columns)
+    # elements, so the columns go a slab at a time (GEMM gives every column the same bits
+    # whatever the slab width)
+    scales = [_refit_columns(weight[:, cols], sigma, q[:, cols], grid, cols,
+                             None if fixed is None else fixed[:, cols])
+              for cols in slabs(n, h * k)]
+    return GroupGrid(grid.dimension, grid.group_size, grid.bits, np.concatenate(scales, axis=1), grid.zero.copy())
+
+
+def _refit_columns(weight, sigma, q, grid: GroupGrid, cols: slice, fixed) -> np.ndarray:
+    """The refitted ``[H, n]`` scales of the columns ``cols`` (``weight``/``q``/``fixed``: those columns)."""
+    k, n = q.shape
     g = grid.group_size
     h = -(-k // g)
     kp = h * g
-    _, z = grid.expand(k, n)
+    z = np.repeat(grid.zero[:, cols], g, axis=0)[:k]
     a = np.zeros((kp, n))
     a[:k] = q - z.astype(np.float64)
     w = np.asarray(weight, np.float64)
@@ -246,30 +267,48 @@ def refit_scales(weight: np.ndarray, sigma: np.ndarray, q: np.ndarray, grid: Gro
     # P[k, j, n] = Σ_{l ∈ group j} Σ[k, l] a[l, n]
     partial = np.matmul(sig.reshape(kp, h, g).transpose(1, 0, 2), a3)  # [j, k, n] (BLAS)
     gram = np.einsum("iun,jiun->nij", a3, partial.reshape(h, h, g, n), optimize=True)
+    del partial
     rhs_full = np.zeros((kp, n))
     rhs_full[:k] = sigma @ w
     rhs = np.einsum("iun,iun->ni", a3, rhs_full.reshape(h, g, n))
-    old = grid.scale.astype(np.float64).T  # [N, H]
+    old = grid.scale[:, cols].astype(np.float64).T  # [n, H]
     ridge = 1e-9 * np.maximum(np.trace(gram, axis1=1, axis2=2) / h, 1e-30)
     gram = gram + ridge[:, None, None] * np.eye(h)[None]
     try:
         new = np.linalg.solve(gram, rhs[..., None])[..., 0]
     except np.linalg.LinAlgError:
-        return grid
-    empty = np.abs(a3).sum(axis=1).T == 0  # [N, H]: groups with no nonzero level
+        return grid.scale[:, cols].copy()
+    empty = np.abs(a3).sum(axis=1).T == 0  # [n, H]: groups with no nonzero level
     keep = ~np.isfinite(new) | (new <= 0) | empty
-    scale = np.where(keep, old, new).T.astype(np.float32)
-    return GroupGrid(grid.dimension, g, grid.bits, scale, grid.zero.copy())
+    return np.where(keep, old, new).T.astype(np.float32)
+
+
+def outlier_impact(weight: np.ndarray, sigma_diag: np.ndarray) -> np.ndarray:
+    """``|W[k, n]| · sqrt(Σ[k, k])``: a weight's share of the output error scale."""
+    return np.abs(weight) * np.sqrt(np.maximum(sigma_diag, 0.0))[:, None]
 
 
 def select_outlier_weights(weight: np.ndarray, sigma_diag: np.ndarray, fraction: float) -> np.ndarray:
     """Mask of the ``fraction`` of weights with the largest ``|W[k, n]| · sqrt(Σ[k, k])``."""
     if fraction <= 0:
         return np.zeros(weight.shape, bool)
-    impact = np.abs(weight) * np.sqrt(np.maximum(sigma_diag, 0.0))[:, None]
+    impact = outlier_impact(weight, sigma_diag)
     count = int(np.ceil(fraction * weight.size))
     threshold = np.partition(impact.reshape(-1), weight.size - count)[weight.size - count]
     return impact >= threshold
+
+
+def outlier_threshold(impacts, count: int) -> float:
+    """The ``count``-th largest value over the arrays ``impacts`` (slabs of one matrix), keeping
+    only each slab's ``count`` largest: the threshold of :func:`select_outlier_weights` for
+    the whole matrix, without holding it."""
+    tops = []
+    for impact in impacts:
+        flat = np.asarray(impact).reshape(-1)
+        keep = min(count, flat.size)
+        tops.append(np.partition(flat, flat.size - keep)[flat.size - keep:] if keep else flat[:0])
+    pooled = np.concatenate(tops)
+    return pooled[np.argpartition(pooled, pooled.size - count)[pooled.size - count]]
 
 
 def quantease_int8_weight(weight_kn: np.ndarray, sigma: np.ndarray, iterations: int = 4, *,

@@ -97,17 +97,20 @@ from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.edit import is_excluded, linear_label, splittable
 from outlierquant.graph.records import Linear
 from outlierquant.graph.values import MS_DOMAIN
-from outlierquant.numerics.grids import dequantize_levels, group_grid, rtn_levels
+from outlierquant.numerics.grids import GroupGrid, dequantize_levels, group_grid, rtn_levels
 from outlierquant.numerics.rounding import (
     DEFAULT_CLIP_RATIOS,
     InputMoments,
-    heldout_output_error,
+    heldout_residual,
     holdout_split,
+    outlier_impact,
+    outlier_threshold,
     output_error,
     quantease_round,
     refit_scales,
     select_outlier_weights,
 )
+from outlierquant.numerics.slabs import slabs
 from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
@@ -245,6 +248,27 @@ class QuantEaseOptions(WeightOnlyOptions):
 # -- the passes ------------------------------------------------------------------------------
 
 
+def _column_slabs(k: int, n: int, group_size: int) -> list[slice]:
+    """Output-column slabs of a ``[k, n]`` weight for :meth:`_WeightOnlyPass._solve`: whole
+    groups of ``group_size`` columns (per_ic groups stay in one slab), about a quarter of
+    :data:`~outlierquant.numerics.slabs.SLAB_ELEMENTS` weights each (the rounding keeps about ten float64 arrays of a
+    slab's size). A transformer's own linears fit in one slab; an LM head is cut."""
+    return list(slabs(n, 4 * k, align=group_size))
+
+
+@dataclasses.dataclass
+class _Candidate:
+    """One layout's result, filled a column slab at a time."""
+
+    q: np.ndarray  # uint8 [K, N] levels
+    scales: list = dataclasses.field(default_factory=list)  # compact grid, per slab
+    zeros: list = dataclasses.field(default_factory=list)
+    corrections: list = dataclasses.field(default_factory=list)  # bias correction, per slab
+    side: np.ndarray | None = None  # float32 [K, N]: the outlier weights' float path
+    error: float = 0.0  # tr(ΔᵀΣΔ)
+    heldout: float = 0.0  # summed squared output error on held-out rows
+
+
 class _ReferenceRows:
     """The fp32 model's input rows of each stage, captured in chunks that fit ``budget`` bytes.
 
@@ -254,7 +278,9 @@ class _ReferenceRows:
 
     def __init__(self, model: ir.Model, feeds, order: list[str], max_rows: int, channels: dict[str, int],
                  budget: int = MEMORY_BUDGET_BYTES) -> None:
-        self.model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        # a structural copy sharing the weight tensors: the pass replaces initializers and
+        # never writes into one, so the copy keeps seeing the fp32 weights
+        self.model = model.clone()
         self.feeds = feeds
         self.order = order
         self.max_rows = max_rows
@@ -301,7 +327,8 @@ class _WeightOnlyPass(OutlierPass):
     def _round(self, weight, sigma, grid, fixed, iterations) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _outliers(self, weight, sigma) -> np.ndarray | None:
+    def _outliers(self, weight: np.ndarray, moments: InputMoments, columns: list[slice]) -> np.ndarray | None:
+        """Mask of the weights kept in float (``None``: none); ``weight``: the linear's own."""
         return None
 
     def run(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
@@ -434,12 +461,9 @@ class _WeightOnlyPass(OutlierPass):
             moments = InputMoments.from_rows(xq_fit, xf_fit, damp, centered=options.bias_correction)
             total, layouts = 0.0, {}
             for linear in group:
-                original = np.asarray(linear.weight_array(), dtype=np.float64)
-                scored = {}
-                for dim in dims:
-                    solved = self._solve(linear, moments, (dim,), iterations=options.search_iterations, refits=0)
-                    bias = moments.correction(original, solved["effective"]) if options.bias_correction else None
-                    scored[dim] = heldout_output_error(xq_held, xf_held, original, solved["effective"], bias)
+                solved = self._solve(linear, moments, dims, iterations=options.search_iterations, refits=0,
+                                     heldout=(xq_held, xf_held))
+                scored = solved["heldout"]
                 layouts[linear.name] = min(scored, key=scored.get)
                 total += scored[layouts[linear.name]]
             errors[str(damp)] = total
@@ -449,57 +473,92 @@ class _WeightOnlyPass(OutlierPass):
         return damp, (best_dims[damp] if len(dims) > 1 else None), errors
 
     def _solve(self, linear: Linear, moments: InputMoments, dims: tuple[str, ...], *, iterations: int | None = None,
-               refits: int | None = None) -> dict[str, Any]:
-        """Round one linear against ``moments`` over the layouts ``dims``; the least-error one."""
+               refits: int | None = None, heldout: tuple[np.ndarray, np.ndarray | None] | None = None) -> dict[str, Any]:
+        """Round one linear against ``moments`` over the layouts ``dims``; the least-error one.
+
+        The objective ``tr(ΔᵀΣΔ)`` is a sum over output columns and every step (target,
+        grid, coordinate descent, scale refit, bias correction, held-out error) works on
+        each column (per_ic: each group of ``group_size`` columns) on its own, so the
+        columns go a slab at a time (:func:`_column_slabs`): float64 working copies of a
+        vocabulary-sized LM head would be gigabytes. What is kept whole is compact: uint8
+        levels per layout and the float side path of the outlier weights.
+        ``heldout``: rows ``(x_q, x_f)`` the rounding did not see; each layout's output
+        error on them is returned as ``heldout`` (with its bias correction applied).
+        """
         options = self.options
         iterations = options.iterations if iterations is None else iterations
         refits = options.scale_refits if refits is None else refits
         sigma = moments.sigma
-        weight = moments.target(np.asarray(linear.weight_array(), dtype=np.float64))
-        fixed = self._outliers(weight, sigma)
-        candidates = {}
-        for dim in dims:
-            grid = group_grid(weight, dim, options.group_size, options.bits, row_weight=np.diag(sigma),
-                              clip_ratios=options.clip_ratios, keep_out=fixed)
-            q = self._round(weight, sigma, grid, fixed, iterations)
-            if dim == "per_oc":
-                for _ in range(refits):
-                    grid = refit_scales(weight, sigma, q, grid, fixed)
-                    q = quantease_round(weight, sigma, grid, iterations=iterations, fixed=fixed, levels=q)
-            delta = dequantize_levels(q, grid) - weight
-            if fixed is not None:
-                delta = np.where(fixed, 0.0, delta)
-            candidates[dim] = (output_error(delta, sigma), q, grid)
-        chosen = min(candidates, key=lambda d: candidates[d][0])
-        error, q, grid = candidates[chosen]
-        side = None
-        effective = dequantize_levels(q, grid)
-        if fixed is not None and fixed.any():
-            side = np.where(fixed, weight - effective, 0.0)
-            effective = effective + side
-        signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
-        return {"dimension": chosen, "error": error, "signal": signal, "q": q, "grid": grid, "side": side,
-                "fixed": fixed, "effective": effective, "errors": {d: c[0] / signal for d, c in candidates.items()}}
+        original = linear.weight_array()
+        k, n = original.shape
+        columns = _column_slabs(k, n, options.group_size)
+        fixed = self._outliers(original, moments, columns)
+        if fixed is not None and not fixed.any():
+            fixed = None
+        found = {dim: _Candidate(np.zeros((k, n), np.uint8)) for dim in dims}
+        signal = 0.0
+        for cols in columns:
+            source = np.asarray(original[:, cols], dtype=np.float64)
+            weight = moments.target(source)
+            keep = None if fixed is None else fixed[:, cols]
+            signal += float(np.einsum("kn,kn->", weight, sigma @ weight))
+            for dim in dims:
+                grid = group_grid(weight, dim, options.group_size, options.bits, row_weight=np.diag(sigma),
+                                  clip_ratios=options.clip_ratios, keep_out=keep)
+                q = self._round(weight, sigma, grid, keep, iterations)
+                if dim == "per_oc":
+                    for _ in range(refits):
+                        grid = refit_scales(weight, sigma, q, grid, keep)
+                        q = quantease_round(weight, sigma, grid, iterations=iterations, fixed=keep, levels=q)
+                effective = dequantize_levels(q, grid)
+                delta = effective - weight
+                if keep is not None:
+                    delta = np.where(keep, 0.0, delta)
+                candidate = found[dim]
+                candidate.error += output_error(delta, sigma)
+                del delta
+                candidate.q[:, cols] = q
+                candidate.scales.append(grid.scale)
+                candidate.zeros.append(grid.zero)
+                if keep is not None:
+                    side = np.where(keep, weight - effective, 0.0)
+                    effective = effective + side
+                    if candidate.side is None:
+                        candidate.side = np.zeros((k, n), np.float32)
+                    candidate.side[:, cols] = side
+                bias = moments.correction(source, effective) if options.bias_correction else None
+                if bias is not None:
+                    candidate.corrections.append(bias)
+                if heldout is not None:
+                    candidate.heldout += heldout_residual(heldout[0], heldout[1], source, effective, bias)
+        chosen = min(found, key=lambda d: found[d].error)
+        best = found[chosen]
+        grid = GroupGrid(chosen, options.group_size, options.bits, np.concatenate(best.scales, axis=1),
+                         np.concatenate(best.zeros, axis=1))
+        signal = signal or 1.0
+        rows = max(heldout[0].shape[0], 1) if heldout is not None else 1
+        return {"dimension": chosen, "error": best.error, "signal": signal, "q": best.q, "grid": grid,
+                "side": best.side, "fixed": fixed,
+                "correction": np.concatenate(best.corrections) if best.corrections else None,
+                "errors": {d: c.error / signal for d, c in found.items()},
+                "heldout": {d: c.heldout / rows for d, c in found.items()}}
 
     def _quantize_linear(self, model: ir.Model, linear: Linear, moments: InputMoments,
                          dims: str | None = None) -> dict[str, Any]:
         """Round one linear against ``moments`` and replace it in the graph; its report entry.
         ``dims``: the layout chosen beforehand (on held-out rows), else the option's."""
         options = self.options
-        original = np.asarray(linear.weight_array(), dtype=np.float64)
         if dims is None:
             dims = ("per_oc", "per_ic") if options.dimension == "adaptive" else (options.dimension,)
         else:
             dims = (dims,)
         solved = self._solve(linear, moments, dims)
         q, grid, side, fixed = solved["q"], solved["grid"], solved["side"], solved["fixed"]
-        correction = None
-        if options.bias_correction:  # mean output error left: μ_f W − μ_q (Ŵ + H)
-            correction = moments.correction(original, solved["effective"])
+        correction = solved["correction"]  # mean output error left: μ_f W − μ_q (Ŵ + H)
         entry_extra = {}
         if correction is not None:
             entry_extra["bias_correction"] = correct_bias(model.graph, linear, correction)
-        emit_grouped_weight(model.graph, linear, q.astype(np.uint8), grid, side, linear_label(linear, self.name),
+        emit_grouped_weight(model.graph, linear, q, grid, side, linear_label(linear, self.name),
               None if correction is None or entry_extra["bias_correction"] == "folded" else correction)
         entry = {
             "linear": linear.name,
@@ -544,7 +603,18 @@ class QuantEaseRoundPass(_WeightOnlyPass):
     def _round(self, weight, sigma, grid, fixed, iterations):
         return quantease_round(weight, sigma, grid, iterations=iterations, fixed=fixed)
 
-    def _outliers(self, weight, sigma):
+    def _outliers(self, weight, moments, columns):
         if self.options.outlier_fraction <= 0:
             return None
-        return select_outlier_weights(weight, np.diag(sigma), self.options.outlier_fraction)
+        diag = np.diag(moments.sigma)
+        targets = (moments.target(np.asarray(weight[:, cols], np.float64)) for cols in columns)
+        if len(columns) == 1:
+            return select_outlier_weights(next(targets), diag, self.options.outlier_fraction)
+        # the largest impacts over all slabs are among each slab's largest: a threshold from
+        # those, then the mask slab by slab (the same weights as one pass over the matrix)
+        count = int(np.ceil(self.options.outlier_fraction * weight.size))
+        threshold = outlier_threshold((outlier_impact(t, diag) for t in targets), count)
+        mask = np.zeros(weight.shape, bool)
+        for cols in columns:
+            mask[:, cols] = outlier_impact(moments.target(np.asarray(weight[:, cols], np.float64)), diag) >= threshold
+        return mask
