@@ -105,3 +105,65 @@ def test_loaded_tensors_are_owned_and_keep_their_values(tmp_path):
     assert by_name.keys() == expected.keys()
     for name, array in expected.items():
         np.testing.assert_array_equal(by_name[name], array)
+
+
+def _model_with_many_initializer_kinds() -> onnx.ModelProto:
+    """Large inline initializers of several types (lifted), small ones, a bfloat16 one and a
+    typed-data one (kept in the parse), doc strings and metadata on tensors."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((64, 48)).astype(np.float32), "w32"),
+        numpy_helper.from_array(rng.standard_normal((50, 50)).astype(np.float16), "w16"),
+        numpy_helper.from_array(rng.integers(-9, 9, (700,)).astype(np.int64), "idx"),
+        numpy_helper.from_array(rng.integers(0, 2, (5000,)).astype(bool), "mask"),
+        numpy_helper.from_array(rng.integers(-128, 127, (90, 50)).astype(np.int8), "q8"),
+        numpy_helper.from_array(np.float32([1.5, -2.0]), "tiny"),
+        helper.make_tensor("typed", onnx.TensorProto.FLOAT, [1200], rng.standard_normal(1200).tolist()),
+        helper.make_tensor("bf", onnx.TensorProto.BFLOAT16, [4000], np.zeros(4000, np.float32).tolist()),
+    ]
+    inits[0].doc_string = "a weight"
+    entry = inits[0].metadata_props.add()
+    entry.key, entry.value = "origin", "test"
+    nodes = [helper.make_node("Identity", [t.name], [f"{t.name}_out"]) for t in inits]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(f"{t.name}_out", t.data_type, None)
+                                              for t in inits], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_load_reads_large_initializers_from_the_file_and_gets_the_same_model(tmp_path, monkeypatch):
+    """load_model parses the model without the large raw payloads and reads them from the
+    file into arrays: the model it gives serializes to exactly what its full parse gives."""
+    from outlierquant import modelio
+    from outlierquant.modelio import _parse_without_weights
+
+    proto = _model_with_many_initializer_kinds()
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, str(path))
+    lean, lifted = _parse_without_weights(path)
+    assert sorted(lifted) == ["idx", "mask", "q8", "w16", "w32"]
+    payloads = sum(end - start for start, end in lifted.values())
+    assert lean.ByteSize() <= path.stat().st_size - payloads  # the payloads were left out of the parse
+    model = load_model(path)
+    monkeypatch.setattr(modelio, "_parse_without_weights", lambda path: (None, {}))
+    full = load_model(path)
+    assert ir.serde.serialize_model(model).SerializeToString() == ir.serde.serialize_model(full).SerializeToString()
+    for init in proto.graph.initializer:
+        np.testing.assert_array_equal(model.graph.initializers[init.name].const_value.numpy(),
+                                      numpy_helper.to_array(init))
+    w32 = model.graph.initializers["w32"].const_value
+    assert w32.doc_string == "a weight" and dict(w32.metadata_props) == {"origin": "test"}
+    assert w32.numpy().flags.writeable and w32.numpy().flags.aligned
+
+
+def test_load_of_a_lifted_tensor_with_the_wrong_size_names_it(tmp_path):
+    """A raw payload that does not fit its shape is refused on the lean path as on the full one."""
+    import pytest
+
+    from outlierquant.errors import InputError
+
+    proto = _model_with_many_initializer_kinds()
+    proto.graph.initializer[0].raw_data = proto.graph.initializer[0].raw_data[:-8]
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(InputError, match=r"tensor 'w32' holds 12280 bytes of raw data, its shape \[64, 48\] needs 12288"):
+        load_model(path)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import onnx_ir as ir
 
 from outlierquant.errors import InputError, UnsupportedModelError, first_line, translated
@@ -82,18 +84,26 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
     with translated(path):
+        lifted: dict[str, tuple[int, int]] = {}
         try:
-            # Weights stay on disk: onnx_ir memory-maps external data when a pass reads it.
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # protobuf's DecodeError, a truncated message, ...
-            raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
-        check_model_proto(proto, path)
+            proto, lifted = _parse_without_weights(path)
+        except Exception:  # not a protobuf we can walk: the full parse below says what is wrong
+            proto = None
+        if proto is None:
+            try:
+                # Weights stay on disk: onnx_ir memory-maps external data when a pass reads it.
+                proto = onnx.load(str(path), load_external_data=False)
+            except Exception as exc:  # protobuf's DecodeError, a truncated message, ...
+                raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
+        check_model_proto(proto, path, lifted={name: span[1] - span[0] for name, span in lifted.items()})
         try:
             model = ir.serde.deserialize_model(proto)
         except Exception as exc:
             raise InputError(f"{path}: not a valid ONNX model ({first_line(exc)})") from exc
         ir.external_data.set_base_dir(model.graph, str(path.parent))
         del proto
+        if lifted:
+            _read_lifted(model, path, lifted)
         own_tensors(model)
     if check:
         check_opset(model, path)
@@ -159,16 +169,21 @@ def own_tensors(model: ir.Model) -> None:
                     value.const_value = owned(value.const_value)
 
 
-def check_model_proto(proto, path: str | os.PathLike = "model") -> None:
-    """Raise :class:`InputError` for a model that no pass or runtime could run (see :func:`load_model`)."""
+def check_model_proto(proto, path: str | os.PathLike = "model", *, lifted: dict[str, int] | None = None) -> None:
+    """Raise :class:`InputError` for a model that no pass or runtime could run (see :func:`load_model`).
+
+    ``lifted``: initializers of the main graph parsed without their raw data (see
+    :func:`_parse_without_weights`), by name, with the byte count the file holds for each.
+    """
     graph = proto.graph
     if len(graph.node) == 0:
         raise InputError(f"{path}: the ONNX graph has no nodes (corrupt or not an ONNX model)")
     _check_names(proto, path)
     folder = Path(path).parent
     files: dict[str, int] = {}
+    lifted = dict(lifted or {})
     for tensor in _iter_tensors(graph):
-        _check_tensor(tensor, path, folder, files)
+        _check_tensor(tensor, path, folder, files, lifted)
     _check_structure(graph, path)
     opset = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
     for index, node in enumerate(_iter_nodes(graph)):
@@ -260,7 +275,7 @@ def _tensor_bytes(tensor, path) -> tuple[ir.DataType, int, int]:
     return dtype, count, (count * dtype.bitwidth + 7) // 8
 
 
-def _check_tensor(tensor, path, folder: Path, files: dict[str, int]) -> None:
+def _check_tensor(tensor, path, folder: Path, files: dict[str, int], lifted: dict[str, int]) -> None:
     import onnx
 
     name = tensor.name or "(unnamed)"
@@ -268,8 +283,9 @@ def _check_tensor(tensor, path, folder: Path, files: dict[str, int]) -> None:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         _check_external(tensor, name, nbytes, path, folder, files)
         return
-    if tensor.HasField("raw_data"):
-        size = len(tensor.raw_data)
+    if tensor.HasField("raw_data") or tensor.name in lifted:
+        # the main graph's initializers come first: a lifted name is theirs
+        size = len(tensor.raw_data) if tensor.HasField("raw_data") else lifted.pop(tensor.name)
         if nbytes >= 0 and size != nbytes:
             raise InputError(f"{path}: tensor {name!r} holds {size} bytes of raw data, its shape "
                              f"{list(tensor.dims)} needs {nbytes}")
@@ -503,6 +519,117 @@ def _external_locations(path: Path) -> list[str]:
                         if inner == _FUNCTION_NODES and w == 2:
                             node(x, y)
     return locations
+
+
+#: TensorProto fields: the ones a lifted tensor may carry besides its raw data
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW_DATA, _TENSOR_DOC = 1, 2, 8, 9, 12
+_TENSOR_METADATA = 16
+#: initializers at least this large are read straight from the file (see _parse_without_weights)
+_LIFT_MIN_BYTES = 4096
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _parse_without_weights(path: Path):
+    """``(ModelProto, lifted)``: the model parsed with the raw data of the main graph's
+    large inline initializers left out; ``lifted`` maps each such tensor's name to the
+    ``(start, end)`` of its bytes in the file. ``(None, {})`` when there is nothing to lift.
+
+    Why: ``onnx.load`` reads the file's bytes and parses them into a message that holds a
+    second copy, and onnx-ir's tensors then keep that message alive; a 280 MiB model took
+    about 560 MiB to load and a third copy once its tensors were owned. Here the wire format
+    is walked over a memory map (as :func:`_external_locations` does), a copy of the file
+    without those payloads is parsed (kilobytes to a few MiB), and :func:`_read_lifted`
+    reads each payload once into the array the model keeps. Only plain little-endian
+    numeric raw data is lifted; everything else is parsed as before.
+    """
+    import mmap
+
+    import onnx
+
+    if sys.byteorder != "little":
+        return None, {}
+    lifted: dict[str, tuple[int, int]] = {}
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+
+        def lean_tensor(start: int, end: int) -> bytes | None:
+            """The tensor without its raw data, or None to keep it whole."""
+            raw = name = None
+            header = bytearray()
+            previous = start
+            for field, wire, a, b in _fields(data, start, end):
+                if field == _TENSOR_RAW_DATA and wire == 2 and raw is None:
+                    raw = (a, b)
+                elif field == _TENSOR_NAME and wire == 2 and name is None:
+                    name = bytes(data[a:b]).decode("utf-8")
+                    header += data[previous:b]
+                elif field in (_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_DOC, _TENSOR_METADATA):
+                    header += data[previous:b]
+                else:  # typed data, external data, segments, a second raw data: not ours
+                    return None
+                previous = b
+            if raw is None or name is None or name in lifted or raw[1] - raw[0] < _LIFT_MIN_BYTES:
+                return None
+            header_proto = onnx.TensorProto.FromString(bytes(header))
+            try:
+                dtype = ir.DataType(header_proto.data_type)
+            except ValueError:
+                return None
+            if dtype not in _NUMPY_NATIVE:
+                return None
+            lifted[name] = raw
+            return bytes(header)
+
+        def lean_graph(start: int, end: int) -> bytes:
+            out = bytearray()
+            previous = start
+            for field, wire, a, b in _fields(data, start, end):
+                header = lean_tensor(a, b) if field == _GRAPH_INITIALIZERS and wire == 2 else None
+                if header is None:
+                    out += data[previous:b]
+                else:
+                    out += _varint_bytes(_GRAPH_INITIALIZERS << 3 | 2) + _varint_bytes(len(header)) + header
+                previous = b
+            return bytes(out)
+
+        model = bytearray()
+        previous, graphs = 0, 0
+        for field, wire, a, b in _fields(data, 0, len(data)):
+            if field == _MODEL_GRAPH and wire == 2:
+                graphs += 1
+                graph = lean_graph(a, b)
+                model += _varint_bytes(_MODEL_GRAPH << 3 | 2) + _varint_bytes(len(graph)) + graph
+            else:
+                model += data[previous:b]
+            previous = b
+        if graphs != 1 or not lifted:  # protobuf merges repeated graph fields: leave that to it
+            return None, {}
+    return onnx.ModelProto.FromString(bytes(model)), lifted
+
+
+def _read_lifted(model: ir.Model, path: Path, lifted: dict[str, tuple[int, int]]) -> None:
+    """Give each lifted initializer its data, read from the file into a fresh array."""
+    with open(path, "rb") as handle:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            span = lifted.get(value.name) if tensor is not None else None
+            if span is None or tensor.name != value.name:
+                continue
+            buffer = np.empty(span[1] - span[0], np.uint8)
+            handle.seek(span[0])
+            if handle.readinto(memoryview(buffer)) != buffer.size:
+                raise InputError(f"{path}: tensor {value.name!r} is cut short (truncated file?)")
+            array = buffer.view(tensor.dtype.numpy()).reshape(tuple(tensor.shape.numpy()))
+            value.const_value = ir.Tensor(array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string,
+                                          metadata_props=dict(tensor.metadata_props))
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:
