@@ -332,3 +332,27 @@ def test_output_error_estimate_in_row_slabs_is_the_whole_matrix_formula(block, m
     for a in DEFAULT_ALPHA_GRID:
         assert errors[a] == pytest.approx(expected[a], rel=1e-12)
     assert alpha == min(expected, key=expected.get)
+
+
+@pytest.mark.parametrize("block", [0, 16])
+def test_float32_group_weights_give_the_float64_estimates_exactly(block):
+    """group_weight_rows hands the passes the stored float32 weights (an LM head's float64
+    copy was 256 MiB); the estimates widen them a slab at a time, and float32 -> float64 is
+    exact, so scales, errors and the chosen alpha are those of float64 copies, bit for bit."""
+    from outlierquant.calibration.stats import ChannelStats
+    from outlierquant.numerics.estimates import estimated_output_error
+
+    rng = np.random.default_rng(8)
+    k = 48
+    x = rng.standard_normal((200, k)) * rng.lognormal(0, 1.5, k)
+    st = ChannelStats.empty(k, -1)
+    st.update(x)
+    single = [(rng.standard_normal((k, 20)) * 3).astype(np.float32), rng.standard_normal((k, 7)).astype(np.float32)]
+    double = [w.astype(np.float64) for w in single]
+    options = dict(activation_bits=8, weight_bits=4 if block else 8, weight_block=block)
+    for alpha in DEFAULT_ALPHA_GRID:
+        s32, s64 = smoothing_scales(st.absmax, single, alpha), smoothing_scales(st.absmax, double, alpha)
+        assert s32.dtype == np.float64 and np.array_equal(s32, s64)
+        assert estimated_output_error(st, single, s32, **options) == estimated_output_error(st, double, s64, **options)
+    assert search_alpha(st, single, DEFAULT_ALPHA_GRID, **options)[2] == search_alpha(st, double, DEFAULT_ALPHA_GRID,
+                                                                                       **options)[2]

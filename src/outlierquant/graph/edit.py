@@ -217,8 +217,13 @@ def write_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray, hint: str) -> 
 
 
 def group_weight_rows(group: LinearGroup) -> list[np.ndarray]:
-    """Each linear's weight as ``[K, N]`` (float64 copies)."""
-    return [np.asarray(linear.weight_array(), dtype=np.float64) for linear in group.linears]
+    """Each linear's weight as ``[K, N]``, as stored (float32; a view, no copy).
+
+    The estimates that read them (row abs-max, the α search's error sums) widen a slab of
+    rows at a time to float64, which gives the values a float64 copy would: float32 →
+    float64 is exact. Whole float64 copies of an LM head were 256 MiB each.
+    """
+    return [linear.weight_array() for linear in group.linears]
 
 
 def scale_input_vector(node: ir.Node, index: int, factor: np.ndarray, graph: ir.Graph, hint: str,

@@ -12,7 +12,7 @@ import numpy as np
 
 from outlierquant.numerics.slabs import slabs
 
-from outlierquant.numerics.grids import group_grid
+from outlierquant.numerics.grids import as_f64, group_grid
 
 if TYPE_CHECKING:  # statistics are read, never built, here
     from outlierquant.calibration.stats import ChannelStats
@@ -27,7 +27,7 @@ def row_absmax(weight: np.ndarray) -> np.ndarray:
     """``max_n |W[k, n]|`` per row, as ``max(max, −min)``: the same values as
     ``np.abs(weight).max(axis=1)`` without a weight-sized temporary (an LM head's is 256 MiB
     in float64)."""
-    return np.maximum(weight.max(axis=1), -weight.min(axis=1))
+    return np.maximum(weight.max(axis=1), -weight.min(axis=1)).astype(np.float64)
 
 
 def smoothing_scales(act_absmax: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
@@ -169,7 +169,7 @@ def _row_sums_of_squares(w: np.ndarray, s: np.ndarray, bits: int, block: int,
             error = blockwise_rounding_error(ws, bits, block)
         error_rows[part] = ((error / s[part, None]) ** 2).sum(axis=1)
         if weight_rows is not None:
-            weight_rows[part] = (w[part] ** 2).sum(axis=1)
+            weight_rows[part] = (as_f64(w[part]) ** 2).sum(axis=1)
     return error_rows, weight_rows
 
 
