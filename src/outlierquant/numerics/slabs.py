@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Iterator
 
-#: elements of one slab (float64 temporaries of 32 MiB)
-SLAB_ELEMENTS = 2**22
+#: elements of one slab (float64 temporaries of 8 MiB): a computation keeps a few such
+#: temporaries at once (a product and its operands), and at 2**22 elements those were the
+#: largest part of the rotation and smoothing passes' peaks on a vocabulary-sized weight
+#: (~128 MiB beside the model); numpy's per-call cost is still negligible at this size
+SLAB_ELEMENTS = 2**20
 
 
 def slabs(count: int, per_item: int, align: int = 1) -> Iterator[slice]:

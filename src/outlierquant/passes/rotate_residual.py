@@ -161,6 +161,7 @@ class RotateResidualPass(OutlierPass):
             for part in slabs(*table.shape):
                 rotated[part] = as_f64(table[part]) @ writer_map
             set_input_constant(graph, node, 0, rotated, f"{node.inputs[0].name}_rotated")
+            del table, rotated  # the old table would otherwise live on beside the LM head's rotation
 
         # 2. readers: W ← Qᵀ diag(γ) W, b ← b + β W; then the norms lose γ/β
         for norm in stream.norms:

@@ -250,10 +250,11 @@ class QuantEaseOptions(WeightOnlyOptions):
 
 def _column_slabs(k: int, n: int, group_size: int) -> list[slice]:
     """Output-column slabs of a ``[k, n]`` weight for :meth:`_WeightOnlyPass._solve`: whole
-    groups of ``group_size`` columns (per_ic groups stay in one slab), about a quarter of
-    :data:`~outlierquant.numerics.slabs.SLAB_ELEMENTS` weights each (the rounding keeps about ten float64 arrays of a
-    slab's size). A transformer's own linears fit in one slab; an LM head is cut."""
-    return list(slabs(n, 4 * k, align=group_size))
+    groups of ``group_size`` columns (per_ic groups stay in one slab), about
+    :data:`~outlierquant.numerics.slabs.SLAB_ELEMENTS` weights each (the rounding keeps
+    about ten float64 arrays of a slab's size). A transformer's own linears mostly fit in
+    one slab; an LM head is cut."""
+    return list(slabs(n, k, align=group_size))
 
 
 @dataclasses.dataclass
