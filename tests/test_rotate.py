@@ -750,3 +750,39 @@ def test_column_slab_rotation_of_a_weight_is_the_whole_product(trans_b, monkeypa
     stored = model.graph.node(0).inputs[1].const_value.numpy()
     assert stored.flags.c_contiguous and stored.dtype == np.float32
     np.testing.assert_allclose(stored.T if trans_b else stored, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rounding", ["rtn", "quantease"])
+def test_simulated_weight_rounding_in_column_slabs_is_the_one_pass_result(rounding, monkeypatch):
+    """simulate-quant rounds a slab of output columns at a time (an LM head's float64 copies
+    were the largest part of flatquant-w4a8's peak): per_oc groups and the coordinate
+    descent are per column, so the fake-quantized weight and the reported error are those
+    of one pass over the matrix."""
+    from outlierquant.calibration.stats import ActivationStats, ChannelStats
+    from outlierquant.numerics import slabs
+
+    rng = np.random.default_rng(4)
+    k, n = 48, 40
+    weight = rng.standard_t(3, size=(k, n)).astype(np.float32)
+    x = (rng.standard_normal((300, k)) * rng.lognormal(0, 1, k)).astype(np.float32)
+    st = ChannelStats.empty(k, -1, covariance=True)
+    st.update(x)
+    results = []
+    for slab in (None, k * 7):  # one slab; 7 columns a slab, the last one short
+        if slab is not None:
+            monkeypatch.setattr(slabs, "SLAB_ELEMENTS", slab)
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("MatMul", ["x", "w"], ["h"]), onnx.helper.make_node("Relu", ["h"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, k])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, n])],
+            [onnx.numpy_helper.from_array(weight, "w")])
+        model = ir.serde.deserialize_model(onnx.helper.make_model(graph))
+        simulate = SimulateQuantizationPass(weight_bits=4, weight_group_size=16, activation_bits=None,
+                                            weight_rounding=rounding, quantease_iterations=3)
+        record = simulate.with_stats(ActivationStats({"x": st}))(model).record
+        results.append((model.graph.node(0).inputs[1].const_value.numpy().copy(), record))
+    (whole, whole_record), (slabbed, slab_record) = results
+    assert not np.array_equal(whole, weight)  # it did round
+    np.testing.assert_array_equal(slabbed, whole)
+    for name, error in whole_record.get("relative_output_error", {}).items():
+        assert slab_record["relative_output_error"][name] == pytest.approx(error, rel=1e-12)

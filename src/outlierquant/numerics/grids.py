@@ -287,15 +287,25 @@ def unpack_levels(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def fake_quantize_weight(weight: np.ndarray, bits: int, group_size: int = 0, *,
-                         clip_ratios: tuple[float, ...] = (1.0,)) -> np.ndarray:
+                         clip_ratios: tuple[float, ...] = (1.0,), dtype=np.float64) -> np.ndarray:
     """Symmetric round-to-nearest of a ``[K, N]`` weight, per output channel or per group of
-    ``group_size`` input rows; returns the dequantized float weight.
+    ``group_size`` input rows; returns the dequantized weight as ``dtype``.
 
     Each scale is ``r · max|W_group| / qmax`` with ``r`` the entry of ``clip_ratios`` that
-    minimises that group's squared rounding error (``(1.0,)``: plain abs-max RTN).
+    minimises that group's squared rounding error (``(1.0,)``: plain abs-max RTN). Every
+    group lies in one output column, so the work goes a slab of columns at a time (an LM
+    head is never whole in float64) with the one-pass values.
     """
+    k, n = np.shape(weight)
+    out = np.empty((k, n), dtype)
+    for cols in slabs(n, k):
+        out[:, cols] = _fake_quantize_columns(np.asarray(weight[:, cols], dtype=np.float64), bits, group_size,
+                                              clip_ratios)
+    return out
+
+
+def _fake_quantize_columns(w: np.ndarray, bits: int, group_size: int, clip_ratios) -> np.ndarray:
     qmax = 2 ** (bits - 1) - 1
-    w = np.asarray(weight, dtype=np.float64)
     k, n = w.shape
     g = group_size if group_size and group_size < k else k
     pad = (-k) % g

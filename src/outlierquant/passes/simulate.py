@@ -24,6 +24,7 @@ from outlierquant.graph.records import Linear
 from outlierquant.graph.values import constant_array
 from outlierquant.numerics.grids import as_f64, dequantize_levels, fake_quantize_weight, group_grid
 from outlierquant.numerics.rounding import DEFAULT_CLIP_RATIOS, output_error, quantease_round, second_moment
+from outlierquant.numerics.slabs import slabs
 from outlierquant.options import check_fields
 from outlierquant.passes.base import OutlierPass
 
@@ -103,15 +104,24 @@ class SimulateQuantizationPass(OutlierPass):
             raise CalibrationError(
                 f"simulate-quant: weight_rounding=quantease needs the covariance of {linear.input.name!r}; collect "
                 "statistics with covariance_for=pass.covariance_targets(model) (the pipeline does)")
-        weight = as_f64(linear.weight_array())
         sigma, _ = second_moment(stats, options.quantease_damp)
         ratios = DEFAULT_CLIP_RATIOS if options.weight_clip_search else (1.0,)
-        grid = group_grid(weight, "per_oc", options.weight_group_size, options.weight_bits,
-                          row_weight=np.diag(sigma), clip_ratios=ratios)
-        q = quantease_round(weight, sigma, grid, iterations=options.quantease_iterations)
-        dequantized = dequantize_levels(q, grid)
-        signal = float(np.einsum("kn,kn->", weight, sigma @ weight)) or 1.0
-        return dequantized, output_error(dequantized - weight, sigma) / signal
+        stored = linear.weight_array()
+        k, n = stored.shape
+        # per_oc groups and the coordinate descent are per output column: a slab of columns
+        # at a time, so an LM head is never whole in float64 (see weight_rounding._solve)
+        dequantized = np.empty((k, n), np.float32)
+        error = signal = 0.0
+        for cols in slabs(n, k):
+            weight = as_f64(stored[:, cols])
+            grid = group_grid(weight, "per_oc", options.weight_group_size, options.weight_bits,
+                              row_weight=np.diag(sigma), clip_ratios=ratios)
+            q = quantease_round(weight, sigma, grid, iterations=options.quantease_iterations)
+            part = dequantize_levels(q, grid)
+            signal += float(np.einsum("kn,kn->", weight, sigma @ weight))
+            error += output_error(part - weight, sigma)
+            dequantized[:, cols] = part
+        return dequantized, error / (signal or 1.0)
 
     def _layers(self, model: ir.Model) -> list[Linear]:
         analysis = analyze_graph(model)
@@ -141,7 +151,7 @@ class SimulateQuantizationPass(OutlierPass):
             else:
                 ratios = tuple(np.linspace(1.0, 0.5, 11)) if options.weight_clip_search else (1.0,)
                 weight = fake_quantize_weight(linear.weight_array(), options.weight_bits,
-                                              options.weight_group_size, clip_ratios=ratios)
+                                              options.weight_group_size, clip_ratios=ratios, dtype=np.float32)
             write_linear_weight(graph, linear, weight, f"{linear.name}_weight_fake_quantized")
             if options.activation_bits is None:
                 continue
