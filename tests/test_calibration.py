@@ -598,3 +598,38 @@ def test_bound_weights_give_the_serialized_sessions_outputs_bit_for_bit():
     assert set(session_module._bindable(model, ["table"])) == {"mm_w", "gemm_w"}  # noqa: SLF001  (asked for itself)
     assert_bound_is_serialized()
     assert not isinstance(model.graph.initializers["table"].const_value, ir.ExternalTensor)  # the caller's model restored
+
+
+def test_column_means_in_row_slabs_are_the_one_shot_means(monkeypatch):
+    """ChannelStats folds a run's rows a slab at a time (a wide logits run widened to float64
+    and squared was four times its own size); each slab carries the sums so far into its
+    first row, so the means are bit for bit those of one float64 pass."""
+    from outlierquant.calibration import stats as stats_module
+    from outlierquant.numerics import slabs
+
+    rng = np.random.default_rng(2)
+    rows = (rng.standard_normal((301, 17)) * rng.lognormal(0, 3, 17) + 5).astype(np.float32)
+    wide = rows.astype(np.float64)
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", 17 * 20)  # 20 rows a slab, the last one short
+    mean, mean_sq = stats_module._column_means(rows)
+    assert np.array_equal(mean, wide.mean(axis=0)) and np.array_equal(mean_sq, (wide * wide).mean(axis=0))
+    folded = ChannelStats.empty(17, -1)
+    folded.update(rows)
+    assert np.array_equal(folded.mean, wide.mean(axis=0))
+
+
+def test_the_default_calibration_budget_follows_the_model_size():
+    """Half the model's weights per run, between 64 and 512 MiB: a fixed 512 MiB nearly
+    tripled the peak on a 280 MiB model (the model is in memory once besides the run)."""
+    from outlierquant.calibration.collect import MEMORY_BUDGET_BYTES, MIN_BATCH_BYTES, activation_budget
+
+    def model_of(elements: int) -> ir.Model:  # weights described, never allocated
+        weight = ir.ExternalTensor("absent.bin", 0, 4 * elements, ir.DataType.FLOAT, shape=ir.Shape([elements]),
+                                   name="w")
+        graph = ir.Graph([], [], nodes=[], initializers=[ir.Value(name="w", const_value=weight)])
+        return ir.Model(graph, ir_version=8)
+
+    assert activation_budget(model_of(1000)) == MIN_BATCH_BYTES
+    assert activation_budget(model_of(70 * 2**20)) == 140 * 2**20  # a 280 MiB model
+    assert activation_budget(model_of(2**30)) == MEMORY_BUDGET_BYTES
+    assert activation_budget(_seq_ir()) == MIN_BATCH_BYTES

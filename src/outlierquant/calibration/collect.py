@@ -92,6 +92,22 @@ def resident_bytes() -> int | None:
 #: pass captures to learn on, the attention probabilities a gate fetches. Bounded by this,
 #: peak memory does not grow with the calibration set or the vocabulary.
 MEMORY_BUDGET_BYTES = 512 * 2**20
+#: the least a calibration run is allowed, however small the model
+MIN_BATCH_BYTES = 64 * 2**20
+
+
+def activation_budget(model: ir.Model) -> int:
+    """The default bytes one calibration run may hold: half the model's weights, between
+    :data:`MIN_BATCH_BYTES` and :data:`MEMORY_BUDGET_BYTES`.
+
+    Why relative: the model is in memory once while it is calibrated, so a fixed 512 MiB
+    on a 280 MiB model nearly tripled the peak, while a large model's runs would take no
+    more than on a small one. Batches only set how many samples share one run; the
+    statistics are the same.
+    """
+    weights = sum(value.const_value.nbytes for value in model.graph.initializers.values()
+                  if value.const_value is not None)
+    return int(min(MEMORY_BUDGET_BYTES, max(MIN_BATCH_BYTES, weights // 2)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,7 +307,7 @@ def collect_statistics(
     tensors: Iterable[str | CalibrationTarget] | None = None,
     covariance_for: Iterable[str] = (),
     batch_tokens: int | None = 4096,
-    batch_bytes: int | None = MEMORY_BUDGET_BYTES,
+    batch_bytes: int | str | None = "auto",
     progress: bool | None = None,
     session_options: Any = None,
     providers: Sequence[Any] | None = None,
@@ -306,7 +322,7 @@ def collect_statistics(
     ``covariance_for``: names whose statistics keep a covariance matrix.
     ``batch_tokens``: consecutive feeds of identical shapes are run together up to about
     this many tokens (``None`` or ``0``: one run per feed), and while the activations stay
-    within ``batch_bytes``. A token's cost is measured on the first run, which holds at
+    within ``batch_bytes`` (``"auto"``: :func:`activation_budget` of the model). A token's cost is measured on the first run, which holds at
     most 512 tokens: what the run made the process grow by (every intermediate onnxruntime
     held at once), or the fetched bytes where that cannot be read. A large model's
     batches shrink, a small one's do not.
@@ -324,6 +340,8 @@ def collect_statistics(
     targets = resolve_targets(model, tensors)
     if not targets:
         raise CalibrationError("the model has no tensors to calibrate (no MatMul/Gemm/Conv with a constant weight)")
+    if batch_bytes == "auto":
+        batch_bytes = activation_budget(model)
     target_names = {t.tensor for t in targets}
     covariance = set(covariance_for)
     unknown = sorted(covariance - target_names)
