@@ -356,3 +356,28 @@ def test_float32_group_weights_give_the_float64_estimates_exactly(block):
         assert estimated_output_error(st, single, s32, **options) == estimated_output_error(st, double, s64, **options)
     assert search_alpha(st, single, DEFAULT_ALPHA_GRID, **options)[2] == search_alpha(st, double, DEFAULT_ALPHA_GRID,
                                                                                        **options)[2]
+
+
+@pytest.mark.parametrize("full_covariance", [False, True])
+def test_weight_only_estimate_in_column_slabs_is_the_whole_matrix_score(full_covariance, monkeypatch):
+    """smoothquant+'s weight-only score (blocked clip search, optionally tr(EᵀΣE)) goes a slab
+    of output columns at a time: the blocks lie within a column and the score sums over
+    columns, so it is the one-pass value."""
+    from outlierquant.calibration.stats import ChannelStats
+    from outlierquant.numerics import slabs
+    from outlierquant.numerics.estimates import estimated_output_error
+
+    rng = np.random.default_rng(6)
+    k = 32
+    x = rng.standard_normal((400, k)) * rng.lognormal(0, 1.5, k)
+    st = ChannelStats.empty(k, -1, covariance=True)
+    st.update(x)
+    st.finish()
+    weights = [(rng.standard_normal((k, 23)) * 2).astype(np.float32)]
+    s = rng.lognormal(0, 0.5, k)
+    options = dict(activation_bits=0, weight_bits=4, weight_block=16, clip_ratios=(1.0, 0.9, 0.8))
+    if full_covariance:
+        options["sigma"] = st.covariance + np.outer(st.mean, st.mean)
+    whole = estimated_output_error(st, weights, s, **options)
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", k * 5)  # 5 columns a slab, the last one short
+    assert estimated_output_error(st, weights, s, **options) == pytest.approx(whole, rel=1e-12)

@@ -159,7 +159,9 @@ def emit_grouped_weight(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: Gr
         if rows.size:
             gathered = tape.op("Gather", [x, tape.initializer(ir.tensor(rows.astype(np.int64)),
                                                               name=f"{label}_outlier_rows")], {"axis": -1})
-            dense = np.ascontiguousarray(side[rows].astype(np.float32))
+            # one copy of the rows (an LM head's side path can hold every row)
+            dense = side if rows.size == side.shape[0] and side.dtype == np.float32 else np.ascontiguousarray(
+                side[rows], dtype=np.float32)
             y = tape.op("Add", [y, tape.op("MatMul", [gathered, tape.initializer(ir.tensor(dense),
                                                                                  name=f"{label}_outlier_weight")])])
         if correction is not None:

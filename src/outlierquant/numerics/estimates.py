@@ -121,11 +121,15 @@ def estimated_output_error(stats: ChannelStats, weights: Sequence[np.ndarray], s
         total = 0.0
         smoothed_sigma = sigma / np.outer(s, s) if sigma is not None else None
         for w in weights:
-            error = smoothed_weight_error(w, s, weight_bits, weight_block, mean_sq / s**2, clip_ratios)
-            if smoothed_sigma is not None:
-                total += float(np.einsum("kn,kn->", error, smoothed_sigma @ error))
-            else:
-                total += float((mean_sq / s**2) @ (error**2).sum(axis=1))
+            # the blocks are groups of rows within one output column, and the score is a sum
+            # over columns: a slab of columns at a time (an LM head is never whole in float64)
+            for cols in slabs(w.shape[1], w.shape[0]):
+                error = smoothed_weight_error(as_f64(w[:, cols]), s, weight_bits, weight_block, mean_sq / s**2,
+                                              clip_ratios)
+                if smoothed_sigma is not None:
+                    total += float(np.einsum("kn,kn->", error, smoothed_sigma @ error))
+                else:
+                    total += float((mean_sq / s**2) @ (error**2).sum(axis=1))
         return total
     total = 0.0
     if activation_bits:

@@ -299,16 +299,15 @@ def select_outlier_weights(weight: np.ndarray, sigma_diag: np.ndarray, fraction:
 
 
 def outlier_threshold(impacts, count: int) -> float:
-    """The ``count``-th largest value over the arrays ``impacts`` (slabs of one matrix), keeping
-    only each slab's ``count`` largest: the threshold of :func:`select_outlier_weights` for
-    the whole matrix, without holding it."""
-    tops = []
+    """The ``count``-th largest value over the arrays ``impacts`` (slabs of one matrix): the
+    threshold of :func:`select_outlier_weights` for the whole matrix, without holding it.
+    A pool of the ``count`` largest values so far is kept and merged with each slab's."""
+    pool = np.zeros(0)
     for impact in impacts:
-        flat = np.asarray(impact).reshape(-1)
+        flat = np.concatenate([pool, np.asarray(impact, np.float64).reshape(-1)])
         keep = min(count, flat.size)
-        tops.append(np.partition(flat, flat.size - keep)[flat.size - keep:] if keep else flat[:0])
-    pooled = np.concatenate(tops)
-    return pooled[np.argpartition(pooled, pooled.size - count)[pooled.size - count]]
+        pool = np.partition(flat, flat.size - keep)[flat.size - keep:]
+    return pool[np.argpartition(pool, pool.size - count)[pool.size - count]]
 
 
 def quantease_int8_weight(weight_kn: np.ndarray, sigma: np.ndarray, iterations: int = 4, *,
