@@ -409,3 +409,20 @@ def test_qdq_matmul_with_extreme_codes_is_exact_through_onnxruntimes_fusions(enc
     assert weight_codes.dtype == (np.uint8 if int8.weight_encoding() == "unsigned" else np.int8)
     y = run(model, x)["y"]  # onnxruntime's default level: QDQ fused into its integer kernels
     np.testing.assert_allclose(y, x @ np.full((k, n), 0.25, np.float32), rtol=1e-2)
+
+
+def test_quantease_int8_weight_in_column_slabs_is_the_one_pass_result(monkeypatch):
+    """quantease_int8_weight rounds a slab of output columns at a time (every column has its
+    own scale and descent): the levels and scales are those of one pass, fixed rows too."""
+    from outlierquant.numerics import slabs
+
+    rng = np.random.default_rng(12)
+    weight = rng.standard_t(3, size=(40, 29)).astype(np.float32)
+    x = rng.standard_normal((300, 40)) * rng.lognormal(0, 1, 40)
+    sigma = x.T @ x / 300
+    whole = quantease_int8_weight(weight, sigma, iterations=3, fixed_rows=np.array([2, 7]))
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", 40 * 6)  # 6 columns a slab, the last one short
+    cut = quantease_int8_weight(weight, sigma, iterations=3, fixed_rows=np.array([2, 7]))
+    np.testing.assert_array_equal(cut[0], whole[0])
+    np.testing.assert_array_equal(cut[1], whole[1])
+    assert not whole[0][[2, 7]].any()  # the fixed rows are held at zero

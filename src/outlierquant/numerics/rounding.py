@@ -315,9 +315,21 @@ def quantease_int8_weight(weight_kn: np.ndarray, sigma: np.ndarray, iterations: 
     """int8 ``[K, N]`` weights and per-output-channel scales on the symmetric grid of
     :func:`quantize_weight` (scale ``max|w|/127``), the levels chosen by QuantEase
     coordinate descent on ``tr(ΔᵀΣΔ)`` instead of rounding each weight to nearest.
-    ``fixed_rows``: input rows held at zero (LLM.int8()'s float channels)."""
+    ``fixed_rows``: input rows held at zero (LLM.int8()'s float channels).
 
-    weight_kn = np.asarray(weight_kn, dtype=np.float32)
+    Every output column has its own scale and its own descent, so the columns go a slab at
+    a time (an LM head's float64 working copies were 256 MiB each) with the one-pass levels.
+    """
+    k, n = np.shape(weight_kn)
+    q = np.empty((k, n), np.int8)
+    scale = np.empty(n, np.float32)
+    for cols in slabs(n, k):
+        q[:, cols], scale[cols] = _quantease_int8_columns(np.asarray(weight_kn[:, cols], dtype=np.float32), sigma,
+                                                          iterations, fixed_rows)
+    return q, scale
+
+
+def _quantease_int8_columns(weight_kn, sigma, iterations, fixed_rows):
     k = weight_kn.shape[0]
     scale = weight_scales(weight_kn, 1)
     # one group of K rows per output column; uint8 levels 1..255 around zero point 128
@@ -327,8 +339,7 @@ def quantease_int8_weight(weight_kn: np.ndarray, sigma: np.ndarray, iterations: 
         fixed = np.zeros(weight_kn.shape, dtype=bool)
         fixed[np.asarray(fixed_rows, dtype=np.int64)] = True
     levels = quantease_round(weight_kn, sigma, grid, iterations=iterations, fixed=fixed)
-    q = np.clip(levels - 128, -127, 127).astype(np.int8)
-    return q, scale
+    return np.clip(levels - 128, -127, 127).astype(np.int8), scale
 
 
 DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
