@@ -250,3 +250,54 @@ def test_smollm2_perplexity_on_wikipedia(smollm2_onnx):
     assert 5 < report.perplexity.reference < 60
     assert report.perplexity.delta == 0.0
     assert report.output("logits").cosine_min == pytest.approx(1.0)
+
+
+def _int8_linear_model(path, form: str, dtype=np.int8):
+    """x [2, 8] @ an 8-bit weight [8, 4]: a QDQ pair (DequantizeLinear -> MatMul) or a
+    MatMulInteger, the forms onnxruntime runs with u8s8 kernels when the codes are int8."""
+    from onnx import TensorProto, helper
+
+    codes = np.arange(-16, 16, dtype=np.int64).reshape(8, 4).astype(dtype)
+    zero = np.array(0 if dtype == np.int8 else 128, dtype)
+    inits = [numpy_helper.from_array(codes, "w_q"), numpy_helper.from_array(np.float32(0.05), "w_scale"),
+             numpy_helper.from_array(zero, "w_zero")]
+    if form == "qdq":
+        nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"]),
+                 helper.make_node("MatMul", ["x", "w"], ["y"])]
+        x_type = TensorProto.FLOAT
+    else:
+        nodes = [helper.make_node("MatMulInteger", ["x", "w_q", "x_zero", "w_zero"], ["y32"]),
+                 helper.make_node("Cast", ["y32"], ["y"], to=TensorProto.FLOAT)]
+        inits.append(numpy_helper.from_array(np.array(128, np.uint8), "x_zero"))
+        x_type = TensorProto.UINT8
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", x_type, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("form", ["qdq", "matmul_integer"])
+def test_signed_int8_weights_are_flagged_on_a_cpu_whose_kernels_saturate(form, tmp_path, monkeypatch):
+    """A model with signed int8 weights validated on an x86 CPU without VNNI gets a warning
+    (onnxruntime's u8s8 kernels saturate there: our baselines' and our signed models'
+    errors are then the CPU's, not the format's); unsigned codes, or a VNNI CPU, get none.
+    The warning is part of the report and survives its JSON round trip."""
+    from outlierquant.evaluate import validate as validate_module
+    from outlierquant.numerics import int8
+
+    signed = validate_module._read_header(_int8_linear_model(tmp_path / "s.onnx", form))
+    unsigned = validate_module._read_header(_int8_linear_model(tmp_path / "u.onnx", form, np.uint8))
+    assert signed.signed_int8_weights == 1 and unsigned.signed_int8_weights == 0
+    lines = {}
+    for saturates in (True, False):
+        monkeypatch.setattr(int8, "host_saturates_u8s8", lambda: saturates)
+        lines[saturates] = validate_module.int8_saturation_warning(tmp_path / "s.onnx", signed)
+        assert validate_module.int8_saturation_warning(tmp_path / "u.onnx", unsigned) is None
+    assert lines[False] is None and "s.onnx: 1 signed int8 weights" in lines[True]
+    monkeypatch.setattr(int8, "host_saturates_u8s8", lambda: True)
+    if form == "qdq":  # a float model in and out: validate it against itself
+        feeds = [{"x": np.ones((2, 8), np.float32)}]
+        report = validate(tmp_path / "s.onnx", tmp_path / "s.onnx", feeds, latency_runs=0, progress=False)
+        assert len(report.warnings) == 1 and "no VNNI" in report.warnings[0]
+        assert "warning: " in report.format_table()
+        assert ValidationReport.from_dict(json.loads(json.dumps(report.to_dict()))).warnings == report.warnings

@@ -112,6 +112,9 @@ def validate(
     primary = _primary_output(task, ref_outputs)
     logger.info("validating %s against %s (task %s, %d samples)", candidate_path, reference_path, task, len(feeds))
 
+    warnings = [line for line in [int8_saturation_warning(candidate_path, cand_header)] if line]
+    for line in warnings:
+        logger.warning("%s", line)
     ref_session = _session(reference_path, session_options, ref_header.uses_kernels, providers)
     cand_session = _session(candidate_path, candidate_session_options or session_options, cand_header.uses_kernels,
                             providers)
@@ -146,6 +149,7 @@ def validate(
         embedding=embedding,
         perplexity=ppl,
         latency=latency,
+        warnings=warnings,
     )
     return report
 
@@ -179,6 +183,8 @@ class _Header:
     outputs: list[str]
     output_ranks: dict[str, int | None]
     uses_kernels: bool
+    #: int8 (signed) weights that onnxruntime multiplies with uint8 activations
+    signed_int8_weights: int = 0
 
 
 def _read_header(path: Path) -> _Header:
@@ -200,7 +206,49 @@ def _read_header(path: Path) -> _Header:
             for value in proto.graph.output
         },
         uses_kernels=any(opset.domain == DOMAIN for opset in proto.opset_import),
+        signed_int8_weights=_signed_int8_weights(proto.graph),
     )
+
+
+#: integer MatMul forms and the input index of their weight (onnxruntime runs them, and the
+#: QDQ MatMuls it fuses into them, with uint8 activations)
+_INTEGER_MATMUL_WEIGHT = {"MatMulInteger": 1, "QLinearMatMul": 3, "MatMulIntegerToFloat": 1,
+                          "DynamicQuantizeMatMul": 1, "QGemm": 3}
+
+
+def _signed_int8_weights(graph) -> int:
+    """int8 initializers that reach an integer MatMul as its weight: directly, or through a
+    DequantizeLinear whose output a MatMul/Gemm reads (the QDQ pair onnxruntime fuses)."""
+    import onnx
+
+    signed = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.INT8}
+    if not signed:
+        return 0
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, index))
+    found = set()
+    for node in graph.node:
+        index = _INTEGER_MATMUL_WEIGHT.get(node.op_type)
+        if index is not None and len(node.input) > index and node.input[index] in signed:
+            found.add(node.input[index])
+        elif node.op_type == "DequantizeLinear" and node.input and node.input[0] in signed:
+            if any(reader.op_type in ("MatMul", "Gemm") and slot == 1 for reader, slot in readers.get(node.output[0], [])):
+                found.add(node.input[0])
+    return len(found)
+
+
+def int8_saturation_warning(path: Path, header: _Header) -> str | None:
+    """A line for a model whose signed int8 weights this CPU's onnxruntime kernels may
+    saturate on (see :mod:`outlierquant.numerics.int8`), else None."""
+    from outlierquant.numerics.int8 import host_saturates_u8s8
+
+    if not header.signed_int8_weights or not host_saturates_u8s8():
+        return None
+    return (f"{path.name}: {header.signed_int8_weights} signed int8 weights, and this x86 CPU has no VNNI: "
+            "onnxruntime's u8s8 kernels saturate int16 pair sums here, so its errors are larger than on a VNNI "
+            "CPU (quantize with --int8-weights unsigned for this machine)")
 
 
 def _check_feeds(feeds: list[Feed], inputs: Sequence[str], what: str) -> None:

@@ -84,6 +84,9 @@ class ValidationReport:
     embedding: EmbeddingFidelity | None = None
     perplexity: PerplexityResult | None = None
     latency: LatencyResult | None = None
+    #: what may make the numbers unrepresentative (one line each), e.g. int8 kernels that
+    #: saturate on this CPU
+    warnings: list[str] = dataclasses.field(default_factory=list)
     version: int = REPORT_VERSION
 
     def output(self, name: str | None = None) -> OutputFidelity:
@@ -169,6 +172,7 @@ class ValidationReport:
             )
         else:
             lines.append("latency: not measured")
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
