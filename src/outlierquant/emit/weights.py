@@ -107,8 +107,11 @@ def _blocked_dequant_matmul(tape: ir.tape.Tape, x: ir.Value, q: np.ndarray, grid
     k, n = q.shape
     g = grid.group_size
     groups = grid.scale.shape[1]
-    padded = np.zeros((k, groups * g), np.uint8)
-    padded[:, :n] = q
+    if groups * g == n:
+        padded = q
+    else:
+        padded = np.zeros((k, groups * g), np.uint8)
+        padded[:, :n] = q
     packed = pack_levels(padded, 4)  # [K, groups*G/2]; 3-bit levels in 4-bit containers
 
     def const(array, suffix):

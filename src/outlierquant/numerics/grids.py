@@ -265,7 +265,7 @@ def pack_levels(levels: np.ndarray, bits: int) -> np.ndarray:
     if container == 8:
         return np.ascontiguousarray(levels, dtype=np.uint8)
     per_byte = 8 // container
-    levels = levels.astype(np.uint8)
+    levels = np.asarray(levels, dtype=np.uint8)  # no copy of uint8 levels (an LM head's are 32 MiB)
     pad = -levels.shape[-1] % per_byte
     if pad:
         levels = np.concatenate([levels, np.zeros(levels.shape[:-1] + (pad,), np.uint8)], axis=-1)
