@@ -617,11 +617,12 @@ def _parse_without_weights(path: Path):
 
 def _read_lifted(model: ir.Model, path: Path, lifted: dict[str, tuple[int, int]]) -> None:
     """Give each lifted initializer its data, read from the file into a fresh array."""
+    lifted = dict(lifted)
     with open(path, "rb") as handle:
         for value in model.graph.initializers.values():
             tensor = value.const_value
-            span = lifted.get(value.name) if tensor is not None else None
-            if span is None or tensor.name != value.name:
+            span = lifted.pop(tensor.name, None) if tensor is not None else None
+            if span is None:
                 continue
             buffer = np.empty(span[1] - span[0], np.uint8)
             handle.seek(span[0])
@@ -630,6 +631,8 @@ def _read_lifted(model: ir.Model, path: Path, lifted: dict[str, tuple[int, int]]
             array = buffer.view(tensor.dtype.numpy()).reshape(tuple(tensor.shape.numpy()))
             value.const_value = ir.Tensor(array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string,
                                           metadata_props=dict(tensor.metadata_props))
+    if lifted:  # a tensor left without its data would be read as garbage later: say so now
+        raise InputError(f"{path}: initializer {next(iter(lifted))!r} was not found in the parsed graph")
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:

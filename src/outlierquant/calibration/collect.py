@@ -322,10 +322,10 @@ def collect_statistics(
     ``covariance_for``: names whose statistics keep a covariance matrix.
     ``batch_tokens``: consecutive feeds of identical shapes are run together up to about
     this many tokens (``None`` or ``0``: one run per feed), and while the activations stay
-    within ``batch_bytes`` (``"auto"``: :func:`activation_budget` of the model). A token's cost is measured on the first run, which holds at
-    most 512 tokens: what the run made the process grow by (every intermediate onnxruntime
-    held at once), or the fetched bytes where that cannot be read. A large model's
-    batches shrink, a small one's do not.
+    within ``batch_bytes`` (``"auto"``: :func:`activation_budget` of the model). A token's
+    cost is measured on the first run, which holds at most 512 tokens: what the run made the
+    process grow by (every intermediate onnxruntime held at once), or the fetched bytes
+    where that cannot be read. A large model's batches shrink, a small one's do not.
     ``session_options``: default ``ORT_ENABLE_BASIC``; a given object gets the
     external-data folder option added when the model has external data.
     ``total``: the number of feeds, for the progress bar when ``feeds`` has no ``len``.

@@ -108,7 +108,6 @@ from outlierquant.numerics.rounding import (
     output_error,
     quantease_round,
     refit_scales,
-    select_outlier_weights,
 )
 from outlierquant.numerics.slabs import slabs
 from outlierquant.options import check_fields
@@ -609,10 +608,9 @@ class QuantEaseRoundPass(_WeightOnlyPass):
             return None
         diag = np.diag(moments.sigma)
         targets = (moments.target(np.asarray(weight[:, cols], np.float64)) for cols in columns)
-        if len(columns) == 1:
-            return select_outlier_weights(next(targets), diag, self.options.outlier_fraction)
-        # the largest impacts over all slabs are among each slab's largest: a threshold from
-        # those, then the mask slab by slab (the same weights as one pass over the matrix)
+        # select_outlier_weights over slabs: the largest impacts over all slabs are among each
+        # slab's largest, so a threshold from those, then the mask slab by slab, marks the
+        # same weights as one pass over the matrix
         count = int(np.ceil(self.options.outlier_fraction * weight.size))
         threshold = outlier_threshold((outlier_impact(t, diag) for t in targets), count)
         mask = np.zeros(weight.shape, bool)
