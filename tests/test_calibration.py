@@ -633,3 +633,30 @@ def test_the_default_calibration_budget_follows_the_model_size():
     assert activation_budget(model_of(70 * 2**20)) == 140 * 2**20  # a 280 MiB model
     assert activation_budget(model_of(2**30)) == MEMORY_BUDGET_BYTES
     assert activation_budget(_seq_ir()) == MIN_BATCH_BYTES
+
+
+def test_weights_only_unfetched_nodes_read_are_never_evaluated():
+    """A weight that only nodes after every fetched tensor read (an LM head, when its input
+    is the target) is stubbed without being computed, even where it could be bound: a lazy
+    tensor (a SplitQuant part, a transposed tied head) evaluated there is a whole float copy
+    made only to be dropped."""
+    model = _seq_ir()
+    h = next(node.outputs[0] for node in model.graph if node.outputs[0].name == "h")
+    head = ir.Value(name="head_w", shape=ir.Shape([6, 8192]), type=ir.TensorType(ir.DataType.FLOAT))
+
+    def never() -> ir.Tensor:
+        raise AssertionError("the unread head weight was evaluated")
+
+    head.const_value = ir.LazyTensor(never, dtype=ir.DataType.FLOAT, shape=ir.Shape([6, 8192]))
+    model.graph.register_initializer(head)
+    logits = ir.node("MatMul", [h, head], name="head")
+    logits.outputs[0].name = "logits"
+    logits.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    model.graph.append(logits)
+    model.graph.outputs.append(logits.outputs[0])
+    assert head.const_value.nbytes >= session_module.BIND_MIN_BYTES
+    samples = [_sample(5, seed) for seed in range(3)]
+    stats = collect_statistics(model, samples, tensors=["xm", "h"])
+    rows = _seq_reference(samples)
+    _assert_stats(stats, "h", rows["h"])
+    assert isinstance(model.graph.initializers["head_w"].const_value, ir.LazyTensor)  # put back, still lazy

@@ -25,7 +25,8 @@ import onnx_ir as ir
 from outlierquant.calibration.stats import ActivationStats, stats_files
 from outlierquant.errors import CalibrationError, InputError, translated
 from outlierquant.graph.sizes import size_breakdown
-from outlierquant.modelio import check_finite_weights, load_model, model_file_bytes, model_files
+from outlierquant.modelio import (check_finite_weights, load_model, model_file_bytes, model_files,
+                                  release_freed_memory)
 from outlierquant.outputs import OutputUnit, check_outputs, write_model
 from outlierquant.recipes import Recipe, instantiate, load_recipe
 
@@ -156,8 +157,10 @@ def run_recipe(
         result = pass_(model)
         # A rewritten graph's dropped nodes and values reference each other (onnx-ir keeps
         # uses and producers), so the weights they held wait for the cycle collector, which
-        # counts objects, not bytes: collect now, or a replaced LM head lingers for passes.
+        # counts objects, not bytes: collect now, or a replaced LM head lingers for passes;
+        # then the freed heap goes back to the system, or the next pass starts at this peak
         gc.collect()
+        release_freed_memory()
         record = dict(getattr(result, "record", {}) or {"pass": spec.name})
         record["modified"] = bool(result.modified)
         record["seconds"] = round(time.perf_counter() - started, 3)

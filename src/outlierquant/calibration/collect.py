@@ -71,7 +71,7 @@ from outlierquant.calibration.session import create_session
 from outlierquant.calibration.stats import ActivationStats, ChannelStats
 from outlierquant.calibration.targets import CalibrationTarget, resolve_targets
 from outlierquant.errors import CalibrationError
-from outlierquant.modelio import load_model
+from outlierquant.modelio import load_model, release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -457,6 +457,8 @@ def collect_statistics(
                 pending_tokens += tokens
         reading = None
         flush()
+    # the session and its run buffers are gone: their heap goes back before the pass runs
+    release_freed_memory()
 
     if counters["feeds"] == 0 or not collector.stats:
         raise CalibrationError(

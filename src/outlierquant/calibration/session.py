@@ -40,7 +40,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import onnx
 import onnx_ir as ir
@@ -174,25 +174,32 @@ def _bindable(model: ir.Model, extra_outputs: Sequence[str]) -> dict[str, ir.Val
 
 
 @contextlib.contextmanager
-def _stubbed(values: dict[str, ir.Value], folder: str) -> Iterator[dict[str, Any]]:
+def _stubbed(values: dict[str, ir.Value], folder: str, unread: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
     """Swap ``values``' tensors for external-data stubs in a sparse file of ``folder``
     (onnxruntime checks that the file exists and is long enough; nothing reads it) and
-    yield their arrays; the tensors are put back after."""
+    yield the arrays of those not named in ``unread``; the tensors are put back after.
+    An ``unread`` tensor is never evaluated: a lazy one (a transposed tied head, a
+    SplitQuant part) would otherwise be computed only to be dropped."""
     import numpy as np
 
     data_name = "bound-weights.stub"
     arrays: dict[str, Any] = {}
     swapped: list[tuple[ir.Value, Any]] = []
+    unread = set(unread)
     try:
         longest = 0
         for name, value in values.items():
             tensor = value.const_value
-            array = np.ascontiguousarray(tensor.numpy())
-            arrays[name] = array
-            longest = max(longest, array.nbytes)
+            if name in unread:
+                nbytes = tensor.nbytes
+            else:
+                array = np.ascontiguousarray(tensor.numpy())
+                arrays[name] = array
+                nbytes = array.nbytes
+            longest = max(longest, nbytes)
             swapped.append((value, tensor))
             value.const_value = ir.ExternalTensor(
-                data_name, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=name, base_dir=folder
+                data_name, 0, nbytes, tensor.dtype, shape=tensor.shape, name=name, base_dir=folder
             )
         with open(os.path.join(folder, data_name), "wb") as handle:
             handle.truncate(longest)  # sparse: no disk, no memory
@@ -263,18 +270,19 @@ def serialize_for_session(
     """The augmented graph as bytes, the folder its external-data locations are relative
     to, and the arrays of the weights to hand to the session by reference (module doc).
     ``only_extra``: see :func:`serialize_with_outputs`."""
-    bound = _bindable(model, extra_outputs) if bind else {}
     # weights only pruned nodes read: stubbed like the bound ones, so that no copy is made
-    # of what the session drops anyway (a decoder's LM head, when its input is fetched)
+    # of what the session drops anyway (a decoder's LM head, when its input is fetched),
+    # and never evaluated (a lazy tensor would be computed just to be dropped)
     dead = {name: value for name, value in _dead_initializers(model, extra_outputs).items()
-            if name not in bound and value.const_value.nbytes >= BIND_MIN_BYTES} \
+            if value.const_value.nbytes >= BIND_MIN_BYTES} \
         if only_extra and extra_outputs else {}
+    bound = {name: value for name, value in _bindable(model, extra_outputs).items()
+             if name not in dead} if bind else {}
     with contextlib.ExitStack() as swap:
         arrays: dict[str, Any] = {}
         if bound or dead:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="outlierquant-session-"))
-            arrays = swap.enter_context(_stubbed({**bound, **dead}, folder))
-            arrays = {name: array for name, array in arrays.items() if name not in dead}
+            arrays = swap.enter_context(_stubbed({**bound, **dead}, folder, unread=dead))
         if _in_memory_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="outlierquant-calibration-"))
             logger.info("in-memory model above protobuf's 2 GB limit: staging its weights in %s", folder)
