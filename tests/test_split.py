@@ -26,6 +26,7 @@ from outlierquant.numerics.estimates import lost_mass
 from outlierquant.numerics.outliers import select_outlier_channels
 from outlierquant.numerics.rounding import quantease_int8_weight
 from outlierquant.passes.llm_int8 import LlmInt8Options, LlmInt8SplitPass
+from outlierquant.passes import splitquant as splitquant_module
 from outlierquant.passes.splitquant import SplitQuantOptions, SplitQuantPass, split_weight_clusters
 from outlierquant.recipes import load_recipe, validate_pass_options
 
@@ -78,6 +79,47 @@ def test_splitquant_clusters_partition_the_weight():
         nonzero = [p != 0 for p in parts]
         assert not np.any(nonzero[0] & nonzero[1]) and not np.any(nonzero[1] & nonzero[2])
         assert np.abs(parts[1]).max() < 0.5 * np.abs(weight).max()  # the middle cluster gets a finer grid
+
+
+def _reference_kmeans_boundaries(weight: np.ndarray, iterations: int) -> tuple[float, float]:
+    """The k-means on a float64 sorted copy and its whole prefix-sum array (4x the weight)."""
+    values = np.sort(weight.astype(np.float64).reshape(-1))
+    prefix = np.concatenate([[0.0], np.cumsum(values)])
+    centroids = np.quantile(values, [1 / 6, 1 / 2, 5 / 6])
+    lower = upper = 0.0
+    for _ in range(iterations):
+        lower, upper = (centroids[0] + centroids[1]) / 2, (centroids[1] + centroids[2]) / 2
+        cuts = [0, np.searchsorted(values, lower), np.searchsorted(values, upper), values.size]
+        updated = centroids.copy()
+        for c in range(3):
+            if cuts[c + 1] > cuts[c]:
+                updated[c] = (prefix[cuts[c + 1]] - prefix[cuts[c]]) / (cuts[c + 1] - cuts[c])
+        if np.allclose(updated, centroids, rtol=0, atol=1e-12):
+            break
+        centroids = updated
+    return float(lower), float(upper)
+
+
+@pytest.mark.parametrize("block", [7, 64, 2**16])
+def test_splitquant_kmeans_on_float32_blocks_is_the_float64_kmeans(monkeypatch, block):
+    """The bounded k-means (float32 sort, prefix sums kept per block) finds the boundaries
+    the float64 sort with its whole prefix array finds, bit for bit, with blocks cut
+    anywhere; and the record's cluster sizes and middle range are the parts' own."""
+    monkeypatch.setattr(splitquant_module._SortedValues, "BLOCK", block)
+    rng = np.random.default_rng(block)
+    for trial in range(12):
+        shape = (int(rng.integers(1, 200)), int(rng.integers(1, 150)))
+        weight = (rng.standard_t(3, size=shape) * 10 ** rng.uniform(-3, 1)).astype(np.float32)
+        if trial % 4 == 0:
+            weight[np.abs(weight) < np.median(np.abs(weight))] = 0  # many exact zeros
+        for iterations in (2, 30):
+            expected = _reference_kmeans_boundaries(weight, iterations)
+            parts, bounds = split_weight_clusters(weight, SplitQuantOptions(iterations=iterations))
+            assert bounds == expected
+            record = splitquant_module._cluster_record(np.sort(weight.reshape(-1)), bounds)
+            assert record["cluster_sizes"] == [int(np.count_nonzero(p)) for p in parts]
+            absmax = float(np.abs(weight).max()) or 1.0
+            assert record["middle_range_ratio"] == float(np.abs(parts[1]).max() / absmax)
 
 
 def test_options_are_validated_with_the_field_name():
