@@ -24,7 +24,7 @@ def test_parts_of_a_quantized_decoder(tmp_path, tiny_llama):
     assert parts["total"] == sum(parts[p] for p in PARTS)
     # int8 linears: about a quarter of the float ones (scales and zero points on top)
     assert 0.24 * fp32["linears"] < parts["linears"] < 0.35 * fp32["linears"]
-    # default keeps the lm_head in float: unchanged bytes, now counted as its own part
-    assert parts["lm_head"] > 0
+    # default quantizes the lm_head like the other linears: its own part, int8 bytes
+    assert 0 < parts["lm_head"] < 0.35 * fp32["lm_head"]
     if result.report["float_channels"] and result.report["float_channels"]["float"]:
         assert parts["side_paths"] > 0
