@@ -53,10 +53,11 @@ CONFIGS: dict[str, dict | None] = {
     "rotatekv-kv2 g32": dict(key_bits=2, value_bits=2, group_size=32),
     "rotatekv-kv2 g16": dict(key_bits=2, value_bits=2, group_size=16),
     "rotatekv-kv4 g32": dict(key_bits=4, value_bits=4, group_size=32),
+    "rotatekv-kv4 g16": dict(key_bits=4, value_bits=4, group_size=16),
     "rotatekv-kv2 g32 block16": dict(key_bits=2, value_bits=2, group_size=32, rotation_block=16),
 }
 #: configurations whose packed form is built: its bytes per token, and its logits checked
-PACKED = ("per-token-kv8", "kivi-kv4", "rotatekv-kv4", "rotatekv-kv4 g32", "kivi-kv2", "rotatekv-kv2",
+PACKED = ("per-token-kv8", "kivi-kv4", "rotatekv-kv4", "rotatekv-kv4 g32", "rotatekv-kv4 g16", "kivi-kv2", "rotatekv-kv2",
           "rotatekv-kv2 g32", "rotatekv-kv2 g16")
 
 

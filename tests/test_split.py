@@ -398,11 +398,11 @@ def test_probs_residual_gate_measures_the_mass_below_half_a_step(planted_llama, 
             assert record["matmuls"][layer]["lost_mass"] == pytest.approx(sums[0] / sums[1], rel=1e-3)
     # peaked rows lose 1-2 % of their mass, as SmolLM2's do (all-MiniLM-L6-v2: under 0.4 %)
     assert shares[0] == shares[1] and all(0.005 < share < 0.05 for share in shares[0])
-    # long calibration sequences: the layers' probabilities are fetched a few layers per pass
-    # over the data (here one), with the same result
-    import outlierquant.passes.llm_int8 as split_module
+    # long calibration sequences (or a small model's budget): the layers' probabilities are
+    # fetched a few layers per pass over the data (here one), with the same result
+    import outlierquant.calibration.collect as collect_module
 
-    monkeypatch.setattr(split_module, "_PROBS_FETCH_BYTES", 1)
+    monkeypatch.setattr(collect_module, "activation_budget", lambda model: 1)
     model = load(planted_llama)
     split = LlmInt8SplitPass(**options)
     split.with_stats(collect_statistics(model, calibration, progress=False)).with_feeds(calibration)

@@ -7,6 +7,8 @@ the float side path of a split rotation.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -28,8 +30,15 @@ def without_channels(stats, channels: np.ndarray):
     return dataclasses.replace(stats, covariance=None, **zeroed)
 
 
+def _without_rows(read: Callable[[], np.ndarray], rows: np.ndarray) -> ir.Tensor:
+    weight = np.array(read(), dtype=np.float32, order="C")  # a copy of its own
+    weight[rows] = 0.0
+    return ir.tensor(weight)
+
+
 def float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
-                         shared: dict | None = None, *, mask: bool = True):
+                         shared: dict | None = None, *, mask: bool = True,
+                         source: Callable[[], np.ndarray] | None = None):
     """``Mul(x, m) @ W_I (+ Gather(x, O) @ W_O)`` and the per-token declarations for it.
 
     ``mask=False`` (static activations) drops the ``Mul``: ``W_I``'s outlier rows are
@@ -39,9 +48,20 @@ def float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
     ``shared`` (keyed by input name and channel set) reuses the masked input and the
     gathered columns an earlier linear on the same input wrote; callers rewrite linears
     in graph order, so the shared values are defined before every later reader.
+
+    ``source`` (a function returning ``weight`` again, e.g. ``Linear.weight_array``):
+    ``W_I`` is then a lazy tensor made from it when read. Why: callers split every linear
+    before quantizing any, so each ``W_I`` copy lived until then; a tied LM head (itself a
+    lazy transpose of the embedding) became a second float table that way (128 MiB of
+    ``default``'s peak on the 65k-vocabulary bench model).
     """
-    inlier_weight = weight.copy()
-    inlier_weight[channels] = 0.0
+    if source is None:
+        inlier_weight = weight.copy()
+        inlier_weight[channels] = 0.0
+        inlier_tensor = ir.tensor(inlier_weight)
+    else:
+        inlier_tensor = ir.LazyTensor(functools.partial(_without_rows, source, channels),
+                                      dtype=ir.DataType.FLOAT, shape=ir.Shape(weight.shape))
     holder: dict[str, ir.Value] = {}
 
     def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
@@ -60,7 +80,7 @@ def float_split_builder(weight: np.ndarray, channels: np.ndarray, label: str,
             if shared is not None:
                 shared[key] = (inliers, gathered)
         holder["activation"] = inliers
-        holder["weight"] = tape.initializer(ir.tensor(inlier_weight), name=f"{label}_inlier_weight")
+        holder["weight"] = tape.initializer(inlier_tensor, name=f"{label}_inlier_weight")
         y = tape.op("MatMul", [inliers, holder["weight"]])
         holder["matmul_out"] = y
         if channels.size:

@@ -52,7 +52,6 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.calibration.collect import MEMORY_BUDGET_BYTES
 from outlierquant.emit.rotation import kronecker_left_form
 from outlierquant.graph.analysis import analyze_graph
 from outlierquant.graph.attention import group_head_dim
@@ -76,9 +75,6 @@ __all__ = [
     "learn_transform",
 ]
 
-#: tensors captured per session run, bounded by this many bytes of kept rows
-#: half the shared budget: the transform's learning holds a second copy of the rows
-_CAPTURE_BYTES = MEMORY_BUDGET_BYTES // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,14 +376,17 @@ class FlatQuantPass(OutlierPass):
         return plan, skipped
 
     def _capture(self, model: ir.Model, names: list[str], widths: dict[str, int]) -> dict[str, np.ndarray]:
-        from outlierquant.calibration.collect import capture_activations
+        from outlierquant.calibration.collect import activation_budget, capture_activations
 
         captured: dict[str, np.ndarray] = {}
         chunk: list[str] = []
         budget = 0
+        # tensors captured per session run: half the model's calibration budget of kept rows
+        # (the transform's learning holds a second copy of them)
+        limit = activation_budget(model) // 2
         for name in names + [None]:
             size = 0 if name is None else widths[name] * self.options.max_rows * 4
-            if chunk and (name is None or budget + size > _CAPTURE_BYTES):
+            if chunk and (name is None or budget + size > limit):
                 captured.update(capture_activations(model, self.feeds, chunk, max_rows=self.options.max_rows))
                 chunk, budget = [], 0
             if name is not None:

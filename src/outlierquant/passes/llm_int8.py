@@ -64,7 +64,6 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.calibration.collect import MEMORY_BUDGET_BYTES
 from outlierquant.calibration.stats import ActivationStats
 from outlierquant.emit.kernels import use_kernel
 from outlierquant.emit.mixed_int8 import float_split_builder, mixed_int8_builder, without_channels
@@ -258,7 +257,8 @@ class LlmInt8SplitPass(OutlierPass):
                                                  fixed_rows=channels)
             if form == "float" or form == "qdq":
                 build, decl = float_split_builder(weight, channels, label, shared_inputs,
-                                                   mask=form != "qdq" or options.activations != "static")
+                                                   mask=form != "qdq" or options.activations != "static",
+                                                   source=linear.weight_array)
                 new_nodes = replace_linear(graph, linear, build, label)
                 if form == "qdq":
                     declared = decl(new_nodes, options.activations)
@@ -333,7 +333,7 @@ class LlmInt8SplitPass(OutlierPass):
         candidates = [(node, index) for node, index, _ in sites if index is not None]
         shares: dict[str, float] = {}
         if options.probs_residual == "gated" and candidates:
-            from outlierquant.calibration.collect import require_finite, stream_tensors
+            from outlierquant.calibration.collect import activation_budget, require_finite, stream_tensors
 
             if not self.feeds:
                 raise CalibrationError("llm_int8: probs_residual 'gated' measures the attention probabilities "
@@ -349,11 +349,13 @@ class LlmInt8SplitPass(OutlierPass):
                 sums[name][1] += total
 
             # every layer's probabilities are [batch, heads, T, T]: fetch as many layers per
-            # pass over the data as fit in _PROBS_FETCH_BYTES (T² grows fast: 30 layers of 9
-            # heads are 18 MB per sample at T = 128, 4.5 GB at T = 2048), and run same-shape
-            # samples together within it (the sums do not depend on how samples are grouped)
-            stream_tensors(model, self.feeds, list(steps), visit,
-                           fetch_bytes=_PROBS_FETCH_BYTES, batch_bytes=_PROBS_FETCH_BYTES)
+            # pass over the data as fit in the model's calibration budget (T² grows fast: 30
+            # layers of 9 heads are 18 MB per sample at T = 128, 4.5 GB at T = 2048), and run
+            # same-shape samples together within it (the sums do not depend on how samples are
+            # grouped). The budget follows the model's size (activation_budget): a fixed 512
+            # MiB was default's peak on the 65k-vocabulary bench model (2.45x its file)
+            budget = activation_budget(model)
+            stream_tensors(model, self.feeds, list(steps), visit, fetch_bytes=budget, batch_bytes=budget)
             shares = {name: below / total if total > 0 else 0.0 for name, (below, total) in sums.items()}
         entries, added = [], 0
         for node, index, reason in sites:
@@ -374,10 +376,6 @@ class LlmInt8SplitPass(OutlierPass):
         logger.info("llm_int8: residual int8 probabilities in %d of %d probs x V MatMuls", added, len(entries))
         return {"mode": options.probs_residual, "lost_mass_gate": options.probs_lost_mass,
                 "residual_matmuls": added, "matmuls": entries}
-
-
-#: memory for the attention probabilities the ``gated`` residual fetches per sample
-_PROBS_FETCH_BYTES = MEMORY_BUDGET_BYTES
 
 
 def _activation_matmuls(model: ir.Model, stats, collected: dict) -> list:

@@ -90,7 +90,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from outlierquant.calibration.collect import MEMORY_BUDGET_BYTES
+from outlierquant.calibration.collect import MEMORY_BUDGET_BYTES, activation_budget
 from outlierquant.emit.fake_quant import fake_quantize_activation
 from outlierquant.emit.weights import correct_bias, emit_grouped_weight
 from outlierquant.graph.analysis import analyze_graph
@@ -404,7 +404,8 @@ class _WeightOnlyPass(OutlierPass):
         reference = None
         if options.sequential_target == "fp32_output":
             reference = _ReferenceRows(model, self.feeds, list(stages), options.sequential_rows,
-                                       {name: group[0].in_features for name, group in stages.items()})
+                                       {name: group[0].in_features for name, group in stages.items()},
+                                       budget=activation_budget(model))
         quantized_any = False
         rows = 0
         chosen: list[float] = []
