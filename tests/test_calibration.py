@@ -215,10 +215,29 @@ def test_a_byte_budget_bounds_the_batches_and_keeps_the_numbers():
     samples = [_sample(64, i) for i in range(24)]  # one shape: 1536 tokens
     free = collect_statistics(_seq_ir(), samples, progress=False)
     assert free.meta["runs"] == 2  # 512 tokens first (it measures a token), then the other 1024
-    # a budget below one sample's activations: after the first run, one sample per run
+    # a budget below one sample's activations: one sample per run, the first run included
+    # (what it would fetch alone is known from the targets' channels before it runs)
     budgeted = collect_statistics(_seq_ir(), samples, progress=False, batch_bytes=1)
-    assert budgeted.meta["runs"] == 1 + 16
+    assert budgeted.meta["runs"] == 24
     _assert_same(free, budgeted)
+
+
+def test_the_first_run_fetches_within_half_the_budget():
+    """A wide fetched tensor (a decoder's logits) shortens the first run, which runs before a
+    token's cost is measured: its fetched channels at 8 bytes (the array and onnxruntime's
+    buffer) per token stay within half the run budget."""
+    from outlierquant.calibration.collect import _FIRST_RUN_TOKENS, _first_run_tokens
+    from outlierquant.calibration.targets import resolve_targets
+
+    model = _seq_ir()
+    targets = resolve_targets(model, None)
+    channels = {"xm": 4, "h": 6, "r": 6, "y": 3}
+    width = sum(channels[t.tensor] for t in targets)
+    assert width > 0
+    assert _first_run_tokens(model, targets, 2 * 8 * width * 100) == 100
+    assert _first_run_tokens(model, targets, 2 * 8 * width * 10**6) == _FIRST_RUN_TOKENS
+    assert _first_run_tokens(model, targets, None) == _FIRST_RUN_TOKENS
+    assert _first_run_tokens(model, targets, 1) == 1
 
 
 def _padded(samples, *, left=False):
