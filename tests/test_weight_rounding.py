@@ -165,6 +165,33 @@ def test_outlier_side_path_reduces_the_error():
     assert errors[0.01] < 0.8 * errors[0.0]
 
 
+def test_outlier_rows_cap_keeps_the_side_path_to_the_rows_that_matter():
+    """Outliers spread over many rows made the dense side path a float copy of the layer;
+    capped, it holds at most the share of rows asked for, those with the largest summed
+    impact (here the two activation outlier channels), and still lowers the error."""
+    rng = np.random.default_rng(6)
+    x = activations(rng, outlier=[7, 40], scale=30.0)
+    weight = rng.standard_t(2.5, size=(K, N)).astype(np.float32)
+    stats = stats_of(x)
+    side_rows, errors = {}, {}
+    for rows in (1.0, 0.03):
+        model = one_linear_model(weight)
+        QuantEaseRoundPass(bits=3, outlier_fraction=0.01, outlier_rows=rows).with_stats(stats)(model)
+        gather = next(n for n in model.graph if n.op_type == "Gather")
+        side_rows[rows] = gather.inputs[1].const_value.numpy().reshape(-1)
+        y = run(model, x[:256])
+        errors[rows] = float(((y - x[:256] @ weight) ** 2).mean())
+    assert side_rows[1.0].size > 2  # uncapped: outliers in several rows
+    assert sorted(side_rows[0.03].tolist()) == [7, 40]  # floor(0.03 * 96) = 2: the outlier channels
+    baseline = QuantEaseRoundPass(bits=3).with_stats(stats)
+    model = one_linear_model(weight)
+    baseline(model)
+    plain = float(((run(model, x[:256]) - x[:256] @ weight) ** 2).mean())
+    assert errors[0.03] < plain
+    with pytest.raises(ValueError, match="outlier_rows"):
+        QuantEaseOptions(outlier_rows=0.0)
+
+
 def test_tiny_llama_quantizes_and_runs(tmp_path):
     path = synthetic.build_tiny_llama(tmp_path / "tiny")
     calibration = synthetic.random_feeds(path, 4, seed=1)

@@ -148,11 +148,18 @@ def correct_bias(graph: ir.Graph, linear: Linear, correction: np.ndarray) -> str
     return "folded"
 
 
-def emit_grouped_weight(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: GroupGrid, side: np.ndarray | None, label: str,
-          correction: np.ndarray | None = None) -> None:
+def emit_grouped_weight(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: GroupGrid,
+                        side: tuple[np.ndarray, np.ndarray] | None, label: str,
+                        correction: np.ndarray | None = None) -> None:
+    """The grouped low-bit linear, plus the float side path ``side = (rows, values)`` (the
+    input rows that hold an outlier and their ``[len(rows), N]`` float weights; rows whose
+    values are all zero are left out), plus a bias correction."""
     # weight_only imports this module (GroupGrid, group_grid): import its writer lazily
-
-    rows = np.flatnonzero(np.any(side != 0, axis=1)) if side is not None else np.zeros(0, np.int64)
+    rows, values = side if side is not None else (np.zeros(0, np.int64), None)
+    if values is not None:
+        nonzero = np.any(values != 0, axis=1)
+        if not nonzero.all():
+            rows, values = rows[nonzero], values[nonzero]
 
     def build(tape: ir.tape.Tape, x: ir.Value) -> ir.Value:
         if grid.dimension == "per_oc":  # the MatMulNBits writer of weight_only, shared with RTN
@@ -162,9 +169,7 @@ def emit_grouped_weight(graph: ir.Graph, linear: Linear, q: np.ndarray, grid: Gr
         if rows.size:
             gathered = tape.op("Gather", [x, tape.initializer(ir.tensor(rows.astype(np.int64)),
                                                               name=f"{label}_outlier_rows")], {"axis": -1})
-            # one copy of the rows (an LM head's side path can hold every row)
-            dense = side if rows.size == side.shape[0] and side.dtype == np.float32 else np.ascontiguousarray(
-                side[rows], dtype=np.float32)
+            dense = np.ascontiguousarray(values, dtype=np.float32)  # no copy when it is already
             y = tape.op("Add", [y, tape.op("MatMul", [gathered, tape.initializer(ir.tensor(dense),
                                                                                  name=f"{label}_outlier_weight")])])
         if correction is not None:

@@ -228,6 +228,12 @@ class QuantEaseOptions(WeightOnlyOptions):
     dimension: Literal["adaptive", "per_oc", "per_ic"] = "per_oc"
     iterations: int = 10
     outlier_fraction: float = 0.0
+    #: the most input rows (a share of the layer's) the float side path may hold: it is
+    #: written as dense rows ``Gather(x, rows) @ H[rows]``, so outliers scattered over every
+    #: row (an LM head's) made it a float copy of the whole weight. Over the cap, the rows
+    #: with the largest summed outlier impact keep their outliers; the others' weights are
+    #: rounded with the rest. 1.0: no cap.
+    outlier_rows: float = 1.0
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -236,6 +242,8 @@ class QuantEaseOptions(WeightOnlyOptions):
             raise ValueError(f"iterations={self.iterations}: must be >= 1")
         if not 0.0 <= self.outlier_fraction < 0.1:
             raise ValueError(f"outlier_fraction={self.outlier_fraction}: allowed [0, 0.1)")
+        if not 0.0 < self.outlier_rows <= 1.0:
+            raise ValueError(f"outlier_rows={self.outlier_rows}: allowed (0, 1]")
 
 
 # -- math ------------------------------------------------------------------------------------
@@ -264,7 +272,7 @@ class _Candidate:
     scales: list = dataclasses.field(default_factory=list)  # compact grid, per slab
     zeros: list = dataclasses.field(default_factory=list)
     corrections: list = dataclasses.field(default_factory=list)  # bias correction, per slab
-    side: np.ndarray | None = None  # float32 [K, N]: the outlier weights' float path
+    side: np.ndarray | None = None  # float32 [len(side rows), N]: the outlier weights' float path
     error: float = 0.0  # tr(ΔᵀΣΔ)
     heldout: float = 0.0  # summed squared output error on held-out rows
 
@@ -496,6 +504,9 @@ class _WeightOnlyPass(OutlierPass):
         fixed = self._outliers(original, moments, columns)
         if fixed is not None and not fixed.any():
             fixed = None
+        # the side path is kept for the rows that hold an outlier only (a dense [K, N] was an
+        # LM head's worth of float32 however few rows it had)
+        side_rows = np.flatnonzero(fixed.any(axis=1)) if fixed is not None else None
         found = {dim: _Candidate(np.zeros((k, n), np.uint8)) for dim in dims}
         signal = 0.0
         for cols in columns:
@@ -525,8 +536,8 @@ class _WeightOnlyPass(OutlierPass):
                     side = np.where(keep, weight - effective, 0.0)
                     effective = effective + side
                     if candidate.side is None:
-                        candidate.side = np.zeros((k, n), np.float32)
-                    candidate.side[:, cols] = side
+                        candidate.side = np.zeros((side_rows.size, n), np.float32)
+                    candidate.side[:, cols] = side[side_rows]
                 bias = moments.correction(source, effective) if options.bias_correction else None
                 if bias is not None:
                     candidate.corrections.append(bias)
@@ -539,7 +550,7 @@ class _WeightOnlyPass(OutlierPass):
         signal = signal or 1.0
         rows = max(heldout[0].shape[0], 1) if heldout is not None else 1
         return {"dimension": chosen, "error": best.error, "signal": signal, "q": best.q, "grid": grid,
-                "side": best.side, "fixed": fixed,
+                "side": None if best.side is None else (side_rows, best.side), "fixed": fixed,
                 "correction": np.concatenate(best.corrections) if best.corrections else None,
                 "errors": {d: c.error / signal for d, c in found.items()},
                 "heldout": {d: c.heldout / rows for d, c in found.items()}}
@@ -615,6 +626,14 @@ class QuantEaseRoundPass(_WeightOnlyPass):
         count = int(np.ceil(self.options.outlier_fraction * weight.size))
         threshold = outlier_threshold((outlier_impact(t, diag) for t in targets), count)
         mask = np.zeros(weight.shape, bool)
+        row_impact = np.zeros(weight.shape[0])
         for cols in columns:
-            mask[:, cols] = outlier_impact(moments.target(np.asarray(weight[:, cols], np.float64)), diag) >= threshold
+            impact = outlier_impact(moments.target(np.asarray(weight[:, cols], np.float64)), diag)
+            mask[:, cols] = impact >= threshold
+            row_impact += np.where(mask[:, cols], impact, 0.0).sum(axis=1)
+        cap = max(1, int(np.floor(self.options.outlier_rows * weight.shape[0])))
+        rows = np.flatnonzero(row_impact > 0)
+        if rows.size > cap:
+            dropped = rows[np.argsort(-row_impact[rows], kind="stable")[cap:]]
+            mask[dropped] = False
         return mask
