@@ -285,8 +285,15 @@ def test_recipes_table_and_full_description(capsys):
     assert "W8A8" in table["w8a8"] and "real" in table["w8a8"]
     assert "simulated" in table["quarot-w4a4"] and "W4A4" in table["quarot-w4a4"]
     assert "if built" in table["llm-int8"] and "W4A16" in table["rtn-w4a16"]
+    assert "W8A8 + float outliers" in table["default"] and "head" not in table["default"]
     # a head-only weight pass adds to the body's bits instead of replacing them
-    assert "W8A8 + float outliers + W8 head" in table["default"] and "W8A16" not in table["default"]
+    from pathlib import Path
+
+    from outlierquant.recipes import load_recipe as load
+    from outlierquant.recipes.summary import summarize
+
+    decode = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes" / "quantease-w4a16-head8-decode.yaml"
+    assert summarize(load(str(decode))).bits == "W4A16 + W8 head"
     assert max(len(line) for line in out.splitlines()) < 200
 
     from outlierquant.recipes import load_recipe
