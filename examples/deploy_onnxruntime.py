@@ -49,8 +49,16 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, help="with no --model: the fp32 export to quantize first")
     parser.add_argument("--fast", action="store_true", help="few calibration samples")
     args = parser.parse_args()
-    model = args.model or quantize_bundled(Path(tempfile.mkdtemp(prefix="deploy-")), args.onnx)
+    if args.model is not None:
+        deploy(args.model)
+        return
+    # nothing to keep: the quantized bundled model is removed after the demonstration
+    with tempfile.TemporaryDirectory(prefix="deploy-") as workdir:
+        deploy(quantize_bundled(Path(workdir), args.onnx))
 
+
+def deploy(model: Path) -> None:
+    """Run ``model`` with plain onnxruntime, then through optimum's ORTModel class."""
     # 1. plain onnxruntime
     from transformers import AutoTokenizer
 
