@@ -76,7 +76,6 @@ __all__ = [
 ]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class FlatQuantOptions:
     """Options of :class:`FlatQuantPass`.
