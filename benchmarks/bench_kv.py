@@ -55,6 +55,13 @@ CONFIGS: dict[str, dict | None] = {
     "rotatekv-kv4 g32": dict(key_bits=4, value_bits=4, group_size=32),
     "rotatekv-kv4 g16": dict(key_bits=4, value_bits=4, group_size=16),
     "rotatekv-kv2 g32 block16": dict(key_bits=2, value_bits=2, group_size=32, rotation_block=16),
+    # KIVI's float window of recent tokens (a prefill attends in float; see ppl decode)
+    "per-token-kv2 g16 r16": dict(key_bits=2, value_bits=2, group_size=16, rotate=False, recent_tokens=16),
+    "rotatekv-kv2 g16 r16": dict(key_bits=2, value_bits=2, group_size=16, recent_tokens=16),
+    "rotatekv-kv2 g16 r32": dict(key_bits=2, value_bits=2, group_size=16, recent_tokens=32),
+    "kivi-kv2 r32": dict(key_bits=2, value_bits=2, key_mode="per-channel", rotate=False, sink_tokens=0,
+                         recent_tokens=32),
+    "rotatekv-kv4 g32 r16": dict(key_bits=4, value_bits=4, group_size=32, recent_tokens=16),
 }
 #: configurations whose packed form is built: its bytes per token, and its logits checked
 PACKED = ("per-token-kv8", "kivi-kv4", "rotatekv-kv4", "rotatekv-kv4 g32", "rotatekv-kv4 g16", "kivi-kv2", "rotatekv-kv2",

@@ -200,6 +200,37 @@ def test_per_channel_keys_use_static_calibrated_ranges(tiny_llama_past, calibrat
     assert _relative(reference, decode_logits(_session(model), texts["real"], 8)[0]) < 0.2
 
 
+def test_recent_window_stays_float_and_settles_on_the_grid(tiny_llama_past, calibration, texts):
+    """KIVI's window: the last ``recent_tokens`` and the sinks stay float; a token is stored
+    on the per-token grid once it leaves the window; a prefill attends in float."""
+    ids = texts["real"]  # 48 tokens
+    reference = _session(ir.load(str(tiny_llama_past)))
+    fp32_logits, fp32_cache = decode_logits(reference, ids, ids.shape[1])
+    model, result = _rewritten(tiny_llama_past, calibration, key_bits=4, value_bits=2, group_size=8, rotate=False,
+                               sink_tokens=3, recent_tokens=10)
+    assert "the last 10 in float" in result.record["summary"][0]
+    session = _session(model)
+    logits, cache = decode_logits(session, ids, ids.shape[1])
+    np.testing.assert_array_equal(logits, fp32_logits)  # one prefill: attention reads its own tokens in float
+    for kind, bits in (("key", 4), ("value", 2)):
+        stored, expected = cache[f"past_key_values.0.{kind}"], fp32_cache[f"past_key_values.0.{kind}"]
+        np.testing.assert_array_equal(stored[:, :, :3], expected[:, :, :3])
+        np.testing.assert_array_equal(stored[:, :, 38:], expected[:, :, 38:])
+        np.testing.assert_allclose(stored[:, :, 3:38], per_token_fake_quantize(expected, bits, 8)[:, :, 3:38],
+                                   rtol=0, atol=1e-5)
+    # token by token the same positions settle (layer 0's keys and values do not depend on the cache)
+    stepped_logits, stepped = decode_logits(session, ids, 4)
+    value, expected = stepped["past_key_values.0.value"], fp32_cache["past_key_values.0.value"]
+    np.testing.assert_allclose(value[:, :, 38:], expected[:, :, 38:], rtol=0, atol=1e-5)
+    assert np.abs(value[:, :, 3:38] - expected[:, :, 3:38]).max() > 1e-3
+    # decode steps read quantized old tokens: further from fp32 than a window of everything
+    wide, _ = _rewritten(tiny_llama_past, calibration, key_bits=4, value_bits=2, group_size=8, rotate=False,
+                         sink_tokens=3, recent_tokens=64)
+    fp32_stepped, _ = decode_logits(reference, ids, 4)
+    np.testing.assert_allclose(decode_logits(_session(wide), ids, 4)[0], fp32_stepped, rtol=0, atol=1e-4)
+    assert _relative(fp32_stepped, stepped_logits) > 1e-3
+
+
 # --------------------------------------------------------------------------- packed form
 
 
@@ -234,6 +265,33 @@ def test_packed_cache_generates_what_the_simulated_form_does(tiny_llama_past, ca
     sinks = 2 * 4 * 16 * 4 / tokens_in_cache  # K and V, 4 float32 positions, amortized
     assert ratio == pytest.approx((per_head + sinks) / (2 * 16 * 4))
     assert ratio < 0.4, ratio  # 16-channel heads and 4 sinks over 31 tokens; SmolLM2 (64) in bench_kv
+
+
+@pytest.mark.parametrize("options", [dict(key_bits=2, value_bits=2, group_size=8, recent_tokens=6),
+                                     dict(key_bits=4, value_bits=2, key_mode="per-channel", rotate=False,
+                                          recent_tokens=5)],
+                         ids=["rotatekv-kv2-g8-r6", "kivi-k4v2-r5"])
+def test_packed_cache_with_a_float_window_generates_what_the_simulated_form_does(tiny_llama_past, calibration,
+                                                                                  texts, options):
+    simulated, _ = _rewritten(tiny_llama_past, calibration, **options)
+    packed, _ = _rewritten(tiny_llama_past, calibration, form="packed", **options)
+    packed_session = _session(packed)
+    np.testing.assert_array_equal(decode_logits(packed_session, texts["real"], 8)[0],
+                                  decode_logits(_session(simulated), texts["real"], 8)[0])
+    prompt = texts["real"][:, :3]  # shorter than the window: the first calls settle nothing
+    tokens, cache = greedy_generate(_session(simulated), prompt, 20)
+    packed_tokens, packed_cache = greedy_generate(packed_session, prompt, 20)
+    assert packed_tokens == tokens
+    recent, total = options["recent_tokens"], prompt.shape[1] + 19
+    assert packed_cache["past_key_values.1.value.recent"].shape == (1, 2, recent, 16)
+    assert packed_cache["past_key_values.1.value.codes"].shape == (1, 2, total - recent, 16 * 2 // 8)
+    # bytes: settled tokens at `bits` (+ float16 step/min per group), the window and 4 sinks in float32
+    settled = sum(token_bytes(16, options[f"{kind}_bits"], options.get("group_size") or 16,
+                              per_token_scales=not (kind == "key" and options.get("key_mode") == "per-channel"))
+                  for kind in ("key", "value"))
+    per_head = (total - recent) * settled + 2 * (recent + 4) * 16 * 4
+    ratio = cache_bytes_per_token(packed_cache, total) / cache_bytes_per_token(cache, total)
+    assert ratio == pytest.approx(per_head / (2 * 16 * 4 * total))
 
 
 def test_packed_form_needs_bits():
@@ -277,5 +335,7 @@ def test_options_are_checked_and_models_without_a_cache_are_skipped(tiny_llama):
         validate_pass_options("kv-quantize", {"key_bits": 3})
     with pytest.raises(RecipeError, match="key_mode"):
         validate_pass_options("kv-quantize", {"key_mode": "per-head"})
+    with pytest.raises(RecipeError, match="recent_tokens"):
+        validate_pass_options("kv-quantize", {"recent_tokens": -1})
     result = KVCacheQuantizePass(rotate=False)(ir.load(str(tiny_llama)))
     assert not result.modified and "no KV cache" in result.record["skipped"]

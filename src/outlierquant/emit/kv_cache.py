@@ -14,7 +14,9 @@ A cache tensor is ``[B, kv heads, T, D]`` (float32). The forms here are what
   same rotation on queries laid out ``[B, H·r, S, D]`` (grouped-query attention: query
   head ``j`` reads kv head ``j // r``);
 - :func:`positions_below`: a ``[1, 1, S_new, 1]`` mask of the new tokens whose cache
-  position (past length + index) is below ``sinks``.
+  position (past length + index) is below ``sinks``;
+- :func:`recent_window`: the split a float window of recent tokens needs (KIVI's
+  residual): the settled, already quantized part of the past and the window after it.
 
 Every node carries :data:`~outlierquant.graph.tags.KEEP_FLOAT_KEY` so no quantizer takes
 the rotation MatMul for a linear layer.
@@ -81,11 +83,12 @@ def dequantize(w: CacheWriter, q: ir.Value, step: ir.Value, low: ir.Value, head_
     return out
 
 
-def pack(w: CacheWriter, q: ir.Value, bits: int) -> ir.Value:
-    """uint8 ``[B, H, S, D·bits/8]``: code ``k`` of each byte in bits ``k·bits …``."""
+def pack(w: CacheWriter, q: ir.Value, bits: int, head_dim: int | None = None) -> ir.Value:
+    """uint8 ``[B, H, S, D·bits/8]``: code ``k`` of each byte in bits ``k·bits …``. Give
+    ``head_dim`` when ``S`` can be 0 (onnxruntime cannot infer a ``-1`` dim of an empty tensor)."""
     n = 8 // bits
     op = w.op
-    grouped = op("Reshape", q, w.ints("bytes", [0, 0, 0, -1, n]))
+    grouped = op("Reshape", q, w.ints("bytes", [0, 0, 0, head_dim // n if head_dim else -1, n]))
     weights = w.floats("code_weights", [2.0 ** (bits * k) for k in range(n)])
     summed = op("ReduceSum", op("Mul", grouped, weights), w.ints("sum_axes", [-1]), keepdims=0)
     return op("Cast", summed, to=ir.DataType.UINT8)
@@ -103,9 +106,11 @@ def unpack(w: CacheWriter, codes: ir.Value, bits: int, group: int | None, head_d
     return op("Reshape", q, w.ints("unpacked", target))
 
 
-def store_scale(w: CacheWriter, value: ir.Value) -> ir.Value:
-    """A ``[B, H, S, D/G, 1]`` step or minimum as the float16 ``[B, H, S, D/G]`` the cache holds."""
-    return w.op("Cast", w.op("Reshape", value, w.ints("scale_shape", [0, 0, 0, -1])), to=ir.DataType.FLOAT16)
+def store_scale(w: CacheWriter, value: ir.Value, groups: int | None = None) -> ir.Value:
+    """A ``[B, H, S, D/G, 1]`` step or minimum as the float16 ``[B, H, S, D/G]`` the cache holds
+    (``groups`` = ``D/G`` when ``S`` can be 0)."""
+    return w.op("Cast", w.op("Reshape", value, w.ints("scale_shape", [0, 0, 0, groups or -1])),
+                to=ir.DataType.FLOAT16)
 
 
 def load_scale(w: CacheWriter, value: ir.Value) -> ir.Value:
@@ -127,6 +132,31 @@ def positions_below(w: CacheWriter, past: ir.Value, new: ir.Value, sinks: int) -
     return op("Less", column, w.const("sinks", np.array(sinks, dtype=np.int64)))
 
 
+def recent_window(w: CacheWriter, past: ir.Value, new: ir.Value, recent: int):
+    """``(settled, window, positions, limit)`` for a cache whose last ``recent`` positions stay
+    float: ``start = max(P - recent, 0)`` (``P`` the past length); ``settled = past[:, :, :start]``
+    was quantized when it left the window; ``window = Concat(past[:, :, start:], new)`` holds
+    the candidates; ``positions`` ``[1, 1, W, 1]`` are their cache positions and ``limit`` the
+    scalar ``T - recent``: a window position below it leaves the window in this call.
+
+    Only the window is read per call (``recent`` + new tokens), not the whole cache."""
+    op = w.op
+    two = w.ints("seq_axis", [2])
+    past_len = op("Gather", op("Shape", past), two, axis=0)  # [1]
+    new_len = op("Gather", op("Shape", new), two, axis=0)
+    size = w.ints("recent", [recent])
+    start = op("Max", op("Sub", past_len, size), w.ints("zero_start", [0]))
+    settled = op("Slice", past, w.ints("settled_start", [0]), start, two)
+    window = op("Concat", op("Slice", past, start, w.ints("window_stop", [INT64_MAX]), two), new, axis=2)
+    total = op("Add", past_len, new_len)
+    scalar = w.ints("scalar", [])
+    positions = op("Range", op("Reshape", start, scalar), op("Reshape", total, scalar),
+                   w.const("one", np.array(1, dtype=np.int64)))
+    column = op("Reshape", positions, w.ints("column", [1, 1, -1, 1]))
+    limit = op("Reshape", op("Sub", total, size), scalar)
+    return settled, window, column, limit
+
+
 def keep_sinks(w: CacheWriter, past_sink: ir.Value, new: ir.Value, sinks: int) -> ir.Value:
     """The first ``sinks`` cache positions in float: ``Concat(past sink, new)[:, :, :sinks]``."""
     joined = w.op("Concat", past_sink, new, axis=2)
@@ -141,10 +171,28 @@ def replace_first(w: CacheWriter, full: ir.Value, sink: ir.Value) -> ir.Value:
     return op("Concat", sink, rest, axis=2)
 
 
-def float_shape(w: CacheWriter, codes: ir.Value, head_dim: int) -> ir.Value:
-    """``Shape`` of the float cache a packed ``codes`` tensor stands for: ``[B, H, T, D]``."""
-    leading = w.op("Slice", w.op("Shape", codes), w.ints("lead_start", [0]), w.ints("lead_stop", [3]))
-    return w.op("Concat", leading, w.ints("head_dim", [head_dim]), axis=0)
+def float_shape(w: CacheWriter, codes: ir.Value, head_dim: int, recent: ir.Value | None = None) -> ir.Value:
+    """``Shape`` of the float cache a packed ``codes`` tensor (and the float ``recent`` window
+    after it, if any) stands for: ``[B, H, T, D]``."""
+    if recent is None:
+        leading = w.op("Slice", w.op("Shape", codes), w.ints("lead_start", [0]), w.ints("lead_stop", [3]))
+        return w.op("Concat", leading, w.ints("head_dim", [head_dim]), axis=0)
+    shape, recent_shape = w.op("Shape", codes), w.op("Shape", recent)
+    two, three = w.ints("len_start", [2]), w.ints("len_stop", [3])
+    length = w.op("Add", w.op("Slice", shape, two, three), w.op("Slice", recent_shape, two, three))
+    leading = w.op("Slice", shape, w.ints("lead_start", [0]), two)
+    return w.op("Concat", leading, length, w.ints("head_dim", [head_dim]), axis=0)
+
+
+def leave_window(w: CacheWriter, window: ir.Value, recent: int) -> tuple[ir.Value, ir.Value]:
+    """``(leaving, kept)``: ``window`` split on axis 2 so that ``kept`` holds its last ``recent``
+    positions (all of them when it is shorter)."""
+    op = w.op
+    two = w.ints("seq_axis", [2])
+    length = op("Gather", op("Shape", window), two, axis=0)
+    cut = op("Max", op("Sub", length, w.ints("recent", [recent])), w.ints("zero_start", [0]))
+    leaving = op("Slice", window, w.ints("window_start", [0]), cut, two)
+    return leaving, op("Slice", window, cut, w.ints("window_stop", [INT64_MAX]), two)
 
 
 def rotate_heads(w: CacheWriter, x: ir.Value, rotation: np.ndarray, *, query: bool) -> ir.Value:

@@ -44,9 +44,16 @@ Two forms (``form``):
   the simulated form's, so both give identical logits. A generation loop that feeds them
   back is :mod:`outlierquant.export.packed_cache`.
 
-KIVI itself groups key channels over blocks of tokens and keeps a float window of recent
-tokens; a stateless graph step cannot hold that window, so the per-channel baseline here
-uses static calibrated ranges (the same for prefill and decode).
+**Recent window** (``recent_tokens``, KIVI's residual): the last ``R`` cache positions stay
+float and a token is quantized when it leaves the window. The state is the cache itself:
+the simulated form re-reads the last ``R`` past positions each call and quantizes the ones
+now older than ``T − R``; the packed form carries ``.recent`` (float32, the window) beside
+the codes and appends the codes of the tokens that leave it. With a window, attention
+reads the past as stored and the call's own tokens in float (KIVI: a prefill attends in
+full precision), so only decode steps see quantized tokens — compare ``ppl decode``.
+
+KIVI groups key channels over blocks of tokens; here the per-channel baseline uses static
+calibrated ranges instead (the same for prefill and decode).
 """
 
 from __future__ import annotations
@@ -85,7 +92,9 @@ class KVCacheQuantOptions:
     ``per-channel`` (static calibrated ranges). ``rotate`` / ``reorder``: RotateKV's key
     rotation and its outlier-aware channel order (reads the calibration samples);
     ``rotation_block``: Hadamard block size (0: the head size). ``sink_tokens``: first cache
-    positions kept in float. ``form``: ``simulated`` or ``packed``.
+    positions kept in float. ``recent_tokens``: the last cache positions kept in float (KIVI's
+    residual window; a token is quantized when it leaves the window). ``form``: ``simulated``
+    or ``packed``.
     """
 
     key_bits: int = 4
@@ -96,6 +105,7 @@ class KVCacheQuantOptions:
     reorder: bool = True
     rotation_block: int = 0
     sink_tokens: int = 4
+    recent_tokens: int = 0
     form: Literal["simulated", "packed"] = "simulated"
 
     def __post_init__(self) -> None:
@@ -103,7 +113,7 @@ class KVCacheQuantOptions:
         for field in ("key_bits", "value_bits"):
             if getattr(self, field) not in (0, 2, 4, 8):
                 raise ValueError(f"{field}={getattr(self, field)!r}: allowed 2, 4, 8 or 0 (float)")
-        for field in ("group_size", "rotation_block", "sink_tokens"):
+        for field in ("group_size", "rotation_block", "sink_tokens", "recent_tokens"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{field}={value!r}: a non-negative integer")
@@ -282,13 +292,16 @@ class KVCacheQuantizePass(OutlierPass):
                   "simulated": o.form == "simulated",
                   "summary": [f"kv-quantize: {len(layers)} layers, K {o.key_bits or 'float'}-bit "
                               f"({o.key_mode}{', rotated' if o.rotate else ''}), V {o.value_bits or 'float'}-bit, "
-                              f"{o.sink_tokens} sink tokens in float, {o.form} cache"]}
+                              f"{o.sink_tokens} sink tokens"
+                              f"{f' and the last {o.recent_tokens}' if o.recent_tokens else ''} in float, "
+                              f"{o.form} cache"]}
         return True, record
 
     def _reshape_readers(self, model: ir.Model, w: form.CacheWriter, past: ir.Value, codes: ir.Value,
-                         head_dim: int) -> None:
+                         head_dim: int, recent: ir.Value | None = None) -> None:
         """The export reads the past length as ``Shape(past key)``: that Shape now reads the
-        packed codes (same batch, heads and length; the head size comes from a constant)."""
+        packed codes (same batch and heads; the length adds the float window's, the head size
+        comes from a constant)."""
         for use in list(past.uses()):
             node = use.node
             if node.op_type == "Concat":
@@ -297,7 +310,7 @@ class KVCacheQuantizePass(OutlierPass):
                 raise UnsupportedModelError(f"kv-quantize: {past.name} is read by {node.op_type} {node.name!r}; "
                                             "the packed form can only replace the cache Concat and Shape readers")
             ws = form.CacheWriter(model, f"{w.prefix}/shape")  # before the Shape: its readers come early
-            shape = form.float_shape(ws, codes, head_dim)
+            shape = form.float_shape(ws, codes, head_dim, recent)
             start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)
             if (start, end) != (0, 4):
                 shape = ws.op("Slice", shape, ws.ints("shape_start", [start]), ws.ints("shape_end", [end]))
@@ -316,6 +329,9 @@ class KVCacheQuantizePass(OutlierPass):
         return q, step, low, group
 
     def _simulate(self, model, prefix, concat, new, bits, grid, head_dim) -> None:
+        if self.options.recent_tokens:
+            self._simulate_window(model, prefix, concat, new, bits, grid, head_dim)
+            return
         w = form.CacheWriter(model, prefix)
         q, step, low, group = self._grid(w, new, bits, grid, head_dim)
         stored = form.dequantize(w, q, step, low, head_dim if group else None)
@@ -325,19 +341,60 @@ class KVCacheQuantizePass(OutlierPass):
         self._insert(model, w, concat)
         concat.replace_input_with(1, stored)
 
+    def _simulate_window(self, model, prefix, concat, new, bits, grid, head_dim) -> None:
+        """The cache with a float window of the last ``recent_tokens`` positions: each call
+        quantizes the window positions that fall out of it (and are past the sinks) for the
+        cache it returns; the older positions come from the past as they were stored.
+
+        Attention in the call reads the past as stored and the call's own tokens in float —
+        KIVI's semantics: a prefill attends in full precision, and a decode step reads the
+        quantized old tokens, the float window and itself. The ``present`` output alone
+        carries the quantization, so the packed form can give the same logits."""
+        o = self.options
+        w = form.CacheWriter(model, prefix)
+        if new is not concat.inputs[1]:
+            concat.replace_input_with(1, new)
+        settled, window, positions, limit = form.recent_window(w, concat.inputs[0], new, o.recent_tokens)
+        q, step, low, group = self._grid(w, window, bits, grid, head_dim)
+        quantized = form.dequantize(w, q, step, low, head_dim if group else None)
+        leaving = w.op("Less", positions, limit)
+        if o.sink_tokens:
+            sinks = w.const("sinks", np.array(o.sink_tokens, dtype=np.int64))
+            leaving = w.op("And", leaving, w.op("Not", w.op("Less", positions, sinks)))
+        stored = w.op("Concat", settled, w.op("Where", leaving, quantized, window), axis=2)
+        self._insert(model, w, concat)
+        present = concat.outputs[0]
+        name, stored.type, stored.shape = present.name, present.type, present.shape
+        outputs = list(model.graph.outputs)
+        present.name = f"{prefix}/attended"
+        outputs[outputs.index(present)] = stored
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(outputs)
+        stored.name = name
+
     def _pack(self, model, prefix, concat, new, bits, grid, head_dim) -> None:
         graph = model.graph
+        recent = self.options.recent_tokens
         w = form.CacheWriter(model, prefix)
         past = concat.inputs[0]
         base = past.name  # past_key_values.i.kind
         present = concat.outputs[0]
-        q, step, low, group = self._grid(w, new, bits, grid, head_dim)
-        parts = {"codes": (form.pack(w, q, bits), ir.DataType.UINT8, head_dim * bits // 8)}
-        if group:
-            parts["step"] = (form.store_scale(w, step), ir.DataType.FLOAT16, head_dim // group)
-            parts["min"] = (form.store_scale(w, low), ir.DataType.FLOAT16, head_dim // group)
         batch, heads = past.shape[0], past.shape[1]
-        full: dict[str, ir.Value] = {}
+        window = recent_in = None
+        settling = new  # the tokens whose codes this call appends
+        if recent:
+            recent_in = ir.Value(name=f"{base}.recent", type=ir.TensorType(ir.DataType.FLOAT),
+                                 shape=ir.Shape([batch, heads, "recent_length", head_dim]))
+            window = w.op("Concat", recent_in, new, axis=2)
+            settling, kept = form.leave_window(w, window, recent)
+        q, step, low, group = self._grid(w, settling, bits, grid, head_dim)
+        width = head_dim if recent else None  # explicit widths: `settling` can be empty
+        parts = {"codes": (form.pack(w, q, bits, width), ir.DataType.UINT8, head_dim * bits // 8)}
+        if group:
+            groups = head_dim // group
+            parts["step"] = (form.store_scale(w, step, groups if recent else None), ir.DataType.FLOAT16, groups)
+            parts["min"] = (form.store_scale(w, low, groups if recent else None), ir.DataType.FLOAT16, groups)
+        stored: dict[str, ir.Value] = {}
         new_inputs, new_outputs = [], []
         for part, (value, dtype, width) in parts.items():
             name_in, name_out = f"{base}.{part}", f"{present.name}.{part}"
@@ -346,13 +403,19 @@ class KVCacheQuantizePass(OutlierPass):
             joined = w.op("Concat", cache_in, value, axis=2)
             new_inputs.append(cache_in)
             new_outputs.append((joined, name_out, width, dtype))
-            full[part] = joined
-        codes = form.unpack(w, full["codes"], bits, group, head_dim)
+            # without a window attention reads the whole grown cache; with one, the settled
+            # past (the call's own tokens are in the float window)
+            stored[part] = cache_in if recent else joined
+        codes = form.unpack(w, stored["codes"], bits, group, head_dim)
         if group:
-            cache = form.dequantize(w, codes, form.load_scale(w, full["step"]), form.load_scale(w, full["min"]),
+            cache = form.dequantize(w, codes, form.load_scale(w, stored["step"]), form.load_scale(w, stored["min"]),
                                     head_dim)
         else:
             cache = form.dequantize(w, codes, step, low, None)
+        if recent:
+            cache = w.op("Concat", cache, window, axis=2)
+            new_inputs.append(recent_in)
+            new_outputs.append((kept, f"{present.name}.recent", head_dim, ir.DataType.FLOAT))
         if self.options.sink_tokens:
             sink_in = ir.Value(name=f"{base}.sink", type=ir.TensorType(ir.DataType.FLOAT),
                                shape=ir.Shape([batch, heads, "sink_length", head_dim]))
@@ -360,18 +423,20 @@ class KVCacheQuantizePass(OutlierPass):
             cache = form.replace_first(w, cache, sink)
             new_inputs.append(sink_in)
             new_outputs.append((sink, f"{present.name}.sink", head_dim, ir.DataType.FLOAT))
-        self._reshape_readers(model, w, past, new_inputs[0], head_dim)
+        self._reshape_readers(model, w, past, new_inputs[0], head_dim, recent_in)
         self._insert(model, w, concat)
         # the float present output and past input go; attention reads the dequantized cache
         outputs = list(graph.outputs)
         slot = outputs.index(present)
         graph.outputs.pop(slot)
         present.replace_all_uses_with(cache)
+        lengths = {".sink": "sink_length", ".recent": "recent_length"}
         for value, name, width, dtype in new_outputs:
             value.name = name
             value.type = ir.TensorType(dtype)
-            value.shape = ir.Shape([batch, heads, "total_length" if not name.endswith(".sink") else "sink_length",
-                                    width])
+            length = next((dim for suffix, dim in lengths.items() if name.endswith(suffix)),
+                          "settled_length" if recent else "total_length")
+            value.shape = ir.Shape([batch, heads, length, width])
         outputs[slot:slot + 1] = [value for value, *_ in new_outputs]
         graph.outputs.clear()
         graph.outputs.extend(outputs)
