@@ -11,11 +11,17 @@ and attention reads the cache as stored, in prefill and decode alike. Perplexity
 every next-token prediction of the segments (``ppl``) and over the decode-step predictions
 only (``ppl decode``). The fp32 row is the same loop on the unmodified export.
 
+With ``recent_tokens`` (KIVI's float window) a prefill attends in float, so only the decode
+steps read quantized tokens: ``ppl decode`` is the figure to compare there.
+
 Memory: bytes of all cache tensors after a full segment (all layers, K and V), divided by
 its tokens, from the *packed* form (``form: packed``: uint8 codes, float16 step/min per
 token and group, float32 sinks) beside fp32's. The simulated rows keep the cache in float32:
 their accuracy is the format's, their memory is not — the packed row with the same options
-gives the same logits (checked here on the first segment) and the real bytes.
+gives the same logits (checked here on the first segment) and the real bytes. A float window
+and the sinks are a fixed cost, so their share falls as the cache grows: ``--long N`` also
+fills each packed cache (and fp32's) with ``N`` tokens — the held-out segments joined, one
+prefill and one decode step — and reports its bytes per token there.
 onnxruntime has no KV-cache quantization of its own on CPU, so there is no onnxruntime row.
 
 Usage: ``python benchmarks/bench_kv.py [--model /tmp/oqcache/smollm2-past/model.onnx]
@@ -62,10 +68,12 @@ CONFIGS: dict[str, dict | None] = {
     "kivi-kv2 r32": dict(key_bits=2, value_bits=2, key_mode="per-channel", rotate=False, sink_tokens=0,
                          recent_tokens=32),
     "rotatekv-kv4 g32 r16": dict(key_bits=4, value_bits=4, group_size=32, recent_tokens=16),
+    "kivi-kv4 r16": dict(key_bits=4, value_bits=4, key_mode="per-channel", rotate=False, sink_tokens=0,
+                         recent_tokens=16),
 }
 #: configurations whose packed form is built: its bytes per token, and its logits checked
 PACKED = ("per-token-kv8", "kivi-kv4", "rotatekv-kv4", "rotatekv-kv4 g32", "rotatekv-kv4 g16", "kivi-kv2", "rotatekv-kv2",
-          "rotatekv-kv2 g32", "rotatekv-kv2 g16")
+          "rotatekv-kv2 g32", "rotatekv-kv2 g16", "rotatekv-kv2 g16 r16", "rotatekv-kv2 g16 r32", "rotatekv-kv4 g32 r16", "kivi-kv2 r32", "kivi-kv4 r16")
 
 
 def _model(path: Path | None, workdir: Path) -> Path:
@@ -115,6 +123,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=64)
     parser.add_argument("--calibration-segments", type=int, default=8)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--long", type=int, default=0, help="also the packed bytes per token after N tokens")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
 
@@ -137,7 +146,17 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown config {unknown[0]!r}; known: {', '.join(CONFIGS)}")
     rows = []
-    fp32_bytes = None
+    fp32_bytes = fp32_long = None
+    long_ids = None
+    if args.long:
+        joined = np.concatenate([np.asarray(segment["input_ids"]) for segment in heldout], axis=1)
+        long_ids = np.tile(joined, (1, -(-args.long // joined.shape[1])))[:, :args.long]
+
+    def long_bytes(sess) -> float | None:
+        if long_ids is None:
+            return None
+        return cache_bytes_per_token(decode_logits(sess, long_ids, args.long - 1)[1], args.long)
+
     for name in names:
         options = CONFIGS[name]
         started = time.perf_counter()
@@ -155,10 +174,11 @@ def main() -> None:
             per_token = _nll(logits, ids[0])
             nll.append(per_token)
             nll_decode.append(per_token[args.prefill - 1:])  # predictions made by decode steps
-        bytes_per_token = None
+        bytes_per_token = long_per_token = None
         if options is None:
             fp32_bytes = cache_bytes_per_token(cache, ids.shape[1])
             bytes_per_token = fp32_bytes
+            fp32_long = long_per_token = long_bytes(sess)
         elif name in PACKED:
             packed, _ = _rewritten(model, {**options, "form": "packed"}, calibration)
             ids = np.asarray(heldout[0]["input_ids"])
@@ -167,24 +187,33 @@ def main() -> None:
                 print(f"  {name}: packed logits differ from the simulated form's by "
                       f"{np.abs(packed_logits - first_logits).max():.3g}")
             bytes_per_token = cache_bytes_per_token(packed_cache, ids.shape[1])
+            long_per_token = long_bytes(packed)
         row = {"config": name, "ppl": float(np.exp(np.concatenate(nll).mean())),
                "ppl_decode": float(np.exp(np.concatenate(nll_decode).mean())),
-               "kv_bytes_per_token": bytes_per_token, "options": options,
+               "kv_bytes_per_token": bytes_per_token, "kv_bytes_per_token_long": long_per_token,
+               "options": options,
                "seconds": round(time.perf_counter() - started, 1)}
         rows.append(row)
         print(f"  {name}: ppl {row['ppl']:.3f}, decode {row['ppl_decode']:.3f} ({row['seconds']:.0f} s)", flush=True)
 
     base = next((row for row in rows if row["config"] == "fp32"), None)
     print()
-    print("| config | ppl | Δ vs fp32 | ppl (decode steps) | Δ | KV bytes/token (packed) | vs fp32 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    long_head = f" at {args.seq_len} tokens" if args.long else ""
+    print(f"| config | ppl | Δ vs fp32 | ppl (decode steps) | Δ | KV bytes/token (packed){long_head} | vs fp32 |"
+          + (f" at {args.long} tokens | vs fp32 |" if args.long else ""))
+    print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if args.long else ""))
     for row in rows:
         delta = f"{row['ppl'] - base['ppl']:+.3f} ({100 * (row['ppl'] / base['ppl'] - 1):+.1f}%)" if base else "-"
         delta_d = f"{row['ppl_decode'] - base['ppl_decode']:+.3f}" if base else "-"
         size = row["kv_bytes_per_token"]
         ratio = f"{size / fp32_bytes:.3f}x" if size is not None and fp32_bytes else "-"
+        extra = ""
+        if args.long:
+            size_long = row["kv_bytes_per_token_long"]
+            extra = (" - | - |" if size_long is None or not fp32_long
+                     else f" {size_long:.0f} | {size_long / fp32_long:.3f}x |")
         print(f"| {row['config']} | {row['ppl']:.3f} | {delta} | {row['ppl_decode']:.3f} | {delta_d} | "
-              f"{'-' if size is None else f'{size:.0f}'} | {ratio} |")
+              f"{'-' if size is None else f'{size:.0f}'} | {ratio} |{extra}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
