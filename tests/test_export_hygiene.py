@@ -173,3 +173,44 @@ def test_tokenizer_check_flags_a_lossy_round_trip(caplog):
         result = check_tokenizer(lossy, "lossy.gguf")
     assert result["broken"] and not result["round_trip"]
     assert "decode(encode(text)) differs" in caplog.records[-1].getMessage()
+
+
+def test_sentencepiece_vocabulary_read_as_unigram_is_rebuilt_as_bpe():
+    """A BPE vocabulary's scores are minus merge ranks, so a Unigram model over them prefers
+    short pieces ("capital" in four fragments); the rebuilt BPE merges them as llama.cpp does."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from outlierquant.export.gguf_tokenizer import spm_bpe_tokenizer
+
+    pieces = [("<unk>", 0.0), ("<0x41>", 0.0)] + [(c, -100.0 - i) for i, c in enumerate("▁capitl")]
+    pieces += [("▁c", -20.0), ("ap", -21.0), ("it", -22.0), ("al", -23.0), ("▁cap", -60.0), ("ital", -61.0),
+               ("▁capital", -1000.0)]
+    unigram = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    unigram.normalizer = normalizers.Replace(" ", "▁")
+    fast = PreTrainedTokenizerFast(tokenizer_object=unigram, unk_token="<unk>")
+    assert fast.tokenize(" capital") == ["▁c", "ap", "it", "al"]
+    fast._tokenizer = spm_bpe_tokenizer(fast)
+    assert fast.tokenize(" capital") == ["▁capital"]
+    assert fast.tokenize(" cat") == ["▁c", "a", "t"]
+
+
+def test_gguf_tokenizer_kind_reads_the_header_only(tmp_path):
+    import gguf
+
+    from outlierquant.export.gguf_tokenizer import gguf_tokenizer_kind
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("test.words", ["a", "bb", "ccc"])  # variable-size values before the key
+    writer.add_array("test.numbers", [1, 2, 3])
+    writer.add_uint32("test.count", 7)
+    writer.add_string("tokenizer.ggml.model", "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_tokenizer_kind(path) == "llama"
+    assert gguf_tokenizer_kind(path) == gguf.GGUFReader(str(path)).fields["tokenizer.ggml.model"].contents()
+    (tmp_path / "other.bin").write_bytes(b"not a gguf file")
+    assert gguf_tokenizer_kind(tmp_path / "other.bin") is None

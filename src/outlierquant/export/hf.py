@@ -368,6 +368,7 @@ def _export_gguf(path: Path, output: Path, *, task: str | None, opset: int | Non
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: transformers could not read this GGUF file ({first})") from exc
     hf_model.eval()
+    _fix_spm_tokenizer(tokenizer, path)
     if task is None:
         task = with_past("text-generation", getattr(hf_model.config, "model_type", None), past)
     kwargs = {"task": task, "do_validation": False}
@@ -376,9 +377,30 @@ def _export_gguf(path: Path, output: Path, *, task: str | None, opset: int | Non
     with _quiet_tracing():
         onnx_export_from_model(hf_model, output=output, **kwargs)
     tokenizer.save_pretrained(output)
+    spm = output / "tokenizer.model"
+    if spm.is_file():  # transformers copies the GGUF file itself under this name: not a SentencePiece model
+        with open(spm, "rb") as handle:
+            if handle.read(4) == b"GGUF":
+                spm.unlink()
     hf_model.config.save_pretrained(output)
     # the tokenizer as saved, which is what calibration and evaluation will load
     check_tokenizer(AutoTokenizer.from_pretrained(output), path)
+
+
+def _fix_spm_tokenizer(tokenizer, path: Path) -> None:
+    """A SentencePiece (``llama``) GGUF vocabulary that transformers read as Unigram is
+    rebuilt as the BPE llama.cpp runs (:mod:`outlierquant.export.gguf_tokenizer`)."""
+    from outlierquant.export.gguf_tokenizer import gguf_tokenizer_kind, spm_bpe_tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "Unigram" or gguf_tokenizer_kind(path) != "llama":
+        return
+    before = len(tokenizer.encode(TOKENIZER_SAMPLE, add_special_tokens=False))
+    tokenizer._tokenizer = spm_bpe_tokenizer(tokenizer)
+    after = len(tokenizer.encode(TOKENIZER_SAMPLE, add_special_tokens=False))
+    logger.warning("%s: transformers read this SentencePiece vocabulary as a Unigram model; rebuilt it as the BPE "
+                   "llama.cpp runs (%d -> %d tokens on a %d-word sample)", path, before, after,
+                   len(TOKENIZER_SAMPLE.split()))
 
 
 #: English sample for :func:`check_tokenizer`: ordinary prose, punctuation, digits
@@ -387,9 +409,10 @@ TOKENIZER_SAMPLE = (
     "Most members agreed that the city should spend more on public transport and less on parking. "
     "In 1998 the river flooded the old market, and the town rebuilt it two streets further north."
 )
-#: a working subword tokenizer splits English prose into ~1.2-1.6 tokens per word; one that
-#: fell back to characters or bytes gives ~5
-MAX_TOKENS_PER_WORD = 3.0
+#: a working subword tokenizer splits English prose into ~1.1-1.6 tokens per word; one that
+#: lost its merges gives ~2.5 (Gemma 3's SentencePiece BPE read as Unigram), one that fell
+#: back to characters or bytes ~5
+MAX_TOKENS_PER_WORD = 2.0
 
 
 def check_tokenizer(tokenizer, source: str | os.PathLike, text: str = TOKENIZER_SAMPLE) -> dict:
@@ -400,8 +423,8 @@ def check_tokenizer(tokenizer, source: str | os.PathLike, text: str = TOKENIZER_
     some tokenizer kinds the conversion loses the merges and every word comes out as single
     characters. The model still exports and runs, but text calibration and perplexity then
     feed it sequences it never saw, so its numbers mean nothing — hence the check right
-    after the export reads the tokenizer. ``round_trip`` compares up to whitespace (a
-    tokenizer may normalise spaces around punctuation or add a prefix space).
+    after the export reads the tokenizer. ``round_trip`` compares up to whitespace and case
+    (a tokenizer may lowercase, normalise spaces around punctuation or add a prefix space).
     """
     words = len(text.split())
     try:
@@ -412,12 +435,14 @@ def check_tokenizer(tokenizer, source: str | os.PathLike, text: str = TOKENIZER_
                        "will not work", source, exc)
         return {"tokens_per_word": None, "round_trip": False, "broken": True}
     ratio = len(ids) / max(words, 1)
-    round_trip = " ".join(decoded.split()) == " ".join(text.split())
+    # up to whitespace and case: an uncased tokenizer lowercases, a WordPiece decoder spaces
+    # out punctuation
+    round_trip = "".join(decoded.split()).lower() == "".join(text.split()).lower()
     broken = ratio > MAX_TOKENS_PER_WORD or not round_trip
     if broken:
         problems = []
         if ratio > MAX_TOKENS_PER_WORD:
-            problems.append(f"{ratio:.2f} tokens per word on English text (a working one gives 1.2-1.6; "
+            problems.append(f"{ratio:.2f} tokens per word on English text (a working one gives 1.1-1.6; "
                             "words are likely split into characters)")
         if not round_trip:
             problems.append("decode(encode(text)) differs from the text")
