@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench"))
     parser.add_argument("--latency-runs", type=int, default=0)
+    parser.add_argument("--no-bos-each", action="store_true",
+                        help="cut windows mid-stream without a BOS in front (the SmolLM2 benchmark's convention); "
+                             "by default every window starts with BOS, as each sequence does in use")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
 
@@ -46,7 +49,7 @@ def main() -> None:
     workdir = args.workdir / name
     workdir.mkdir(parents=True, exist_ok=True)
     work = scaffold.smollm2(workdir, args.calibration_segments, args.eval_segments, model=args.model,
-                            seq_len=args.seq_len)
+                            seq_len=args.seq_len, bos_each=not args.no_bos_each)
     work.name = name
     print(f"{name}: {work.data}")
 

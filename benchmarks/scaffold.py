@@ -84,7 +84,7 @@ def minilm(out_dir: str | os.PathLike, model: str | os.PathLike | None = None) -
 
 
 def smollm2(out_dir: str | os.PathLike, calibration_segments: int, heldout_segments: int,
-            model: str | os.PathLike | None = None, *, seq_len: int = 128) -> Workload:
+            model: str | os.PathLike | None = None, *, seq_len: int = 128, bos_each: bool = False) -> Workload:
     """SmolLM2-135M-Instruct from the bundled GGUF (exported into ``out_dir`` once, unless
     ``model`` is given): fixed ``seq_len``-token segments of the ``calibration`` and the
     disjoint ``heldout`` slices of the Wikipedia summaries (4 articles read per segment wanted)."""
@@ -97,12 +97,13 @@ def smollm2(out_dir: str | os.PathLike, calibration_segments: int, heldout_segme
 
     def segments(split: str, count: int) -> list[dict]:
         return lm_segments(wikipedia_texts(split, limit=count * 4), tokenizer=tokenizer, input_names=spec,
-                           seq_len=seq_len, max_segments=count)
+                           seq_len=seq_len, max_segments=count, bos_each=bos_each)
 
     calibration = segments("calibration", calibration_segments)
     heldout = segments("heldout", heldout_segments)
     return Workload("SmolLM2-135M", path, tokenizer, calibration, heldout,
-                    f"{len(calibration)} calibration / {len(heldout)} held-out Wikipedia segments of {seq_len} tokens")
+                    f"{len(calibration)} calibration / {len(heldout)} held-out Wikipedia segments of {seq_len} tokens"
+                    f"{', each starting with BOS' if bos_each else ''}")
 
 
 def run_baselines(workload: Workload, names: Iterable[str], out_dir: str | os.PathLike, *,

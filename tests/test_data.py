@@ -164,6 +164,20 @@ def test_lm_segments_fixed_length_and_separators():
     np.testing.assert_array_equal(limited[1]["input_ids"], feeds[1]["input_ids"])
 
 
+def test_lm_segments_with_a_bos_in_front_of_every_window():
+    texts = [" ".join(f"w{i}_{j}" for j in range(30)) for i in range(10)]
+    plain = data.lm_segments(texts, tokenizer=FakeTokenizer(), input_names=["input_ids"], seq_len=64)
+    feeds = data.lm_segments(texts, tokenizer=FakeTokenizer(), input_names=["input_ids"], seq_len=64, bos_each=True)
+    # stream without the leading BOS: 10 * (30 + EOS) = 310 tokens -> 4 windows of 63 after a BOS
+    assert len(feeds) == 4
+    bos = FakeTokenizer.bos_token_id
+    assert all(feed["input_ids"].shape == (1, 64) and feed["input_ids"][0, 0] == bos for feed in feeds)
+    body = np.concatenate([feed["input_ids"][0, 1:] for feed in feeds])
+    np.testing.assert_array_equal(body, np.concatenate([f["input_ids"][0] for f in plain])[1:1 + body.size])
+    assert len(data.lm_segments(texts, tokenizer=FakeTokenizer(), input_names=["input_ids"], seq_len=64,
+                                max_segments=2, bos_each=True)) == 2
+
+
 # --------------------------------------------------------------------------- load_feeds
 
 

@@ -347,12 +347,18 @@ def lm_segments(
     input_names: InputSpec | Iterable[str],
     seq_len: int = 128,
     max_segments: int | None = None,
+    bos_each: bool = False,
 ) -> list[Feed]:
     """Fixed-length, non-overlapping token windows over the concatenated texts.
 
     The stream starts with the tokenizer's BOS token (when it has one) and puts its EOS
     token (else BOS) between texts; the last partial window is dropped. Tokenization stops
     as soon as ``max_segments`` windows are full.
+
+    ``bos_each``: every window starts with BOS followed by the next ``seq_len - 1`` tokens
+    of the stream, as each sequence does in use. Some models depend on it: Gemma 3 270M's
+    perplexity on windows cut mid-stream is 94, with a BOS in front 13.4 (the same targets);
+    SmolLM2's figures in this project were measured without it, so it is not the default.
     """
     if seq_len < 2:
         raise InputError(f"seq_len must be >= 2 for perplexity, got {seq_len}")
@@ -361,18 +367,20 @@ def lm_segments(
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
     separator = eos if eos is not None else bos
-    stream: list[int] = [bos] if bos is not None else []
-    wanted = None if max_segments is None else max_segments * seq_len
+    stream: list[int] = [bos] if bos is not None and not bos_each else []
+    step = seq_len - 1 if bos_each and bos is not None else seq_len
+    wanted = None if max_segments is None else max_segments * step
     for text in texts:
         if wanted is not None and len(stream) >= wanted:
             break
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if separator is not None:
             stream.append(separator)
-    count = len(stream) // seq_len
+    count = len(stream) // step
     if max_segments is not None:
         count = min(count, max_segments)
-    return [_feed_from_ids(stream[i * seq_len:(i + 1) * seq_len], spec) for i in range(count)]
+    head = [bos] if step < seq_len else []
+    return [_feed_from_ids(head + stream[i * step:(i + 1) * step], spec) for i in range(count)]
 
 
 def load_feeds(
