@@ -3,14 +3,15 @@
 A packed model takes, instead of ``past_key_values.i.key`` ``[B, H, T, D]`` float32, the
 tensors ``past_key_values.i.key.codes`` (uint8, ``8 / bits`` codes per byte),
 ``.step`` / ``.min`` (float16, per token and group; absent for static per-channel keys)
-and ``.sink`` (float32, the first sink positions), and returns the grown ones as
+``.sink`` (float32, the first sink positions) and ``.recent`` (float32, the window of
+recent tokens not yet quantized, with ``recent_tokens``), and returns the grown ones as
 ``present.i.key.codes`` … . The loop here is the same for a float and a packed cache: it
 reads the cache inputs from the session, starts from empty ones and feeds every
 ``present.X`` back as ``past_key_values.X`` — the model does the packing.
 
 :func:`cache_bytes_per_token` is the memory the cache really takes: the bytes of every
-cache tensor after ``T`` tokens, divided by ``T`` (the float sinks are a fixed cost,
-amortized over ``T``).
+cache tensor after ``T`` tokens, divided by ``T`` (the float sinks and window are a fixed
+cost, amortized over ``T``).
 """
 
 from __future__ import annotations
