@@ -2,7 +2,7 @@
 
 A packed model takes, instead of ``past_key_values.i.key`` ``[B, H, T, D]`` float32, the
 tensors ``past_key_values.i.key.codes`` (uint8, ``8 / bits`` codes per byte),
-``.step`` / ``.min`` (float16, per token and group; absent for static per-channel keys)
+``.step`` / ``.min`` (float16, per token and group; absent for static per-channel keys),
 ``.sink`` (float32, the first sink positions) and ``.recent`` (float32, the window of
 recent tokens not yet quantized, with ``recent_tokens``), and returns the grown ones as
 ``present.i.key.codes`` … . The loop here is the same for a float and a packed cache: it
