@@ -377,6 +377,10 @@ def test_int8_weight_codes_shift_exactly_and_the_setting_is_checked(monkeypatch)
     np.testing.assert_array_equal(codes.astype(np.int16) - zero.astype(np.int16), levels)
     codes, zero = int8.weight_codes(levels, (), "signed")
     assert codes is levels and zero.dtype == np.int8 and zero == 0
+    given = levels.copy()  # reuse: the codes take the levels' buffer, same values
+    reused, _ = int8.weight_codes(given, (3,), "unsigned", reuse=True)
+    assert np.shares_memory(reused, given) and reused.dtype == np.uint8
+    np.testing.assert_array_equal(reused.astype(np.int16) - 128, levels)
     monkeypatch.setenv("OUTLIERQUANT_INT8_WEIGHTS", "unsigned")
     assert int8.weight_encoding() == "unsigned" and "asked for" in int8.describe_encoding()["reason"]
     monkeypatch.setenv("OUTLIERQUANT_INT8_WEIGHTS", "u8")

@@ -211,7 +211,8 @@ class _Inserter:
         q, scale = rounded if rounded is not None else quantize_weight(array, decl.axis)
         # signed activations keep signed weights (s8s8); uint8 ones get the codes the CPU
         # runs exactly (numerics/int8.py)
-        codes, zero = weight_codes(q, scale.shape, "signed" if self.config.activation_type == "int8" else None)
+        codes, zero = weight_codes(q, scale.shape, "signed" if self.config.activation_type == "int8" else None,
+                                   reuse=rounded is None)  # fresh levels: their buffer becomes the codes
         base = value.name or f"{node.name}_weight"
         q_value = add_initializer(self.graph, f"{base}_quantized", codes)
         s_value = add_initializer(self.graph, f"{base}_scale", scale)

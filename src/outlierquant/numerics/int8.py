@@ -92,18 +92,24 @@ def encoding_set(encoding: str | None) -> Iterator[None]:
 
 
 def weight_codes(levels: np.ndarray, zero_shape: tuple[int, ...] = (),
-                 encoding: Encoding | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 encoding: Encoding | None = None, *, reuse: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Stored codes and zero point of symmetric int8 weight ``levels`` (``[-127, 127]``).
 
     Signed: the levels and an int8 zero point 0. Unsigned: ``levels + 128`` as uint8 and a
     uint8 zero point 128 — ``(code − zero) = level`` exactly. ``zero_shape``: the zero
-    point's shape (the scale's).
+    point's shape (the scale's). ``reuse``: the caller gives ``levels`` up, and unsigned
+    codes are written into its buffer (``level + 128`` is the int8 byte with its top bit
+    flipped) instead of a second weight-sized array — an LM head's is 160+ MiB.
     """
     levels = np.asarray(levels)
     if levels.dtype != np.int8:
         raise ValueError(f"int8 weight levels expected, got {levels.dtype}")
     if (encoding or weight_encoding()) == "signed":
         return levels, np.zeros(zero_shape, np.int8)
+    if reuse and levels.flags.writeable and levels.flags.c_contiguous:
+        codes = levels.view(np.uint8)
+        np.bitwise_xor(codes, np.uint8(0x80), out=codes)
+        return codes, np.full(zero_shape, 128, np.uint8)
     codes = np.empty(levels.shape, np.uint8)
     np.add(levels, 128, out=codes, casting="unsafe", dtype=np.int16)
     return codes, np.full(zero_shape, 128, np.uint8)
