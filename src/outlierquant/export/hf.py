@@ -396,6 +396,8 @@ def _fix_spm_tokenizer(tokenizer, path: Path) -> None:
     if backend is None or type(backend.model).__name__ != "Unigram" or gguf_tokenizer_kind(path) != "llama":
         return
     before = len(tokenizer.encode(TOKENIZER_SAMPLE, add_special_tokens=False))
+    # PreTrainedTokenizerFast has no public setter for its backend; save_pretrained writes
+    # whatever this attribute holds
     tokenizer._tokenizer = spm_bpe_tokenizer(tokenizer)
     after = len(tokenizer.encode(TOKENIZER_SAMPLE, add_special_tokens=False))
     logger.warning("%s: transformers read this SentencePiece vocabulary as a Unigram model; rebuilt it as the BPE "
