@@ -11,7 +11,10 @@ case's alone. Models:
   the large-vocabulary decoders where calibration used to blow up (logits and the lm_head
   dominate activations and weights);
 - ``large``: the synthetic > 2 GB decoder of ``tests/large_model.py`` (random weights,
-  external data), calibrated on random hidden states.
+  external data), calibrated on random hidden states;
+- ``lm``: the causal LM given by ``--lm DIR/model.onnx`` (a real export, e.g. Gemma 3 270M:
+  ``outlierquant export gemma-3-270m-q4_k_m.gguf -o DIR --no-past``), calibrated on 16
+  Wikipedia segments of 128 tokens, each starting with BOS (as ``bench_causal_lm.py``).
 
 A case runs the user's path, ``quantize_model`` (load, calibrate, every pass, write).
 A sampling thread reads the process RSS every 20 ms and the pass that was running when
@@ -45,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import scaffold  # noqa: E402
 
-MODELS = ("minilm", "vocab", "large")
+MODELS = ("minilm", "vocab", "large", "lm")
 RECIPES = ("w8a8", "default", "llm-int8", "quarot-w8a8")
 #: the large-vocabulary synthetic decoder (see the module doc)
 VOCAB_CONFIG = dict(vocab_size=65536, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
@@ -105,7 +108,13 @@ def vocab_feeds(n: int = 16, seq_len: int = 128, seed: int = 1) -> list[dict]:
              "position_ids": np.arange(seq_len, dtype=np.int64)[None]} for _ in range(n)]
 
 
-def model_and_feeds(model: str, workdir: Path):
+def model_and_feeds(model: str, workdir: Path, lm: Path | None = None):
+    if model == "lm":
+        if lm is None:
+            raise SystemExit("the lm case needs --lm DIR/model.onnx")
+        from outlierquant.export.data import load_feeds
+
+        return lm, load_feeds(workdir / "lm-feeds.npz", model_path=lm)
     if model == "minilm":
         work = scaffold.minilm(workdir / "minilm")
         return work.model, work.calibration
@@ -173,12 +182,25 @@ class _PassLog(logging.Handler):
             self.sampler.phase = self._label()
 
 
-def run_case(model: str, recipe: str, workdir: Path, offload_mib: float | None = None) -> dict:
+def write_lm_feeds(lm: Path, workdir: Path) -> None:
+    """16 Wikipedia segments of 128 tokens, each after a BOS, as an ``.npz`` — written by the
+    parent so the measured process does not hold transformers and the tokenizer."""
+    import numpy as np
+
+    from outlierquant.export.data import lm_segments, load_tokenizer, model_inputs, wikipedia_texts
+
+    feeds = lm_segments(wikipedia_texts("calibration", limit=64), tokenizer=load_tokenizer(lm.parent),
+                        input_names=model_inputs(lm), seq_len=128, max_segments=16, bos_each=True)
+    np.savez(workdir / "lm-feeds.npz", **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
+
+
+def run_case(model: str, recipe: str, workdir: Path, offload_mib: float | None = None,
+             lm: Path | None = None) -> dict:
     from outlierquant.modelio import model_file_bytes
     from outlierquant.pipeline import quantize_model
     from outlierquant.recipes import load_recipe
 
-    model_path, feeds = model_and_feeds(model, workdir)
+    model_path, feeds = model_and_feeds(model, workdir, lm)
     loaded = load_recipe(recipe)
     if offload_mib is not None:
         # experiment: stage the calibration session's weights as external data above this
@@ -235,21 +257,27 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="append each case's result to this file")
     parser.add_argument("--session-offload-mib", type=float, default=None,
                         help="experiment: calibration sessions read weights from external data above this model size")
+    parser.add_argument("--lm", type=Path, default=None, help="the causal LM .onnx of the lm case")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
     if args.case:
         model, recipe = args.case.split(":", 1)
-        print(json.dumps(run_case(model, recipe, Path(args.workdir), args.session_offload_mib)))
+        print(json.dumps(run_case(model, recipe, Path(args.workdir), args.session_offload_mib, args.lm)))
         return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
+    lm_feeds_written = False
     for model, recipe in expand(args.cases, args.recipes):
         if model not in MODELS:
             raise SystemExit(f"unknown model {model!r} (known: {', '.join(MODELS)})")
         if model == "vocab":
             build_vocab_model(workdir / "vocab")  # outside the measured process
+        if model == "lm" and args.lm is not None and not lm_feeds_written:
+            write_lm_feeds(args.lm.resolve(), workdir)  # once per run: --lm may differ between runs
+            lm_feeds_written = True
         extra = [] if args.session_offload_mib is None else ["--session-offload-mib", str(args.session_offload_mib)]
+        extra += [] if args.lm is None else ["--lm", str(args.lm.resolve())]
         done = subprocess.run([sys.executable, __file__, "--case", f"{model}:{recipe}", "--workdir", str(workdir), *extra],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if done.returncode != 0:
